@@ -29,7 +29,7 @@ from device_runner import ort
 from device_runner.data import Dataset, check_trainable, drop_unreadable, iter_batches, load_dataset, split
 from device_runner.deploy import ADAPTER, MODEL, build_model, save_adapter
 from device_runner.features import (
-    KV_MODES, DiskCache, FeatureStore, FrozenBackbone, build_ram_store, drop_mapped_pages, image_sha256,
+    KV_MODES, DiskCache, FeatureStore, FrozenBackbone, build_ram_store, image_sha256,
 )
 from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
@@ -510,9 +510,7 @@ class _UnmappedReads:
         self.store = store
 
     def gather(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        out = self.store.gather(rows)
-        drop_mapped_pages(self.store.arrays)
-        return out
+        return self.store.gather(rows, unmap=True)
 
 
 def enforce_budget(run: Path, summary: dict) -> dict:

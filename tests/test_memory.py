@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -200,3 +201,36 @@ def test_sweep_memory_only_writes_results_and_plot(tmp_path):
 def test_sweep_refuses_unknown_methods(tmp_path):
     result = invoke("sweep", *SIZES, "--random-init", "--methods", "vqt,lora", "--steps", 1, "--out", tmp_path / "s")
     assert result.exit_code == 2 and "lora" in result.output
+
+
+def _mapped_rss_kb(path) -> int:
+    """Resident kB of this process's mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+                inside = line.rstrip().endswith(str(path))
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
+def test_gather_converts_rows_in_order_and_unmaps_what_it_read(tmp_path):
+    """The training feed: fp32 rows in the asked order (duplicates too); with unmap, the disk
+    cache's pages are not left resident (they would count in the run's peak)."""
+    from device_runner.features import FeatureStore
+
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal((40, 3, 1000)).astype(np.float16)  # rows of 6000 bytes: not page-aligned
+    path = tmp_path / "keys.float16"
+    values.tofile(path)
+    rows = np.array([7, 3, 39, 3, 0, 21])
+    for unmap in (False, True):
+        store = FeatureStore({"keys": np.memmap(path, dtype=np.float16, mode="r", shape=values.shape)})
+        got = store.gather(rows, unmap=unmap)["keys"]
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, values[rows].astype(np.float32))
+        resident = _mapped_rss_kb(path)
+        assert (resident == 0) if unmap else (resident >= 6 * 6000 // 1024), (unmap, resident)
+        del store

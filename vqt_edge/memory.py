@@ -139,11 +139,11 @@ CKPT_SAVE = 1.6
 tensor the checkpoint holds, frozen ones included, into a growing buffer: a transient of this
 much per byte of checkpoint + optimizer state, on top of the resident module [433.4 MiB for
 270.8]. For ViT-B/16 this, not the training step, sets the peak of the training phase."""
-FEED = 1.5
+FEED = 1.0
 """Training step, per sample: peak in units of the fp32 feed (the frozen outputs the step reads).
-The fp16 cache rows are gathered and converted into fresh fp32 arrays (1.5x the feed at the peak
-of the conversion); the VQT query path's own activations fit under that [20.7, 166.0, 664.9 MiB
-at micro-batch 1, 8, 32 for a 13.9 MiB/sample feed]."""
+The cached fp16 rows are converted row by row into one fp32 array per output, which onnxruntime
+reads in place; the VQT query path's own activations fit under the feed [111.0 and 446.1 MiB at
+micro-batch 8 and 32 for feeds of 110.8 and 443.3 MiB; 1.5x before the row-by-row gather]."""
 ADAPTED_WORK = {"vpt": (0.2, 3.8), "adaptformer": (0.45, 3.2), "finetune": (2.0, 3.2)}
 """Training step of a method adapting the last k layers (vpt, adaptformer, finetune, vqt+*), per
 sample: activations kept for the backward pass, in layer-work units, as (fixed, per adapted layer):
@@ -272,9 +272,18 @@ class Plan:
                 "phases_mb": {k: round(v, 1) for k, v in self.phases.items()}}
 
 
+FROZEN_BATCH_MAX = 8
+"""Most images per frozen-pass call. Larger calls are no faster on a CPU and cost 32 MiB per image
+on ViT-B/16 (FROZEN_WORK): 1 thread, frozen.onnx of ViT-B/16, 32 random images, two rounds
+(measured with onnxruntime directly, 2026-11-24): 0.55 / 0.51 s per image at batch 8, 0.92 / 0.64 at batch 32,
+0.47 / 0.50 at batch 4. At batch 32 the frozen pass (1.4 GiB) used to set the peak of a whole
+VQT run whose training step needs half that."""
+
+
 def frozen_batch(batch_size: int, micro_batch: int | None) -> int:
-    """Images per frozen-pass call: the micro-batch (so a budget bounds both passes), at most 32."""
-    return max(1, min(micro_batch or batch_size, 32))
+    """Images per frozen-pass call: the micro-batch (so a budget bounds both passes), at most
+    FROZEN_BATCH_MAX."""
+    return max(1, min(micro_batch or batch_size, FROZEN_BATCH_MAX))
 
 
 def predict_peak(fp: BundleFootprint, *, images: int, batch_size: int, micro_batch: int | None, kv: str,
