@@ -3,7 +3,8 @@
 For each task (examples/tasks.py) and method: choose lr and weight decay on train800 -> val200, then
 retrain on all 1000 training images with 3 seeds and test on the task's test images. Reports test
 accuracy (mean and spread over seeds) and the measured peak training memory (VmHWM of the training
-process, from its summary.json). Writes `results.json` and `results.md` (the README's table) to --out.
+process, from its summary.json). Writes `results.json`, `results.md` (the README's table) and one
+accuracy-vs-memory plot per task to --out (needs the `examples` extra: scikit-learn, matplotlib).
 
     python examples/transfer_results.py --out results/transfer --jobs 2
 
@@ -142,6 +143,17 @@ def main() -> None:
                 results_path.write_text(json.dumps(rows, indent=2) + "\n")
     (args.out / "results.md").write_text(markdown(rows, tasks))
     print(markdown(rows, tasks))
+    for task in tasks:
+        print("wrote", plot(rows, task, args.out / f"accuracy_vs_memory_{task}.png"))
+
+
+def plot(rows: list[dict], task: str, path: Path) -> Path:
+    """The paper's Fig. 3b view of one task: test accuracy against peak training memory, a point per method."""
+    from vqt_edge.sweep import plot_results
+
+    points = [{"method": r["method"], "k": None, "peak_mb": r["peak_rss_mb"], "accuracy": r["test_accuracy_mean"]}
+              for r in rows if r["task"] == task]
+    return plot_results(points, path, title=f"vit_fmnist -> {task}, 1000 training images")
 
 
 if __name__ == "__main__":
