@@ -5,6 +5,7 @@ memory of the whole training process (VmHWM, and /usr/bin/time -v's "Maximum res
 where available) over a few training steps on random images:
 
 - vqt            `vqt-edge train` on a VQT bundle (query tokens in all layers, T=1), default settings
+- vqt_disk       the same with `--kv disk`: K/V read from the disk cache, none kept in RAM
 - vqt_planned    the same under `--memory-budget` set to the smallest budget the planner accepts
 - vpt, adaptformer  `vqt-edge train` on VPT-Deep / AdaptFormer bundles adapting all layers (last k = depth)
 - torch_official VQT in PyTorch as the official code does it: query tokens concatenated into every
@@ -13,7 +14,7 @@ where available) over a few training steps on random images:
 - torch_nograd   the same with the backbone under torch.no_grad() (K/V computed without a graph),
                  only the query path and head under autograd
 
-and prints/writes the ratios to vqt: bench/results/memory_vs_baselines.json and .md.
+and prints/writes the ratios to the VQT rows: bench/results/memory_vs_baselines.json and .md.
 
     .venv/bin/python bench/memory_vs_baselines.py [--model vit_b16] [--batch-size 32] [--steps 3]
 """
@@ -185,7 +186,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--classes", type=int, default=10)
-    ap.add_argument("--only", default="vqt,vqt_planned,vpt,adaptformer,torch_official,torch_nograd")
+    ap.add_argument("--only", default="vqt,vqt_disk,vqt_planned,vpt,adaptformer,torch_official,torch_nograd")
     ap.add_argument("--work", type=Path, help="Scratch folder (bundles, runs, logs) [default: a temp folder]")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--merge", action="store_true", help="Keep the results of configurations not run now from the existing JSON")
@@ -206,11 +207,13 @@ def main() -> None:
     only = args.only.split(",")
     results = []
     vqt_bundle = None
-    if "vqt" in only or "vqt_planned" in only:
+    if {"vqt", "vqt_disk", "vqt_planned"} & set(only):
         r = run_vqt_edge("vqt", "vqt", args, work, data)
         vqt_bundle = work / "bundle_vqt"
         if "vqt" in only:
             results.append(r)
+    if "vqt_disk" in only and vqt_bundle is not None and (vqt_bundle / "manifest.json").exists():
+        results.append(run_vqt_edge("vqt_disk", "vqt", args, work, data, ["--kv", "disk"], bundle=vqt_bundle))
     if "vqt_planned" in only and vqt_bundle is not None and (vqt_bundle / "manifest.json").exists():
         plan = subprocess.run(cli("plan", "--bundle", vqt_bundle, "--memory-budget", "1MB", "--images",
                                   args.steps * args.batch_size, "--batch-size", args.batch_size, "--json"),
@@ -251,13 +254,11 @@ def main() -> None:
         kept = [r for r in json.loads(previous.read_text())["results"] if r["name"] not in now]
         order = list(LABELS)
         results = sorted(kept + results, key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
-    base = next((r for r in results if r["name"] == "vqt" and r["status"] == "ok"), None)
-    planned = next((r for r in results if r["name"] == "vqt_planned" and r["status"] == "ok"), None)
     for r in results:
-        if base and r.get("peak_mb"):
-            r["ratio_to_vqt"] = round(r["peak_mb"] / base["peak_mb"], 2)
-        if planned and r.get("peak_mb"):
-            r["ratio_to_vqt_planned"] = round(r["peak_mb"] / planned["peak_mb"], 2)
+        for ref in RATIO_TO:
+            base = next((b for b in results if b["name"] == ref and b["status"] == "ok"), None)
+            if base and r.get("peak_mb"):
+                r[f"ratio_to_{ref}"] = round(r["peak_mb"] / base["peak_mb"], 2)
     record = {"model": args.model, "batch_size": args.batch_size, "steps": args.steps, "machine":
               f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
               "measured": time.strftime("%Y-%m-%d %H:%M"), "results": results}
@@ -268,8 +269,13 @@ def main() -> None:
     print(md)
 
 
+RATIO_TO = ("vqt", "vqt_disk", "vqt_planned")
+"""The VQT rows every peak is divided by. `vqt_disk` is the like-for-like one: the same batch and no
+micro-batches, like the baselines, and no K/V cache in RAM, whose size grows with the data set
+(the baselines at k = 12 cache only the patch embeddings)."""
 LABELS = {
     "vqt": "VQT, vqt-edge (ORT, K/V in RAM, no micro-batches)",
+    "vqt_disk": "VQT, vqt-edge (ORT, K/V from the disk cache, no micro-batches)",
     "vqt_planned": "VQT, vqt-edge under the smallest --memory-budget the planner accepts",
     "vpt": "VPT-Deep, all layers, vqt-edge (ORT)",
     "adaptformer": "AdaptFormer, all layers, vqt-edge (ORT)",
@@ -282,19 +288,21 @@ def markdown(record: dict) -> str:
     lines = [f"Peak RSS of the whole training process, {record['model']} (random init), batch {record['batch_size']}, "
              f"{record['steps']} steps, {record['machine']}, measured {record['measured']}.", "",
              "Peak: VmHWM of the training process (equal to /usr/bin/time -v's maximum RSS); predicted: "
-             "vqt_edge/memory.py for the vqt-edge runs; x: ratio to the two VQT rows; s/step: the optimizer step alone "
+             "vqt_edge/memory.py for the vqt-edge runs; x: ratio to the first three VQT rows (RAM / disk / planned); "
+             "s/step: the optimizer step alone "
              "(2 cores shared with other jobs: indicative only).", "",
-             "| configuration | peak MiB | predicted MiB | x VQT | x VQT planned | s/step |", "|---|---:|---:|---:|---:|---:|"]
+             "| configuration | peak MiB | predicted MiB | x VQT RAM | x VQT disk | x VQT planned | s/step |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in record["results"]:
         label = LABELS.get(r["name"], r["name"])
         if r["name"] == "vqt_planned" and r.get("memory_budget_mb"):
             label += f" ({r['memory_budget_mb']:.0f} MiB; kv {r.get('kv')}, micro-batch {r.get('micro_batch')})"
         if r.get("status") != "ok":
-            lines.append(f"| {label} | {r.get('status')} | | | | |")
+            lines.append(f"| {label} | {r.get('status')} | | | | | |")
             continue
         pred = f"{r['predicted_peak_mb']:.0f}" if r.get("predicted_peak_mb") else ""
-        lines.append(f"| {label} | {r['peak_mb']:.0f} | {pred} | {r.get('ratio_to_vqt', '')} | "
-                     f"{r.get('ratio_to_vqt_planned', '')} | {r.get('seconds_per_step', '')} |")
+        ratios = " | ".join(str(r.get(f"ratio_to_{ref}", "")) for ref in RATIO_TO)
+        lines.append(f"| {label} | {r['peak_mb']:.0f} | {pred} | {ratios} | {r.get('seconds_per_step', '')} |")
     return "\n".join(lines) + "\n"
 
 
