@@ -107,7 +107,7 @@ def evaluate_method(out: Path, task: str, data: Path, m: Method, epochs: int, po
 
 def markdown(rows: list[dict], tasks: list[str]) -> str:
     lines = ["| method | " + " | ".join(tasks) + " | peak memory (MiB) |", "|---" * (len(tasks) + 2) + "|"]
-    present = {r["method"] for r in rows}
+    present = {r["method"] for r in rows if r["task"] in tasks}
     for label in [m.label for m in METHODS if m.label in present] + sorted(present - {m.label for m in METHODS}):
         cells, peak = [], 0.0
         for task in tasks:
