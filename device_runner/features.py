@@ -74,25 +74,24 @@ class FeatureStore:
     def __init__(self, arrays: Features) -> None:
         self.arrays = arrays
 
-    def gather(self, rows: np.ndarray, unmap: bool = False) -> Features:
+    def gather(self, rows: np.ndarray) -> Features:
         """fp32 copies of the asked rows, in the asked order.
 
         Row by row into one preallocated fp32 array: the peak is the fp32 feed plus one row.
         (`a[rows].astype(np.float32)` also holds the fp16 gather and, reordered, a second fp32
         copy: 1.5x the feed at the peak.) Rows are read in sorted order, which is kinder to a
-        memmap; with `unmap`, each row's pages of a memory-mapped cache are dropped once copied
-        and the whole mapping after each output (see `drop_mapped_pages`), so the read leaves
-        nothing resident and adds little beyond the fp32 copy at its peak."""
+        memmap. From a memory-mapped cache, each row's pages are dropped once copied and the whole
+        mapping after each output (see `drop_mapped_pages`), so the read leaves nothing resident
+        and adds little beyond the fp32 copy at its peak; for in-memory arrays that is a no-op."""
         out: Features = {}
         order = np.argsort(rows, kind="stable")
         for name, a in self.arrays.items():
             dst = np.empty((len(rows), *a.shape[1:]), np.float32)
             for i in order:
                 dst[i] = a[rows[i]]
-                if unmap:
-                    _drop_row_pages(a, int(rows[i]))
-            if unmap:  # the kernel also maps neighbouring cached pages on a fault ("fault-around")
-                drop_mapped_pages({name: a})
+                _drop_row_pages(a, int(rows[i]))
+            # A fault also maps neighbouring cached pages ("fault-around"): drop what is left.
+            drop_mapped_pages({name: a})
             out[name] = dst
         return out
 
@@ -281,10 +280,9 @@ def _drop_row_pages(array: np.ndarray, row: int) -> None:
     mapped = getattr(array, "_mmap", None)
     if mapped is None:
         return
-    row_bytes = array[0].nbytes if len(array) else 0
-    start = row * row_bytes
+    start = row * array.strides[0]
     aligned = start - start % mmap.PAGESIZE
-    mapped.madvise(mmap.MADV_DONTNEED, aligned, start + row_bytes - aligned)
+    mapped.madvise(mmap.MADV_DONTNEED, aligned, start + array.strides[0] - aligned)
 
 
 class _RowMapped(FeatureStore):
@@ -294,5 +292,5 @@ class _RowMapped(FeatureStore):
         super().__init__(arrays)
         self.rows = rows
 
-    def gather(self, rows: np.ndarray, unmap: bool = False) -> Features:
-        return super().gather(self.rows[rows], unmap)
+    def gather(self, rows: np.ndarray) -> Features:
+        return super().gather(self.rows[rows])

@@ -29,7 +29,7 @@ from device_runner import ort
 from device_runner.data import Dataset, check_trainable, drop_unreadable, iter_batches, load_dataset, split
 from device_runner.deploy import ADAPTER, MODEL, build_model, save_adapter
 from device_runner.features import (
-    KV_MODES, DiskCache, FeatureStore, FrozenBackbone, build_ram_store, image_sha256,
+    KV_MODES, DiskCache, FrozenBackbone, build_ram_store, image_sha256,
 )
 from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
@@ -270,7 +270,7 @@ class Trainer:
             with click.progressbar(length=cache.missing(hashes), label="frozen pass (K/V to disk cache)", file=sys.stderr) as bar:
                 cache.fill(self._backbone, self.paths, hashes, self.manifest, bs, _stoppable(bar.update))
             trim_malloc()
-            self.store = _UnmappedReads(cache.store(hashes))
+            self.store = cache.store(hashes)  # reads unmap what they touched (FeatureStore.gather)
         self.backbone = None
 
     def _features(self, rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -498,19 +498,6 @@ class Trainer:
         }
         atomic_write_text(run / SUMMARY, json.dumps(summary, indent=2) + "\n")
         return enforce_budget(run, summary)
-
-
-class _UnmappedReads:
-    """Disk K/V: unmap the cache's pages after every read. Pages of a memory-mapped file that a
-    process has touched count in its resident memory (and VmHWM) until unmapped, so one epoch over
-    a memory-mapped cache would cost as much as the RAM cache; after MADV_DONTNEED they are only the
-    kernel's page cache, reclaimable and not this process's peak."""
-
-    def __init__(self, store: FeatureStore) -> None:
-        self.store = store
-
-    def gather(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        return self.store.gather(rows, unmap=True)
 
 
 def enforce_budget(run: Path, summary: dict) -> dict:
