@@ -39,14 +39,6 @@ sys.path.insert(0, str(REPO))
 RESULTS = REPO / "bench" / "results"
 
 
-def vmhwm_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no /proc/self/status")
-
-
 # -- PyTorch VQT, each in its own process ----------------------------------------------------------
 
 def torch_child(mode: str, model: str, batch: int, steps: int, classes: int) -> None:
@@ -55,6 +47,7 @@ def torch_child(mode: str, model: str, batch: int, steps: int, classes: int) -> 
 
     from exporters.vit import VisionTransformer
     from vqt_edge.arch import PRESETS
+    from vqt_edge.memory import peak_rss_mb
 
     torch.manual_seed(0)
     arch = PRESETS[model]
@@ -120,7 +113,7 @@ def torch_child(mode: str, model: str, batch: int, steps: int, classes: int) -> 
         opt.step()
         times.append(time.perf_counter() - t0)
         losses.append(float(loss))
-    print(json.dumps({"peak_mb": round(vmhwm_mb(), 1), "seconds_per_step": round(sum(times[1:] or times) / len(times[1:] or times), 2),
+    print(json.dumps({"peak_mb": round(peak_rss_mb(), 1), "seconds_per_step": round(sum(times[1:] or times) / len(times[1:] or times), 2),
                       "losses": losses, "torch_threads": torch.get_num_threads()}))
 
 

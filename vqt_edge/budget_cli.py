@@ -12,7 +12,6 @@ from pathlib import Path
 import click
 
 from vqt_edge.cli_options import arch_size_options
-
 from vqt_edge.errors import UserError
 
 

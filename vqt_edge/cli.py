@@ -15,7 +15,6 @@ from pathlib import Path
 import click
 
 from vqt_edge.cli_options import arch_size_options
-
 from vqt_edge.errors import UserError
 from vqt_edge.manifest import METHODS
 

@@ -278,8 +278,8 @@ class Plan:
 FROZEN_BATCH_MAX = 8
 """Most images per frozen-pass call. Larger calls are no faster on a CPU and cost 32 MiB per image
 on ViT-B/16 (FROZEN_WORK): 1 thread, frozen.onnx of ViT-B/16, 32 random images, two rounds
-(measured with onnxruntime directly, 2026-11-24): 0.55 / 0.51 s per image at batch 8, 0.92 / 0.64 at batch 32,
-0.47 / 0.50 at batch 4. At batch 32 the frozen pass (1.4 GiB) used to set the peak of a whole
+(measured with onnxruntime directly, 2026-11-24): 0.55 / 0.51 s per image at batch 8, 0.92 / 0.64
+at batch 32, 0.47 / 0.50 at batch 4. At batch 32 the frozen pass (1.4 GiB) used to set the peak of a whole
 VQT run whose training step needs half that."""
 
 
