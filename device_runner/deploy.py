@@ -7,11 +7,12 @@ by the trained ones) merged behind it: pixel_values -> logits, for any onnxrunti
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 
 from device_runner.onnx_stream import merge_streaming
 from vqt_edge import manifest as mf
@@ -27,14 +28,26 @@ def _atomic(path: Path) -> Path:
 
 
 def save_adapter(path: Path, tensors: dict[str, np.ndarray], manifest: Manifest) -> None:
-    tmp = _atomic(path)
-    save_file(
+    """Write the adapter (docs/design.md section 3); the same tensors give the same bytes."""
+    raw = save(
         {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()},
-        str(tmp),
         metadata={"format": mf.FORMAT, "method": manifest.method, "last_k": str(manifest.last_k),
                   "feature_norm": manifest.feature_norm, "query_layers": ",".join(map(str, manifest.query_layers))},
     )
+    tmp = _atomic(path)
+    tmp.write_bytes(_sorted_header(raw))
     os.replace(tmp, path)
+
+
+def _sorted_header(raw: bytes) -> bytes:
+    """safetensors writes its `__metadata__` map in a random order each time (a Rust HashMap,
+    safetensors issue #584), so two identical runs gave adapter files with different hashes. The
+    header is re-written as JSON with sorted keys, padded with spaces to 8 bytes as safetensors
+    pads it; the tensor bytes and their offsets (relative to the end of the header) are unchanged."""
+    size = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8 : 8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + raw[8 + size :]
 
 
 def load_adapter(path: Path, manifest: Manifest) -> dict[str, np.ndarray]:
