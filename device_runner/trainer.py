@@ -10,7 +10,6 @@ checkpoint ends with the same parameters as one that was never interrupted.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -31,6 +30,7 @@ from device_runner.deploy import ADAPTER, MODEL, build_model, save_adapter
 from device_runner.features import (
     KV_MODES, DiskCache, FrozenBackbone, build_ram_store, image_sha256,
 )
+from device_runner.identity import samples_sha256
 from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
 from vqt_edge.fileio import DISK_FULL, atomic_write_text, fsync_file
@@ -168,16 +168,6 @@ def _stoppable(progress: Callable[[int], None]) -> Callable[[int], None]:
     return update
 
 
-def _samples_sha256(data: _Data) -> str:
-    """Identity of the sample lists (paths, labels, order): the data order of a run depends on it."""
-    digest = hashlib.sha256()
-    for part in (data.train, data.val):
-        for path, label in part.samples if part else []:
-            digest.update(f"{path}\0{label}\n".encode())
-        digest.update(b"--\n")
-    return digest.hexdigest()
-
-
 def _one_hot(labels: np.ndarray, classes: int, weight: float) -> np.ndarray:
     out = np.zeros((len(labels), classes), np.float32)
     out[np.arange(len(labels)), labels] = weight
@@ -214,14 +204,16 @@ class Trainer:
             raise UserError("--data is required")
         self.data = _load_data(self.manifest, data, val, cfg, echo)
         self.plan = self._plan_memory(with_test)  # before any work, and before run.json saves the choice
-        samples_sha = _samples_sha256(self.data)
+        samples_sha = samples_sha256([(self.data.train, data), (self.data.val, val or data)])
         if resume and saved.get("samples_sha256") not in (None, samples_sha):
-            raise UserError(f"{data}: the images changed since this run started; resuming would not continue the "
-                            "same run. Start a new --run.")
+            raise UserError(f"{data}: the images changed since this run started (an image was added, removed, renamed, "
+                            "relabelled or edited); resuming would not continue the same run. Start a new --run.")
         if not resume:
             atomic_write_text(run / BUNDLE_MANIFEST, (bundle / mf.MANIFEST).read_text())
+            # data paths absolute but not resolved: a list file reached through a symlink reads its relative
+            # entries from the link's folder, on resume too (device_runner/identity.py)
             atomic_write_text(run / RUN_FILE, json.dumps({
-                "bundle": str(bundle.resolve()), "data": str(data.resolve()), "val": str(val.resolve()) if val else None,
+                "bundle": str(bundle.resolve()), "data": str(data.absolute()), "val": str(val.absolute()) if val else None,
                 "classes": self.data.classes, "config": asdict(cfg),
                 "bundle_manifest_sha256": mf.sha256_file(bundle / mf.MANIFEST), "samples_sha256": samples_sha,
             }, indent=2) + "\n")  # last: its presence means the run folder is complete
