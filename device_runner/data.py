@@ -102,18 +102,40 @@ def _load_folder(root: Path, classes: list[str] | None) -> Dataset:
     return Dataset(list(known), samples)
 
 
-def _image_files(folder: Path) -> list[Path]:
-    """Image files under `folder`, recursively, skipping hidden files and folders (.DS_Store,
-    ._* resource forks, .ipynb_checkpoints), in an order that is the same on every platform."""
+def _image_files(folder: Path, recursive: bool = True) -> list[Path]:
+    """Image files under `folder` (in its sub-folders too if `recursive`), skipping hidden files and
+    folders (.DS_Store, ._* resource forks, .ipynb_checkpoints), in an order that is the same on
+    every platform."""
     files = []
     for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")] if recursive else []
         files += [
             Path(dirpath, f)
             for f in filenames
             if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
         ]
     return sorted(files, key=lambda f: f.relative_to(folder).as_posix())
+
+
+def image_paths(paths: Sequence[Path], recursive: bool = False) -> list[Path]:
+    """What `predict` reads for its arguments: a file as given, a folder as the image files in it,
+    sorted (with `recursive`, those of its sub-folders too, as `find` or `ls -R` would). A folder
+    without images is a UserError: predicting nothing for it would look like success."""
+    out: list[Path] = []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            out.append(path)  # a missing or unreadable file is reported per image by predict
+            continue
+        files = _image_files(path, recursive)
+        if not files:
+            try:  # os.walk is silent about a folder it cannot read
+                deeper = not recursive and any(p.is_dir() for p in path.iterdir())
+            except OSError as e:
+                raise UserError(f"cannot list {path}: {e}") from None
+            raise UserError(f"{path}: folder has no images (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
+                            + ("; --recursive also reads its sub-folders" if deeper else ""))
+        out += files
+    return out
 
 
 def _load_list(list_file: Path, classes: list[str] | None) -> Dataset:

@@ -47,7 +47,7 @@ def cli() -> None:
     Workstation:  vqt-edge export --model vit_b16 --weights CKPT --num-classes 10 --out BUNDLE
     Device:       vqt-edge train --bundle BUNDLE --data DIR --run RUN
                   vqt-edge eval --run RUN --data TEST_DIR
-                  vqt-edge predict --run RUN IMAGE...
+                  vqt-edge predict --run RUN IMAGE_OR_FOLDER...
     """
     logging.basicConfig(format="warning: %(message)s", level=logging.WARNING, stream=sys.stderr)
 
@@ -238,16 +238,22 @@ def eval_cmd(run_dir, data, batch_size, device, as_json) -> None:
 @cli.command()
 @click.option("--run", "run_dir", type=click.Path(path_type=Path), required=True, help="A finished run folder.")
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--recursive", "-r", is_flag=True, help="A folder among IMAGE...: its sub-folders' images too.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list: one {path, label, logits} per image.")
-def predict(run_dir, images, batch_size, device, as_json) -> None:
-    """Predict the class of each IMAGE with a trained run (streams: memory does not grow with the count)."""
+def predict(run_dir, images, recursive, batch_size, device, as_json) -> None:
+    """Predict the class of each IMAGE with a trained run (streams: memory does not grow with the count).
+
+    A folder stands for the images in it, sorted by name (with --recursive, in its sub-folders too).
+    """
     from device_runner import ort
 
     ort.block_torch()
+    from device_runner.data import image_paths
     from device_runner.evaluate import FinishedRun, predict as run_predict
 
+    images = image_paths(images, recursive)
     run = FinishedRun.open(run_dir, device)
     failed = 0
     if as_json:
