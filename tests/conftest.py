@@ -69,13 +69,21 @@ def tiny_run(tmp_path_factory, tiny_bundle, task) -> Path:
     return run
 
 
-def run_cli(*args: str, torch_free: bool = True, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
-    """The real `vqt-edge` in a fresh process; with `torch_free`, torch is made unimportable first,
+def cli_command(*args, torch_free: bool = True) -> list[str]:
+    """The argv of the real `vqt-edge`; with `torch_free`, torch is made unimportable first,
     exactly as on a device where it is not installed (DESIGN.md section 7)."""
     block = "import sys; sys.modules['torch'] = None; " if torch_free else ""
     code = block + "from vqt_edge.cli import main; sys.argv = ['vqt-edge'] + sys.argv[1:]; main()"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        [sys.executable, "-c", "import sys; " + code, *map(str, args)],
-        capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO, **kw,
-    )
+    return [sys.executable, "-c", "import sys; " + code, *map(str, args)]
+
+
+def cli_env() -> dict[str, str]:
+    """One thread, unbuffered, and this checkout's packages first from any working directory."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
+
+
+def run_cli(*args: str, torch_free: bool = True, timeout: float = 300, cwd: Path = REPO, **kw) -> subprocess.CompletedProcess:
+    """The real `vqt-edge` in a fresh process, run from `cwd`, waited for."""
+    return subprocess.run(cli_command(*args, torch_free=torch_free), capture_output=True, text=True,
+                          timeout=timeout, env=cli_env(), cwd=cwd, **kw)
