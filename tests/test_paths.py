@@ -53,10 +53,18 @@ def kill_mid_epoch(proc: subprocess.Popen, run: Path) -> dict:
     Each new checkpoint is looked at with the process stopped (SIGSTOP), so the one read is the
     one that resume will find; an end-of-epoch one (step 0) lets it run on to the next."""
     ckpt, seen = run / "checkpoint", None
+
+    def version() -> tuple[int, int] | None:  # each checkpoint is a new file renamed into place
+        try:
+            st = ckpt.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns
+
     while True:
-        wait_for(lambda: ckpt.exists() and ckpt.stat().st_mtime_ns != seen, proc)
+        wait_for(lambda: version() not in (None, seen), proc)
         stop(proc)
-        seen = ckpt.stat().st_mtime_ns
+        seen = version()
         position = load_checkpoint(ckpt)
         if position["step"] > 0:
             proc.send_signal(signal.SIGKILL)
