@@ -18,6 +18,7 @@ from pathlib import Path
 
 from device_runner.data import Dataset
 from device_runner.features import image_sha256
+from vqt_edge.errors import UserError
 
 
 def data_root(source: Path) -> Path:
@@ -45,6 +46,10 @@ def samples_sha256(parts: Iterable[tuple[Dataset | None, Path]]) -> str:
     for dataset, source in parts:
         root = data_root(source)
         for path, label in dataset.samples if dataset else []:
-            digest.update(f"{sample_name(path, root)}\0{label}\0{image_sha256(path)}\n".encode())
+            try:
+                content = image_sha256(path)
+            except OSError as e:  # deleted or locked since it was decoded a moment ago
+                raise UserError(f"{path}: cannot read it any more ({e.strerror or e})") from None
+            digest.update(f"{sample_name(path, root)}\0{label}\0{content}\n".encode())
         digest.update(b"--\n")
     return digest.hexdigest()

@@ -23,6 +23,7 @@ from device_runner.data import load_dataset, split
 from device_runner.identity import samples_sha256
 from tests.conftest import cli_command, cli_env, run_cli
 from tests.test_faults import assert_clean_error, assert_same_adapter, load_checkpoint, stop, wait_for
+from vqt_edge.errors import UserError
 
 # 120 images, batch 8: 15 steps per epoch, a checkpoint every 4 steps, so that a kill can land
 # mid-epoch; validation on --val each epoch.
@@ -198,6 +199,13 @@ def test_identity_sees_a_relabelled_list_entry(tree):
     other = "green" if label != "green" else "red"
     (tree / "a" / "lists" / "x.csv").write_text(text.replace(first, f"{path},{other}", 1))
     assert identity("lists/x.csv") != before
+
+
+def test_an_image_gone_since_it_was_decoded_is_a_user_error(tree):
+    dataset = load_dataset(Path("x"))
+    (tree / "a" / "x" / "red" / "000.png").unlink()
+    with pytest.raises(UserError, match="000.png: cannot read it any more"):
+        samples_sha256([(dataset, Path("x"))])
 
 
 @pytest.fixture(scope="module")
