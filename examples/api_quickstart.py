@@ -3,7 +3,8 @@
     python examples/api_quickstart.py --out /tmp/quickstart            # the shipped vit_fmnist backbone
     python examples/api_quickstart.py --out /tmp/quickstart --tiny     # a tiny random ViT (seconds; the test)
 
-The images are a generated three-colour task (written as PNG files), so it runs offline anywhere.
+The images are generated (coloured ellipses, one class per colour, written as PNG files), so it
+runs offline anywhere.
 Progress goes through `logging`; the script configures logging because it is the program, not a library.
 """
 
@@ -15,24 +16,28 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from vqt_edge import api
 
-CLASSES = ("blue", "green", "red")
+CLASSES = ("blue", "green", "red")  # the class folders make_images writes
 
 
 def make_images(root: Path, per_class: int, seed: int, size: int = 32) -> Path:
-    """Noisy colour classes, each image with a random bright square."""
+    """One class per colour: a filled ellipse of that colour, random in place, size and shade, on
+    a noisy grey background."""
     rng = np.random.default_rng(seed)
-    base = {"blue": (50, 60, 200), "green": (40, 180, 60), "red": (200, 40, 40)}
-    for name in CLASSES:
+    hues = {"blue": (40, 70, 220), "green": (40, 190, 70), "red": (220, 50, 40)}
+    for name, rgb in hues.items():
         (root / name).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            img = rng.integers(0, 70, (size, size, 3)) + np.array(base[name]) * rng.uniform(0.5, 1.0)
-            x, y = rng.integers(0, size - 8, 2)
-            img[y : y + 8, x : x + 8] = rng.integers(150, 256, 3)
-            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / name / f"{i:03d}.png")
+            background = rng.integers(90, 160, (size, size, 1)) + rng.integers(-20, 20, (size, size, 3))
+            img = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8))
+            corner = rng.integers(0, size // 2, 2)
+            box = [*corner.tolist(), *(corner + rng.integers(size // 4, size // 2, 2)).tolist()]
+            shade = tuple(int(c * rng.uniform(0.6, 1.0)) for c in rgb)
+            ImageDraw.Draw(img).ellipse(box, fill=shade)
+            img.save(root / name / f"{i:03d}.png")
     return root
 
 
