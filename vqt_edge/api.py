@@ -120,7 +120,7 @@ def train(
     accuracy recorded in the summary, as the CLI's --test does. Raises UserError on bad input,
     trainer.Interrupted when stopped by a signal (`process_wide` only), trainer.BudgetExceeded when
     the measured peak broke the memory budget (the summary is written first).
-    `process_wide`: set lean malloc (which the memory model's predictions assume: pass it with a
+    `process_wide`: set lean malloc for the process (the memory model assumes it: pass it with a
     memory budget) and turn SIGINT/SIGTERM into checkpoint-and-stop during this call.
     """
     from device_runner.evaluate import FinishedRun, evaluate as run_evaluate
