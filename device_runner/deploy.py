@@ -11,12 +11,11 @@ import os
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file, save
+from safetensors.numpy import load_file, save_file
 
 from device_runner.onnx_stream import merge_streaming
 from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
-from vqt_edge.fileio import atomic_write_bytes
 from vqt_edge.manifest import Manifest
 
 ADAPTER = "adapter.safetensors"
@@ -28,11 +27,14 @@ def _atomic(path: Path) -> Path:
 
 
 def save_adapter(path: Path, tensors: dict[str, np.ndarray], manifest: Manifest) -> None:
-    atomic_write_bytes(path, save(
+    tmp = _atomic(path)
+    save_file(
         {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()},
+        str(tmp),
         metadata={"format": mf.FORMAT, "method": manifest.method, "last_k": str(manifest.last_k),
                   "feature_norm": manifest.feature_norm, "query_layers": ",".join(map(str, manifest.query_layers))},
-    ))
+    )
+    os.replace(tmp, path)
 
 
 def load_adapter(path: Path, manifest: Manifest) -> dict[str, np.ndarray]:
