@@ -31,8 +31,9 @@ from device_runner.deploy import ADAPTER, MODEL, build_model, save_adapter
 from device_runner.features import (
     KV_MODES, DiskCache, FrozenBackbone, build_ram_store, image_sha256,
 )
-from vqt_edge import adapter_config, manifest as mf
+from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
+from vqt_edge import adapter_config
 from vqt_edge.fileio import DISK_FULL, atomic_write_text, fsync_file
 from vqt_edge.manifest import Manifest
 from vqt_edge.memory import BundleFootprint, Plan, choose, frozen_batch, lean_malloc, peak_rss_mb, predict_peak, trim_malloc
