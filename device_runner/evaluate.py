@@ -14,13 +14,10 @@ import numpy as np
 
 from device_runner import ort
 from device_runner.data import drop_unreadable, iter_batches, load_dataset
-from device_runner.deploy import ADAPTER, MODEL
-from device_runner.trainer import BUNDLE_MANIFEST, RUN_FILE, SUMMARY
+from device_runner.deploy import MODEL
+from device_runner.trainer import BUNDLE_MANIFEST, RUN_FILE, RUN_FILES, SUMMARY
 from vqt_edge.errors import UserError
 from vqt_edge.manifest import Manifest, sha256_file
-
-#: Files of a finished run whose sha256 the run may record (summary.json "files").
-RUN_FILES = (MODEL, ADAPTER)
 from vqt_edge.preprocess import UnreadableImage
 
 
@@ -59,26 +56,31 @@ class FinishedRun:
 
 
 def verify_run_files(run: Path) -> None:
-    """Check the sha256 of the run's deployable files when the run recorded them.
+    """Check the sha256 of the run's deployable files against summary.json "files".
 
     A bit flipped in model.onnx's weights still loads and silently predicts something else; only a
-    hash catches it. The hashes live in summary.json under "files" (file name -> sha256); runs
-    that have no such record are not checked.
+    hash catches it. The trainer records the hash of every file in RUN_FILES; a summary that lacks
+    one (or lacks "files") is refused, so deleting a line of summary.json cannot turn the check off.
     """
+    path = run / SUMMARY
+    if not path.is_file():
+        raise UserError(f"{path}: missing; is {run} a finished `vqt-edge train` run?")
     try:
-        files = json.loads((run / SUMMARY).read_text()).get("files") if (run / SUMMARY).is_file() else None
+        files = json.loads(path.read_text()).get("files")
     except (OSError, ValueError, AttributeError, RecursionError) as e:
-        raise UserError(f"{run / SUMMARY}: damaged ({type(e).__name__}: {e})") from None
-    if files is None:
-        return
-    if not isinstance(files, dict):
-        raise UserError(f"{run / SUMMARY}: damaged: 'files' must map file names to sha256")
-    for name, digest in files.items():
+        raise UserError(f"{path}: damaged ({type(e).__name__}: {e})") from None
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise UserError(f"{path}: damaged: 'files' must map the run's files to their sha256")
+    for name in files:
         if name not in RUN_FILES:
-            raise UserError(f"{run / SUMMARY}: names an unexpected file {name!r}")
+            raise UserError(f"{path}: names an unexpected file {name!r}")
+    for name in RUN_FILES:
+        if name not in files:
+            raise UserError(f"{path}: records no sha256 for {name}, so the run cannot be checked; "
+                            "copy the run folder again, or train again.")
         if not (run / name).is_file():
             raise UserError(f"{run / name}: missing from the run folder")
-        if sha256_file(run / name) != digest:
+        if sha256_file(run / name) != files[name]:
             raise UserError(f"{run / name}: sha256 does not match {SUMMARY}; the file is damaged or was replaced. "
                             "Copy the run folder again, or train again.")
 

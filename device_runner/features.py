@@ -26,7 +26,7 @@ from device_runner import ort
 from device_runner.data import iter_batches
 from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
-from vqt_edge.fileio import DISK_FULL
+from vqt_edge.fileio import DISK_FULL, atomic_write_text
 from vqt_edge.manifest import Manifest
 
 KV_MODES = ("stream", "ram", "disk")
@@ -204,9 +204,7 @@ class DiskCache:
                     arr.flush()
                 del arrays
                 self.index.update({h: rows0 + j for j, h in enumerate(todo_unique)})
-                tmp = self.folder / "index.json.tmp"
-                tmp.write_text(json.dumps({"rows": self.index}))
-                os.replace(tmp, self.folder / "index.json")
+                atomic_write_text(self.folder / "index.json", json.dumps({"rows": self.index}))
             except OSError as e:
                 if e.errno in DISK_FULL:
                     arrays = None  # unmap before shrinking the files back

@@ -5,8 +5,9 @@ and where torch is installed, plain `import onnxruntime` imports it too (via `on
 guarded by `find_spec("torch")`), costing ~230 MB of resident memory. The training classes need
 no torch: they live in the pybind module and the `onnxruntime/training/api/` wrappers.
 
-So the device side (1) makes torch unimportable before onnxruntime is imported, which both saves
-the memory and proves the wall, and (2) registers an empty `onnxruntime.training` package whose
+So the device side (1) hides torch while onnxruntime is imported, which saves the memory (the CLI
+makes it unimportable for the whole process with `block_torch`, which also proves the wall; a
+library caller gets its process back as it was, `import torch` included), and (2) registers an empty `onnxruntime.training` package whose
 `__path__` points at the real folder, so that `onnxruntime.training.api` imports without running
 the package's own `__init__`.
 """
@@ -16,7 +17,8 @@ from __future__ import annotations
 import importlib
 import sys
 import types
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from vqt_edge.errors import UserError
 
@@ -31,9 +33,24 @@ def block_torch() -> None:
         sys.modules["torch"] = None  # type: ignore[assignment]
 
 
+@contextmanager
+def _torch_hidden() -> Iterator[None]:
+    """Hide torch while onnxruntime imports (it would import torch, ~230 MB), then undo the hiding
+    so that the caller's process can still `import torch` afterwards. A no-op after block_torch()."""
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        if hide and "torch" in sys.modules and sys.modules["torch"] is None:
+            del sys.modules["torch"]
+
+
 def _import_onnxruntime() -> Any:
     try:
-        return importlib.import_module("onnxruntime")
+        with _torch_hidden():
+            return importlib.import_module("onnxruntime")
     except ImportError as e:
         raise UserError(
             "onnxruntime is not installed. Install exactly one of: `pip install vqt-edge[cpu]` "
@@ -44,7 +61,6 @@ def _import_onnxruntime() -> Any:
 
 def training_api() -> types.ModuleType:
     """`onnxruntime.training.api` (CheckpointState, Module, Optimizer), imported torch-free."""
-    block_torch()
     ort = _import_onnxruntime()
     if "onnxruntime.training.api" in sys.modules:
         return sys.modules["onnxruntime.training.api"]
@@ -60,12 +76,12 @@ def training_api() -> types.ModuleType:
         shell = types.ModuleType("onnxruntime.training")
         shell.__path__ = [folder]  # submodules resolve from the real folder; its __init__ never runs
         sys.modules["onnxruntime.training"] = shell
-    return importlib.import_module("onnxruntime.training.api")
+    with _torch_hidden():
+        return importlib.import_module("onnxruntime.training.api")
 
 
 def onnxruntime() -> Any:
     """Plain `onnxruntime` (InferenceSession, SessionOptions), imported torch-free."""
-    block_torch()
     return _import_onnxruntime()
 
 

@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -33,6 +33,7 @@ from device_runner.features import (
 from device_runner.identity import samples_sha256
 from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
+from vqt_edge import adapter_config
 from vqt_edge.fileio import DISK_FULL, atomic_write_text, fsync_file
 from vqt_edge.manifest import Manifest
 from vqt_edge.memory import BundleFootprint, Plan, choose, frozen_batch, lean_malloc, peak_rss_mb, predict_peak, trim_malloc
@@ -43,6 +44,8 @@ CHECKPOINT = "checkpoint"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 LOCK = ".lock"
+#: Files of a finished run whose sha256 summary.json records; eval/predict refuse a run without them.
+RUN_FILES = (ADAPTER, adapter_config.ADAPTER_CONFIG, MODEL)
 
 
 @dataclass
@@ -368,7 +371,7 @@ class Trainer:
         self.module.train()
         return np.concatenate(out) if out else np.zeros((0, m.num_classes), np.float32)
 
-    def fit(self) -> dict:
+    def fit(self, handle_signals: bool = False) -> dict:
         cfg, run = self.cfg, self.run
         t_start = time.perf_counter()
         self.peaks = {"start": round(peak_rss_mb(), 1)}  # VmHWM after each phase: which one set the peak
@@ -389,7 +392,7 @@ class Trainer:
         val_rows = np.arange(n, len(self.paths))
         epoch_times = []
         self.step_times: list[float] = []  # the optimizer steps alone (no checkpoints, no validation)
-        with stop_on_signal() as flag:
+        with stop_on_signal() if handle_signals else nullcontext(_STOP) as flag:
             for epoch in range(start_epoch, cfg.epochs):
                 t0 = time.perf_counter()
                 order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
@@ -456,6 +459,7 @@ class Trainer:
         run, m = self.run, self.manifest
         adapter = self.adapter_tensors()
         save_adapter(run / ADAPTER, adapter, m)
+        adapter_config.write(run, adapter_config.from_manifest(m, self.data.classes))
         self.module = self.optimizer = self.store = self.backbone = self.state = None  # free before merging the model
         trim_malloc()
         try:
@@ -486,7 +490,7 @@ class Trainer:
             "memory_plan": self.plan.to_dict(),
             "peak_rss_mb_after": self.peaks,
             # eval/predict check these before use: a flipped weight still loads and predicts.
-            "files": {name: mf.sha256_file(run / name) for name in (ADAPTER, MODEL)},
+            "files": {name: mf.sha256_file(run / name) for name in RUN_FILES},
         }
         atomic_write_text(run / SUMMARY, json.dumps(summary, indent=2) + "\n")
         return enforce_budget(run, summary)
@@ -509,15 +513,18 @@ def enforce_budget(run: Path, summary: dict) -> dict:
 
 
 def train(bundle: Path, run: Path, cfg: TrainConfig, data: Path | None, val: Path | None = None, resume: bool = False,
-          echo: Callable[[str], None] = click.echo, with_test: bool = False) -> dict:
+          echo: Callable[[str], None] = click.echo, with_test: bool = False, process_wide: bool = False) -> dict:
     """Train (or resume) a run to its end; returns the run summary. `with_test`: the caller will
-    evaluate a test set in this process afterwards (the memory plan includes it)."""
-    lean_malloc()  # before the large allocations: the memory model assumes it
+    evaluate a test set in this process afterwards (the memory plan includes it). `process_wide`
+    (the CLI): set lean malloc, which the memory model assumes, and turn SIGINT/SIGTERM into a
+    checkpoint-and-stop; a library caller's process is left as it was."""
+    if process_wide:
+        lean_malloc()  # before the large allocations
     _STOP["stop"] = False
-    with stop_on_signal(), run_lock(run):
+    with stop_on_signal() if process_wide else nullcontext(), run_lock(run):
         trainer = Trainer(bundle, run, cfg, data, val, resume, echo, with_test)
         _stop_point("while reading the data")
-        return trainer.fit()
+        return trainer.fit(handle_signals=process_wide)
 
 
 def _stop_point(where: str) -> None:

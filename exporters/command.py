@@ -43,7 +43,7 @@ def run_export(
     *, model_name: str | None, weights: Path | None, random_init: bool, num_classes: int, class_names: list[str] | None,
     out: Path, tokens: int, query_layers: str, feature_norm: str, dropout: float, mean: list[float] | None,
     std: list[float] | None, seed: int, sizes: dict, parse_layers: Callable[[str, int], list[int]],
-    method: str = "vqt", last_k: int | None = None,
+    method: str = "vqt", last_k: int | None = None, log: Callable[[str], None] = click.echo,
 ) -> None:
     t0 = time.perf_counter()
     meta: dict = {}
@@ -53,7 +53,7 @@ def run_export(
             raise UserError("give --weights CKPT, or --random-init for random weights"
                             + (f" (vqt-edge ships no weights for {model_name})" if model_name else ""))
         weights, meta = shipped
-        click.echo(f"using the {model_name} backbone shipped with vqt-edge ({weights.name})")
+        log(f"using the {model_name} backbone shipped with vqt-edge ({weights.name})")
     if model_name is None and weights is not None and detect_format(weights) == "hf" and not any(sizes.values()):
         arch = arch_from_hf_config(json.loads((weights / "config.json").read_text()))
         model_name = "hf"
@@ -70,15 +70,15 @@ def run_export(
         raise UserError(f"--last-k is for {', '.join(mf.LAST_K_METHODS)}; {method} adapts no layers")
     if method not in mf.QUERY_METHODS and query_layers != "all":
         raise UserError(f"--query-layers is for {', '.join(mf.QUERY_METHODS)}; {method} has no query tokens")
-    click.echo(f"model {model_name or 'custom'}: depth {arch.depth}, dim {arch.dim}, heads {arch.heads}, "
+    log(f"model {model_name or 'custom'}: depth {arch.depth}, dim {arch.dim}, heads {arch.heads}, "
                f"mlp {arch.mlp_dim}, patch {arch.patch}, image {arch.image_size}")
-    click.echo(f"method {method}" + (f", last {last_k} of {arch.depth} layers adapted" if last_k else ""))
+    log(f"method {method}" + (f", last {last_k} of {arch.depth} layers adapted" if last_k else ""))
     backbone = VisionTransformer(arch)
     if weights is not None:
         report = load_weights(backbone, weights)
-        click.echo(f"loaded {report.loaded} tensors from {weights} ({report.format})")
+        log(f"loaded {report.loaded} tensors from {weights} ({report.format})")
         if report.unused:
-            click.echo(f"not part of the backbone, not used: {', '.join(report.unused)}")
+            log(f"not part of the backbone, not used: {', '.join(report.unused)}")
         source = {"source": str(weights), "format": report.format}
     else:
         backbone.reset_parameters(seed)
@@ -88,11 +88,11 @@ def run_export(
     manifest = export_bundle(
         backbone, out, model_name=model_name or "custom", num_classes=num_classes, method=method, last_k=last_k,
         query_layers=layers, query_tokens=tokens, feature_norm=feature_norm, dropout=dropout, mean=mean, std=std, class_names=class_names,
-        weights=source, seed=seed, log=click.echo,
+        weights=source, seed=seed, log=log,
     )
-    click.echo(f"backbone parameters: {sum(p.numel() for p in backbone.parameters()):,}")
-    click.echo("files:")
+    log(f"backbone parameters: {sum(p.numel() for p in backbone.parameters()):,}")
+    log("files:")
     for name in sorted(manifest.files) + ["manifest.json"]:
-        click.echo(f"  {out / name}  {_human((out / name).stat().st_size)}")
-    click.echo(f"export took {time.perf_counter() - t0:.1f} s, peak memory {peak_rss_mb():.0f} MiB")
+        log(f"  {out / name}  {_human((out / name).stat().st_size)}")
+    log(f"export took {time.perf_counter() - t0:.1f} s, peak memory {peak_rss_mb():.0f} MiB")
 

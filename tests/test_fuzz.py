@@ -63,6 +63,7 @@ def valid_manifest() -> dict:
                     mean=[0.5] * 3, std=[0.5] * 3, class_names=["a", "b", "c"],
                     trainable={"query_tokens": "query_path.query_tokens", "head.weight": "head.weight",
                                "head.bias": "head.bias"},
+                    trainable_shapes={"query_tokens": [3, 2, 32], "head.weight": [3, 7 * 32], "head.bias": [3]},
                     files=dict.fromkeys(mf.REQUIRED_FILES, HEX))
     return json.loads(m.to_json())
 

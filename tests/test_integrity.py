@@ -158,9 +158,14 @@ def _nul_in_file_name(b: Path, other: Path) -> str:
     return "points outside the bundle"
 
 
+def _no_trainable_shapes(b: Path, other: Path) -> str:
+    _edit_manifest(b, lambda d: d.pop("trainable_shapes"))  # no fallback to guessed VQT shapes
+    return "trainable_shapes"
+
+
 DAMAGE = [_truncate, _swap_training_model, _edit_checkpoint, _edit_head, _delete_eval_model, _unlist_and_swap_frozen,
           _escape_dotdot, _escape_absolute, _escape_symlink, _unknown_format, _garbage_manifest,
-          _deeply_nested_manifest, _class_names_not_a_list, _nan_std, _nul_in_file_name]
+          _deeply_nested_manifest, _class_names_not_a_list, _nan_std, _nul_in_file_name, _no_trainable_shapes]
 # Through the real CLI: one of each kind (the others differ only inside read_manifest, tested below).
 CLI_DAMAGE = [_truncate, _swap_training_model, _edit_checkpoint, _delete_eval_model, _unlist_and_swap_frozen,
               _escape_dotdot, _escape_symlink, _unknown_format, _garbage_manifest]
@@ -237,13 +242,39 @@ def _foreign_model(run: Path, other_bundle: Path) -> str:
     return "model.onnx: sha256 does not match"  # the hash summary.json recorded catches it first
 
 
-def _foreign_model_in_unrecorded_run(run: Path, other_bundle: Path) -> str:
-    """The same, in a run that recorded no hashes (older runs): the graph's signature catches it."""
+def _foreign_model_with_its_hash(run: Path, other_bundle: Path) -> str:
+    """The same, with summary.json's hash edited to match: the graph's signature catches it."""
+    _foreign_model(run, other_bundle)
+    _edit_summary(run, lambda files: files.update({"model.onnx": mf.sha256_file(run / "model.onnx")}))
+    return "logits [B,3]"
+
+
+def _edit_summary(run: Path, edit) -> None:
+    summary = json.loads((run / "summary.json").read_text())
+    edit(summary["files"])
+    (run / "summary.json").write_text(json.dumps(summary))
+
+
+def _summary_without_hashes(run: Path, other_bundle: Path) -> str:
     summary = json.loads((run / "summary.json").read_text())
     del summary["files"]
     (run / "summary.json").write_text(json.dumps(summary))
-    _foreign_model(run, other_bundle)
-    return "logits [B,3]"
+    return "'files' must map"
+
+
+def _summary_without_model_hash(run: Path, other_bundle: Path) -> str:
+    _edit_summary(run, lambda files: files.pop("model.onnx"))
+    return "records no sha256 for model.onnx"
+
+
+def _summary_hash_edited(run: Path, other_bundle: Path) -> str:
+    _edit_summary(run, lambda files: files.update({"adapter.safetensors": "0" * 64}))
+    return "adapter.safetensors: sha256 does not match summary.json"
+
+
+def _summary_deleted(run: Path, other_bundle: Path) -> str:
+    (run / "summary.json").unlink()
+    return "summary.json: missing"
 
 
 def _truncate_model(run: Path, other_bundle: Path) -> str:
@@ -269,7 +300,11 @@ def _bundle_manifest_garbage(run: Path, other_bundle: Path) -> str:
     return "damaged run files"
 
 
-RUN_DAMAGE = [_foreign_model, _foreign_model_in_unrecorded_run, _truncate_model, _classes_edited, _run_json_without_classes, _bundle_manifest_garbage]
+#: Damage to the hashes summary.json records: integrity cannot be switched off by editing it.
+SUMMARY_DAMAGE = [_summary_without_hashes, _summary_without_model_hash, _summary_hash_edited, _summary_deleted]
+RUN_DAMAGE = [_foreign_model, _foreign_model_with_its_hash, _truncate_model, _classes_edited, _run_json_without_classes,
+              _bundle_manifest_garbage, *SUMMARY_DAMAGE]
+EVAL_DAMAGE = [_foreign_model, _foreign_model_with_its_hash, _truncate_model, *SUMMARY_DAMAGE]
 
 
 @pytest.mark.parametrize("damage", RUN_DAMAGE, ids=[d.__name__.lstrip("_") for d in RUN_DAMAGE])
@@ -281,8 +316,7 @@ def test_damaged_run_folder_is_refused_by_predict(damage, tmp_path, finished_run
     assert out.stdout == ""
 
 
-@pytest.mark.parametrize("damage", [_foreign_model, _foreign_model_in_unrecorded_run, _truncate_model],
-                         ids=["foreign_model", "foreign_model_in_unrecorded_run", "truncate_model"])
+@pytest.mark.parametrize("damage", EVAL_DAMAGE, ids=[d.__name__.lstrip("_") for d in EVAL_DAMAGE])
 def test_damaged_run_folder_is_refused_by_eval(damage, tmp_path, finished_run, other_bundle, task):
     run = _copy(finished_run, tmp_path / "run")
     out = run_cli("eval", "--run", run, "--data", task["test"], "--json")  # the intact copy works
@@ -296,10 +330,11 @@ def test_damaged_run_folder_is_refused_by_eval(damage, tmp_path, finished_run, o
 def test_recorded_hashes_catch_a_flipped_weight_in_model_onnx(tmp_path, finished_run, task):
     """evaluate.verify_run_files checks the sha256 that a run records in summary.json "files"."""
     from device_runner.evaluate import FinishedRun, verify_run_files
+    from device_runner.trainer import RUN_FILES
 
     run = _copy(finished_run, tmp_path / "run")
     summary = json.loads((run / "summary.json").read_text())
-    summary["files"] = {name: mf.sha256_file(run / name) for name in ("model.onnx", "adapter.safetensors")}
+    assert summary["files"] == {name: mf.sha256_file(run / name) for name in RUN_FILES}
     (run / "summary.json").write_text(json.dumps(summary))
     verify_run_files(run)
     FinishedRun.open(run)

@@ -66,24 +66,6 @@ def _floats(text: str | None, what: str, n: int = 3) -> list[float] | None:
     return values
 
 
-def _layers(text: str, depth: int) -> list[int]:
-    """'all', 'last:K' or a comma-separated list of 0-based layer indices (negative from the end)."""
-    if text == "all":
-        return list(range(depth))
-    if text.startswith("last:"):
-        k = int(text[5:]) if text[5:].isdigit() else 0
-        if not 1 <= k <= depth:
-            raise UserError(f"--query-layers {text}: K must be in [1, {depth}]")
-        return list(range(depth - k, depth))
-    try:
-        layers = [int(x) % depth if -depth <= int(x) < depth else int(x) for x in text.split(",")]
-    except ValueError:
-        raise UserError(f"--query-layers: expected 'all', 'last:K' or indices like 0,5,11; got {text!r}") from None
-    if any(not 0 <= i < depth for i in layers) or len(set(layers)) != len(layers):
-        raise UserError(f"--query-layers: indices must be distinct and in [0, {depth}); got {text!r}")
-    return sorted(layers)
-
-
 @cli.command()
 @click.option("--model", "model_name", help="Preset: vit_ti16, vit_s16, vit_b16, vit_l16, vit_fmnist. Omit to give every size below.")
 @click.option("--weights", type=click.Path(exists=True, path_type=Path),
@@ -114,25 +96,14 @@ def export(model_name, weights, random_init, num_classes, classes, out, method, 
     and head under train/, and manifest.json with the sha256 of every file.
     `--model vit_fmnist` without --weights uses the backbone shipped with vqt-edge.
     """
-    from exporters.command import run_export  # torch is imported only here
+    from vqt_edge import api
 
-    class_names = [c.strip() for c in classes.split(",")] if classes else None
-    if class_names is not None:
-        if num_classes is not None and num_classes != len(class_names):
-            raise UserError(f"--num-classes {num_classes} but --classes names {len(class_names)}")
-        num_classes = len(class_names)
-    if num_classes is None:
-        raise UserError("give --num-classes (or --classes)")
-    if weights is not None and random_init:
-        raise UserError("give either --weights or --random-init, not both")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out}: exists and is not an empty folder; choose another --out")
-    run_export(
-        model_name=model_name, weights=weights, random_init=random_init, num_classes=num_classes, class_names=class_names,
-        out=out, method=method, last_k=last_k, tokens=tokens, query_layers=query_layers, feature_norm=feature_norm, dropout=dropout,
+    api.export(
+        out, model=model_name, weights=weights, random_init=random_init, num_classes=num_classes,
+        classes=[c.strip() for c in classes.split(",")] if classes else None, method=method, last_k=last_k,
+        query_tokens=tokens, query_layers=query_layers, feature_norm=feature_norm, dropout=dropout,
         mean=_floats(mean, "--mean"), std=_floats(std, "--std"), seed=seed,
-        sizes=dict(depth=depth, dim=dim, heads=heads, mlp_dim=mlp_dim, patch=patch, image_size=image_size),
-        parse_layers=_layers,
+        sizes=dict(depth=depth, dim=dim, heads=heads, mlp_dim=mlp_dim, patch=patch, image_size=image_size), progress=click.echo,
     )
 
 
@@ -168,12 +139,10 @@ def train(bundle, data, run_dir, val, val_split, test, epochs, batch_size, micro
     from device_runner import ort
 
     ort.block_torch()
-    from device_runner.trainer import BudgetExceeded, Interrupted, TrainConfig, enforce_budget
+    from device_runner.trainer import BudgetExceeded, Interrupted, TrainConfig
+    from vqt_edge import api
     from vqt_edge.memory import parse_size_mb
-    from device_runner.trainer import train as run_training
 
-    if not resume and (bundle is None or data is None):
-        raise UserError("give --bundle and --data (or --resume to continue a run)")
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, micro_batch=micro_batch, lr=lr, weight_decay=weight_decay,
                       warmup_epochs=warmup_epochs, seed=seed, kv=kv, device=device, threads=threads,
                       val_split=val_split, checkpoint_every=checkpoint_every)
@@ -182,7 +151,8 @@ def train(bundle, data, run_dir, val, val_split, test, epochs, batch_size, micro
         if click.get_current_context().get_parameter_source("kv") == click.core.ParameterSource.DEFAULT:
             cfg.kv = "auto"  # the planner chooses; an explicit --kv is kept if it fits
     try:
-        summary = run_training(bundle, run_dir, cfg, data, val, resume, with_test=test is not None)
+        summary = api.train(bundle, data, run_dir, cfg, val=val, test=test, resume=resume, progress=click.echo,
+                            process_wide=True)
     except Interrupted as e:
         click.echo(f"interrupted: {e}", err=True)
         sys.exit(130)
@@ -192,19 +162,6 @@ def train(bundle, data, run_dir, val, val_split, test, epochs, batch_size, micro
     except BudgetExceeded as e:
         click.echo(f"ERROR: MEMORY BUDGET EXCEEDED: {e}", err=True)
         sys.exit(3)
-    if test is not None:
-        from device_runner.evaluate import FinishedRun, evaluate
-        from vqt_edge.fileio import atomic_write_text
-
-        result = evaluate(FinishedRun.open(run_dir, device), test, summary.get("micro_batch") or batch_size)
-        summary["test_accuracy"] = result["accuracy"]
-        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-        click.echo(f"test accuracy {result['accuracy']:.4f} on {result['images']} images")
-        try:
-            enforce_budget(run_dir, summary)  # the test pass ran in this process too
-        except BudgetExceeded as e:
-            click.echo(f"ERROR: MEMORY BUDGET EXCEEDED: {e}", err=True)
-            sys.exit(3)
     click.echo(f"done in {summary['seconds']:.1f} s, peak memory {summary['peak_rss_mb']:.0f} MiB; "
                f"skipped {summary['skipped_images']} unreadable images; wrote {run_dir}/adapter.safetensors, {run_dir}/model.onnx")
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from vqt_edge.arch import ViTArch
 from vqt_edge.errors import UserError
+from vqt_edge.fileio import atomic_write_text
 
 FORMAT = "vqt-edge/1"
 MANIFEST = "manifest.json"
@@ -78,8 +79,7 @@ class Manifest:
     frozen_outputs: list[str] = field(default_factory=lambda: ["cls", "keys", "values"])
     # Names of the trainable tensors inside the ORT checkpoint, keyed by their adapter name.
     trainable: dict[str, str] = field(default_factory=dict)
-    # Shape of each adapter tensor, keyed by adapter name (absent in bundles of vqt-edge before
-    # the baselines: then the VQT shapes of DESIGN.md section 3).
+    # Shape of each adapter tensor, keyed by adapter name.
     trainable_shapes: dict[str, list[int]] = field(default_factory=dict)
     # Adapted last layers (0 for vqt and linear, which adapt none).
     last_k: int = 0
@@ -108,6 +108,8 @@ class Manifest:
             raise UserError(f"{source}: missing or malformed field: {e}") from None
         try:
             m.validate(source)
+            if not m.trainable or not m.trainable_shapes:
+                raise ValueError("a bundle lists its trainable tensors and their shapes (trainable, trainable_shapes)")
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as e:
             raise UserError(f"{source}: malformed field ({type(e).__name__}: {e})") from None
         return m
@@ -174,20 +176,13 @@ class Manifest:
     @property
     def adapter_shapes(self) -> dict[str, tuple[int, ...]]:
         """Shape of every adapter tensor, by adapter name."""
-        if self.trainable_shapes:
-            return {k: tuple(v) for k, v in self.trainable_shapes.items()}
-        # Bundles written before trainable_shapes existed were all VQT (DESIGN.md section 3).
-        c = self.num_classes
-        return {"query_tokens": (len(self.query_layers), self.query_tokens, self.arch.dim),
-                "head.weight": (c, self.head_features), "head.bias": (c,)}
+        return {k: tuple(v) for k, v in self.trainable_shapes.items()}
 
 
 def write_manifest(bundle: Path, manifest: Manifest) -> None:
     """Hash every file the manifest lists and write manifest.json (atomically: temp file + rename)."""
     manifest.files = {name: sha256_file(bundle / name) for name in sorted(manifest.files)}
-    tmp = bundle / (MANIFEST + ".tmp")
-    tmp.write_text(manifest.to_json())
-    tmp.replace(bundle / MANIFEST)
+    atomic_write_text(bundle / MANIFEST, manifest.to_json())
 
 
 def read_manifest(bundle: Path, verify: bool = True, only: list[str] | None = None) -> Manifest:

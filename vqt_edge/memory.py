@@ -207,7 +207,7 @@ class BundleFootprint:
         lq, t = len(m.query_layers), m.query_tokens
         query_path = 4 * lq * t * (8 * a.dim + 2 * a.mlp_dim + 2 * a.heads * n)
         return cls(
-            name=str(bundle), method=m.method, last_k=int(getattr(m, "last_k", 0) or 0), query_layers=lq,
+            name=str(bundle), method=m.method, last_k=m.last_k, query_layers=lq,
             query_tokens=t, frozen_bytes=_size(bundle / mf.FROZEN), head_bytes=_size(bundle / mf.HEAD_MODEL),
             ckpt_bytes=_size(bundle / mf.CHECKPOINT), trainable_bytes=_trainable_bytes(bundle / mf.TRAINING_MODEL),
             pixels_per_sample=4 * a.channels * a.image_size**2, feed_per_sample=feed, cache_per_sample=cache,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -54,8 +53,7 @@ def supported_methods() -> tuple[tuple[str, ...], tuple[str, ...]]:
     module the exporter writes with, so the sweep follows whatever export supports today."""
     from vqt_edge import manifest as mf
 
-    methods = tuple(mf.METHODS)
-    return methods, tuple(getattr(mf, "LAST_K_METHODS", ()))
+    return tuple(mf.METHODS), tuple(mf.LAST_K_METHODS)
 
 
 def configurations(cfg: SweepConfig, depth: int) -> list[tuple[str, int | None]]:
@@ -189,11 +187,8 @@ def run_sweep(cfg: SweepConfig, echo: Callable[[str], None] = print) -> list[dic
             echo(f"{label}: train FAILED ({row['error']})")
         else:
             s = json.loads(summary_path.read_text())
-            steps_per_epoch = math.ceil(s["train_images"] / cfg.batch_size)
-            row.update(peak_mb=s["peak_rss_mb"], predicted_peak_mb=s.get("predicted_peak_mb"), kv=s.get("kv", cfg.kv),
-                       micro_batch=s.get("micro_batch") or cfg.micro_batch,
-                       seconds_per_step=s.get("seconds_per_step") or (  # older runners: epoch time incl. checkpoint
-                           round(s["seconds_per_epoch"] / steps_per_epoch, 4) if s.get("seconds_per_epoch") else None))
+            row.update(peak_mb=s["peak_rss_mb"], predicted_peak_mb=s["predicted_peak_mb"], kv=s["kv"],
+                       micro_batch=s["micro_batch"] or cfg.micro_batch, seconds_per_step=s["seconds_per_step"])
             final = s.get("final") or {}
             if cfg.steps is None:
                 if "test_accuracy" in s:
