@@ -17,6 +17,7 @@ from safetensors.numpy import load_file, save
 from device_runner.onnx_stream import merge_streaming
 from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
+from vqt_edge.fileio import atomic_write_bytes
 from vqt_edge.manifest import Manifest
 
 ADAPTER = "adapter.safetensors"
@@ -34,9 +35,7 @@ def save_adapter(path: Path, tensors: dict[str, np.ndarray], manifest: Manifest)
         metadata={"format": mf.FORMAT, "method": manifest.method, "last_k": str(manifest.last_k),
                   "feature_norm": manifest.feature_norm, "query_layers": ",".join(map(str, manifest.query_layers))},
     )
-    tmp = _atomic(path)
-    tmp.write_bytes(_sorted_header(raw))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, _sorted_header(raw))
 
 
 def _sorted_header(raw: bytes) -> bytes:

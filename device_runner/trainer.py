@@ -208,7 +208,7 @@ class Trainer:
         self.data = _load_data(self.manifest, data, val, cfg, echo)
         self.plan = self._plan_memory(with_test)  # before any work, and before run.json saves the choice
         samples_sha = samples_sha256([(self.data.train, data), (self.data.val, val or data)])
-        if resume and saved.get("samples_sha256") not in (None, samples_sha):
+        if resume and saved.get("samples_sha256") != samples_sha:
             raise UserError(f"{data}: the images changed since this run started (an image was added, removed, renamed, "
                             "relabelled or edited); resuming would not continue the same run. Start a new --run.")
         if not resume:
