@@ -100,7 +100,7 @@ def _layers(text: str, depth: int) -> list[int]:
 @click.option("--query-tokens", "tokens", type=int, default=1, show_default=True, help="T: query tokens per layer (VPT: prompt tokens per layer).")
 @click.option("--query-layers", default="all", show_default=True, help="'all', 'last:K', or 0-based indices like 0,5,11.")
 @click.option("--feature-norm", type=click.Choice(["l2", "none"]), default="l2", show_default=True,
-              help="Normalize each feature group (CLS, each layer's query outputs) before the head.")
+              help="Normalize each feature group (CLS, each layer's query outputs; head2toe: each tap) before the head.")
 @click.option("--aggregate", type=click.Choice(AGGREGATES), default="concat", show_default=True,
               help="How a layer's T query outputs enter the head: all T*D values, their mean, or a sum with learned "
                    "per-layer weights (wsum_weights [Lq,T], initialized to ones).")
