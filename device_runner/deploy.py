@@ -33,7 +33,8 @@ def save_adapter(path: Path, tensors: dict[str, np.ndarray], manifest: Manifest)
     raw = save(
         {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()},
         metadata={"format": mf.FORMAT, "method": manifest.method, "last_k": str(manifest.last_k),
-                  "feature_norm": manifest.feature_norm, "query_layers": ",".join(map(str, manifest.query_layers))},
+                  "feature_norm": manifest.feature_norm, "query_layers": ",".join(map(str, manifest.query_layers)),
+                  "aggregate": manifest.aggregate},
     )
     atomic_write_bytes(path, _sorted_header(raw))
 

@@ -53,9 +53,11 @@ class FrozenBackbone:
 
 def feature_specs(manifest: Manifest) -> dict[str, tuple[tuple[int, ...], type]]:
     """Per-sample shape and cache dtype of each frozen output. Large tensors are cached in fp16
-    (half the memory and disk; DESIGN.md section 6), the CLS vector in fp32."""
+    (half the memory and disk; DESIGN.md section 6), the CLS vector in fp32. Head2Toe's `features`
+    (the head's input, F = manifest.head_features values per image) are large: fp16."""
     a, lk = manifest.arch, len(manifest.frozen_kv_layers)
     specs = {
+        "features": ((manifest.head_features,), np.float16),
         "cls": ((a.dim,), np.float32),
         "keys": ((lk, a.heads, a.num_tokens, a.head_dim), np.float16),
         "values": ((lk, a.heads, a.num_tokens, a.head_dim), np.float16),

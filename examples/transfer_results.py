@@ -37,6 +37,8 @@ class Method:
     method: str
     tokens: int = 1
     last_k: int | None = None
+    aggregate: str = "concat"  # vqt-edge export --aggregate
+    h2t_target: int | None = None  # vqt-edge export --h2t-target (head2toe; None: export's default)
 
 
 # vit_fmnist has 6 layers: "all layers" is k = 6.
@@ -49,6 +51,9 @@ METHODS = [
     Method("Fine-tune last 2", "finetune", 1, 2),
     Method("Fine-tune all 6 blocks", "finetune", 1, 6),  # patch/position embeddings stay frozen
     Method("VQT+AdaptFormer (T=1)", "vqt+adaptformer", 1, 6),
+    Method("VQT mean (T=10)", "vqt", 10, aggregate="mean"),
+    Method("VQT wsum (T=10)", "vqt", 10, aggregate="wsum"),
+    Method("Head2Toe", "head2toe"),
 ]
 # A small grid: this runs on 2 CPU cores. Every method gets the same grid.
 LRS = (3e-3, 1e-2)
@@ -64,12 +69,17 @@ def _run(cmd: list[str], log: Path) -> None:
 
 
 def bundle_for(out: Path, task: str, m: Method, classes: list[str]) -> Path:
-    bundle = out / "bundles" / task / f"{m.method}-T{m.tokens}-k{m.last_k}"
+    variant = (f"-{m.aggregate}" if m.aggregate != "concat" else "") + (f"-h{m.h2t_target}" if m.h2t_target else "")
+    bundle = out / "bundles" / task / f"{m.method}-T{m.tokens}-k{m.last_k}{variant}"
     if not (bundle / "manifest.json").exists():
         args = ["export", "--model", "vit_fmnist", "--method", m.method, "--query-tokens", str(m.tokens),
                 "--classes", ",".join(classes), "--out", str(bundle)]
         if m.last_k is not None:
             args += ["--last-k", str(m.last_k)]
+        if m.aggregate != "concat":
+            args += ["--aggregate", m.aggregate]
+        if m.h2t_target is not None:
+            args += ["--h2t-target", str(m.h2t_target)]
         _run(VQT_EDGE + args, bundle.parent / (bundle.name + ".log"))
     return bundle
 

@@ -13,10 +13,13 @@ the head and the loss (train/). What crosses the split is named by `manifest.fro
 | finetune          | hidden                      | blocks.{l}.* (k layers), norm.*, head              |
 | vqt+vpt           | hidden, keys, values (l<L-k)| query tokens, prompts, head                        |
 | vqt+adaptformer   | hidden, keys, values (l<L-k)| query tokens, adapters, head                       |
+| head2toe          | features                    | head                                               |
 
 `hidden` [B,N,D] is the input of layer L-k; keys/values cover the query layers below L-k (the
 adapted layers produce their own K/V inside the training graph). The head reads
-`head_features(cls, z)`: [n(cls)] without query tokens, [n(cls), n(z_l1), ...] with them.
+`head_features(cls, z)`: [n(cls)] without query tokens, [n(cls), n(z_l1), ...] with them (z_l a
+layer's T outputs concatenated, averaged or summed with `wsum_weights`: `aggregate`). head2toe's
+head reads `features` as they are: the frozen graph pooled and normalized them (exporters/head2toe.py).
 
 VQT combined with an adaptation (our reading of the VQT paper, section 4.4: the query tokens
 summarize the intermediate features of the *adapted* backbone):
@@ -47,6 +50,7 @@ from torch import nn
 
 from exporters.vit import Block, QueryPath, VisionTransformer, head_features
 from vqt_edge import manifest as mf
+from vqt_edge.head2toe import feature_width
 
 ADAPTER_BOTTLENECK = 64  # AdaptFormer's bottleneck width (DESIGN.md section 5)
 ADAPTER_SCALE = 0.1  # its scale s
@@ -146,12 +150,15 @@ class MethodHead(nn.Module):
         tokens: int = 1,
         num_classes: int,
         feature_norm: str = "l2",
+        aggregate: str = "concat",
+        h2t_target: int = 0,
     ) -> None:
         super().__init__()
         if method not in mf.METHODS:
             raise ValueError(f"unknown method {method!r}")
         arch = backbone.arch
         self.method, self.feature_norm, self.last_k, self.tokens = method, feature_norm, last_k, tokens
+        self.aggregate = aggregate
         self.split = arch.depth - last_k
         self.adaptation = mf.adaptation(method)
         self.query_layers = list(query_layers) if method in mf.QUERY_METHODS else []
@@ -176,7 +183,13 @@ class MethodHead(nn.Module):
             self.adapters = nn.ModuleDict({i: Adapter(arch.dim) for i in layers})
         if self.query_layers:
             self.query_path = QueryPath(backbone, self.query_layers, tokens)
-        self.head = nn.Linear(arch.dim * (1 + len(self.query_layers) * tokens), num_classes)
+        if aggregate == "wsum":  # official WEIGHTED_SUM_FEATS: per-layer weights of the T outputs, ones
+            self.wsum_weights = nn.Parameter(torch.ones(len(self.query_layers), tokens))
+        if method == "head2toe":
+            width = feature_width(arch, h2t_target)
+        else:
+            width = arch.dim * (1 + len(self.query_layers) * (tokens if aggregate == "concat" else 1))
+        self.head = nn.Linear(width, num_classes)
         nn.init.zeros_(self.head.bias)
 
     # -- names -------------------------------------------------------------------------------
@@ -186,7 +199,7 @@ class MethodHead(nn.Module):
         return {("query_tokens" if n == "query_path.query_tokens" else n): n for n in names}
 
     def _is_trainable(self, name: str) -> bool:
-        if name.startswith(("head.", "adapters.")) or name in ("prompts", "query_path.query_tokens"):
+        if name.startswith(("head.", "adapters.")) or name in ("prompts", "query_path.query_tokens", "wsum_weights"):
             return True
         return self.adaptation == "finetune" and name.startswith(("blocks.", "norm."))
 
@@ -212,6 +225,9 @@ class MethodHead(nn.Module):
     def forward(self, *inputs: torch.Tensor):
         named = dict(zip(self.input_names, inputs))
         keys = values = None
+        if self.method == "head2toe":  # a linear probe on the frozen, already normalized taps
+            logits = self.head(named["features"])
+            return logits if "targets" not in named else (weighted_cross_entropy(logits, named["targets"]), logits)
         if self.adaptation is None:
             cls = named["cls"]
             keys, values = named.get("keys"), named.get("values")
@@ -225,7 +241,7 @@ class MethodHead(nn.Module):
             # No query groups: the head reads [n(cls)]. A constant, not a slice of cls: a gradient
             # through an empty slice of cls breaks ORT's gradient graph (Reshape {1,1} -> {B,1}).
             z = torch.zeros(0, 0, 0)
-        logits = self.head(head_features(cls, z, self.feature_norm))
+        logits = self.head(head_features(cls, z, self.feature_norm, self.aggregate, getattr(self, "wsum_weights", None)))
         if "targets" not in named:
             return logits
         return weighted_cross_entropy(logits, named["targets"]), logits

@@ -43,7 +43,8 @@ def run_export(
     *, model_name: str | None, weights: Path | None, random_init: bool, num_classes: int, class_names: list[str] | None,
     out: Path, tokens: int, query_layers: str, feature_norm: str, dropout: float, mean: list[float] | None,
     std: list[float] | None, seed: int, sizes: dict, parse_layers: Callable[[str, int], list[int]],
-    method: str = "vqt", last_k: int | None = None, log: Callable[[str], None] = click.echo,
+    method: str = "vqt", last_k: int | None = None, aggregate: str = "concat", h2t_target: int | None = None,
+    log: Callable[[str], None] = click.echo,
 ) -> None:
     t0 = time.perf_counter()
     meta: dict = {}
@@ -70,9 +71,14 @@ def run_export(
         raise UserError(f"--last-k is for {', '.join(mf.LAST_K_METHODS)}; {method} adapts no layers")
     if method not in mf.QUERY_METHODS and query_layers != "all":
         raise UserError(f"--query-layers is for {', '.join(mf.QUERY_METHODS)}; {method} has no query tokens")
+    if method not in mf.QUERY_METHODS and aggregate != "concat":
+        raise UserError(f"--aggregate is for {', '.join(mf.QUERY_METHODS)}; {method} has no query tokens")
+    if h2t_target is not None and (method != "head2toe" or h2t_target < 1):
+        raise UserError("--h2t-target is for --method head2toe, and must be at least 1")
     log(f"model {model_name or 'custom'}: depth {arch.depth}, dim {arch.dim}, heads {arch.heads}, "
-               f"mlp {arch.mlp_dim}, patch {arch.patch}, image {arch.image_size}")
-    log(f"method {method}" + (f", last {last_k} of {arch.depth} layers adapted" if last_k else ""))
+        f"mlp {arch.mlp_dim}, patch {arch.patch}, image {arch.image_size}")
+    log(f"method {method}" + (f", last {last_k} of {arch.depth} layers adapted" if last_k else "")
+        + (f", {aggregate} of each layer's query outputs" if aggregate != "concat" else ""))
     backbone = VisionTransformer(arch)
     if weights is not None:
         report = load_weights(backbone, weights)
@@ -87,8 +93,8 @@ def run_export(
     std = std or meta.get("std") or [0.5] * arch.channels
     manifest = export_bundle(
         backbone, out, model_name=model_name or "custom", num_classes=num_classes, method=method, last_k=last_k,
-        query_layers=layers, query_tokens=tokens, feature_norm=feature_norm, dropout=dropout, mean=mean, std=std, class_names=class_names,
-        weights=source, seed=seed, log=log,
+        query_layers=layers, query_tokens=tokens, feature_norm=feature_norm, aggregate=aggregate, h2t_target=h2t_target,
+        dropout=dropout, mean=mean, std=std, class_names=class_names, weights=source, seed=seed, log=log,
     )
     log(f"backbone parameters: {sum(p.numel() for p in backbone.parameters()):,}")
     log("files:")

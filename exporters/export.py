@@ -33,9 +33,11 @@ import torch
 from torch import nn
 
 from exporters.baselines import FrozenPart, MethodHead
+from exporters.head2toe import Head2ToeFeatures
 from exporters.vit import VisionTransformer
 from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
+from vqt_edge.head2toe import DEFAULT_TARGET
 from vqt_edge.manifest import Manifest
 
 TRAIN_OPSET = 16
@@ -88,6 +90,14 @@ def export_frozen(
     pixels = torch.randn(2, arch.channels, arch.image_size, arch.image_size)
     frozen = FrozenPart(backbone, outputs, query_layers, arch.depth if split is None else split)
     _export(frozen, (pixels,), path, ["pixel_values"], list(outputs), "frozen")
+
+
+def frozen_module(backbone: VisionTransformer, manifest: Manifest) -> nn.Module:
+    """What frozen.onnx computes for this bundle: `FrozenPart` (cls, keys, values, hidden), or for
+    head2toe the pooled taps (`Head2ToeFeatures`)."""
+    if manifest.method == "head2toe":
+        return Head2ToeFeatures(backbone, manifest.h2t_target, manifest.feature_norm)
+    return FrozenPart(backbone, manifest.frozen_outputs, manifest.frozen_kv_layers, manifest.arch.depth - manifest.last_k)
 
 
 @contextlib.contextmanager
@@ -148,6 +158,8 @@ def export_bundle(
     query_layers: Sequence[int] | None = None,
     query_tokens: int = 1,
     feature_norm: str = "l2",
+    aggregate: str = "concat",
+    h2t_target: int | None = None,
     dropout: float = 0.1,
     mean: Sequence[float] = (0.5, 0.5, 0.5),
     std: Sequence[float] = (0.5, 0.5, 0.5),
@@ -160,7 +172,9 @@ def export_bundle(
 
     `last_k` (methods that adapt layers, manifest.LAST_K_METHODS): how many last layers; all by
     default. `query_layers` (methods with query tokens): all by default. `query_tokens` is T, the
-    query tokens per layer, and for VPT the prompt tokens per layer.
+    query tokens per layer, and for VPT the prompt tokens per layer. `aggregate`: how a layer's T
+    query outputs enter the head (manifest.AGGREGATES). `h2t_target` (head2toe): pooled size of each
+    token tap, vqt_edge/head2toe.py's DEFAULT_TARGET by default.
     """
     arch = backbone.arch
     if method not in mf.METHODS:
@@ -177,6 +191,10 @@ def export_bundle(
     else:
         layers = []
     frozen_outputs = mf.frozen_outputs_for(method, layers, last_k, arch.depth)
+    if method == "head2toe":
+        h2t_target = DEFAULT_TARGET if h2t_target is None else h2t_target
+    elif h2t_target is not None:
+        raise UserError(f"--h2t-target is for head2toe, not {method}")
     manifest = Manifest(
         model=model_name,
         arch=arch,
@@ -191,6 +209,8 @@ def export_bundle(
         class_names=list(class_names) if class_names else None,
         frozen_outputs=frozen_outputs,
         last_k=last_k,
+        aggregate=aggregate,
+        h2t_target=h2t_target or 0,
         weights=weights or {},
     )
     manifest.validate("export settings")
@@ -202,7 +222,8 @@ def export_bundle(
 
     torch.manual_seed(seed)
     head = MethodHead(backbone, method, last_k=last_k, query_layers=layers, tokens=query_tokens,
-                      num_classes=num_classes, feature_norm=feature_norm)
+                      num_classes=num_classes, feature_norm=feature_norm, aggregate=aggregate,
+                      h2t_target=manifest.h2t_target)
     params = dict(head.named_parameters())
     manifest.trainable = head.trainable()
     manifest.trainable_shapes = {k: list(params[g].shape) for k, g in manifest.trainable.items()}
@@ -211,12 +232,13 @@ def export_bundle(
     pixels = torch.randn(b, arch.channels, arch.image_size, arch.image_size)
 
     t0 = time.perf_counter()
-    split = arch.depth - last_k
     what = ", ".join(frozen_outputs)
     log(f"exporting {mf.FROZEN} (backbone -> {what}) ...")
-    export_frozen(backbone, out / mf.FROZEN, manifest.frozen_kv_layers, frozen_outputs, split)
+    frozen = frozen_module(backbone, manifest)
+    _export(frozen, (pixels,), out / mf.FROZEN, ["pixel_values"], frozen_outputs, "frozen")
     with torch.no_grad():
-        feats = FrozenPart(backbone, frozen_outputs, manifest.frozen_kv_layers, split)(pixels)
+        feats = frozen(pixels)
+        feats = feats if isinstance(feats, tuple) else (feats,)
     extra = (torch.ones(b, len(layers), query_tokens, arch.dim),) if layers else ()
     targets = torch.full((b, num_classes), 1.0 / (b * num_classes))
 

@@ -182,12 +182,35 @@ class QueryPath(nn.Module):
         return z + hid @ self.w2 + self.b2[:, None]
 
 
-def head_features(cls: torch.Tensor, z: torch.Tensor, feature_norm: str) -> torch.Tensor:
-    """The head's input [B, F]: [n(cls), n(z_l1), ..., n(z_lLq)], z_l flattened token-major.
+def aggregate_tokens(z: torch.Tensor, aggregate: str, wsum_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """One layer's T query outputs as the head sees them (docs/design.md section 11), z [B, Lq, T, D]:
+
+    - "concat": [B, Lq, T*D], flattened token-major (the official default);
+    - "mean": [B, Lq, D], the mean over the T outputs (official POOLING_FEATS);
+    - "wsum": [B, Lq, D], sum_t w[l, t] * z[:, l, t] with learned `wsum_weights` w [Lq, T],
+      initialized to ones and not normalized, as the official WEIGHTED_SUM_FEATS (`combine_params`).
+    """
+    if aggregate == "concat":
+        return z.flatten(2)
+    if aggregate == "mean":
+        return z.mean(2)
+    if aggregate == "wsum":
+        if wsum_weights is None:
+            raise ValueError("aggregate 'wsum' needs wsum_weights [Lq, T]")
+        return (wsum_weights[:, :, None] * z).sum(2)
+    raise ValueError(f"aggregate must be concat, mean or wsum, not {aggregate!r}")
+
+
+def head_features(
+    cls: torch.Tensor, z: torch.Tensor, feature_norm: str, aggregate: str = "concat",
+    wsum_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The head's input [B, F]: [n(cls), n(z_l1), ..., n(z_lLq)], z_l layer l's query outputs
+    aggregated by `aggregate_tokens` (flattened token-major by default).
 
     `n` is the L2 normalization of each group ("l2") or the identity ("none"); DESIGN.md section 3.
     """
-    groups = [cls] + list(z.flatten(2).unbind(1))
+    groups = [cls] + list(aggregate_tokens(z, aggregate, wsum_weights).unbind(1))
     if feature_norm == "l2":
         groups = [g / torch.sqrt((g * g).sum(-1, keepdim=True) + 1e-12) for g in groups]
     elif feature_norm != "none":

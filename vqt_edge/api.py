@@ -68,6 +68,7 @@ def export(
     out: PathLike, *, model: str | None = None, weights: PathLike | None = None, random_init: bool = False,
     num_classes: int | None = None, classes: Sequence[str] | None = None, method: str = "vqt", last_k: int | None = None,
     query_tokens: int = 1, query_layers: str | Sequence[int] = "all", feature_norm: str = "l2", dropout: float = 0.1,
+    aggregate: str = "concat", h2t_target: int | None = None,
     mean: Sequence[float] | None = None, std: Sequence[float] | None = None, seed: int = 0,
     sizes: dict[str, int | None] | None = None, progress: Progress | None = None,
 ) -> "Manifest":
@@ -98,7 +99,7 @@ def export(
         run_export(
             model_name=model, weights=Path(weights) if weights is not None else None, random_init=random_init,
             num_classes=num_classes, class_names=class_names, out=out, method=method, last_k=last_k, tokens=query_tokens,
-            query_layers=layers, feature_norm=feature_norm, dropout=dropout,
+            query_layers=layers, feature_norm=feature_norm, dropout=dropout, aggregate=aggregate, h2t_target=h2t_target,
             mean=list(mean) if mean is not None else None, std=list(std) if std is not None else None, seed=seed,
             sizes={k: (sizes or {}).get(k) for k in ("depth", "dim", "heads", "mlp_dim", "patch", "image_size")},
             parse_layers=parse_query_layers, log=progress or log.info,

@@ -16,7 +16,8 @@ import click
 
 from vqt_edge.cli_options import arch_size_options
 from vqt_edge.errors import UserError
-from vqt_edge.manifest import METHODS
+from vqt_edge.head2toe import DEFAULT_TARGET as H2T_DEFAULT_TARGET
+from vqt_edge.manifest import AGGREGATES, METHODS
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 
@@ -75,24 +76,29 @@ def _floats(text: str | None, what: str, n: int = 3) -> list[float] | None:
 @click.option("--classes", help="Comma-separated class names (optional; sets --num-classes).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle folder to write (must not exist or be empty).")
 @click.option("--method", type=click.Choice(METHODS), default="vqt", show_default=True,
-              help="What the device trains: VQT, or a baseline (linear probe, VPT-Deep, AdaptFormer, partial fine-tuning) "
-                   "or VQT on top of one (DESIGN.md section 5).")
+              help="What the device trains: VQT, or a baseline (linear probe, VPT-Deep, AdaptFormer, partial fine-tuning, "
+                   "Head2Toe) or VQT on top of one (DESIGN.md section 5).")
 @click.option("--last-k", type=int, help="Layers adapted by vpt, adaptformer, finetune and vqt+*: the last K [default: all].")
 @click.option("--query-tokens", "tokens", type=int, default=1, show_default=True, help="T: query tokens per layer (VPT: prompt tokens per layer).")
 @click.option("--query-layers", default="all", show_default=True, help="'all', 'last:K', or 0-based indices like 0,5,11.")
 @click.option("--feature-norm", type=click.Choice(["l2", "none"]), default="l2", show_default=True,
-              help="Normalize each feature group (CLS, each layer's query outputs) before the head.")
+              help="Normalize each feature group (CLS, each layer's query outputs; head2toe: each tap) before the head.")
+@click.option("--aggregate", type=click.Choice(AGGREGATES), default="concat", show_default=True,
+              help="How a layer's T query outputs enter the head: all T*D values, their mean, or a sum with learned "
+                   "per-layer weights (wsum_weights [Lq,T], initialized to ones).")
+@click.option("--h2t-target", type=int, help=f"head2toe: pooled size of each token tap [default: {H2T_DEFAULT_TARGET}].")
 @click.option("--dropout", type=float, default=0.1, show_default=True, help="Dropout on the query tokens during training.")
 @click.option("--mean", help="Input normalization mean (one or three numbers). Default: the weights' own, else 0.5.")
 @click.option("--std", help="Input normalization std (one or three numbers). Default: the weights' own, else 0.5.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the query-token and head initialization.")
 @arch_size_options
 def export(model_name, weights, random_init, num_classes, classes, out, method, last_k, tokens, query_layers, feature_norm,
-           dropout, mean, std, seed, depth, dim, heads, mlp_dim, patch, image_size) -> None:
+           aggregate, h2t_target, dropout, mean, std, seed, depth, dim, heads, mlp_dim, patch, image_size) -> None:
     """Split a ViT checkpoint into a bundle the device trains on (needs torch).
 
     Writes frozen.onnx (pixel_values -> cls, keys, values for VQT; the input of layer L-k for the
-    methods that adapt the last k layers), the onnxruntime-training artifacts of the trainable part
+    methods that adapt the last k layers; Head2Toe's pooled taps of every layer, one `features`
+    tensor, for head2toe), the onnxruntime-training artifacts of the trainable part
     and head under train/, and manifest.json with the sha256 of every file.
     `--model vit_fmnist` without --weights uses the backbone shipped with vqt-edge.
     """
@@ -102,6 +108,7 @@ def export(model_name, weights, random_init, num_classes, classes, out, method, 
         out, model=model_name, weights=weights, random_init=random_init, num_classes=num_classes,
         classes=[c.strip() for c in classes.split(",")] if classes else None, method=method, last_k=last_k,
         query_tokens=tokens, query_layers=query_layers, feature_norm=feature_norm, dropout=dropout,
+        aggregate=aggregate, h2t_target=h2t_target,
         mean=_floats(mean, "--mean"), std=_floats(std, "--std"), seed=seed,
         sizes=dict(depth=depth, dim=dim, heads=heads, mlp_dim=mlp_dim, patch=patch, image_size=image_size), progress=click.echo,
     )

@@ -15,6 +15,7 @@ from pathlib import Path
 from vqt_edge.arch import ViTArch
 from vqt_edge.errors import UserError
 from vqt_edge.fileio import atomic_write_text
+from vqt_edge.head2toe import feature_width
 
 FORMAT = "vqt-edge/1"
 MANIFEST = "manifest.json"
@@ -29,11 +30,16 @@ HEAD_MODEL = "train/head.onnx"  # inference graph (frozen outputs -> logits), me
 
 # What each method trains (DESIGN.md sections 4-5). Methods "with query tokens" run VQT's query
 # path; methods with an adaptation change the last `last_k` layers, which then run in the training
-# graph from the frozen output `hidden` (the input of layer L-k).
-METHODS = ("linear", "vqt", "vpt", "adaptformer", "finetune", "vqt+vpt", "vqt+adaptformer")
+# graph from the frozen output `hidden` (the input of layer L-k). head2toe is a linear head on
+# pooled taps of every layer, which the frozen graph computes (vqt_edge/head2toe.py).
+METHODS = ("linear", "vqt", "vpt", "adaptformer", "finetune", "vqt+vpt", "vqt+adaptformer", "head2toe")
 QUERY_METHODS = ("vqt", "vqt+vpt", "vqt+adaptformer")
 LAST_K_METHODS = ("vpt", "adaptformer", "finetune", "vqt+vpt", "vqt+adaptformer")
 FEATURE_NORMS = ("l2", "none")
+# How a layer's T query outputs enter the head (docs/design.md section 11; the official code's
+# default, POOLING_FEATS and WEIGHTED_SUM_FEATS): concat keeps all T*D values, mean averages them
+# into one D vector, wsum sums them with learned per-layer weights `wsum_weights` [Lq, T].
+AGGREGATES = ("concat", "mean", "wsum")
 
 
 def adaptation(method: str) -> str | None:
@@ -48,10 +54,19 @@ def frozen_kv_layers(method: str, query_layers: list[int], last_k: int, depth: i
 
 def frozen_outputs_for(method: str, query_layers: list[int], last_k: int, depth: int) -> list[str]:
     """The outputs of frozen.onnx a method's training graph reads, in input order (DESIGN.md section 3)."""
+    if method == "head2toe":
+        return ["features"]
     if method in ("vqt", "linear"):
         return ["cls", "keys", "values"] if method == "vqt" else ["cls"]
     kv = ["keys", "values"] if frozen_kv_layers(method, query_layers, last_k, depth) else []
     return ["hidden"] + kv
+
+
+def head_input(method: str) -> str | None:
+    """The frozen output that *is* the head's input, unchanged (feature selection reads it): the
+    pooled, normalized taps `features` for head2toe. None where the head's input is computed in the
+    training graph (VQT's query outputs; linear's normalized CLS, see `head_features`)."""
+    return "features" if method == "head2toe" else None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -83,6 +98,10 @@ class Manifest:
     trainable_shapes: dict[str, list[int]] = field(default_factory=dict)
     # Adapted last layers (0 for vqt and linear, which adapt none).
     last_k: int = 0
+    # How a layer's T query outputs enter the head (AGGREGATES; "concat" without query tokens).
+    aggregate: str = "concat"
+    # head2toe: the pooled size of each token tap (vqt_edge/head2toe.py); 0 for other methods.
+    h2t_target: int = 0
     weights: dict = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
     format: str = FORMAT
@@ -133,6 +152,10 @@ class Manifest:
                 raise bad(f"last_k must be an integer in [1, {self.arch.depth}] for {self.method}, not {self.last_k!r}")
         elif self.last_k != 0:
             raise bad(f"last_k must be 0 for {self.method}, not {self.last_k!r}")
+        if self.aggregate not in AGGREGATES or (self.aggregate != "concat" and self.method not in QUERY_METHODS):
+            raise bad(f"aggregate must be one of {AGGREGATES} (concat for {self.method}), not {self.aggregate!r}")
+        if (self.method == "head2toe") != (self.h2t_target > 0):
+            raise bad(f"h2t_target must be a positive integer for head2toe and 0 otherwise, not {self.h2t_target!r}")
         layers = self.query_layers
         if self.method not in QUERY_METHODS:
             if layers != []:
@@ -165,8 +188,17 @@ class Manifest:
 
     @property
     def head_features(self) -> int:
-        """F = D + Lq*T*D: the head's input width (DESIGN.md section 3); D without query tokens."""
-        return self.arch.dim * (1 + len(self.query_layers) * self.query_tokens)
+        """F = D + Lq*T*D: the head's input width (DESIGN.md section 3); D without query tokens,
+        D + Lq*D when a layer's T outputs are aggregated (mean, wsum), and Head2Toe's own width."""
+        if self.method == "head2toe":
+            return feature_width(self.arch, self.h2t_target)
+        per_layer = self.query_tokens if self.aggregate == "concat" else 1
+        return self.arch.dim * (1 + len(self.query_layers) * per_layer)
+
+    @property
+    def head_input(self) -> str | None:
+        """See `head_input()`: the frozen output the head reads as it is, if any."""
+        return head_input(self.method)
 
     @property
     def frozen_kv_layers(self) -> list[int]:
@@ -246,7 +278,7 @@ _SHA256_HEX = frozenset("0123456789abcdef")
 # Upper bounds far above any real ViT, low enough that no field can ask for absurd allocations.
 _ARCH_LIMITS = {"depth": 1024, "dim": 1 << 16, "heads": 1024, "mlp_dim": 1 << 18, "patch": 4096,
                 "image_size": 8192, "channels": 64}
-_INT_LIMITS = {"query_tokens": 4096, "num_classes": 1_000_000, "last_k": 1024}
+_INT_LIMITS = {"query_tokens": 4096, "num_classes": 1_000_000, "last_k": 1024, "h2t_target": 1 << 24}
 
 
 def bad_file_name(name: object) -> bool:
@@ -279,7 +311,7 @@ def check_field_types(d: dict, source: str) -> None:
             raise bad(f"arch.{key} must be an integer in [1, {limit}], not {arch[key]!r}")
     if "eps" in arch and not (_is_number(arch["eps"]) and 0 < arch["eps"] < 1):
         raise bad(f"arch.eps must be a small positive number, not {arch['eps']!r}")
-    for key in ("model", "method", "feature_norm"):
+    for key in ("model", "method", "feature_norm", "aggregate"):
         if key in d and not isinstance(d[key], str):
             raise bad(f"{key} must be a string, not {d[key]!r}")
     for key, limit in _INT_LIMITS.items():

@@ -156,6 +156,15 @@ norm and head path). Checked on the ViT-B/16 sweep over k = 1, 2, 4, 8, 12 at ba
 (bench/results/sweep_vit_b16): VPT and AdaptFormer over-predicted by 1-26%; fine-tuning's per-layer
 3.2 under-predicted k = 8 and 12 by 7% (5445 and 7968 MiB measured), hence 3.5 (+0.3 unit per layer,
 the gap at both k)."""
+H2T_TAPS = 1.0
+"""Head2Toe's frozen pass (exporters/head2toe.py), per image, beyond FROZEN_WORK: in units of its
+unpooled taps, 4 bytes * N * (3D + mlp) per layer [1.07 MiB for vit_fmnist]. Measured with
+onnxruntime directly (1 thread, fresh torch-free process, lean_malloc, VmHWM growth of one
+session.run, slope from batch 8 to 32): vit_fmnist's head2toe frozen.onnx 1.29 MiB per image, its
+VQT frozen.onnx 0.66; less their fp32 outputs (0.10 and 0.29), 0.82 MiB more work (0.77 units).
+On a whole `train` run (1000 Fashion-MNIST images, batch 32, --kv ram, frozen batch 8) the frozen
+phase measured 142.4 MiB against 136.2 predicted without this term: 1.2 MiB per image (1.1
+units). 1.0 sits between the two; with it the same run predicts 140.7 and measured 141.6 MiB."""
 OPTIMIZER_COPIES = 3
 """Per byte of trainable parameters: the gradient buffer and AdamW's two moments."""
 FINISH_MB = 4.0
@@ -188,6 +197,7 @@ class BundleFootprint:
     cache_per_sample: int  # the same, as cached (fp16 K/V and hidden, fp32 cls)
     layer_work: int  # 4 * (H*N*N + N*mlp + N*D)
     query_path_per_sample: int  # VQT query path activations (T tokens per query layer)
+    frozen_taps_per_sample: int = 0  # head2toe: its frozen pass's unpooled taps, 4 * N * (3D + mlp) * depth
 
     @classmethod
     def from_bundle(cls, bundle: Path) -> "BundleFootprint":
@@ -206,12 +216,13 @@ class BundleFootprint:
         work = 4 * (a.heads * n * n + n * a.mlp_dim + n * a.dim)
         lq, t = len(m.query_layers), m.query_tokens
         query_path = 4 * lq * t * (8 * a.dim + 2 * a.mlp_dim + 2 * a.heads * n)
+        taps = 4 * n * (3 * a.dim + a.mlp_dim) * a.depth if m.method == "head2toe" else 0
         return cls(
             name=str(bundle), method=m.method, last_k=m.last_k, query_layers=lq,
             query_tokens=t, frozen_bytes=_size(bundle / mf.FROZEN), head_bytes=_size(bundle / mf.HEAD_MODEL),
             ckpt_bytes=_size(bundle / mf.CHECKPOINT), trainable_bytes=_trainable_bytes(bundle / mf.TRAINING_MODEL),
             pixels_per_sample=4 * a.channels * a.image_size**2, feed_per_sample=feed, cache_per_sample=cache,
-            layer_work=work, query_path_per_sample=query_path,
+            layer_work=work, query_path_per_sample=query_path, frozen_taps_per_sample=taps,
         )
 
 
@@ -298,8 +309,8 @@ def predict_peak(fp: BundleFootprint, *, images: int, batch_size: int, micro_bat
     - frozen (kv ram/disk: frozen.onnx runs once per image, then its session is freed):
       SESSION_MB + max(FROZEN_LOAD * frozen file, FROZEN_RESIDENT * frozen file + act_frozen(fb)
       + store), with fb = frozen_batch(), act_frozen(b) = b * (fp32 input + fp32 outputs +
-      FROZEN_WORK * layer work), and store = images * cache row (fp16 K/V) in ram mode; in disk
-      mode one batch of rows, as the fill unmaps the pages it wrote after every batch.
+      FROZEN_WORK * layer work + H2T_TAPS * head2toe's taps), and store = images * cache row (fp16
+      K/V) in ram mode; in disk mode one batch of rows, as the fill unmaps the pages it wrote after every batch.
     - train: 2 * SESSION_MB + store + max(CKPT_LOAD * checkpoint, module + max(step, save)), with
       module = CKPT_RESIDENT * checkpoint + OPTIMIZER_COPIES * trainable bytes, step = micro *
       (FEED * fp32 feed + query path activations + adapted layers' activations, ADAPTED_WORK), save =
@@ -321,7 +332,8 @@ def predict_peak(fp: BundleFootprint, *, images: int, batch_size: int, micro_bat
     mb = 1 / MiB
 
     def act_frozen(b: int) -> float:
-        return b * (fp.pixels_per_sample + fp.feed_per_sample + FROZEN_WORK * fp.layer_work) * mb
+        return b * (fp.pixels_per_sample + fp.feed_per_sample + FROZEN_WORK * fp.layer_work
+                + H2T_TAPS * fp.frozen_taps_per_sample) * mb
 
     frozen_res = FROZEN_RESIDENT * fp.frozen_bytes * mb
     frozen_load = FROZEN_LOAD * fp.frozen_bytes * mb
