@@ -29,8 +29,9 @@ from device_runner import ort
 from device_runner.data import Dataset, check_trainable, drop_unreadable, iter_batches, load_dataset, split
 from device_runner.deploy import ADAPTER, MODEL, build_model, save_adapter
 from device_runner.features import (
-    KV_MODES, DiskCache, FrozenBackbone, build_ram_store, image_sha256,
+    KV_MODES, DiskCache, FeatureStore, FrozenBackbone, build_ram_store, image_sha256,
 )
+from device_runner.selection import compress_adapter
 from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
 from vqt_edge.fileio import DISK_FULL, atomic_write_text, fsync_file
@@ -43,6 +44,7 @@ CHECKPOINT = "checkpoint"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 LOCK = ".lock"
+SharedFeatures = Callable[[list[Path]], FeatureStore]  # sample paths -> their frozen outputs, row i = path i
 
 
 @dataclass
@@ -60,6 +62,8 @@ class TrainConfig:
     val_split: float = 0.0
     checkpoint_every: int = 0  # also checkpoint every N steps (0: once per epoch)
     memory_budget_mb: float | None = None  # a promise on the peak RSS: kv and micro_batch are chosen to keep it
+    keep_fraction: float = 1.0  # < 1: group-lasso feature selection of the head after training (selection.py)
+    lasso: float = 1e-4  # its penalty, LRP_COEF of the official code (docs/design.md section 11)
 
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -74,6 +78,8 @@ class TrainConfig:
             raise UserError("--memory-budget must be positive")
         if not 0 <= self.val_split < 1:
             raise UserError("--val-split must be in [0, 1)")
+        if not (0 < self.keep_fraction <= 1 and self.lasso >= 0):
+            raise UserError("--keep-fraction must be in (0, 1] and --lasso non-negative")
 
 
 def lr_at(step: int, total: int, warmup: int, base: float) -> float:
@@ -189,9 +195,9 @@ class Trainer:
 
     def __init__(
         self, bundle: Path, run: Path, cfg: TrainConfig, data: Path | None, val: Path | None, resume: bool,
-        echo: Callable[[str], None] = click.echo, with_test: bool = False,
+        echo: Callable[[str], None] = click.echo, with_test: bool = False, features: SharedFeatures | None = None,
     ) -> None:
-        self.run, self.echo = run, echo
+        self.run, self.echo, self.shared_features = run, echo, features
         self.resume = resume and (run / CHECKPOINT).exists()
         if resume and not (run / RUN_FILE).exists():
             raise UserError(f"{run}: nothing to resume (no {RUN_FILE}); start it without --resume")
@@ -255,6 +261,9 @@ class Trainer:
         self.paths = [p for p, _ in samples]
         self.n_train = len(self.data.train.samples)
         bs = frozen_batch(self.cfg.batch_size, self.cfg.micro_batch)  # a budget bounds this pass too
+        if self.shared_features is not None:  # a caller (tune) already ran the frozen pass
+            self.store, self.backbone = self.shared_features(self.paths), None
+            return
         if self.cfg.kv == "stream":
             self.backbone, self.store = self._backbone(), None
             return
@@ -462,7 +471,10 @@ class Trainer:
 
     def _finish(self, t_start: float, epoch_times: list[float]) -> dict:
         run, m = self.run, self.manifest
-        adapter = self.adapter_tensors()
+        adapter, selection = self.adapter_tensors(), None
+        if self.cfg.keep_fraction < 1:
+            adapter, selection = compress_adapter(self.bundle, m, adapter, self._features, self.labels, self.n_train, self.cfg)
+            self.echo(f"feature selection: kept {selection['features_kept']} of {selection['features_in']} head inputs")
         save_adapter(run / ADAPTER, adapter, m)
         self.module = self.optimizer = self.store = self.backbone = self.state = None  # free before merging the model
         trim_malloc()
@@ -493,6 +505,7 @@ class Trainer:
             "predicted_peak_mb": round(self.plan.peak_mb, 1),
             "memory_plan": self.plan.to_dict(),
             "peak_rss_mb_after": self.peaks,
+            "feature_selection": selection,
             # eval/predict check these before use: a flipped weight still loads and predicts.
             "files": {name: mf.sha256_file(run / name) for name in (ADAPTER, MODEL)},
         }
@@ -517,13 +530,14 @@ def enforce_budget(run: Path, summary: dict) -> dict:
 
 
 def train(bundle: Path, run: Path, cfg: TrainConfig, data: Path | None, val: Path | None = None, resume: bool = False,
-          echo: Callable[[str], None] = click.echo, with_test: bool = False) -> dict:
+          echo: Callable[[str], None] = click.echo, with_test: bool = False, features: SharedFeatures | None = None) -> dict:
     """Train (or resume) a run to its end; returns the run summary. `with_test`: the caller will
-    evaluate a test set in this process afterwards (the memory plan includes it)."""
+    evaluate a test set in this process afterwards (the memory plan includes it). `features`: the
+    frozen outputs of the run's samples from a pass the caller already made (device_runner/tune.py)."""
     lean_malloc()  # before the large allocations: the memory model assumes it
     _STOP["stop"] = False
     with stop_on_signal(), run_lock(run):
-        trainer = Trainer(bundle, run, cfg, data, val, resume, echo, with_test)
+        trainer = Trainer(bundle, run, cfg, data, val, resume, echo, with_test, features)
         _stop_point("while reading the data")
         return trainer.fit()
 
