@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import math
 import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import onnx
@@ -38,6 +39,9 @@ from device_runner import ort
 from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
 from vqt_edge.manifest import Manifest
+
+if TYPE_CHECKING:  # trainer.py imports this module
+    from device_runner.trainer import TrainConfig
 
 FEATURE_INDEX = "head.feature_index"  # adapter (and model.onnx initializer) name of the kept indices
 HEAD_LR_SCALE = 0.5  # official sparsity runs: BASE_LR = 0.5 x the tuned lr
@@ -215,14 +219,12 @@ def selected_head(bundle: Path, manifest: Manifest, adapter: dict[str, np.ndarra
 # -- the step a run takes after its training loop ------------------------------------------------------
 def compress_adapter(
     bundle: Path, manifest: Manifest, adapter: dict[str, np.ndarray], gather: Callable[[np.ndarray], dict],
-    labels: np.ndarray, n_train: int, cfg,
+    labels: np.ndarray, n_train: int, cfg: "TrainConfig",
 ) -> tuple[dict[str, np.ndarray], dict]:
     """Freeze the learned tensors, compute the head's input features of every sample once (rows
     0..n_train-1 train, the rest validate), select `cfg.keep_fraction` of them with group lasso
-    `cfg.lasso` and retrain the head on those. `cfg` is the run's TrainConfig. Returns the new
-    adapter (head.weight [C, k], head.bias, head.feature_index) and what summary.json records."""
-    import time
-
+    `cfg.lasso` and retrain the head on those. Returns the new adapter (head.weight [C, k],
+    head.bias, head.feature_index) and what summary.json records."""
     t0 = time.perf_counter()
     source = feature_source(bundle, manifest, adapter, gather, cfg.device, cfg.threads)
     x = compute_features(source, len(labels), cfg.micro_batch or cfg.batch_size)
