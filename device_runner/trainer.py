@@ -473,8 +473,11 @@ class Trainer:
         run, m = self.run, self.manifest
         adapter, selection = self.adapter_tensors(), None
         if self.cfg.keep_fraction < 1:
+            self.module = self.optimizer = self.state = None  # the selection loads the head graph instead
+            trim_malloc()
             adapter, selection = compress_adapter(self.bundle, m, adapter, self._features, self.labels, self.n_train, self.cfg)
             self.echo(f"feature selection: kept {selection['features_kept']} of {selection['features_in']} head inputs")
+            self.peaks["selection"] = round(peak_rss_mb(), 1)  # not in the memory plan (vqt_edge/memory.py)
         save_adapter(run / ADAPTER, adapter, m)
         self.module = self.optimizer = self.store = self.backbone = self.state = None  # free before merging the model
         trim_malloc()
