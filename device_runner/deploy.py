@@ -15,6 +15,7 @@ import numpy as np
 from safetensors.numpy import load_file, save
 
 from device_runner.onnx_stream import merge_streaming
+from device_runner.selection import FEATURE_INDEX, selected_head
 from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
 from vqt_edge.fileio import atomic_write_bytes
@@ -31,7 +32,7 @@ def _atomic(path: Path) -> Path:
 def save_adapter(path: Path, tensors: dict[str, np.ndarray], manifest: Manifest) -> None:
     """Write the adapter (docs/design.md section 3); the same tensors give the same bytes."""
     raw = save(
-        {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()},
+        {k: np.ascontiguousarray(v, dtype=np.int64 if k == FEATURE_INDEX else np.float32) for k, v in tensors.items()},
         metadata={"format": mf.FORMAT, "method": manifest.method, "last_k": str(manifest.last_k),
                   "feature_norm": manifest.feature_norm, "query_layers": ",".join(map(str, manifest.query_layers)),
                   "aggregate": manifest.aggregate},
@@ -56,13 +57,21 @@ def load_adapter(path: Path, manifest: Manifest) -> dict[str, np.ndarray]:
         tensors = load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for damaged files
         raise UserError(f"{path}: not a readable safetensors file ({e})") from None
-    expected = manifest.adapter_shapes
-    for name, shape in expected.items():
+    expected = {name: (shape, np.float32) for name, shape in manifest.adapter_shapes.items()}
+    index = tensors.get(FEATURE_INDEX)
+    if index is not None:  # feature selection (device_runner/selection.py): the head reads k features
+        k = index.shape[0] if index.ndim == 1 else -1
+        if k < 1 or index.min() < 0 or index.max() >= expected["head.weight"][0][1]:
+            raise UserError(f"{path}: tensor {FEATURE_INDEX!r} must list feature indices of the head's input")
+        expected[FEATURE_INDEX] = ((k,), np.int64)
+        expected["head.weight"] = ((expected["head.weight"][0][0], k), np.float32)
+    for name, (shape, dtype) in expected.items():
         if name not in tensors:
             raise UserError(f"{path}: tensor {name!r} is missing")
-        if tensors[name].dtype != np.float32 or tensors[name].shape != shape:
+        if tensors[name].dtype != dtype or tensors[name].shape != shape:
             raise UserError(
-                f"{path}: tensor {name!r} is {tensors[name].dtype}{list(tensors[name].shape)}, expected float32{list(shape)}"
+                f"{path}: tensor {name!r} is {tensors[name].dtype}{list(tensors[name].shape)}, "
+                f"expected {np.dtype(dtype).name}{list(shape)}"
             )
     extra = set(tensors) - set(expected)
     if extra:
@@ -79,10 +88,11 @@ def build_model(bundle: Path, manifest: Manifest, adapter: dict[str, np.ndarray]
     merging and saving the graphs with onnx.compose held every weight several times (3.2 GiB above
     the process baseline for ViT-B/16), the largest peak of a whole training run."""
     tmp = _atomic(out)
-    merge_streaming(
-        bundle / mf.FROZEN, bundle / mf.HEAD_MODEL, tmp,
-        {graph_name: np.asarray(adapter[name], np.float32) for name, graph_name in manifest.trainable.items()},
-        doc_string=f"vqt-edge {manifest.model}: pixel_values [B,3,S,S] normalized with mean {manifest.mean}, "
-                   f"std {manifest.std} -> logits",
-    )
+    with selected_head(bundle, manifest, adapter, out.parent) as head:  # the bundle's head.onnx unless selecting
+        merge_streaming(
+            bundle / mf.FROZEN, head, tmp,
+            {graph_name: np.asarray(adapter[name], np.float32) for name, graph_name in manifest.trainable.items()},
+            doc_string=f"vqt-edge {manifest.model}: pixel_values [B,3,S,S] normalized with mean {manifest.mean}, "
+                       f"std {manifest.std} -> logits",
+        )
     os.replace(tmp, out)

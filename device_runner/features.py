@@ -37,7 +37,13 @@ Features = dict[str, np.ndarray]  # frozen output name -> [B, ...] (cls, keys, v
 class FrozenBackbone:
     """An InferenceSession on frozen.onnx; `close()` frees its weights before the training phase."""
 
+    # Process-wide counts of sessions opened and images run: `tune` records them to show that its
+    # whole grid shares one frozen pass (device_runner/tune.py).
+    sessions_opened = 0
+    images_run = 0
+
     def __init__(self, bundle: Path, manifest: Manifest, device: str = "cpu", threads: int | None = None) -> None:
+        FrozenBackbone.sessions_opened += 1
         rt = ort.onnxruntime()
         self.names = list(manifest.frozen_outputs)
         self.session = rt.InferenceSession(
@@ -45,6 +51,7 @@ class FrozenBackbone:
         )
 
     def __call__(self, pixels: np.ndarray) -> Features:
+        FrozenBackbone.images_run += len(pixels)
         return dict(zip(self.names, self.session.run(self.names, {"pixel_values": pixels})))
 
     def close(self) -> None:

@@ -28,9 +28,10 @@ from device_runner import ort
 from device_runner.data import Dataset, check_trainable, drop_unreadable, iter_batches, load_dataset, split
 from device_runner.deploy import ADAPTER, MODEL, build_model, save_adapter
 from device_runner.features import (
-    KV_MODES, DiskCache, FrozenBackbone, build_ram_store, image_sha256,
+    KV_MODES, DiskCache, FeatureStore, FrozenBackbone, build_ram_store, image_sha256,
 )
 from device_runner.identity import samples_sha256
+from device_runner.selection import compress_adapter
 from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
 from vqt_edge import adapter_config
@@ -46,6 +47,7 @@ SUMMARY = "summary.json"
 LOCK = ".lock"
 #: Files of a finished run whose sha256 summary.json records; eval/predict refuse a run without them.
 RUN_FILES = (ADAPTER, adapter_config.ADAPTER_CONFIG, MODEL)
+SharedFeatures = Callable[[list[Path]], FeatureStore]  # sample paths -> their frozen outputs, row i = path i
 
 
 @dataclass
@@ -63,6 +65,8 @@ class TrainConfig:
     val_split: float = 0.0
     checkpoint_every: int = 0  # also checkpoint every N steps (0: once per epoch)
     memory_budget_mb: float | None = None  # a promise on the peak RSS: kv and micro_batch are chosen to keep it
+    keep_fraction: float = 1.0  # < 1: group-lasso feature selection of the head after training (selection.py)
+    lasso: float = 1e-4  # its penalty, LRP_COEF of the official code (docs/design.md section 11)
 
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -77,6 +81,8 @@ class TrainConfig:
             raise UserError("--memory-budget must be positive")
         if not 0 <= self.val_split < 1:
             raise UserError("--val-split must be in [0, 1)")
+        if not (0 < self.keep_fraction <= 1 and self.lasso >= 0):
+            raise UserError("--keep-fraction must be in (0, 1] and --lasso non-negative")
 
 
 def lr_at(step: int, total: int, warmup: int, base: float) -> float:
@@ -182,9 +188,9 @@ class Trainer:
 
     def __init__(
         self, bundle: Path, run: Path, cfg: TrainConfig, data: Path | None, val: Path | None, resume: bool,
-        echo: Callable[[str], None] = click.echo, with_test: bool = False,
+        echo: Callable[[str], None] = click.echo, with_test: bool = False, features: SharedFeatures | None = None,
     ) -> None:
-        self.run, self.echo = run, echo
+        self.run, self.echo, self.shared_features = run, echo, features
         self.resume = resume and (run / CHECKPOINT).exists()
         if resume and not (run / RUN_FILE).exists():
             raise UserError(f"{run}: nothing to resume (no {RUN_FILE}); start it without --resume")
@@ -250,6 +256,9 @@ class Trainer:
         self.paths = [p for p, _ in samples]
         self.n_train = len(self.data.train.samples)
         bs = frozen_batch(self.cfg.batch_size, self.cfg.micro_batch)  # a budget bounds this pass too
+        if self.shared_features is not None:  # a caller (tune) already ran the frozen pass
+            self.store, self.backbone = self.shared_features(self.paths), None
+            return
         if self.cfg.kv == "stream":
             self.backbone, self.store = self._backbone(), None
             return
@@ -457,7 +466,13 @@ class Trainer:
 
     def _finish(self, t_start: float, epoch_times: list[float]) -> dict:
         run, m = self.run, self.manifest
-        adapter = self.adapter_tensors()
+        adapter, selection = self.adapter_tensors(), None
+        if self.cfg.keep_fraction < 1:
+            self.module = self.optimizer = self.state = None  # the selection loads the head graph instead
+            trim_malloc()
+            adapter, selection = compress_adapter(self.bundle, m, adapter, self._features, self.labels, self.n_train, self.cfg)
+            self.echo(f"feature selection: kept {selection['features_kept']} of {selection['features_in']} head inputs")
+            self.peaks["selection"] = round(peak_rss_mb(), 1)  # not in the memory plan (vqt_edge/memory.py)
         save_adapter(run / ADAPTER, adapter, m)
         adapter_config.write(run, adapter_config.from_manifest(m, self.data.classes))
         self.module = self.optimizer = self.store = self.backbone = self.state = None  # free before merging the model
@@ -489,6 +504,7 @@ class Trainer:
             "predicted_peak_mb": round(self.plan.peak_mb, 1),
             "memory_plan": self.plan.to_dict(),
             "peak_rss_mb_after": self.peaks,
+            "feature_selection": selection,
             # eval/predict check these before use: a flipped weight still loads and predicts.
             "files": {name: mf.sha256_file(run / name) for name in RUN_FILES},
         }
@@ -513,16 +529,18 @@ def enforce_budget(run: Path, summary: dict) -> dict:
 
 
 def train(bundle: Path, run: Path, cfg: TrainConfig, data: Path | None, val: Path | None = None, resume: bool = False,
-          echo: Callable[[str], None] = click.echo, with_test: bool = False, process_wide: bool = False) -> dict:
+          echo: Callable[[str], None] = click.echo, with_test: bool = False, process_wide: bool = False,
+          features: SharedFeatures | None = None) -> dict:
     """Train (or resume) a run to its end; returns the run summary. `with_test`: the caller will
     evaluate a test set in this process afterwards (the memory plan includes it). `process_wide`
     (the CLI): set lean malloc, which the memory model assumes, and turn SIGINT/SIGTERM into a
-    checkpoint-and-stop; a library caller's process is left as it was."""
+    checkpoint-and-stop; a library caller's process is left as it was. `features`: the frozen
+    outputs of the run's samples from a pass the caller already made (device_runner/tune.py)."""
     if process_wide:
         lean_malloc()  # before the large allocations
     _STOP["stop"] = False
     with stop_on_signal() if process_wide else nullcontext(), run_lock(run):
-        trainer = Trainer(bundle, run, cfg, data, val, resume, echo, with_test)
+        trainer = Trainer(bundle, run, cfg, data, val, resume, echo, with_test, features)
         _stop_point("while reading the data")
         return trainer.fit(handle_signals=process_wide)
 

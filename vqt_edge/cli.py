@@ -136,8 +136,11 @@ def export(model_name, weights, random_init, num_classes, classes, out, method, 
 @click.option("--resume", is_flag=True, help="Continue the run in --run from its last checkpoint, with its saved settings.")
 @click.option("--memory-budget", help="Peak memory (RSS) the run must stay within, e.g. 600MB: chooses --kv and --micro-batch "
               "(yours are kept if they fit), exits 2 up front if nothing fits and 3 if the measured peak exceeds it.")
+@click.option("--keep-fraction", type=float, default=1.0, show_default=True,
+              help="After training, keep this fraction of the head's input features (group-lasso selection, paper B.2); 1: off.")
+@click.option("--lasso", type=float, default=1e-4, show_default=True, help="Group-lasso penalty of --keep-fraction's selection.")
 def train(bundle, data, run_dir, val, val_split, test, epochs, batch_size, micro_batch, lr, weight_decay, warmup_epochs,
-          seed, kv, device, threads, checkpoint_every, resume, memory_budget) -> None:
+          seed, kv, device, threads, checkpoint_every, resume, memory_budget, keep_fraction, lasso) -> None:
     """Adapt the bundle's ViT to your images with VQT (torch-free, resumable).
 
     A killed run continues with --resume and ends exactly where an uninterrupted run would.
@@ -152,7 +155,7 @@ def train(bundle, data, run_dir, val, val_split, test, epochs, batch_size, micro
 
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, micro_batch=micro_batch, lr=lr, weight_decay=weight_decay,
                       warmup_epochs=warmup_epochs, seed=seed, kv=kv, device=device, threads=threads,
-                      val_split=val_split, checkpoint_every=checkpoint_every)
+                      val_split=val_split, checkpoint_every=checkpoint_every, keep_fraction=keep_fraction, lasso=lasso)
     if memory_budget is not None:
         cfg.memory_budget_mb = parse_size_mb(memory_budget)
         if click.get_current_context().get_parameter_source("kv") == click.core.ParameterSource.DEFAULT:
@@ -238,11 +241,13 @@ def predict(run_dir, images, recursive, batch_size, device, as_json) -> None:
 
 
 def _register_extra_commands() -> None:
-    """`plan` and `sweep` live in vqt_edge/budget_cli.py (memory budgets and method sweeps)."""
+    """`plan` and `sweep` live in vqt_edge/budget_cli.py (memory budgets and method sweeps), `tune` in vqt_edge/tune_cli.py."""
     from vqt_edge.budget_cli import plan, sweep
+    from vqt_edge.tune_cli import tune
 
     cli.add_command(plan)
     cli.add_command(sweep)
+    cli.add_command(tune)
 
 
 _register_extra_commands()
