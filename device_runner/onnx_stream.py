@@ -23,13 +23,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import TYPE_CHECKING, BinaryIO, Iterator
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from vqt_edge.errors import UserError
+
+if TYPE_CHECKING:
+    from device_runner.onnx_share import Shared
 
 # Field numbers (onnx.proto3).
 _MODEL_GRAPH, _MODEL_DOC, _MODEL_OPSET = 7, 6, 8
@@ -132,11 +135,14 @@ def _check_no_subgraphs(node: onnx.NodeProto) -> None:
 
 def merge_streaming(
     frozen: Path, head: Path, out: Path, replace: dict[str, np.ndarray], *, prefix: str = "head/",
-    output: str = "logits", doc_string: str | None = None,
+    output: str = "logits", doc_string: str | None = None, shared: dict[str, Shared] | None = None,
 ) -> None:
     """Write `out` = frozen -> head: every head input is wired to the frozen output of the same
     name, every other head name gets `prefix`, head initializers named in `replace` get those
-    values, and the graph's only output is the head's `output` (kept unprefixed)."""
+    values, and the graph's only output is the head's `output` (kept unprefixed). Head
+    initializers named in `shared` (device_runner/onnx_share.py) are not copied: nodes rebuild
+    them from the initializers they equal."""
+    shared = shared or {}
     frozen, head, out = Path(frozen), Path(head), Path(out)
     fsize, hsize = frozen.stat().st_size, head.stat().st_size
     tmp_head = out.with_name(out.name + ".head.tmp")
@@ -165,7 +171,7 @@ def merge_streaming(
                 raise ValueError(f"head inputs {sorted(wired - frozen_outputs)} are not outputs of {frozen.name}")
             if out_info is None:
                 raise ValueError(f"{head.name} has no output {output!r}")
-            missing = set(replace) - head_inits
+            missing = (set(replace) | set(shared)) - head_inits
             if missing:
                 raise ValueError(f"{head.name} has no initializers {sorted(missing)}")
             fz_ops, hd_ops = _opsets(fz, fsize), _opsets(hd, hsize)
@@ -180,6 +186,12 @@ def merge_streaming(
 
             # The head's part of the graph, to a temporary file (its length must precede it).
             with open(tmp_head, "wb") as th:
+                if shared:
+                    if fz_ops.get("", 0) < 13 or hd_ops.get("", 0) < 13:
+                        raise ValueError("sharing weights needs opset 13 or later (Slice/Unsqueeze with tensor inputs)")
+                    for data_field, proto in _rebuild_nodes(shared, rename, prefix):
+                        data = proto.SerializeToString()
+                        th.write(_key(data_field, len(data)) + data)
                 for field, _, b, e in _fields(hd, h0, h1):
                     if field == _GRAPH_NODE:
                         node = onnx.NodeProto.FromString(_read(hd, b, e))
@@ -191,6 +203,8 @@ def merge_streaming(
                         data = node.SerializeToString()
                     elif field == _GRAPH_INIT:
                         name = _tensor_name(hd, b, e)
+                        if name in shared:  # rebuilt by the nodes written above
+                            continue
                         if name not in replace:  # copied through, renamed, never held whole
                             _copy_renamed_tensor(hd, b, e, rename(name), th)
                             continue
@@ -236,6 +250,45 @@ def merge_streaming(
     finally:
         if tmp_head.exists():
             os.unlink(tmp_head)
+
+
+def _rebuild_nodes(shared: dict[str, Shared], rename, prefix: str) -> Iterator[tuple[int, onnx.NodeProto | onnx.TensorProto]]:
+    """Graph fields (initializers, then nodes) that compute each shared head tensor from its sources:
+    per piece source [-> Transpose] [-> Slice of the first columns] [-> Unsqueeze], then Concat over
+    the pieces (Identity for an unstacked tensor). Their inputs are all initializers, so onnxruntime
+    folds them into constants when it loads the model."""
+    base = prefix + "share/"
+    zero, last = base + "zero", base + "last"  # 0: Slice's start and Unsqueeze's axis; -1: Slice's axis
+    consts: dict[str, np.ndarray] = {zero: np.array([0], np.int64), last: np.array([-1], np.int64)}
+    nodes = []
+    for name, how in shared.items():
+        parts = []
+        for i, piece in enumerate(how.pieces):
+            x = rename(piece.source) if piece.in_head else piece.source
+            step = f"{base}{name}/{i}"
+            if piece.transpose:
+                nodes.append(onnx.helper.make_node("Transpose", [x], [step + "/t"], step + "/Transpose", perm=[1, 0]))
+                x = step + "/t"
+            if piece.width is not None:
+                width = f"{base}width{piece.width}"
+                consts[width] = np.array([piece.width], np.int64)
+                nodes.append(onnx.helper.make_node("Slice", [x, zero, width, last], [step + "/s"], step + "/Slice"))
+                x = step + "/s"
+            if how.stacked:
+                nodes.append(onnx.helper.make_node("Unsqueeze", [x, zero], [step + "/u"], step + "/Unsqueeze"))
+                x = step + "/u"
+            parts.append(x)
+        out = rename(name)
+        if how.stacked:
+            nodes.append(onnx.helper.make_node("Concat", parts, [out], f"{base}{name}/Concat", axis=0))
+        else:
+            nodes.append(onnx.helper.make_node("Identity", parts, [out], f"{base}{name}/Identity"))
+    used = {name for node in nodes for name in node.input}
+    for cname, value in consts.items():
+        if cname in used:  # an unused initializer makes onnxruntime warn at every load
+            yield _GRAPH_INIT, numpy_helper.from_array(value, cname)
+    for node in nodes:
+        yield _GRAPH_NODE, node
 
 
 def _copy_renamed_tensor(src: BinaryIO, start: int, end: int, name: str, dst: BinaryIO) -> None:

@@ -10,12 +10,14 @@ section 6), so the number that counts is the kernel's high-water mark, VmHWM. Th
   built from components measured on this machine (bench/calibrate_memory.py; every constant's
   docstring says how it was measured);
 - the planner (`choose`): the fastest configuration that fits a budget, used by `vqt-edge plan`
-  and `train --memory-budget`.
+  and `train --memory-budget`; without a budget, `default_kv` uses it against the memory the
+  system has available (`available_mb`), so a default run never keeps a RAM cache that does not fit.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 import resource
 import sys
@@ -47,6 +49,35 @@ def parse_size_mb(text: str) -> float:
         raise UserError(f"cannot read memory size {text!r}; write e.g. 600MB or 1.5GB")
     unit = m.group(2).upper() or "MB"
     return float(m.group(1)) * _UNITS[unit] / 2**20
+
+
+AVAILABLE_ENV = "VQT_EDGE_MEM_AVAILABLE"
+"""Overrides the available memory `train` plans its defaults against, e.g. 1.5GB: for a device
+whose /proc/meminfo does not describe the memory the run may use, and for tests."""
+
+
+def available_mb(meminfo: Path = Path("/proc/meminfo"), cgroup: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """Memory a new process can use without swapping, in MiB: $VQT_EDGE_MEM_AVAILABLE if set, else
+    MemAvailable (the kernel's estimate, page cache it can drop included), lowered to what the
+    cgroup v2 limit leaves (memory.max - memory.current) inside a limited container. None where
+    neither can be read (not Linux)."""
+    if os.environ.get(AVAILABLE_ENV):
+        return parse_size_mb(os.environ[AVAILABLE_ENV])
+    found = None
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found = int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            left = (int(limit) - int((cgroup / "memory.current").read_text())) / MiB
+            found = left if found is None else min(found, left)
+    except (OSError, ValueError):
+        pass
+    return found
 
 
 # --------------------------------------------------------------------------------------------------
@@ -389,3 +420,26 @@ def choose(fp: BundleFootprint, budget_mb: float, *, images: int, batch_size: in
         f"no configuration fits a memory budget of {budget_mb:.0f} MiB{fixed}; the smallest budget that "
         f"fits is {best.needs_mb:.0f} MiB ({best.describe()})", best.needs_mb, best,
     )
+
+
+AVAILABLE_SHARE = 0.8
+"""Without --memory-budget, a run plans for this share of the available memory (and the planner's
+MARGIN on top): MemAvailable is an estimate, other processes grow, and the disk cache's pages compete
+for the same RAM."""
+
+
+def default_kv(fp: BundleFootprint, *, images: int, batch_size: int, micro_batch: int | None, available: float | None,
+               test: bool = False) -> Plan:
+    """Where K/V live when the user chose neither --kv nor --memory-budget: the fastest mode
+    (KV_PREFERENCE) whose predicted peak fits AVAILABLE_SHARE of `available` MiB, at the user's batch
+    and micro-batch. RAM only if the cache fits; if no mode fits, the one with the smallest predicted
+    peak (the run may then not fit, but it does not make things worse by caching in RAM). Unknown
+    `available` (None): RAM, as before this default existed."""
+    micro = micro_batch or batch_size
+    if available is None:
+        return predict_peak(fp, images=images, batch_size=batch_size, micro_batch=micro, kv="ram",
+                            test_batch=micro if test else None)
+    try:
+        return choose(fp, AVAILABLE_SHARE * available, images=images, batch_size=batch_size, micro_batch=micro, test=test)
+    except NoPlan as e:
+        return e.best
