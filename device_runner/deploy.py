@@ -62,7 +62,7 @@ def build_model(bundle: Path, manifest: Manifest, adapter: dict[str, np.ndarray]
     """Write model.onnx: frozen.onnx -> head.onnx (with the adapter's tensors), one graph; each head
     input is wired to the frozen output of the same name (`manifest.frozen_outputs`), every other
     head name is prefixed with "head/", and the only output is `logits`. The head's frozen weights
-    that frozen.onnx already holds are read from there, not copied (device_runner/onnx_share.py).
+    that frozen.onnx already holds are read there, not copied (device_runner/onnx_share.py).
 
     Streamed at the protobuf level (device_runner/onnx_stream.py), one tensor at a time: loading,
     merging and saving the graphs with onnx.compose held every weight several times (3.2 GiB above

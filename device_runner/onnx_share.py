@@ -11,10 +11,16 @@ against frozen.onnx's 327 MB (docs/design.md section 10).
 and looked up among the frozen initializers (and the head's own, e.g. the adapted blocks of
 vqt+adaptformer), as they are, transposed, or as their first columns. A match is the same bytes,
 so reading the source instead changes no prediction, whatever the names were or whether the
-exporter merged equal tensors. The merge (onnx_stream.merge_streaming) then writes, instead of
-the tensor, a few nodes that rebuild it from its sources (Transpose, Slice, Unsqueeze, Concat);
-onnxruntime folds them into one constant when it loads model.onnx. Works on bundles exported
-before this existed: nothing in the bundle format changes.
+exporter merged equal tensors. Works on bundles exported before this existed: nothing in the
+bundle format changes.
+
+The merge (onnx_stream.merge_streaming) then leaves the tensor out and `Sharing` rewrites its
+readers. A MatMul against a stacked weight [Lq, D, D'] becomes Split over the layer axis, one
+MatMul per layer on the source itself, Concat: nothing is materialized, so a loaded model.onnx holds
+each weight once (the query weight reads the whole qkv matrix and keeps the first D output columns:
+3x the FLOPs of T query tokens, no copy). Any other reader (a bias) gets the tensor rebuilt by
+Unsqueeze + Concat, which onnxruntime folds into a constant at load time; that is kept to small
+tensors because folding holds each intermediate too.
 
 Bounded memory, as the merge (onnx_stream's docstring): head tensors are hashed piece by piece from
 the file, and frozen tensors are read one at a time (the largest, an MLP matrix of ViT-B/16, is
@@ -26,7 +32,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Callable, Iterable
 
 import numpy as np
 import onnx
@@ -93,9 +99,9 @@ def _usable(h: _Header) -> bool:
     return h.raw is not None and h.data_type == onnx.TensorProto.FLOAT and len(h.shape) >= 1
 
 
-def find_shared(frozen: Path, head: Path, replace: set[str], min_piece_bytes: int = MIN_PIECE_BYTES) -> dict[str, Shared]:
-    """Head initializers (not in `replace`, the learned ones) that can be rebuilt from frozen.onnx's
-    initializers or the head's own kept ones, by name, with how."""
+def find_shared(frozen: Path, head: Path, replace: set[str], min_piece_bytes: int = MIN_PIECE_BYTES) -> Sharing:
+    """Head initializers (not in `replace`, the learned ones) that equal frozen.onnx's initializers
+    or the head's own kept ones, piece by piece, and how to read them there."""
     frozen, head = Path(frozen), Path(head)
     with open(frozen, "rb") as fz, open(head, "rb") as hd:
         f_inits = [h for h in _initializers(fz, frozen.stat().st_size) if _usable(h)]
@@ -117,7 +123,7 @@ def find_shared(frozen: Path, head: Path, replace: set[str], min_piece_bytes: in
                 wanted.setdefault(key, []).append((h.name, i))
             candidates[h.name] = keys
         if not candidates:
-            return {}
+            return Sharing({})
         widths: dict[tuple[int, ...], set[int]] = {}  # leading shape -> widths of the wanted pieces
         for shape, _ in wanted:
             widths.setdefault(shape[:-1], set()).add(shape[-1])
@@ -146,10 +152,10 @@ def _match_source(f: BinaryIO, src: _Header, in_head: bool, wanted: dict, widths
                     Piece(src.name, in_head, transpose, None if width == view.shape[-1] else width))
 
 
-def _resolve(candidates: dict[str, list], found: dict, h_inits: list[_Header]) -> dict[str, Shared]:
+def _resolve(candidates: dict[str, list], found: dict, h_inits: list[_Header]) -> Sharing:
     """Shared tensors whose every piece has a source that stays an initializer (no cycles)."""
     stacked = {h.name: len(h.shape) >= 2 for h in h_inits}
-    shared: dict[str, Shared] = {}
+    shared: dict[str, list[list[Piece]]] = {}
     for name, keys in candidates.items():
         pieces = []
         for key in keys:
@@ -159,7 +165,7 @@ def _resolve(candidates: dict[str, list], found: dict, h_inits: list[_Header]) -
                 break
             pieces.append(options)
         else:
-            shared[name] = pieces  # type: ignore[assignment]
+            shared[name] = pieces
     while True:  # a head tensor rebuilt from nodes cannot also be a source
         changed = False
         for name, options in list(shared.items()):
@@ -171,4 +177,85 @@ def _resolve(candidates: dict[str, list], found: dict, h_inits: list[_Header]) -
                 shared[name] = kept
         if not changed:
             break
-    return {name: Shared(tuple(opts[0] for opts in options), stacked[name]) for name, options in shared.items()}
+    return Sharing({name: Shared(tuple(opts[0] for opts in options), stacked[name]) for name, options in shared.items()})
+
+
+class Sharing:
+    """The shared head tensors (name -> how to read them) and the nodes that read them in
+    model.onnx (module docstring). `prefix`: the merge's prefix for head names."""
+
+    def __init__(self, tensors: dict[str, Shared], prefix: str = "head/") -> None:
+        self.tensors, self.base = tensors, prefix + "share/"
+        self._consts: dict[str, np.ndarray] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.tensors)
+
+    def reads_layers(self, node: onnx.NodeProto) -> bool:
+        """A MatMul of activations against a stacked shared weight: rewritten per layer."""
+        return (node.op_type == "MatMul" and node.input[1] in self.tensors and self.tensors[node.input[1]].stacked
+                and node.input[0] not in self.tensors)
+
+    def per_layer(self, node: onnx.NodeProto, rename: Callable[[str], str]) -> list[onnx.NodeProto]:
+        """x @ W with W [Lq, D, D'] stacked: x split along its layer axis (-3, the axis numpy-style
+        broadcasting pairs with W's first: 0 for the layer-major [Lq, B*T, D], 1 for older bundles'
+        [B, Lq, T, D]), one MatMul per layer on W's source, concatenated back."""
+        how = self.tensors[node.input[1]]
+        step = self.base + (node.name or node.output[0])
+        n = len(how.pieces)
+        xs, ys = [f"{step}/x{i}" for i in range(n)], []
+        out = [onnx.helper.make_node("Split", [rename(node.input[0]), self._const(f"ones{n}", [1] * n)], xs,
+                                     step + "/Split", axis=-3)]
+        for i, piece in enumerate(how.pieces):
+            w = self._source(piece, f"{step}/{i}", rename, out)
+            y = f"{step}/y{i}"
+            out.append(onnx.helper.make_node("MatMul", [xs[i], w], [y], f"{step}/{i}/MatMul"))
+            if piece.width is not None:  # x @ W[:, :w] = (x @ W)[..., :w]
+                out.append(self._first_columns(y, piece.width, f"{step}/{i}"))
+                y = out[-1].output[0]
+            ys.append(y)
+        out.append(onnx.helper.make_node("Concat", ys, [rename(node.output[0])], step + "/Concat", axis=-3))
+        return out
+
+    def rebuild_nodes(self, nodes: Iterable[onnx.NodeProto], rename: Callable[[str], str]) -> list[onnx.NodeProto]:
+        """Nodes that compute the shared tensors some reader needs whole (all but `reads_layers`
+        MatMuls) from their sources: [Transpose] [Slice] Unsqueeze per piece, Concat."""
+        whole = {name for node in nodes if not self.reads_layers(node) for name in node.input if name in self.tensors}
+        out: list[onnx.NodeProto] = []
+        for name in sorted(whole):
+            how = self.tensors[name]
+            parts = []
+            for i, piece in enumerate(how.pieces):
+                step = f"{self.base}{name}/{i}"
+                x = self._source(piece, step, rename, out)
+                if piece.width is not None:
+                    out.append(self._first_columns(x, piece.width, step))
+                    x = out[-1].output[0]
+                if how.stacked:
+                    out.append(onnx.helper.make_node("Unsqueeze", [x, self._const("zero", [0])], [step + "/u"], step + "/Unsqueeze"))
+                    x = step + "/u"
+                parts.append(x)
+            op, attrs = ("Concat", {"axis": 0}) if how.stacked else ("Identity", {})
+            out.append(onnx.helper.make_node(op, parts, [rename(name)], f"{self.base}{name}/{op}", **attrs))
+        return out
+
+    def constants(self) -> list[onnx.TensorProto]:
+        """The int64 constants the nodes above use (only those: an unused initializer makes
+        onnxruntime warn at every load)."""
+        return [onnx.numpy_helper.from_array(v, name) for name, v in self._consts.items()]
+
+    def _const(self, key: str, value: list[int]) -> str:
+        name = self.base + key
+        self._consts[name] = np.array(value, np.int64)
+        return name
+
+    def _source(self, piece: Piece, step: str, rename: Callable[[str], str], out: list[onnx.NodeProto]) -> str:
+        x = rename(piece.source) if piece.in_head else piece.source
+        if piece.transpose:  # a head Linear weight [out, in]; folded by onnxruntime (one layer's matrix)
+            out.append(onnx.helper.make_node("Transpose", [x], [step + "/t"], step + "/Transpose", perm=[1, 0]))
+            x = step + "/t"
+        return x
+
+    def _first_columns(self, x: str, width: int, step: str) -> onnx.NodeProto:
+        return onnx.helper.make_node("Slice", [x, self._const("zero", [0]), self._const(f"width{width}", [width]),
+                                              self._const("last", [-1])], [step + "/s"], step + "/Slice")

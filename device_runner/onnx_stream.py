@@ -16,7 +16,9 @@ here without ever holding more than one tensor of either graph:
 The result is the graph `compose.merge_models(frozen, add_prefix(head), io_map, outputs=[logits])`
 builds (tests/test_memory.py compares the two), without value_info of the head (optional shape hints).
 Head initializers other than the learned ones are copied through renamed without being parsed, so
-the largest allocation is one learned tensor or one node (ViT-B/16: +2 MiB, measured).
+the largest allocation is one learned tensor or one node (ViT-B/16: +2 MiB, measured). Or they are
+not copied at all: those that `shared` names (device_runner/onnx_share.py: the query path's weights,
+equal to frozen.onnx's) are read from the initializers they equal, by rewritten nodes.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from onnx import numpy_helper
 from vqt_edge.errors import UserError
 
 if TYPE_CHECKING:
-    from device_runner.onnx_share import Shared
+    from device_runner.onnx_share import Sharing
 
 # Field numbers (onnx.proto3).
 _MODEL_GRAPH, _MODEL_DOC, _MODEL_OPSET = 7, 6, 8
@@ -135,14 +137,13 @@ def _check_no_subgraphs(node: onnx.NodeProto) -> None:
 
 def merge_streaming(
     frozen: Path, head: Path, out: Path, replace: dict[str, np.ndarray], *, prefix: str = "head/",
-    output: str = "logits", doc_string: str | None = None, shared: dict[str, Shared] | None = None,
+    output: str = "logits", doc_string: str | None = None, shared: Sharing | None = None,
 ) -> None:
     """Write `out` = frozen -> head: every head input is wired to the frozen output of the same
     name, every other head name gets `prefix`, head initializers named in `replace` get those
     values, and the graph's only output is the head's `output` (kept unprefixed). Head
-    initializers named in `shared` (device_runner/onnx_share.py) are not copied: nodes rebuild
-    them from the initializers they equal."""
-    shared = shared or {}
+    initializers that `shared` names (device_runner/onnx_share.py) are not copied: the nodes that
+    read them are rewritten to read the initializers they equal."""
     frozen, head, out = Path(frozen), Path(head), Path(out)
     fsize, hsize = frozen.stat().st_size, head.stat().st_size
     tmp_head = out.with_name(out.name + ".head.tmp")
@@ -171,7 +172,7 @@ def merge_streaming(
                 raise ValueError(f"head inputs {sorted(wired - frozen_outputs)} are not outputs of {frozen.name}")
             if out_info is None:
                 raise ValueError(f"{head.name} has no output {output!r}")
-            missing = (set(replace) | set(shared)) - head_inits
+            missing = (set(replace) | set(shared.tensors if shared else ())) - head_inits
             if missing:
                 raise ValueError(f"{head.name} has no initializers {sorted(missing)}")
             fz_ops, hd_ops = _opsets(fz, fsize), _opsets(hd, hsize)
@@ -188,14 +189,18 @@ def merge_streaming(
             with open(tmp_head, "wb") as th:
                 if shared:
                     if fz_ops.get("", 0) < 13 or hd_ops.get("", 0) < 13:
-                        raise ValueError("sharing weights needs opset 13 or later (Slice/Unsqueeze with tensor inputs)")
-                    for data_field, proto in _rebuild_nodes(shared, rename, prefix):
-                        data = proto.SerializeToString()
-                        th.write(_key(data_field, len(data)) + data)
+                        raise ValueError("sharing weights needs opset 13 or later (Split/Slice/Unsqueeze with tensor inputs)")
+                    nodes = (onnx.NodeProto.FromString(_read(hd, b, e)) for f, _, b, e in _fields(hd, h0, h1) if f == _GRAPH_NODE)
+                    for node in shared.rebuild_nodes(nodes, rename):  # first: their inputs are initializers
+                        _write(th, _GRAPH_NODE, node)
                 for field, _, b, e in _fields(hd, h0, h1):
                     if field == _GRAPH_NODE:
                         node = onnx.NodeProto.FromString(_read(hd, b, e))
                         _check_no_subgraphs(node)
+                        if shared and shared.reads_layers(node):
+                            for part in shared.per_layer(node, rename):
+                                _write(th, _GRAPH_NODE, part)
+                            continue
                         if node.name:
                             node.name = prefix + node.name
                         node.input[:] = [rename(n) for n in node.input]
@@ -203,7 +208,7 @@ def merge_streaming(
                         data = node.SerializeToString()
                     elif field == _GRAPH_INIT:
                         name = _tensor_name(hd, b, e)
-                        if name in shared:  # rebuilt by the nodes written above
+                        if shared and name in shared.tensors:  # read from its sources instead
                             continue
                         if name not in replace:  # copied through, renamed, never held whole
                             _copy_renamed_tensor(hd, b, e, rename(name), th)
@@ -220,6 +225,8 @@ def merge_streaming(
                     else:
                         raise ValueError(f"head graph field {field} is not supported by the streaming merge")
                     th.write(_key(field, len(data)) + data)
+                for tensor in shared.constants() if shared else ():
+                    _write(th, _GRAPH_INIT, tensor)
                 info = onnx.ValueInfoProto()
                 info.CopyFrom(out_info)
                 data = info.SerializeToString()
@@ -252,43 +259,9 @@ def merge_streaming(
             os.unlink(tmp_head)
 
 
-def _rebuild_nodes(shared: dict[str, Shared], rename, prefix: str) -> Iterator[tuple[int, onnx.NodeProto | onnx.TensorProto]]:
-    """Graph fields (initializers, then nodes) that compute each shared head tensor from its sources:
-    per piece source [-> Transpose] [-> Slice of the first columns] [-> Unsqueeze], then Concat over
-    the pieces (Identity for an unstacked tensor). Their inputs are all initializers, so onnxruntime
-    folds them into constants when it loads the model."""
-    base = prefix + "share/"
-    zero, last = base + "zero", base + "last"  # 0: Slice's start and Unsqueeze's axis; -1: Slice's axis
-    consts: dict[str, np.ndarray] = {zero: np.array([0], np.int64), last: np.array([-1], np.int64)}
-    nodes = []
-    for name, how in shared.items():
-        parts = []
-        for i, piece in enumerate(how.pieces):
-            x = rename(piece.source) if piece.in_head else piece.source
-            step = f"{base}{name}/{i}"
-            if piece.transpose:
-                nodes.append(onnx.helper.make_node("Transpose", [x], [step + "/t"], step + "/Transpose", perm=[1, 0]))
-                x = step + "/t"
-            if piece.width is not None:
-                width = f"{base}width{piece.width}"
-                consts[width] = np.array([piece.width], np.int64)
-                nodes.append(onnx.helper.make_node("Slice", [x, zero, width, last], [step + "/s"], step + "/Slice"))
-                x = step + "/s"
-            if how.stacked:
-                nodes.append(onnx.helper.make_node("Unsqueeze", [x, zero], [step + "/u"], step + "/Unsqueeze"))
-                x = step + "/u"
-            parts.append(x)
-        out = rename(name)
-        if how.stacked:
-            nodes.append(onnx.helper.make_node("Concat", parts, [out], f"{base}{name}/Concat", axis=0))
-        else:
-            nodes.append(onnx.helper.make_node("Identity", parts, [out], f"{base}{name}/Identity"))
-    used = {name for node in nodes for name in node.input}
-    for cname, value in consts.items():
-        if cname in used:  # an unused initializer makes onnxruntime warn at every load
-            yield _GRAPH_INIT, numpy_helper.from_array(value, cname)
-    for node in nodes:
-        yield _GRAPH_NODE, node
+def _write(dst: BinaryIO, field: int, message) -> None:
+    data = message.SerializeToString()
+    dst.write(_key(field, len(data)) + data)
 
 
 def _copy_renamed_tensor(src: BinaryIO, start: int, end: int, name: str, dst: BinaryIO) -> None:
