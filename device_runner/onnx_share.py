@@ -22,9 +22,9 @@ each weight once (the query weight reads the whole qkv matrix and keeps the firs
 Unsqueeze + Concat, which onnxruntime folds into a constant at load time; that is kept to small
 tensors because folding holds each intermediate too.
 
-Bounded memory, as the merge (onnx_stream's docstring): head tensors are hashed piece by piece from
-the file, and frozen tensors are read one at a time (the largest, an MLP matrix of ViT-B/16, is
-9 MiB).
+Bounded memory, as the merge (onnx_stream's docstring): head tensors are hashed from the file 1 MiB
+at a time, and source tensors are read one at a time (the largest, an MLP matrix of ViT-B/16, is
+9 MiB), their transposed and sliced views hashed in 1 MiB slabs.
 """
 
 from __future__ import annotations
@@ -91,8 +91,25 @@ def _initializers(f: BinaryIO, size: int) -> list[_Header]:
     return [_header(f, b, e) for field, _, b, e in _fields(f, g0, g1) if field == _GRAPH_INIT]
 
 
-def _digest(data) -> bytes:
-    return hashlib.blake2b(data, digest_size=16).digest()
+_CHUNK = 1 << 20
+
+
+def _digest_file(f: BinaryIO, start: int, end: int) -> bytes:
+    """Digest of the file's bytes [start, end), read 1 MiB at a time."""
+    h = hashlib.blake2b(digest_size=16)
+    for pos in range(start, end, _CHUNK):
+        h.update(_read(f, pos, min(pos + _CHUNK, end)))
+    return h.digest()
+
+
+def _digest_array(a: np.ndarray) -> bytes:
+    """Digest of `a`'s C-order bytes (as `_digest_file` of the same numbers), copying at most about
+    1 MiB of a strided view at a time."""
+    h = hashlib.blake2b(digest_size=16)
+    rows = max(1, _CHUNK // max(1, a[0].nbytes)) if a.ndim > 1 else len(a)
+    for i in range(0, len(a), rows):
+        h.update(np.ascontiguousarray(a[i : i + rows]).data)
+    return h.digest()
 
 
 def _usable(h: _Header) -> bool:
@@ -118,7 +135,7 @@ def find_shared(frozen: Path, head: Path, replace: set[str], min_piece_bytes: in
                 continue
             keys = []
             for i in range(h.shape[0] if stacked else 1):
-                key = (shape, _digest(_read(hd, h.raw[0] + i * step, h.raw[0] + (i + 1) * step)))
+                key = (shape, _digest_file(hd, h.raw[0] + i * step, h.raw[0] + (i + 1) * step))
                 keys.append(key)
                 wanted.setdefault(key, []).append((h.name, i))
             candidates[h.name] = keys
@@ -146,7 +163,7 @@ def _match_source(f: BinaryIO, src: _Header, in_head: bool, wanted: dict, widths
             if width > view.shape[-1]:
                 continue
             part = view if width == view.shape[-1] else view[..., :width]
-            key = (part.shape, _digest(np.ascontiguousarray(part).data))
+            key = (part.shape, _digest_array(part))
             if key in wanted:
                 found.setdefault(key, []).append(
                     Piece(src.name, in_head, transpose, None if width == view.shape[-1] else width))
