@@ -435,9 +435,9 @@ for the same RAM."""
 
 def default_kv(fp: BundleFootprint, *, images: int, batch_size: int, micro_batch: int | None, available: float | None,
                test: bool = False) -> Plan:
-    """Where K/V live when the user chose neither --kv nor --memory-budget: the fastest mode
-    (KV_PREFERENCE) whose predicted peak fits AVAILABLE_SHARE of `available` MiB, at the user's batch
-    and micro-batch. RAM only if the cache fits; if no mode fits, the one with the smallest predicted
+    """Where K/V live when the user chose neither --kv nor --memory-budget (docs/design.md section
+    6): the fastest mode (KV_PREFERENCE) whose predicted peak fits AVAILABLE_SHARE of `available`
+    MiB, at the user's batch and micro-batch. RAM only if the cache fits; if no mode fits, the one with the smallest predicted
     peak (the run may then not fit, but it does not make things worse by caching in RAM). Unknown
     `available` (None): RAM, as before this default existed."""
     micro = micro_batch or batch_size
