@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save
 
+from device_runner.onnx_share import find_shared
 from device_runner.onnx_stream import merge_streaming
 from device_runner.selection import FEATURE_INDEX, selected_head
 from vqt_edge import manifest as mf
@@ -82,16 +83,17 @@ def load_adapter(path: Path, manifest: Manifest) -> dict[str, np.ndarray]:
 def build_model(bundle: Path, manifest: Manifest, adapter: dict[str, np.ndarray], out: Path) -> None:
     """Write model.onnx: frozen.onnx -> head.onnx (with the adapter's tensors), one graph; each head
     input is wired to the frozen output of the same name (`manifest.frozen_outputs`), every other
-    head name is prefixed with "head/", and the only output is `logits`.
+    head name is prefixed with "head/", and the only output is `logits`. The head's frozen weights
+    that frozen.onnx already holds are read there, not copied (device_runner/onnx_share.py).
 
     Streamed at the protobuf level (device_runner/onnx_stream.py), one tensor at a time: loading,
     merging and saving the graphs with onnx.compose held every weight several times (3.2 GiB above
     the process baseline for ViT-B/16), the largest peak of a whole training run."""
     tmp = _atomic(out)
+    learned = {graph_name: np.asarray(adapter[name], np.float32) for name, graph_name in manifest.trainable.items()}
     with selected_head(bundle, manifest, adapter, out.parent) as head:  # the bundle's head.onnx unless selecting
         merge_streaming(
-            bundle / mf.FROZEN, head, tmp,
-            {graph_name: np.asarray(adapter[name], np.float32) for name, graph_name in manifest.trainable.items()},
+            bundle / mf.FROZEN, head, tmp, learned, shared=find_shared(bundle / mf.FROZEN, head, set(learned)),
             doc_string=f"vqt-edge {manifest.model}: pixel_values [B,3,S,S] normalized with mean {manifest.mean}, "
                        f"std {manifest.std} -> logits",
         )

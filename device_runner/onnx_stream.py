@@ -16,20 +16,25 @@ here without ever holding more than one tensor of either graph:
 The result is the graph `compose.merge_models(frozen, add_prefix(head), io_map, outputs=[logits])`
 builds (tests/test_memory.py compares the two), without value_info of the head (optional shape hints).
 Head initializers other than the learned ones are copied through renamed without being parsed, so
-the largest allocation is one learned tensor or one node (ViT-B/16: +2 MiB, measured).
+the largest allocation is one learned tensor or one node (ViT-B/16: +2 MiB, measured). Or they are
+not copied at all: those that `shared` names (device_runner/onnx_share.py: the query path's weights,
+equal to frozen.onnx's) are read from the initializers they equal, by rewritten nodes.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import TYPE_CHECKING, BinaryIO, Iterator
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from vqt_edge.errors import UserError
+
+if TYPE_CHECKING:
+    from device_runner.onnx_share import Sharing
 
 # Field numbers (onnx.proto3).
 _MODEL_GRAPH, _MODEL_DOC, _MODEL_OPSET = 7, 6, 8
@@ -132,11 +137,13 @@ def _check_no_subgraphs(node: onnx.NodeProto) -> None:
 
 def merge_streaming(
     frozen: Path, head: Path, out: Path, replace: dict[str, np.ndarray], *, prefix: str = "head/",
-    output: str = "logits", doc_string: str | None = None,
+    output: str = "logits", doc_string: str | None = None, shared: Sharing | None = None,
 ) -> None:
     """Write `out` = frozen -> head: every head input is wired to the frozen output of the same
     name, every other head name gets `prefix`, head initializers named in `replace` get those
-    values, and the graph's only output is the head's `output` (kept unprefixed)."""
+    values, and the graph's only output is the head's `output` (kept unprefixed). Head
+    initializers that `shared` names (device_runner/onnx_share.py) are not copied: the nodes that
+    read them are rewritten to read the initializers they equal."""
     frozen, head, out = Path(frozen), Path(head), Path(out)
     fsize, hsize = frozen.stat().st_size, head.stat().st_size
     tmp_head = out.with_name(out.name + ".head.tmp")
@@ -165,7 +172,7 @@ def merge_streaming(
                 raise ValueError(f"head inputs {sorted(wired - frozen_outputs)} are not outputs of {frozen.name}")
             if out_info is None:
                 raise ValueError(f"{head.name} has no output {output!r}")
-            missing = set(replace) - head_inits
+            missing = (set(replace) | set(shared.tensors if shared else ())) - head_inits
             if missing:
                 raise ValueError(f"{head.name} has no initializers {sorted(missing)}")
             fz_ops, hd_ops = _opsets(fz, fsize), _opsets(hd, hsize)
@@ -180,10 +187,20 @@ def merge_streaming(
 
             # The head's part of the graph, to a temporary file (its length must precede it).
             with open(tmp_head, "wb") as th:
+                if shared:
+                    if fz_ops.get("", 0) < 13 or hd_ops.get("", 0) < 13:
+                        raise ValueError("sharing weights needs opset 13 or later (Split/Slice/Unsqueeze with tensor inputs)")
+                    nodes = (onnx.NodeProto.FromString(_read(hd, b, e)) for f, _, b, e in _fields(hd, h0, h1) if f == _GRAPH_NODE)
+                    for node in shared.rebuild_nodes(nodes, rename):  # first: their inputs are initializers
+                        _write(th, _GRAPH_NODE, node)
                 for field, _, b, e in _fields(hd, h0, h1):
                     if field == _GRAPH_NODE:
                         node = onnx.NodeProto.FromString(_read(hd, b, e))
                         _check_no_subgraphs(node)
+                        if shared and shared.reads_layers(node):
+                            for part in shared.per_layer(node, rename):
+                                _write(th, _GRAPH_NODE, part)
+                            continue
                         if node.name:
                             node.name = prefix + node.name
                         node.input[:] = [rename(n) for n in node.input]
@@ -191,6 +208,8 @@ def merge_streaming(
                         data = node.SerializeToString()
                     elif field == _GRAPH_INIT:
                         name = _tensor_name(hd, b, e)
+                        if shared and name in shared.tensors:  # read from its sources instead
+                            continue
                         if name not in replace:  # copied through, renamed, never held whole
                             _copy_renamed_tensor(hd, b, e, rename(name), th)
                             continue
@@ -206,6 +225,8 @@ def merge_streaming(
                     else:
                         raise ValueError(f"head graph field {field} is not supported by the streaming merge")
                     th.write(_key(field, len(data)) + data)
+                for tensor in shared.constants() if shared else ():
+                    _write(th, _GRAPH_INIT, tensor)
                 info = onnx.ValueInfoProto()
                 info.CopyFrom(out_info)
                 data = info.SerializeToString()
@@ -236,6 +257,11 @@ def merge_streaming(
     finally:
         if tmp_head.exists():
             os.unlink(tmp_head)
+
+
+def _write(dst: BinaryIO, field: int, message) -> None:
+    data = message.SerializeToString()
+    dst.write(_key(field, len(data)) + data)
 
 
 def _copy_renamed_tensor(src: BinaryIO, start: int, end: int, name: str, dst: BinaryIO) -> None:

@@ -37,7 +37,8 @@ from vqt_edge.errors import UserError
 from vqt_edge import adapter_config
 from vqt_edge.fileio import DISK_FULL, atomic_write_text, fsync_file
 from vqt_edge.manifest import Manifest
-from vqt_edge.memory import BundleFootprint, Plan, choose, frozen_batch, lean_malloc, peak_rss_mb, predict_peak, trim_malloc
+from vqt_edge.memory import (BundleFootprint, Plan, available_mb, choose, default_kv, frozen_batch, lean_malloc,
+                             peak_rss_mb, predict_peak, trim_malloc)
 
 RUN_FILE = "run.json"
 BUNDLE_MANIFEST = "bundle_manifest.json"  # the bundle's manifest, so eval/predict need only the run
@@ -59,7 +60,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_epochs: float | None = None  # default: 10% of the epochs, as the paper's 10 of 100
     seed: int = 0
-    kv: str = "ram"  # or "auto": the memory planner chooses (ram without a budget)
+    kv: str = "auto"  # or ram/disk/stream; auto: the planner chooses, against the budget or the available memory
     device: str = "cpu"
     threads: int | None = None
     val_split: float = 0.0
@@ -234,8 +235,16 @@ class Trainer:
         cfg = self.cfg
         fp = BundleFootprint.from_bundle(self.bundle)
         images = len(self.data.train) + (len(self.data.val) if self.data.val else 0)
+        if cfg.memory_budget_mb is None and cfg.kv == "auto":
+            available = available_mb()
+            plan = default_kv(fp, images=images, batch_size=cfg.batch_size, micro_batch=cfg.micro_batch,
+                              available=available, test=with_test)
+            cfg.kv = plan.kv
+            if available is not None:
+                self.echo(f"K/V {plan.kv}: predicted peak {plan.peak_mb:.0f} MiB with {available:.0f} MiB available"
+                          + ("" if plan.kv == "ram" else " (a RAM cache of these images would not fit; --kv ram forces it)"))
+            return plan
         if cfg.memory_budget_mb is None:
-            cfg.kv = "ram" if cfg.kv == "auto" else cfg.kv
             return predict_peak(fp, images=images, batch_size=cfg.batch_size, micro_batch=cfg.micro_batch, kv=cfg.kv,
                                 test_batch=(cfg.micro_batch or cfg.batch_size) if with_test else None)
         plan = choose(fp, cfg.memory_budget_mb, images=images, batch_size=cfg.batch_size,

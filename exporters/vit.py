@@ -166,20 +166,28 @@ class QueryPath(nn.Module):
         `query_keep` [B, Lq, T, D] is a dropout mask already scaled by 1/(1-p) (ones at eval). It is
         an input rather than a Dropout node so that the runner owns the random numbers: training is
         then reproducible and resumable bit for bit.
+
+        Computed layer-major (docs/design.md section 10): the query tokens of all images are laid out
+        [Lq, B*T, D], so each frozen-weight MatMul against the stacked [Lq, D, D'] weights is Lq
+        matrix-matrix products. Laid out [B, Lq, T, D] the same MatMul is B*Lq matrix-vector products
+        (T = 1), which onnxruntime runs 4x slower. Only the attention reads K/V in their own [B, Lq,
+        ...] layout; the small per-token tensors are permuted around it, and z leaves in [B, Lq, T, D].
         """
         b, lq, h, n, dh = keys.shape
-        p = self.query_tokens.unsqueeze(0)  # [1, Lq, T, D]
+        t, d = self.query_tokens.shape[1:]
+        p = self.query_tokens.unsqueeze(1)  # [Lq, 1, T, D]
         if query_keep is not None:
-            p = p * query_keep
+            p = p * query_keep.transpose(0, 1)  # [Lq, B, T, D]
+        p = p.expand(lq, b, t, d).reshape(lq, b * t, d)  # layer-major rows: (image, token)
         eps = self.arch.eps
         q = _layer_norm(p, self.ln1_w[:, None], self.ln1_b[:, None], eps) @ self.wq + self.bq[:, None]
-        t = q.shape[2]
-        q = q.reshape(q.shape[0], lq, t, h, dh).transpose(2, 3)  # [B|1, Lq, H, T, dh]
+        q = q.reshape(lq, b, t, h, dh).permute(1, 0, 3, 2, 4)  # [B, Lq, H, T, dh], as keys
         attn = torch.softmax((q @ keys.transpose(-2, -1)) * dh**-0.5, dim=-1)  # [B, Lq, H, T, N]
-        out = (attn @ values).transpose(2, 3).reshape(b, lq, t, h * dh)  # [B, Lq, T, D]
+        out = (attn @ values).permute(1, 0, 3, 2, 4).reshape(lq, b * t, d)  # [Lq, B*T, D]
         z = p + out @ self.wo + self.bo[:, None]
         hid = F.gelu(_layer_norm(z, self.ln2_w[:, None], self.ln2_b[:, None], eps) @ self.w1 + self.b1[:, None])
-        return z + hid @ self.w2 + self.b2[:, None]
+        z = z + hid @ self.w2 + self.b2[:, None]
+        return z.reshape(lq, b, t, d).transpose(0, 1)  # [B, Lq, T, D]
 
 
 def aggregate_tokens(z: torch.Tensor, aggregate: str, wsum_weights: torch.Tensor | None = None) -> torch.Tensor:

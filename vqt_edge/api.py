@@ -116,8 +116,8 @@ def train(
 ) -> dict:
     """Train (or with `resume`, continue) a run to its end and return its summary (summary.json).
 
-    `config` holds `vqt-edge train`'s options (TrainConfig; kv="auto" with memory_budget_mb lets
-    the planner choose). With `test`, the test set is evaluated in this process at the end and its
+    `config` holds `vqt-edge train`'s options (TrainConfig; its default kv="auto" lets the planner
+    choose where K/V live, against memory_budget_mb or else the memory available). With `test`, the test set is evaluated in this process at the end and its
     accuracy recorded in the summary, as the CLI's --test does. Raises UserError on bad input,
     trainer.Interrupted when stopped by a signal (`process_wide` only), trainer.BudgetExceeded when
     the measured peak broke the memory budget (the summary is written first).

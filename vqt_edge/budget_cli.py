@@ -83,7 +83,8 @@ def plan(bundle, memory_budget, images, data, batch_size, kv, micro_batch, with_
 @click.option("--steps", type=int, help="Memory-only: N training steps on generated random images (no --data).")
 @click.option("--epochs", type=int, default=10, show_default=True, help="Epochs per run (with --data).")
 @click.option("--lr", type=float, help="Learning rate for every run [default: train's].")
-@click.option("--kv", type=click.Choice(["ram", "disk", "stream"]), default="ram", show_default=True)
+@click.option("--kv", type=click.Choice(["ram", "disk", "stream"]),
+              help="Passed to every training run [default: each run chooses from the available memory, as train does].")
 @click.option("--micro-batch", type=int, help="Passed to every training run.")
 @click.option("--num-classes", type=int, help="[default: the classes of --data; 2 with --steps].")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for results.csv, results.json, the plot and the runs.")

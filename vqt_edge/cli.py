@@ -128,8 +128,9 @@ def export(model_name, weights, random_init, num_classes, classes, out, method, 
 @click.option("--weight-decay", type=float, default=1e-4, show_default=True, help="Decoupled weight decay on query tokens and head weight.")
 @click.option("--warmup-epochs", type=float, help="Linear warm-up length [default: 10% of --epochs].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds data order, dropout and --val-split.")
-@click.option("--kv", type=click.Choice(["ram", "disk", "stream"]), default="ram", show_default=True,
-              help="K/V of the frozen backbone: computed once and kept in RAM, cached on disk (fp16, in the run folder), or recomputed every step.")
+@click.option("--kv", type=click.Choice(["ram", "disk", "stream"]),
+              help="K/V of the frozen backbone: computed once and kept in RAM, cached on disk (fp16, in the run folder), or recomputed "
+              "every step [default: RAM if the cache fits in the available memory (or --memory-budget), else disk].")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--threads", type=int, help="Threads for the frozen pass and training [default: all cores].")
 @click.option("--checkpoint-every", type=int, default=0, show_default=True, help="Also checkpoint every N steps (0: at the end of every epoch only).")
@@ -154,12 +155,10 @@ def train(bundle, data, run_dir, val, val_split, test, epochs, batch_size, micro
     from vqt_edge.memory import parse_size_mb
 
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, micro_batch=micro_batch, lr=lr, weight_decay=weight_decay,
-                      warmup_epochs=warmup_epochs, seed=seed, kv=kv, device=device, threads=threads,
+                      warmup_epochs=warmup_epochs, seed=seed, kv=kv or "auto", device=device, threads=threads,
                       val_split=val_split, checkpoint_every=checkpoint_every, keep_fraction=keep_fraction, lasso=lasso)
     if memory_budget is not None:
-        cfg.memory_budget_mb = parse_size_mb(memory_budget)
-        if click.get_current_context().get_parameter_source("kv") == click.core.ParameterSource.DEFAULT:
-            cfg.kv = "auto"  # the planner chooses; an explicit --kv is kept if it fits
+        cfg.memory_budget_mb = parse_size_mb(memory_budget)  # an explicit --kv is kept if it fits
     try:
         summary = api.train(bundle, data, run_dir, cfg, val=val, test=test, resume=resume, progress=click.echo,
                             process_wide=True)

@@ -10,12 +10,14 @@ section 6), so the number that counts is the kernel's high-water mark, VmHWM. Th
   built from components measured on this machine (bench/calibrate_memory.py; every constant's
   docstring says how it was measured);
 - the planner (`choose`): the fastest configuration that fits a budget, used by `vqt-edge plan`
-  and `train --memory-budget`.
+  and `train --memory-budget`; without a budget, `default_kv` uses it against the memory the
+  system has available (`available_mb`), so a default run never keeps a RAM cache that does not fit.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 import resource
 import sys
@@ -47,6 +49,35 @@ def parse_size_mb(text: str) -> float:
         raise UserError(f"cannot read memory size {text!r}; write e.g. 600MB or 1.5GB")
     unit = m.group(2).upper() or "MB"
     return float(m.group(1)) * _UNITS[unit] / 2**20
+
+
+AVAILABLE_ENV = "VQT_EDGE_MEM_AVAILABLE"
+"""Overrides the available memory `train` plans its defaults against, e.g. 1.5GB: for a device
+whose /proc/meminfo does not describe the memory the run may use, and for tests."""
+
+
+def available_mb(meminfo: Path = Path("/proc/meminfo"), cgroup: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """Memory a new process can use without swapping, in MiB: $VQT_EDGE_MEM_AVAILABLE if set, else
+    MemAvailable (the kernel's estimate, page cache it can drop included), lowered to what the
+    cgroup v2 limit leaves (memory.max - memory.current) inside a limited container. None where
+    neither can be read (not Linux)."""
+    if os.environ.get(AVAILABLE_ENV):
+        return parse_size_mb(os.environ[AVAILABLE_ENV])
+    found = None
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found = int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            left = (int(limit) - int((cgroup / "memory.current").read_text())) / MiB
+            found = left if found is None else min(found, left)
+    except (OSError, ValueError):
+        pass
+    return found
 
 
 # --------------------------------------------------------------------------------------------------
@@ -170,7 +201,9 @@ OPTIMIZER_COPIES = 3
 FINISH_MB = 4.0
 """End of the run: model.onnx streamed from frozen.onnx and head.onnx (device_runner/onnx_stream.py)
 with its 1 MiB copy buffer and the learned tensors [+2 MiB for ViT-B/16; the onnx.compose merge it
-replaced peaked at 3.2 GiB]. The adapter itself is counted as 2 * trainable bytes."""
+replaced peaked at 3.2 GiB]. The adapter itself is counted as 2 * trainable bytes. Finding the head
+weights frozen.onnx already holds (device_runner/onnx_share.py) reads one frozen weight at a time,
+counted as the largest one, `largest_weight_bytes` [+10.1 MiB for ViT-B/16, whose largest is 9 MiB]."""
 MARGIN = 0.08
 """A configuration fits a budget when its predicted peak is at most budget / (1 + MARGIN). The
 largest under-prediction seen on whole runs was 4% (ViT-B/16 frozen phase, 64 images)."""
@@ -198,6 +231,7 @@ class BundleFootprint:
     layer_work: int  # 4 * (H*N*N + N*mlp + N*D)
     query_path_per_sample: int  # VQT query path activations (T tokens per query layer)
     frozen_taps_per_sample: int = 0  # head2toe: its frozen pass's unpooled taps, 4 * N * (3D + mlp) * depth
+    largest_weight_bytes: int = 0  # the backbone's largest weight matrix (qkv or MLP)
 
     @classmethod
     def from_bundle(cls, bundle: Path) -> "BundleFootprint":
@@ -223,6 +257,7 @@ class BundleFootprint:
             ckpt_bytes=_size(bundle / mf.CHECKPOINT), trainable_bytes=_trainable_bytes(bundle / mf.TRAINING_MODEL),
             pixels_per_sample=4 * a.channels * a.image_size**2, feed_per_sample=feed, cache_per_sample=cache,
             layer_work=work, query_path_per_sample=query_path, frozen_taps_per_sample=taps,
+            largest_weight_bytes=4 * a.dim * max(3 * a.dim, a.mlp_dim),
         )
 
 
@@ -317,7 +352,8 @@ def predict_peak(fp: BundleFootprint, *, images: int, batch_size: int, micro_bat
       CKPT_SAVE * (checkpoint + Adam moments). The store is the RAM cache (ram) or nothing (disk:
       the trainer unmaps the cache pages after every read). In stream mode the frozen session stays
       resident for the whole run (FROZEN_RESIDENT * frozen file) and each step adds act_frozen(micro).
-    - finish: 2 * SESSION_MB + 2 * trainable bytes (the adapter) + FINISH_MB (streamed model.onnx);
+    - finish: 2 * SESSION_MB + 2 * trainable bytes (the adapter) + FINISH_MB + the largest weight
+      (streamed model.onnx);
       the module and checkpoint state are freed before it.
     - test (only with `test_batch`, i.e. `train --test`): model.onnx (frozen + head files) loaded as
       the frozen graph is, plus act_frozen(test_batch).
@@ -355,7 +391,7 @@ def predict_peak(fp: BundleFootprint, *, images: int, batch_size: int, micro_bat
     else:
         phases["train"] = 2 * SESSION_MB + max(
             frozen_load, frozen_res + max(CKPT_LOAD * ckpt, module + max(step + act_frozen(micro), save)))
-    phases["finish"] = 2 * SESSION_MB + 2 * fp.trainable_bytes * mb + FINISH_MB
+    phases["finish"] = 2 * SESSION_MB + 2 * fp.trainable_bytes * mb + FINISH_MB + fp.largest_weight_bytes * mb
     if test_batch:
         model = (fp.frozen_bytes + fp.head_bytes) * mb
         phases["test"] = 3 * SESSION_MB + max(FROZEN_LOAD * model, FROZEN_RESIDENT * model + act_frozen(test_batch))
@@ -401,3 +437,26 @@ def choose(fp: BundleFootprint, budget_mb: float, *, images: int, batch_size: in
         f"no configuration fits a memory budget of {budget_mb:.0f} MiB{fixed}; the smallest budget that "
         f"fits is {best.needs_mb:.0f} MiB ({best.describe()})", best.needs_mb, best,
     )
+
+
+AVAILABLE_SHARE = 0.8
+"""Without --memory-budget, a run plans for this share of the available memory (and the planner's
+MARGIN on top): MemAvailable is an estimate, other processes grow, and the disk cache's pages compete
+for the same RAM."""
+
+
+def default_kv(fp: BundleFootprint, *, images: int, batch_size: int, micro_batch: int | None, available: float | None,
+               test: bool = False) -> Plan:
+    """Where K/V live when the user chose neither --kv nor --memory-budget (docs/design.md section
+    6): the fastest mode (KV_PREFERENCE) whose predicted peak fits AVAILABLE_SHARE of `available`
+    MiB, at the user's batch and micro-batch. RAM only if the cache fits; if no mode fits, the one with the smallest predicted
+    peak (the run may then not fit, but it does not make things worse by caching in RAM). Unknown
+    `available` (None): RAM, as before this default existed."""
+    micro = micro_batch or batch_size
+    if available is None:
+        return predict_peak(fp, images=images, batch_size=batch_size, micro_batch=micro, kv="ram",
+                            test_batch=micro if test else None)
+    try:
+        return choose(fp, AVAILABLE_SHARE * available, images=images, batch_size=batch_size, micro_batch=micro, test=test)
+    except NoPlan as e:
+        return e.best

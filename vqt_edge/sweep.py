@@ -40,7 +40,7 @@ class SweepConfig:
     steps: int | None
     epochs: int
     lr: float | None
-    kv: str
+    kv: str | None  # None: each train run chooses (vqt_edge/memory.py default_kv)
     micro_batch: int | None
     num_classes: int | None
     out: Path
@@ -170,7 +170,7 @@ def run_sweep(cfg: SweepConfig, echo: Callable[[str], None] = print) -> list[dic
             continue
         echo(f"{label}: exported in {time.perf_counter() - t0:.0f} s; training ...")
         train = _cli("train", "--bundle", bundle, "--data", data, "--run", run, "--epochs", epochs,
-                     "--batch-size", cfg.batch_size, "--kv", cfg.kv)
+                     "--batch-size", cfg.batch_size, *(["--kv", cfg.kv] if cfg.kv else []))
         if cfg.micro_batch:
             train += ["--micro-batch", cfg.micro_batch]
         if cfg.lr:
