@@ -268,11 +268,14 @@ def predict(run_dir, images, batch_size, device, as_json) -> None:
 
 
 def _register_extra_commands() -> None:
-    """`plan` and `sweep` live in vqt_edge/budget_cli.py (memory budgets and method sweeps)."""
+    """`plan` and `sweep` live in vqt_edge/budget_cli.py (memory budgets and method sweeps), `fleet` in
+    vqt_edge/fleet/commands.py (federated adaptation, docs/design.md section 12)."""
     from vqt_edge.budget_cli import plan, sweep
+    from vqt_edge.fleet.commands import fleet
 
     cli.add_command(plan)
     cli.add_command(sweep)
+    cli.add_command(fleet)
 
 
 _register_extra_commands()
