@@ -22,6 +22,8 @@ from vqt_edge.errors import UserError
 
 FLEET_DIR = "fleet"  # inside the run folder: settings, logs, Flower's state, the simulated clients
 POLL_SECONDS = 0.5
+TOKEN_FAILED = "Runtime task-token authentication failed"  # Flower's log line for a ClientApp it gave up on
+STALL_LINES = 9  # about three restarts: each given-up ClientApp logs TOKEN_FAILED three times
 
 
 def _common(command):
@@ -118,7 +120,21 @@ def _format_row(record: dict) -> str:
 HEADER = f"{'round':>5}  {'test_acc':>8}  {'train_loss':>10}  {'bytes_down':>9}  {'bytes_up':>9}  {'peak_MiB':>8}"
 
 
-def _follow(run_dir: Path, submit: subprocess.Popen, timeout: float | None, logs: Path) -> None:
+def _stalled(client_logs: list[Path]) -> Path | None:
+    """A simulated client whose ClientApp Flower keeps restarting: Flower gives a ClientApp process
+    30 s to start and report (its heartbeat), then starts another, forever; on a machine too loaded
+    for this many clients no round ever ends. Returns the first such client's log."""
+    for log in client_logs:
+        try:
+            if log.read_text(errors="replace").count(TOKEN_FAILED) >= STALL_LINES:
+                return log
+        except OSError:
+            continue
+    return None
+
+
+def _follow(run_dir: Path, submit: subprocess.Popen, timeout: float | None, logs: Path,
+            client_logs: list[Path] = ()) -> None:
     """Print each round's row as the server appends it, until `flwr run` ends; then check the result."""
     from device_runner.trainer import METRICS, SUMMARY
 
@@ -135,6 +151,11 @@ def _follow(run_dir: Path, submit: subprocess.Popen, timeout: float | None, logs
         shown = len(lines)
         if done:
             break
+        stalled = _stalled(client_logs)
+        if stalled is not None:
+            raise click.ClickException(
+                "Flower keeps restarting a client's ClientApp because it does not start within 30 s "
+                f"(see {stalled}): this machine is too loaded for {len(client_logs)} clients; use fewer --clients")
         if timeout is not None and time.monotonic() - start > timeout:
             raise click.ClickException(f"the fleet run did not finish within --timeout {timeout:.0f} s; logs in {logs}")
         time.sleep(POLL_SECONDS)
@@ -202,7 +223,8 @@ def simulate(bundle, run_dir, rounds, local_epochs, test, batch_size, lr, weight
                                      f"{json.dumps(dataset.classes[dataset.samples[i][1]])}\n" for i in rows))
             fed.supernode(superlink, {"bundle": str(bundle.resolve()), "data": str(shard.resolve()),
                                       "state": str((home / "state").resolve()), **node}, f"client_{k}")
-        _follow(run_dir, fed.submit(path), timeout, workdir / "logs")
+        _follow(run_dir, fed.submit(path), timeout, workdir / "logs",
+                [workdir / "logs" / f"client_{k}.log" for k in range(clients)])
 
 
 @fleet.command()

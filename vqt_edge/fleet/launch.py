@@ -148,13 +148,15 @@ class Federation:
                                     f"settings={json.dumps(str(settings.resolve()))}"], "flwr_run.log")
 
     def close(self) -> None:
-        """SIGTERM to every process started here and all their descendants, SIGKILL after a grace period."""
+        """SIGTERM to every process started here and all their descendants, SIGKILL after a grace period
+        to those still alive (the same process: its start time is checked, so a reused pid is spared)."""
         pids = []
         for proc in self.procs:
             if proc.poll() is None:
                 pids += [proc.pid, *_children(proc.pid)]
+        started = {pid: _start_time(pid) for pid in pids}
         for pid in pids:
-            _signal(pid, signal.SIGTERM)
+            _signal(pid, signal.SIGTERM, started[pid])
         deadline = time.monotonic() + STOP_SECONDS
         for proc in self.procs:
             try:
@@ -162,13 +164,22 @@ class Federation:
             except subprocess.TimeoutExpired:
                 pass
         for pid in pids:
-            _signal(pid, signal.SIGKILL)
+            _signal(pid, signal.SIGKILL, started[pid])
         for proc in self.procs:
             proc.wait()
         self.procs.clear()
 
 
-def _signal(pid: int, sig: int) -> None:
+def _start_time(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _signal(pid: int, sig: int, started: str | None) -> None:
+    if started is None or _start_time(pid) != started:
+        return  # gone, or the pid now belongs to another process
     try:
         os.kill(pid, sig)
     except (ProcessLookupError, PermissionError):

@@ -76,7 +76,7 @@ def array_bytes(record: ArrayRecord) -> int:
     return sum(len(array.data) for array in record.values())
 
 
-class _TestSet:
+class TestSet:
     """--test, read once; accuracy of a model.onnx on it."""
 
     def __init__(self, path: Path, manifest: Manifest, classes: list[str], batch: int) -> None:
@@ -133,7 +133,7 @@ def run_fleet(grid: Grid, settings: FleetSettings) -> dict:
     bundle, run = Path(settings.bundle), Path(settings.run)
     manifest = mf.read_manifest(bundle, verify=True)
     (run / ROUNDS).mkdir(parents=True, exist_ok=True)
-    test = _TestSet(Path(settings.test), manifest, settings.classes, settings.batch_size) if settings.test else None
+    test = TestSet(Path(settings.test), manifest, settings.classes, settings.batch_size) if settings.test else None
     strategy = _RecordingFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=settings.clients,
                                 min_available_nodes=settings.clients, arrayrecord_key=ARRAYS,
                                 configrecord_key=CONFIG, weighted_by_key=NUM_EXAMPLES)
