@@ -11,6 +11,8 @@ Optimizer state is *carried* from round to round (the checkpoint keeps AdamW's m
 learning-rate schedule runs over all rounds x local epochs, warm-up once, as one centralized run of
 that length would: ORT restores optimizer state only through a checkpoint, which the resume path
 already does exactly, and a fresh state every round would warm Adam's moments up from zero each time.
+The server trains every client every round; a client that missed a round (it failed, or joined
+late) trains the epochs it missed in its next round, since its run continues from its checkpoint.
 
 Torch-free, like all of device_runner; the Flower import is confined to this module.
 """
