@@ -21,7 +21,7 @@ from vqt_edge.fleet.split import Split, assign, parse_split
 
 pytest.importorskip("flwr")
 
-FLEET_TIMEOUT = 420  # seconds for one whole federated run of the tiny model (about 80 s on 2 idle cores)
+FLEET_TIMEOUT = 420  # seconds for one whole federated run of the tiny model (about 80 s measured here)
 
 
 # -- splits -------------------------------------------------------------------------------------
