@@ -10,7 +10,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[cpu,export,plot,test]'
+	$(BIN)/pip install -q -e '.[cpu,export,plot,test,fleet]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -145,8 +145,10 @@ class _Data:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _load_data(manifest: Manifest, data: Path, val: Path | None, cfg: TrainConfig, echo: Callable[[str], None]) -> _Data:
-    train = load_dataset(data)
+def _load_data(manifest: Manifest, data: Path, val: Path | None, cfg: TrainConfig, echo: Callable[[str], None],
+               classes: list[str] | None = None) -> _Data:
+    # Given `classes` (a fleet client: docs/design.md section 12), the shard may lack some of them.
+    train = load_dataset(data, classes=classes)
     if manifest.class_names is not None and train.classes != manifest.class_names:
         raise UserError(f"{data}: classes {train.classes} differ from the bundle's {manifest.class_names}")
     if len(train.classes) != manifest.num_classes:
@@ -158,7 +160,10 @@ def _load_data(manifest: Manifest, data: Path, val: Path | None, cfg: TrainConfi
     size = manifest.arch.image_size
     train, bad = drop_unreadable(train, size)  # warns once per skipped image
     skipped += [(str(p), why) for p, why in bad]
-    check_trainable(train, str(data))
+    if classes is None:
+        check_trainable(train, str(data))
+    elif not train.samples:
+        raise UserError(f"{data}: no usable images")
     valset = None
     if val is not None:
         valset, bad = drop_unreadable(load_dataset(val, classes=train.classes), size)
@@ -190,6 +195,7 @@ class Trainer:
     def __init__(
         self, bundle: Path, run: Path, cfg: TrainConfig, data: Path | None, val: Path | None, resume: bool,
         echo: Callable[[str], None] = click.echo, with_test: bool = False, features: SharedFeatures | None = None,
+        classes: list[str] | None = None,
     ) -> None:
         self.run, self.echo, self.shared_features = run, echo, features
         self.resume = resume and (run / CHECKPOINT).exists()
@@ -212,7 +218,7 @@ class Trainer:
             raise UserError(f"{bundle}: the bundle changed since this run started; it cannot be resumed")
         if data is None:
             raise UserError("--data is required")
-        self.data = _load_data(self.manifest, data, val, cfg, echo)
+        self.data = _load_data(self.manifest, data, val, cfg, echo, classes)
         self.plan = self._plan_memory(with_test)  # before any work, and before run.json saves the choice
         samples_sha = samples_sha256([(self.data.train, data), (self.data.val, val or data)])
         if resume and saved.get("samples_sha256") != samples_sha:
@@ -389,13 +395,21 @@ class Trainer:
         self.module.train()
         return np.concatenate(out) if out else np.zeros((0, m.num_classes), np.float32)
 
-    def fit(self, handle_signals: bool = False) -> dict:
+    def fit(self, handle_signals: bool = False, until_epoch: int | None = None,
+            start_from: Callable[["Trainer"], None] | None = None) -> dict:
+        """Train to the end and finish the run (adapter, model.onnx, summary). `handle_signals`: turn
+        SIGINT/SIGTERM into checkpoint-and-stop (the CLI). A fleet round (docs/design.md section 12)
+        passes `until_epoch` to stop after that epoch without finishing (the next round resumes from
+        the checkpoint, optimizer state and schedule carried over), and `start_from` to replace the
+        parameters once the module is open."""
         cfg, run = self.cfg, self.run
         t_start = time.perf_counter()
         self.peaks = {"start": round(peak_rss_mb(), 1)}  # VmHWM after each phase: which one set the peak
         self._prepare_features()
         self.peaks["frozen"] = round(peak_rss_mb(), 1)
         self._open_module()
+        if start_from is not None:
+            start_from(self)
         self.peaks["module_load"] = round(peak_rss_mb(), 1)
         n = self.n_train
         steps_per_epoch = math.ceil(n / cfg.batch_size)
@@ -411,7 +425,7 @@ class Trainer:
         epoch_times = []
         self.step_times: list[float] = []  # the optimizer steps alone (no checkpoints, no validation)
         with stop_on_signal() if handle_signals else nullcontext(_STOP) as flag:
-            for epoch in range(start_epoch, cfg.epochs):
+            for epoch in range(start_epoch, min(cfg.epochs, until_epoch or cfg.epochs)):
                 t0 = time.perf_counter()
                 order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
                 first = start_step if epoch == start_epoch else 0
@@ -451,6 +465,8 @@ class Trainer:
                 epoch_times.append(record["seconds"])
                 self.echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
         self.peaks["train"] = round(peak_rss_mb(), 1)
+        if until_epoch is not None:  # a round of a longer run: the run is finished by the fleet's server
+            return {"epochs_done": min(cfg.epochs, until_epoch), "train_images": n, "peak_rss_mb": round(peak_rss_mb(), 1)}
         return self._finish(t_start, epoch_times)
 
     @staticmethod

@@ -240,13 +240,17 @@ def predict(run_dir, images, recursive, batch_size, device, as_json) -> None:
 
 
 def _register_extra_commands() -> None:
-    """`plan` and `sweep` live in vqt_edge/budget_cli.py (memory budgets and method sweeps), `tune` in vqt_edge/tune_cli.py."""
+    """`plan` and `sweep` live in vqt_edge/budget_cli.py (memory budgets and method sweeps), `tune` in
+    vqt_edge/tune_cli.py, `fleet` in vqt_edge/fleet/commands.py (federated adaptation, docs/design.md
+    section 12)."""
     from vqt_edge.budget_cli import plan, sweep
+    from vqt_edge.fleet.commands import fleet
     from vqt_edge.tune_cli import tune
 
     cli.add_command(plan)
     cli.add_command(sweep)
     cli.add_command(tune)
+    cli.add_command(fleet)
 
 
 _register_extra_commands()

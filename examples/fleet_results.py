@@ -1,0 +1,156 @@
+"""Federated VQT on the shipped vit_fmnist (docs/design.md section 12): Fashion-MNIST 5-9, its 1000
+training images split over 10 clients with Dirichlet(0.3), tested on the official 5000 test images.
+
+Compared, all VQT (T=1) from the same bundle, every client at --threads 1:
+- federated: `vqt-edge fleet simulate` (real Flower processes), R rounds of E local epochs;
+- centralized: `vqt-edge train` on all 1000 images (the transfer table's recipe: 25 epochs, batch 32,
+  lr 1e-2, weight decay 1e-4);
+- local-only: each client trains alone on its own shard (the same shards, R x E epochs, the same
+  optimizer settings) with the fleet client's code (device_runner/fleet.py train_round); the mean
+  of their 10 test accuracies.
+
+    python examples/fleet_results.py --out results/fleet
+
+Writes results.json and results.md under --out; reruns skip what is finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tasks import make_task  # noqa: E402
+
+VQT_EDGE = [sys.executable, "-m", "vqt_edge.cli"]
+
+
+def _run(cmd: list[str], log: Path) -> None:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode != 0:
+            raise RuntimeError(f"failed: {' '.join(cmd)} (see {log})")
+
+
+def _test_accuracy(bundle: Path, tensors: dict[str, np.ndarray], test: Path, out: Path) -> float:
+    """Accuracy of the bundle with these tensors on the test images, through an ordinary model.onnx."""
+    from device_runner.data import load_dataset
+    from device_runner.deploy import build_model
+    from vqt_edge import manifest as mf
+    from vqt_edge.fleet.server import TestSet
+
+    manifest = mf.read_manifest(bundle)
+    build_model(bundle, manifest, tensors, out)
+    return TestSet(test, manifest, load_dataset(test).classes, 256).accuracy(out)
+
+
+def local_only(bundle: Path, fed_run: Path, test: Path, out: Path, epochs: int, batch: int, lr: float) -> list[dict]:
+    """Each simulated client's shard trained alone, from the bundle's initial tensors."""
+    from device_runner.fleet import train_round
+    from device_runner.trainer import TrainConfig
+    from vqt_edge import manifest as mf
+    from vqt_edge.fleet.server import initial_tensors
+
+    manifest = mf.read_manifest(bundle)
+    classes = json.loads((fed_run / "run.json").read_text())["classes"]
+    rows = []
+    for shard in sorted((fed_run / "fleet" / "clients").glob("client_*/train.txt"), key=lambda p: int(p.parent.name[7:])):
+        state = out / shard.parent.name
+        cfg = TrainConfig(epochs=epochs, batch_size=batch, lr=lr, weight_decay=1e-4, kv="ram", threads=1)
+        tensors, metrics = train_round(state, bundle, shard, initial_tensors(bundle, manifest), cfg, classes,
+                                       server_round=1, local_epochs=epochs)
+        acc = _test_accuracy(bundle, tensors, test, state / "model.onnx")
+        rows.append({"client": shard.parent.name, "images": metrics["num-examples"], "test_accuracy": acc})
+        print(f"local-only {shard.parent.name}: {metrics['num-examples']} images, test {100 * acc:.1f}", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("results/fleet"))
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--local-epochs", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--split", default="dirichlet:0.3")
+    args = parser.parse_args()
+    out = args.out
+    data = make_task("fmnist59", out / "data" / "fmnist59")
+    classes = sorted(p.name for p in (data / "train1000").iterdir())
+    bundle = out / "bundle"
+    if not (bundle / "manifest.json").exists():
+        _run(VQT_EDGE + ["export", "--model", "vit_fmnist", "--method", "vqt", "--query-tokens", "1",
+                         "--classes", ",".join(classes), "--out", str(bundle)], out / "logs" / "export.log")
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+
+    central = out / "central"
+    if "centralized" not in results:
+        _run(VQT_EDGE + ["train", "--bundle", str(bundle), "--data", str(data / "train1000"), "--run", str(central),
+                         "--epochs", "25", "--batch-size", "32", "--lr", "1e-2", "--weight-decay", "1e-4", "--seed", "0",
+                         "--threads", "1", "--test", str(data / "test")], out / "logs" / "central.log")
+        s = json.loads((central / "summary.json").read_text())
+        results["centralized"] = {"test_accuracy": s["test_accuracy"], "peak_rss_mb": s["peak_rss_mb"], "epochs": 25,
+                                  "batch_size": 32, "lr": 1e-2}
+        results_path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"centralized: test {100 * results['centralized']['test_accuracy']:.2f}", flush=True)
+
+    fed = out / "federated"
+    if "federated" not in results:
+        _run(VQT_EDGE + ["fleet", "simulate", "--bundle", str(bundle), "--data", str(data / "train1000"), "--run", str(fed),
+                         "--clients", str(args.clients), "--rounds", str(args.rounds), "--split", args.split,
+                         "--local-epochs", str(args.local_epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+                         "--threads", "1", "--test", str(data / "test")], out / "logs" / "federated.log")
+        rounds = [json.loads(line) for line in (fed / "metrics.jsonl").read_text().splitlines()]
+        results["federated"] = {
+            "test_accuracy": rounds[-1]["test_acc"], "rounds": args.rounds, "local_epochs": args.local_epochs,
+            "batch_size": args.batch_size, "lr": args.lr, "split": args.split, "clients": args.clients,
+            "per_round": [{"round": r["round"], "test_acc": r.get("test_acc"), "bytes_down": r.get("bytes_down"),
+                           "bytes_up": max((c["bytes_up"] for c in r.get("clients", [])), default=None),
+                           "round_seconds": r.get("round_seconds")} for r in rounds],
+            "client_images": sorted(c["num-examples"] for c in rounds[-1]["clients"]),
+            "client_peak_rss_mb": [c["peak_rss_mb"] for c in rounds[-1]["clients"]],
+        }
+        results_path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"federated: test {100 * results['federated']['test_accuracy']:.2f}", flush=True)
+
+    if "local_only" not in results:
+        rows = local_only(bundle, fed, data / "test", out / "local", args.rounds * args.local_epochs, args.batch_size, args.lr)
+        accs = [r["test_accuracy"] for r in rows]
+        results["local_only"] = {"clients": rows, "test_accuracy_mean": float(np.mean(accs)),
+                                 "test_accuracy_std": float(np.std(accs)), "epochs": args.rounds * args.local_epochs}
+        results_path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"local-only: mean test {100 * results['local_only']['test_accuracy_mean']:.2f}", flush=True)
+    (out / "results.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+def markdown(r: dict) -> str:
+    f, c, lo = r["federated"], r["centralized"], r["local_only"]
+    lines = [
+        "| setting | test accuracy (%) |", "|---|---:|",
+        f"| centralized VQT, all 1000 images ({c['epochs']} epochs) | {100 * c['test_accuracy']:.1f} |",
+        f"| federated VQT, {f['clients']} clients, {f['split']}, {f['rounds']} rounds x {f['local_epochs']} local epochs "
+        f"| {100 * f['test_accuracy']:.1f} |",
+        f"| local-only VQT, mean of the {len(lo['clients'])} clients ({lo['epochs']} epochs each) "
+        f"| {100 * lo['test_accuracy_mean']:.1f} ± {100 * lo['test_accuracy_std']:.1f} |",
+        "", "| round | test accuracy (%) | bytes to each client | bytes from each client | seconds |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for row in f["per_round"]:
+        lines.append(f"| {row['round']} | {100 * row['test_acc']:.1f} | {row['bytes_down'] or '-'} | {row['bytes_up'] or '-'} "
+                     f"| {row['round_seconds'] or '-'} |")
+    lines.append("")
+    lines.append(f"Client shard sizes: {f['client_images']}; client process peaks (MiB, last round): "
+                 f"{[round(p) for p in f['client_peak_rss_mb']]}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

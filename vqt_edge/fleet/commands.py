@@ -1,0 +1,291 @@
+"""`vqt-edge fleet simulate | server | client` (docs/design.md section 12).
+
+simulate: one data set split over N clients, each a real SuperNode process on localhost with its
+own shard and state folder, one SuperLink, the ServerApp submitted with `flwr run`; prints one row
+per round as the server writes it. server / client: the same processes on separate machines.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+
+from vqt_edge.errors import UserError
+
+FLEET_DIR = "fleet"  # inside the run folder: settings, logs, Flower's state, the simulated clients
+POLL_SECONDS = 0.5
+TOKEN_FAILED = "Runtime task-token authentication failed"  # Flower's log line for a ClientApp it gave up on
+STALL_LINES = 9  # about three restarts: each given-up ClientApp logs TOKEN_FAILED three times
+
+
+def _common(command):
+    """Options the server decides for every client (they reach the clients in each round's config)."""
+    options = [
+        click.option("--bundle", type=click.Path(path_type=Path), required=True, help="Bundle from `vqt-edge export`."),
+        click.option("--run", "run_dir", type=click.Path(path_type=Path), required=True,
+                     help="Run folder for the federated result (adapter, model.onnx, metrics per round)."),
+        click.option("--rounds", type=int, default=10, show_default=True, help="Federated rounds."),
+        click.option("--local-epochs", type=int, default=1, show_default=True, help="Epochs each client trains per round."),
+        click.option("--test", type=click.Path(path_type=Path), help="Test images: the server reports accuracy after every round."),
+        click.option("--batch-size", type=int, default=32, show_default=True),
+        click.option("--lr", type=float, default=1e-2, show_default=True,
+                     help="Peak learning rate (AdamW; warm-up then cosine over rounds x local epochs)."),
+        click.option("--weight-decay", type=float, default=1e-4, show_default=True),
+        click.option("--warmup-epochs", type=float, help="Warm-up, in epochs of rounds x local epochs [default: 10%]."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seeds the split, data order and dropout."),
+        click.option("--round-timeout", type=float, default=3600, show_default=True, help="Seconds to wait for the clients of a round."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _client_options(command):
+    """What each device decides for itself (passed to its SuperNode as node config)."""
+    options = [
+        click.option("--threads", type=int, help="Threads per client [default: all cores]."),
+        click.option("--kv", type=click.Choice(["disk", "ram", "stream"]), default="disk", show_default=True,
+                     help="K/V of the frozen backbone: disk caches them once for all rounds (each round is a new process)."),
+        click.option("--memory-budget", help="Peak memory each client's training must stay within, e.g. 600MB."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _node_values(threads: int | None, kv: str, memory_budget: str | None) -> dict[str, object]:
+    from vqt_edge.memory import parse_size_mb
+
+    values: dict[str, object] = {"kv": kv}
+    if threads is not None:
+        if threads < 1:
+            raise UserError("--threads must be at least 1")
+        values["threads"] = threads
+    if memory_budget is not None:
+        values["memory-budget-mb"] = float(parse_size_mb(memory_budget))
+    return values
+
+
+def _settings(bundle: Path, run_dir: Path, clients: int, classes: list[str], **kw):
+    from vqt_edge import manifest as mf
+    from vqt_edge.fleet.server import FleetSettings
+
+    manifest = mf.read_manifest(bundle, verify=True)
+    if manifest.class_names is not None and manifest.class_names != classes:
+        raise UserError(f"classes {classes} differ from the bundle's {manifest.class_names}")
+    if len(classes) != manifest.num_classes:
+        raise UserError(f"{len(classes)} classes, but the bundle was exported for {manifest.num_classes}")
+    if kw["rounds"] < 1 or kw["local_epochs"] < 1 or kw["batch_size"] < 1 or clients < 1:
+        raise UserError("--rounds, --local-epochs, --batch-size and --clients must be at least 1")
+    if not (kw["lr"] > 0 and kw["weight_decay"] >= 0 and kw["round_timeout"] > 0):
+        raise UserError("--lr and --round-timeout must be positive and --weight-decay non-negative")
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise UserError(f"{run_dir}: exists and is not an empty folder; choose another --run")
+    test = kw.pop("test")
+    if test is not None and not test.exists():
+        raise UserError(f"--test {test} does not exist")
+    return FleetSettings(bundle=str(bundle.resolve()), run=str(run_dir.resolve()), clients=clients, classes=classes,
+                         test=str(test.resolve()) if test else None, **kw)
+
+
+def _write_settings(run_dir: Path, settings) -> Path:
+    from vqt_edge.fleet.server import SETTINGS
+
+    (run_dir / FLEET_DIR).mkdir(parents=True, exist_ok=True)
+    path = run_dir / SETTINGS
+    path.write_text(json.dumps(asdict(settings), indent=2) + "\n")
+    return path
+
+
+def _format_row(record: dict) -> str:
+    acc = f"{record['test_acc']:.4f}" if "test_acc" in record else "-"
+    if not record["round"]:
+        return f"{0:>5}  {acc:>8}  {'-':>10}  {'-':>9}  {'-':>9}  {'-':>8}  (initial adapter)"
+    clients = record["clients"]
+    up = max(c["bytes_up"] for c in clients)
+    peak = max(c["peak_rss_mb"] for c in clients)
+    fails = f"  {len(record['failures'])} client(s) failed" if record.get("failures") else ""
+    return (f"{record['round']:>5}  {acc:>8}  {record['train_loss']:>10.4f}  {record['bytes_down']:>9}  {up:>9}  "
+            f"{peak:>8.0f}  {len(clients)} clients, {record['round_seconds']:.1f} s{fails}")
+
+
+HEADER = f"{'round':>5}  {'test_acc':>8}  {'train_loss':>10}  {'bytes_down':>9}  {'bytes_up':>9}  {'peak_MiB':>8}"
+
+
+def _stalled(client_logs: list[Path]) -> Path | None:
+    """A simulated client whose ClientApp Flower keeps restarting: Flower gives a ClientApp process
+    30 s to start and report (its heartbeat), then starts another, forever; on a machine too loaded
+    for this many clients no round ever ends. Returns the first such client's log."""
+    for log in client_logs:
+        try:
+            if log.read_text(errors="replace").count(TOKEN_FAILED) >= STALL_LINES:
+                return log
+        except OSError:
+            continue
+    return None
+
+
+def _follow(run_dir: Path, submit: subprocess.Popen, timeout: float | None, logs: Path,
+            client_logs: list[Path] = ()) -> None:
+    """Print each round's row as the server appends it, until `flwr run` ends; then check the result."""
+    from device_runner.trainer import METRICS, SUMMARY
+
+    click.echo("per client: bytes_down = tensors received, bytes_up = tensors sent (largest client), "
+               "peak_MiB = largest client process peak (VmHWM)")
+    click.echo(HEADER)
+    shown, start = 0, time.monotonic()
+    while True:
+        done = submit.poll() is not None
+        lines = (run_dir / METRICS).read_text().splitlines() if (run_dir / METRICS).exists() else []
+        for line in lines[shown:]:
+            if line.strip():
+                click.echo(_format_row(json.loads(line)))
+        shown = len(lines)
+        if done:
+            break
+        stalled = _stalled(client_logs)
+        if stalled is not None:
+            raise click.ClickException(
+                "Flower keeps restarting a client's ClientApp because it does not start within 30 s "
+                f"(see {stalled}): this machine is too loaded for {len(client_logs)} clients; use fewer --clients")
+        if timeout is not None and time.monotonic() - start > timeout:
+            raise click.ClickException(f"the fleet run did not finish within --timeout {timeout:.0f} s; logs in {logs}")
+        time.sleep(POLL_SECONDS)
+    if not (run_dir / SUMMARY).exists():
+        errors = [line.strip() for line in (logs / "flwr_run.log").read_text(errors="replace").splitlines()
+                  if re.match(r"\s*\w+(Error|Exception): ", line)]
+        raise click.ClickException(f"the fleet run failed ({errors[-1] if errors else 'no result'}); logs in {logs}")
+    summary = json.loads((run_dir / SUMMARY).read_text())
+    acc = summary.get("test_accuracy")
+    click.echo(f"done in {summary['seconds']:.1f} s" + (f": test accuracy {acc:.4f}" if acc is not None else "")
+               + f"; wrote {run_dir}/adapter.safetensors, {run_dir}/model.onnx")
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM ends a fleet command like Ctrl-C: through `Federation.close()`, so no Flower process is
+    left behind (a command's own process, so it may set the handler)."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
+
+@click.group()
+def fleet() -> None:
+    """Federated adaptation over many devices with Flower (needs the `fleet` extra).
+
+    \b
+    One machine:  vqt-edge fleet simulate --bundle B --data DIR --run RUN --clients 10 --rounds 10
+    Server:       vqt-edge fleet server --bundle B --run RUN --clients 10 --rounds 10 --port 9091
+    Each device:  vqt-edge fleet client --superlink SERVER:9091 --bundle B --data DIR --state DIR
+    """
+
+
+@fleet.command()
+@_common
+@click.option("--data", type=click.Path(path_type=Path), required=True, help="All training images; split over the clients.")
+@click.option("--clients", type=int, default=10, show_default=True, help="Simulated clients (SuperNode processes).")
+@click.option("--split", "split_text", default="iid", show_default=True, help="iid, dirichlet:ALPHA or classes:K.")
+@click.option("--timeout", type=float, help="Give up (and stop every process) after this many seconds.")
+@_client_options
+def simulate(bundle, run_dir, rounds, local_epochs, test, batch_size, lr, weight_decay, warmup_epochs, seed, round_timeout,
+             data, clients, split_text, timeout, threads, kv, memory_budget) -> None:
+    """Simulate a fleet on this machine: every client a real Flower SuperNode process with its own shard."""
+    import numpy as np
+
+    from device_runner.data import load_dataset
+    from vqt_edge.fleet.launch import Federation
+    from vqt_edge.fleet.split import assign, parse_split
+
+    _stop_on_sigterm()
+    split = parse_split(split_text)
+    node = _node_values(threads, kv, memory_budget)
+    dataset = load_dataset(data)
+    settings = _settings(bundle, run_dir, clients, dataset.classes, rounds=rounds, local_epochs=local_epochs, test=test,
+                         batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed,
+                         round_timeout=round_timeout, extra={"split": str(split), "data": str(data.resolve())})
+    parts = assign(np.array([label for _, label in dataset.samples]), clients, split, seed)
+    path = _write_settings(run_dir, settings)
+    workdir = run_dir / FLEET_DIR
+    click.echo(f"{clients} clients, split {split}: " + ", ".join(str(len(p)) for p in parts) + " images")
+    with Federation(workdir) as fed:
+        superlink = fed.superlink()
+        for k, rows in enumerate(parts):
+            home = workdir / "clients" / f"client_{k}"
+            home.mkdir(parents=True, exist_ok=True)
+            shard = home / "train.txt"
+            shard.write_text("".join(f"{json.dumps(str(Path(dataset.samples[i][0]).resolve()))},"
+                                     f"{json.dumps(dataset.classes[dataset.samples[i][1]])}\n" for i in rows))
+            fed.supernode(superlink, {"bundle": str(bundle.resolve()), "data": str(shard.resolve()),
+                                      "state": str((home / "state").resolve()), **node}, f"client_{k}")
+        _follow(run_dir, fed.submit(path), timeout, workdir / "logs",
+                [workdir / "logs" / f"client_{k}.log" for k in range(clients)])
+
+
+@fleet.command()
+@_common
+@click.option("--clients", type=int, required=True, help="Clients that must connect; all train in every round.")
+@click.option("--classes", "class_list", help="Comma-separated class names [default: the bundle's, else --test's folders].")
+@click.option("--host", default="0.0.0.0", show_default=True, help="Address the SuperLink listens on.")
+@click.option("--port", type=int, default=9091, show_default=True, help="The SuperLink's port (clients connect here).")
+def server(bundle, run_dir, rounds, local_epochs, test, batch_size, lr, weight_decay, warmup_epochs, seed, round_timeout,
+           clients, class_list, host, port) -> None:
+    """Run the fleet's server: a Flower SuperLink, then the FedAvg ServerApp once --clients have connected.
+
+    Insecure (no TLS): for a trusted network. Ends when the last round is written.
+    """
+    from vqt_edge import manifest as mf
+    from vqt_edge.fleet.launch import Federation
+
+    _stop_on_sigterm()
+    classes = [c.strip() for c in class_list.split(",")] if class_list else mf.read_manifest(bundle, verify=False).class_names
+    if classes is None and test is not None:
+        from device_runner.data import load_dataset
+
+        classes = load_dataset(test).classes
+    if classes is None:
+        raise UserError("the bundle names no classes: give --classes (or --test, whose folders name them)")
+    settings = _settings(bundle, run_dir, clients, classes, rounds=rounds, local_epochs=local_epochs, test=test,
+                         batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed,
+                         round_timeout=round_timeout)
+    path = _write_settings(run_dir, settings)
+    with Federation(run_dir / FLEET_DIR) as fed:
+        fed.superlink(host=host, port=port)
+        click.echo(f"SuperLink listening on {host}:{port}; waiting for {clients} clients")
+        _follow(run_dir, fed.submit(path), None, run_dir / FLEET_DIR / "logs")
+
+
+@fleet.command()
+@click.option("--superlink", required=True, help="The server's address, HOST:PORT.")
+@click.option("--bundle", type=click.Path(path_type=Path), required=True, help="The same bundle as the server's.")
+@click.option("--data", type=click.Path(path_type=Path), required=True, help="This device's training images (never sent).")
+@click.option("--state", type=click.Path(path_type=Path), required=True,
+              help="Folder this client keeps between rounds: K/V cache, checkpoint, the tensors it sent.")
+@_client_options
+def client(superlink, bundle, data, state, threads, kv, memory_budget) -> None:
+    """Join a fleet as one device: a Flower SuperNode that trains on --data each round (until Ctrl-C)."""
+    from device_runner.data import load_dataset
+    from vqt_edge import manifest as mf
+    from vqt_edge.fleet.launch import Federation
+
+    _stop_on_sigterm()
+    manifest = mf.read_manifest(bundle, verify=True)
+    if manifest.class_names is not None:
+        load_dataset(data, classes=manifest.class_names)  # bad --data fails here, not in the first round
+    elif not data.exists():
+        raise UserError(f"data path {data} does not exist")
+    state.mkdir(parents=True, exist_ok=True)
+    node = {"bundle": str(bundle.resolve()), "data": str(data.resolve()), "state": str(state.resolve()),
+            **_node_values(threads, kv, memory_budget)}
+    with Federation(state / "flower") as fed:
+        proc = fed.supernode(superlink, node, "supernode")
+        click.echo(f"connected to {superlink} as a fleet client; logs in {state / 'flower' / 'logs'}; Ctrl-C to leave")
+        try:
+            proc.wait()
+        except KeyboardInterrupt:
+            pass

@@ -1,0 +1,209 @@
+"""The server side of fleet adaptation: a Flower ServerApp running FedAvg over the trainable tensors
+(docs/design.md section 12), whose result is an ordinary run folder that `eval`/`predict` accept.
+
+The ServerApp reads its settings from one JSON file (`fleet.json` in the run folder, written by
+`vqt-edge fleet simulate` or `fleet server`; Flower passes its path as the run config `settings`).
+Aggregation is Flower's own FedAvg: each client's tensors weighted by its number of training images.
+After every round the server writes the aggregated adapter (`rounds/round_R.safetensors`), tests it
+on --test if given, and appends one line to `metrics.jsonl` with what each client reported and the
+bytes each one received and sent (the serialized tensors of the message, without gRPC framing).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+from device_runner import ort
+from device_runner.data import Sample, drop_unreadable, iter_batches, load_dataset
+from device_runner.deploy import ADAPTER, MODEL, build_model, save_adapter
+from device_runner.fleet import ARRAYS, CONFIG, METRICS_KEY, NUM_EXAMPLES
+from device_runner.trainer import BUNDLE_MANIFEST, METRICS, RUN_FILE, RUN_FILES, SUMMARY
+from vqt_edge import adapter_config
+from vqt_edge import manifest as mf
+from vqt_edge.fileio import atomic_write_text
+from vqt_edge.manifest import Manifest
+from vqt_edge.memory import peak_rss_mb
+
+SETTINGS = "fleet.json"
+ROUNDS = "rounds"
+CACHE_TEST_MB = 256  # test images are decoded once and kept when they fit in this, else every round
+
+
+@dataclass
+class FleetSettings:
+    """Everything the ServerApp needs; one JSON file in the run folder (`fleet.json`)."""
+
+    bundle: str
+    run: str
+    rounds: int
+    clients: int  # FedAvg waits for this many and trains all of them every round
+    classes: list[str]
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 1e-2
+    weight_decay: float = 1e-4
+    warmup_epochs: float | None = None  # over rounds x local epochs; default 10% of them
+    seed: int = 0
+    test: str | None = None
+    round_timeout: float = 3600.0
+    extra: dict = field(default_factory=dict)  # recorded in summary.json as given (e.g. the split)
+
+    def round_config(self, bundle_sha256: str) -> ConfigRecord:
+        epochs = self.rounds * self.local_epochs
+        return ConfigRecord({
+            "rounds": self.rounds, "local-epochs": self.local_epochs, "batch-size": self.batch_size, "lr": self.lr,
+            "weight-decay": self.weight_decay, "seed": self.seed, "classes": list(self.classes),
+            "warmup-epochs": float(self.warmup_epochs if self.warmup_epochs is not None else 0.1 * epochs),
+            "bundle-sha256": bundle_sha256,
+        })
+
+
+def initial_tensors(bundle: Path, manifest: Manifest) -> dict[str, np.ndarray]:
+    """The bundle's initial trainable tensors (its ORT checkpoint): every client starts from these."""
+    state = ort.training_api().CheckpointState.load_checkpoint(str(bundle / mf.CHECKPOINT))
+    return {name: np.array(state.parameters[graph].data, np.float32) for name, graph in manifest.trainable.items()}
+
+
+def array_bytes(record: ArrayRecord) -> int:
+    """Bytes of a message's serialized tensors (what travels, less protobuf/gRPC framing)."""
+    return sum(len(array.data) for array in record.values())
+
+
+class TestSet:
+    """--test, read once; accuracy of a model.onnx on it."""
+
+    def __init__(self, path: Path, manifest: Manifest, classes: list[str], batch: int) -> None:
+        self.manifest, self.batch = manifest, batch
+        data, _ = drop_unreadable(load_dataset(path, classes=classes), manifest.arch.image_size)
+        self.samples: list[Sample] = data.samples
+        a = manifest.arch
+        fits = len(self.samples) * a.channels * a.image_size**2 * 4 <= CACHE_TEST_MB << 20
+        self.cached = list(self._batches()) if fits else None
+
+    def _batches(self):
+        m = self.manifest
+        return iter_batches(self.samples, self.batch, m.arch.image_size, m.mean, m.std)
+
+    def accuracy(self, model: Path) -> float:
+        rt = ort.onnxruntime()
+        session = rt.InferenceSession(str(model), sess_options=ort.session_options(), providers=["CPUExecutionProvider"])
+        correct = 0
+        for pixels, labels in self.cached if self.cached is not None else self._batches():
+            correct += int((session.run(["logits"], {"pixel_values": pixels})[0].argmax(-1) == labels).sum())
+        return correct / max(1, len(self.samples))
+
+
+class _RecordingFedAvg(FedAvg):
+    """Flower's FedAvg, unchanged, that also notes per client what each round sent and received."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.last: dict = {}
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        self.last = {"bytes_down": array_bytes(arrays), "started": time.perf_counter()}
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies):
+        replies = list(replies)
+        clients, failures = [], []
+        for msg in replies:
+            if msg.has_error():
+                failures.append({"node": int(msg.metadata.src_node_id), "error": str(msg.error.reason)})
+                continue
+            metrics = dict(msg.content[METRICS_KEY])
+            clients.append({"node": int(msg.metadata.src_node_id), "bytes_up": array_bytes(msg.content[ARRAYS]),
+                            **{k: (int(v) if k == NUM_EXAMPLES else float(v)) for k, v in metrics.items()}})
+        self.last.update(clients=sorted(clients, key=lambda c: c["node"]), failures=failures,
+                         round_seconds=round(time.perf_counter() - self.last["started"], 2))
+        if not clients:
+            raise RuntimeError(f"round {server_round}: every client failed: {failures}")
+        return super().aggregate_train(server_round, replies)
+
+
+def run_fleet(grid: Grid, settings: FleetSettings) -> dict:
+    """Run every round, write the run folder and return its summary."""
+    bundle, run = Path(settings.bundle), Path(settings.run)
+    manifest = mf.read_manifest(bundle, verify=True)
+    (run / ROUNDS).mkdir(parents=True, exist_ok=True)
+    test = TestSet(Path(settings.test), manifest, settings.classes, settings.batch_size) if settings.test else None
+    strategy = _RecordingFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=settings.clients,
+                                min_available_nodes=settings.clients, arrayrecord_key=ARRAYS,
+                                configrecord_key=CONFIG, weighted_by_key=NUM_EXAMPLES)
+    (run / METRICS).unlink(missing_ok=True)
+
+    def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        tensors = {name: array.numpy() for name, array in arrays.items()}
+        path = run / ROUNDS / f"round_{server_round}.safetensors"
+        save_adapter(path, tensors, manifest)
+        record: dict = {"round": server_round}
+        if server_round:
+            record.update({k: v for k, v in strategy.last.items() if k != "started"})
+            total = sum(c[NUM_EXAMPLES] for c in record["clients"])
+            record["train_loss"] = sum(c["train_loss"] * c[NUM_EXAMPLES] for c in record["clients"]) / total
+        if test is not None:
+            build_model(bundle, manifest, tensors, run / ROUNDS / MODEL)
+            record["test_acc"] = test.accuracy(run / ROUNDS / MODEL)
+        with open(run / METRICS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        return MetricRecord({"test_acc": record["test_acc"]}) if "test_acc" in record else None
+
+    t0 = time.perf_counter()
+    initial = initial_tensors(bundle, manifest)
+    result = strategy.start(
+        grid=grid, initial_arrays=ArrayRecord({k: Array(v) for k, v in initial.items()}), num_rounds=settings.rounds,
+        timeout=settings.round_timeout, train_config=settings.round_config(mf.sha256_file(bundle / mf.MANIFEST)),
+        evaluate_fn=after_round,
+    )
+    final = {name: array.numpy() for name, array in result.arrays.items()}
+    return _finish(run, bundle, manifest, settings, final, time.perf_counter() - t0)
+
+
+def _finish(run: Path, bundle: Path, manifest: Manifest, settings: FleetSettings, tensors: dict[str, np.ndarray],
+            seconds: float) -> dict:
+    """The ordinary run folder: adapter, model.onnx, run.json, the bundle's manifest, summary.json."""
+    (run / ROUNDS / MODEL).unlink(missing_ok=True)
+    save_adapter(run / ADAPTER, tensors, manifest)
+    adapter_config.write(run, adapter_config.from_manifest(manifest, settings.classes))
+    build_model(bundle, manifest, tensors, run / MODEL)
+    atomic_write_text(run / BUNDLE_MANIFEST, (bundle / mf.MANIFEST).read_text())
+    atomic_write_text(run / RUN_FILE, json.dumps({
+        "bundle": str(bundle.resolve()), "data": None, "val": None, "classes": settings.classes,
+        "fleet": asdict(settings), "bundle_manifest_sha256": mf.sha256_file(bundle / mf.MANIFEST),
+    }, indent=2) + "\n")
+    rounds = [json.loads(line) for line in (run / METRICS).read_text().splitlines() if line.strip()]
+    clients = [c for r in rounds for c in r.get("clients", [])]
+    summary = {
+        "fleet": True, "rounds": settings.rounds, "clients": settings.clients, "local_epochs": settings.local_epochs,
+        "train_images": max((sum(c[NUM_EXAMPLES] for c in r["clients"]) for r in rounds if r.get("clients")), default=0),
+        "test_accuracy": rounds[-1].get("test_acc") if rounds else None,
+        "final": rounds[-1] if rounds else None,
+        "bytes_down_per_client_per_round": rounds[-1].get("bytes_down") if rounds else None,
+        "bytes_up_per_client_per_round": max((c["bytes_up"] for c in clients), default=None),
+        "client_peak_rss_mb": max((c["peak_rss_mb"] for c in clients), default=None),
+        "seconds": round(seconds, 3),
+        "server_peak_rss_mb": round(peak_rss_mb(), 1),
+        # eval/predict check these before use (device_runner/evaluate.py verify_run_files).
+        "files": {name: mf.sha256_file(run / name) for name in RUN_FILES},
+    }
+    atomic_write_text(run / SUMMARY, json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Flower's entry: the run config's `settings` names the run folder's fleet.json."""
+    ort.block_torch()  # Flower started this process for the run: onnxruntime must not pull torch in
+    settings = FleetSettings(**json.loads(Path(str(context.run_config["settings"])).read_text()))
+    run_fleet(grid, settings)
