@@ -154,17 +154,22 @@ def export_bundle(
     class_names: Sequence[str] | None = None,
     weights: dict | None = None,
     seed: int = 0,
+    quantize: str = "none",
     log: Callable[[str], None] = print,
 ) -> Manifest:
     """Write a complete bundle for `method` to `out` and return its manifest. `out` must be empty or absent.
 
     `last_k` (methods that adapt layers, manifest.LAST_K_METHODS): how many last layers; all by
     default. `query_layers` (methods with query tokens): all by default. `query_tokens` is T, the
-    query tokens per layer, and for VPT the prompt tokens per layer.
+    query tokens per layer, and for VPT the prompt tokens per layer. `quantize` ("int8", "int4"):
+    frozen.onnx and head.onnx quantized, the training graph holding the dequantized weights
+    (exporters/quantize.py).
     """
     arch = backbone.arch
     if method not in mf.METHODS:
         raise UserError(f"unknown method {method!r}; one of {', '.join(mf.METHODS)}")
+    if quantize not in mf.QUANTIZE_MODES:
+        raise UserError(f"unknown quantization {quantize!r}; one of {', '.join(mf.QUANTIZE_MODES)}")
     if method in mf.LAST_K_METHODS:
         last_k = arch.depth if last_k is None else last_k
     elif last_k not in (None, 0):
@@ -192,6 +197,7 @@ def export_bundle(
         frozen_outputs=frozen_outputs,
         last_k=last_k,
         weights=weights or {},
+        quantize=quantize,
     )
     manifest.validate("export settings")
     out.mkdir(parents=True, exist_ok=True)
@@ -222,6 +228,11 @@ def export_bundle(
 
     log(f"exporting {mf.HEAD_MODEL} ({method} trainable part + head, inference) ...")
     _export(head, feats, out / mf.HEAD_MODEL, frozen_outputs, ["logits"], "head")
+    if quantize != "none":
+        from exporters.quantize import quantize_bundle_graphs
+
+        log(f"quantizing {mf.FROZEN} and {mf.HEAD_MODEL} ({quantize}; the training graph gets the dequantized weights) ...")
+        manifest.quantization = quantize_bundle_graphs(out, quantize, head, manifest.trainable.values())
     log("generating onnxruntime-training artifacts ...")
     with tempfile.TemporaryDirectory() as tmp:
         train_onnx = Path(tmp) / "train_step.onnx"

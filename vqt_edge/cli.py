@@ -16,7 +16,7 @@ import click
 
 from vqt_edge.cli_options import arch_size_options
 from vqt_edge.errors import UserError
-from vqt_edge.manifest import METHODS
+from vqt_edge.manifest import METHODS, QUANTIZE_MODES
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 
@@ -104,9 +104,13 @@ def _layers(text: str, depth: int) -> list[int]:
 @click.option("--mean", help="Input normalization mean (one or three numbers). Default: the weights' own, else 0.5.")
 @click.option("--std", help="Input normalization std (one or three numbers). Default: the weights' own, else 0.5.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the query-token and head initialization.")
+@click.option("--quantize", type=click.Choice(QUANTIZE_MODES), default="none", show_default=True,
+              help="int8: frozen.onnx and the head's frozen weight MatMuls dynamically quantized (8-bit weights, "
+                   "8-bit activations per call); int4: the same MatMuls with 4-bit weights (MatMulNBits, weight-only). "
+                   "The patch embedding stays fp32. Training uses the dequantized weights, so it matches model.onnx.")
 @arch_size_options
 def export(model_name, weights, random_init, num_classes, classes, out, method, last_k, tokens, query_layers, feature_norm,
-           dropout, mean, std, seed, depth, dim, heads, mlp_dim, patch, image_size) -> None:
+           dropout, mean, std, seed, quantize, depth, dim, heads, mlp_dim, patch, image_size) -> None:
     """Split a ViT checkpoint into a bundle the device trains on (needs torch).
 
     Writes frozen.onnx (pixel_values -> cls, keys, values for VQT; the input of layer L-k for the
@@ -132,7 +136,7 @@ def export(model_name, weights, random_init, num_classes, classes, out, method, 
         out=out, method=method, last_k=last_k, tokens=tokens, query_layers=query_layers, feature_norm=feature_norm, dropout=dropout,
         mean=_floats(mean, "--mean"), std=_floats(std, "--std"), seed=seed,
         sizes=dict(depth=depth, dim=dim, heads=heads, mlp_dim=mlp_dim, patch=patch, image_size=image_size),
-        parse_layers=_layers,
+        parse_layers=_layers, quantize=quantize,
     )
 
 
