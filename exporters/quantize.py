@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -190,7 +191,9 @@ def quantize_int4(src: Path, dst: Path, keep: Iterable[str] = (), block_size: in
     keep_set = set(keep)
     excluded = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in keep_set]
     count = sum(len(v) for v in plan.values())
-    with _quiet():
+    with _quiet(), warnings.catch_warnings():
+        # HQQ wraps onnx's read-only weight arrays in torch tensors that it never writes to.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         config = q.HQQWeightOnlyQuantConfig(block_size=block_size, bits=4)
         quantizer = q.MatMul4BitsQuantizer(model, nodes_to_exclude=excluded, algo_config=config)
         quantizer.process()

@@ -195,3 +195,34 @@ def test_quantized_bundle_trains_on_the_dequantized_weights(quant_bundle, tiny_b
     params = dict(head.named_parameters())
     for name in manifest.trainable.values():
         np.testing.assert_allclose(np.array(state.parameters[name].grad), params[name].grad.numpy(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_layer_major_step_like_graph(mode, tmp_path):
+    """The shape of the portable training step (docs/design.md section 10): activations [L, M, K]
+    against stacked constant weights [L, K, N] forward, and the stored transposes [L, N, K] for the
+    backward dX. Every such MatMul is quantized, and the graph equals numpy on the dequantized
+    weights (int4: 1e-5 relative; int8 also quantizes the activations: 5e-2)."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    L, M, K, N = 3, 5, 64, 32
+    w = rng.standard_normal((L, K, N)).astype(np.float32) * 0.1
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="fwd"),
+             helper.make_node("MatMul", ["dy", "w_t"], ["dx"], name="bwd")]
+    graph = helper.make_graph(
+        nodes, "step",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [L, "m", K]), helper.make_tensor_value_info("dy", TensorProto.FLOAT, [L, "m", N])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [L, "m", N]), helper.make_tensor_value_info("dx", TensorProto.FLOAT, [L, "m", K])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.ascontiguousarray(w.transpose(0, 2, 1)), "w_t")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    onnx.save(model, str(tmp_path / "step.onnx"))
+    report = quantize(mode, tmp_path / "step.onnx", tmp_path / "q.onnx")
+    assert report.weights == ["w", "w_t"] and report.matmuls == 2 * L
+    deq = numpy_dequantized(tmp_path / "q.onnx")
+    assert deq["w"].shape == (L, K, N) and deq["w_t"].shape == (L, N, K)
+    x, dy = rng.standard_normal((L, M, K)).astype(np.float32), rng.standard_normal((L, M, N)).astype(np.float32)
+    y, dx = onnxruntime.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x, "dy": dy})
+    tol = 1e-5 if mode == "int4" else 5e-2
+    for got, want in ((y, x @ deq["w"]), (dx, dy @ deq["w_t"])):
+        assert np.abs(got - want).max() <= tol * np.abs(want).max()
