@@ -44,7 +44,6 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from vqt_edge.manifest import QUANTIZE_MODES as MODES  # noqa: F401  (one home for the mode names)
 INT4_BLOCK = 32
 """Block size of int4 weights along K: 32 keeps each block's range small (better accuracy than the
 quantizer's default 128) and divides every ViT width (D, mlp)."""
@@ -92,7 +91,7 @@ def split_stacked_matmuls(model: onnx.ModelProto, keep: Iterable[str] = ()) -> d
     nodes, dropped = [], set()
     for node in model.graph.node:
         w = node.input[1] if node.op_type == "MatMul" else None
-        if w not in inits or w in keep:
+        if w not in inits or w in keep or inits[w].data_type != onnx.TensorProto.FLOAT:
             nodes.append(node)
             continue
         dims = list(inits[w].dims)
@@ -114,7 +113,8 @@ def split_stacked_matmuls(model: onnx.ModelProto, keep: Iterable[str] = ()) -> d
                      helper.make_node("Split", [node.input[0]], pieces, name=f"{node.name}/split", axis=-3, split=[1] * len(stack)))
         for i, w_l in enumerate(stack):
             name = f"{w}{_SLICE.format(i)}"
-            model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w_l), name))
+            if w not in dropped:  # a weight read by several MatMuls is sliced once
+                model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w_l), name))
             nodes.append(helper.make_node("MatMul", [pieces[i], name], [outs[i]], name=f"{node.name}{_SLICE.format(i)}"))
             plan.setdefault(w, []).append((pieces[i], outs[i]))
         nodes.append(helper.make_node("Concat", outs, [base], name=f"{node.name}/concat", axis=-3))
@@ -260,7 +260,7 @@ def dequantized_weights(fp32: Path, quantized: Path, keep: Iterable[str] = ()) -
     for w, matmuls in plan.items():
         k, n = shapes[w][-2:]
         slices = []
-        for a, y in matmuls:
+        for a, y in matmuls[: shapes[w][0] if len(shapes[w]) == 3 else 1]:  # one use of a shared weight
             sub = extractor.extract_model([a], [y])
             _free_shapes(sub)  # inferred for the export's sample batch; the identity is another shape
             sess = ort.InferenceSession(sub.SerializeToString(), opts, providers=["CPUExecutionProvider"])
