@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from exporters.baselines import FrozenPart, MethodHead
+from exporters.quantize import holding, quantize_bundle_graphs
 from exporters.vit import VisionTransformer
 from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
@@ -228,13 +229,12 @@ def export_bundle(
 
     log(f"exporting {mf.HEAD_MODEL} ({method} trainable part + head, inference) ...")
     _export(head, feats, out / mf.HEAD_MODEL, frozen_outputs, ["logits"], "head")
+    dequantized: dict = {}
     if quantize != "none":
-        from exporters.quantize import quantize_bundle_graphs
-
         log(f"quantizing {mf.FROZEN} and {mf.HEAD_MODEL} ({quantize}; the training graph gets the dequantized weights) ...")
-        manifest.quantization = quantize_bundle_graphs(out, quantize, head, manifest.trainable.values())
+        manifest.quantization, dequantized = quantize_bundle_graphs(out, quantize, manifest.trainable.values())
     log("generating onnxruntime-training artifacts ...")
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, holding(head, dequantized):
         train_onnx = Path(tmp) / "train_step.onnx"
         _export(head, (*feats, *extra, targets), train_onnx, head.input_names, ["loss", "logits"], "train")
         _generate_training_artifacts(train_onnx, out / "train", list(manifest.trainable.values()))

@@ -33,6 +33,7 @@ training and model.onnx use the same weights.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import warnings
@@ -294,33 +295,48 @@ class _quiet:
         return False
 
 
-def quantize_bundle_graphs(out: Path, mode: str, head, keep: Iterable[str]) -> dict:
-    """Quantize a bundle's frozen.onnx and train/head.onnx in place with `mode`, and load the
-    dequantized values of head.onnx's quantized weights into `head` (the torch module the training
-    graph is exported from next), so the training artifacts train on exactly the weights head.onnx
-    (and so the run's model.onnx) multiplies by. Returns the manifest's `quantization` record."""
-    import torch
+def quantize_bundle_graphs(out: Path, mode: str, keep: Iterable[str]) -> tuple[dict, dict[str, np.ndarray]]:
+    """Quantize a bundle's frozen.onnx and train/head.onnx in place with `mode`. Returns the
+    manifest's `quantization` record and the dequantized values of head.onnx's quantized weights
+    (by tensor name), which the training graph is built with (`holding`), so it trains on exactly
+    the weights head.onnx, and so the run's model.onnx, multiplies by.
 
+    Quantize every graph from the fp32 weights, never from dequantized ones: int8 re-quantizes to
+    the same values, but int4's HQQ does not (re-quantizing dequantized int4 weights moved them by up
+    to 0.04 on the tiny test model, about one quantization step)."""
     from vqt_edge import manifest as mf
 
     record: dict = {}
+    values: dict[str, np.ndarray] = {}
     for name in (mf.FROZEN, mf.HEAD_MODEL):
         path = out / name
         tmp = path.with_name(path.name + ".quantized")
-        report = quantize(mode, path, tmp, keep)
+        record[name] = quantize(mode, path, tmp, keep).to_dict()
         if name == mf.HEAD_MODEL:
             values = dequantized_weights(path, tmp, keep)
-            tensors = {**dict(head.named_parameters()), **dict(head.named_buffers())}
-            unknown = sorted(set(values) - set(tensors))
-            if unknown:  # the training graph would keep fp32 weights that model.onnx does not use
-                raise RuntimeError(f"quantized head weights that are not tensors of the head module: {unknown}")
-            with torch.no_grad():
-                for w, v in values.items():
-                    tensors[w].copy_(torch.from_numpy(v))
         tmp.replace(path)
-        record[name] = report.to_dict()
     record[mf.CHECKPOINT] = {"weights": f"fp32, the dequantized values of {mf.HEAD_MODEL}'s quantized weights "
                                         "(read back through onnxruntime)"}
     record["kept_fp32"] = ["the patch embedding Conv (MatMul only: ConvInteger has no CPU kernel)",
                            "MatMuls without a constant weight (attention)", "the trained tensors: " + ", ".join(sorted(keep))]
-    return record
+    return record, values
+
+
+@contextlib.contextmanager
+def holding(module, values: dict[str, np.ndarray]):
+    """`module` (torch) with `values` in place of its tensors of those names, restored on exit."""
+    import torch
+
+    tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    unknown = sorted(set(values) - set(tensors))
+    if unknown:  # the training graph would keep fp32 weights that model.onnx does not use
+        raise RuntimeError(f"quantized weights that are not tensors of the module: {unknown}")
+    saved = {name: tensors[name].detach().clone() for name in values}
+    with torch.no_grad():
+        try:
+            for name, v in values.items():
+                tensors[name].copy_(torch.from_numpy(np.asarray(v)))
+            yield module
+        finally:
+            for name, v in saved.items():
+                tensors[name].copy_(v)
