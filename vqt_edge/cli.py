@@ -107,7 +107,8 @@ def _layers(text: str, depth: int) -> list[int]:
 @click.option("--quantize", type=click.Choice(QUANTIZE_MODES), default="none", show_default=True,
               help="int8: frozen.onnx and the head's frozen weight MatMuls dynamically quantized (8-bit weights, "
                    "8-bit activations per call); int4: the same MatMuls with 4-bit weights (MatMulNBits, weight-only). "
-                   "The patch embedding stays fp32. Training uses the dequantized weights, so it matches model.onnx.")
+                   "The patch embedding stays fp32. Training uses the dequantized weights, so it matches model.onnx. "
+                   "Measured on vit_fmnist (README): no accuracy drop beyond the seeds' spread for either mode.")
 @arch_size_options
 def export(model_name, weights, random_init, num_classes, classes, out, method, last_k, tokens, query_layers, feature_norm,
            dropout, mean, std, seed, quantize, depth, dim, heads, mlp_dim, patch, image_size) -> None:
