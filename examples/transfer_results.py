@@ -22,7 +22,7 @@ import statistics
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -39,6 +39,7 @@ class Method:
     last_k: int | None = None
     aggregate: str = "concat"  # vqt-edge export --aggregate
     h2t_target: int | None = None  # vqt-edge export --h2t-target (head2toe; None: export's default)
+    quantize: str = "none"  # `export --quantize`
 
 
 # vit_fmnist has 6 layers: "all layers" is k = 6.
@@ -70,6 +71,7 @@ def _run(cmd: list[str], log: Path) -> None:
 
 def bundle_for(out: Path, task: str, m: Method, classes: list[str]) -> Path:
     variant = (f"-{m.aggregate}" if m.aggregate != "concat" else "") + (f"-h{m.h2t_target}" if m.h2t_target else "")
+    variant += "" if m.quantize == "none" else f"-{m.quantize}"
     bundle = out / "bundles" / task / f"{m.method}-T{m.tokens}-k{m.last_k}{variant}"
     if not (bundle / "manifest.json").exists():
         args = ["export", "--model", "vit_fmnist", "--method", m.method, "--query-tokens", str(m.tokens),
@@ -80,6 +82,8 @@ def bundle_for(out: Path, task: str, m: Method, classes: list[str]) -> Path:
             args += ["--aggregate", m.aggregate]
         if m.h2t_target is not None:
             args += ["--h2t-target", str(m.h2t_target)]
+        if m.quantize != "none":
+            args += ["--quantize", m.quantize]
         _run(VQT_EDGE + args, bundle.parent / (bundle.name + ".log"))
     return bundle
 
@@ -98,7 +102,8 @@ def val_accuracy(bundle: Path, run: Path, data: Path, lr: float, wd: float, epoc
     return train(bundle, run, data / "train800", data / "val200", lr, wd, 0, epochs)["test_accuracy"]
 
 
-def evaluate_method(out: Path, task: str, data: Path, m: Method, epochs: int, pool: ThreadPoolExecutor) -> dict:
+def evaluate_method(out: Path, task: str, data: Path, m: Method, epochs: int, pool: ThreadPoolExecutor,
+                    seeds: tuple[int, ...] = SEEDS) -> dict:
     classes = sorted(p.name for p in (data / "train1000").iterdir())
     bundle = bundle_for(out, task, m, classes)
     runs = out / "runs" / task / bundle.name
@@ -106,11 +111,11 @@ def evaluate_method(out: Path, task: str, data: Path, m: Method, epochs: int, po
     vals = list(pool.map(lambda g: val_accuracy(bundle, runs / f"val-lr{g[0]}-wd{g[1]}", data, *g, epochs), grid))
     (lr, wd), best_val = max(zip(grid, vals), key=lambda x: x[1])
     tests = list(pool.map(
-        lambda s: train(bundle, runs / f"final-seed{s}", data / "train1000", data / "test", lr, wd, s, epochs), SEEDS))
+        lambda s: train(bundle, runs / f"final-seed{s}", data / "train1000", data / "test", lr, wd, s, epochs), seeds))
     accs = [t["test_accuracy"] for t in tests]
     return {
         "task": task, "method": m.label, "lr": lr, "weight_decay": wd, "val_accuracy": best_val,
-        "test_accuracy_mean": statistics.mean(accs), "test_accuracy_std": statistics.stdev(accs), "test_accuracies": accs,
+        "test_accuracy_mean": statistics.mean(accs), "test_accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "test_accuracies": accs,
         "peak_rss_mb": max(t["peak_rss_mb"] for t in tests), "seconds_per_epoch": statistics.mean(t["seconds_per_epoch"] for t in tests),
     }
 
@@ -134,11 +139,18 @@ def main() -> None:
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--methods", default="all", help="comma-separated method labels, or all")
     parser.add_argument("--epochs", type=int, default=25)
+    parser.add_argument("--quantize", default="none",
+                        help="comma-separated export --quantize modes (none,int8,int4); a mode other than none "
+                             "adds rows labelled 'METHOD, MODE'")
+    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated seeds of the final runs")
     parser.add_argument("--jobs", type=int, default=2, help="training processes at once")
     parser.add_argument("--table-only", action="store_true", help="only rewrite results.md and the plots from results.json")
     args = parser.parse_args()
     tasks = args.tasks.split(",")
     methods = METHODS if args.methods == "all" else [m for m in METHODS if m.label in args.methods.split(",")]
+    methods = [m if q == "none" else replace(m, label=f"{m.label}, {q}", quantize=q)
+               for m in methods for q in args.quantize.split(",")]
+    seeds = tuple(int(s) for s in args.seeds.split(","))
     results_path = args.out / "results.json"
     rows = json.loads(results_path.read_text()) if results_path.exists() else []
     with ThreadPoolExecutor(args.jobs) as pool:
@@ -147,7 +159,7 @@ def main() -> None:
             for m in methods:
                 if any(r["task"] == task and r["method"] == m.label for r in rows):
                     continue
-                row = evaluate_method(args.out, task, data, m, args.epochs, pool)
+                row = evaluate_method(args.out, task, data, m, args.epochs, pool, seeds)
                 rows.append(row)
                 print(f"{task:<12} {m.label:<24} test {100 * row['test_accuracy_mean']:.1f} ± {100 * row['test_accuracy_std']:.1f}"
                       f"  (lr {row['lr']}, wd {row['weight_decay']}, val {100 * row['val_accuracy']:.1f})"

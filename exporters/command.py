@@ -43,7 +43,7 @@ def run_export(
     *, model_name: str | None, weights: Path | None, random_init: bool, num_classes: int, class_names: list[str] | None,
     out: Path, tokens: int, query_layers: str, feature_norm: str, dropout: float, mean: list[float] | None,
     std: list[float] | None, seed: int, sizes: dict, parse_layers: Callable[[str, int], list[int]],
-    method: str = "vqt", last_k: int | None = None, aggregate: str = "concat", h2t_target: int | None = None,
+    method: str = "vqt", last_k: int | None = None, aggregate: str = "concat", h2t_target: int | None = None, quantize: str = "none",
     log: Callable[[str], None] = click.echo,
 ) -> None:
     t0 = time.perf_counter()
@@ -94,7 +94,7 @@ def run_export(
     manifest = export_bundle(
         backbone, out, model_name=model_name or "custom", num_classes=num_classes, method=method, last_k=last_k,
         query_layers=layers, query_tokens=tokens, feature_norm=feature_norm, aggregate=aggregate, h2t_target=h2t_target,
-        dropout=dropout, mean=mean, std=std, class_names=class_names, weights=source, seed=seed, log=log,
+        dropout=dropout, mean=mean, std=std, class_names=class_names, weights=source, seed=seed, quantize=quantize, log=log,
     )
     log(f"backbone parameters: {sum(p.numel() for p in backbone.parameters()):,}")
     log("files:")

@@ -34,6 +34,7 @@ from torch import nn
 
 from exporters.baselines import FrozenPart, MethodHead
 from exporters.head2toe import Head2ToeFeatures
+from exporters.quantize import holding, quantize_bundle_graphs
 from exporters.vit import VisionTransformer
 from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
@@ -166,6 +167,7 @@ def export_bundle(
     class_names: Sequence[str] | None = None,
     weights: dict | None = None,
     seed: int = 0,
+    quantize: str = "none",
     log: Callable[[str], None] = print,
 ) -> Manifest:
     """Write a complete bundle for `method` to `out` and return its manifest. `out` must be empty or absent.
@@ -174,11 +176,15 @@ def export_bundle(
     default. `query_layers` (methods with query tokens): all by default. `query_tokens` is T, the
     query tokens per layer, and for VPT the prompt tokens per layer. `aggregate`: how a layer's T
     query outputs enter the head (manifest.AGGREGATES). `h2t_target` (head2toe): pooled size of each
-    token tap, vqt_edge/head2toe.py's DEFAULT_TARGET by default.
+    token tap, vqt_edge/head2toe.py's DEFAULT_TARGET by default. `quantize` ("int8", "int4"):
+    frozen.onnx and head.onnx quantized, the training graph holding the dequantized weights
+    (exporters/quantize.py).
     """
     arch = backbone.arch
     if method not in mf.METHODS:
         raise UserError(f"unknown method {method!r}; one of {', '.join(mf.METHODS)}")
+    if quantize not in mf.QUANTIZE_MODES:
+        raise UserError(f"unknown quantization {quantize!r}; one of {', '.join(mf.QUANTIZE_MODES)}")
     if method in mf.LAST_K_METHODS:
         last_k = arch.depth if last_k is None else last_k
     elif last_k not in (None, 0):
@@ -212,6 +218,7 @@ def export_bundle(
         aggregate=aggregate,
         h2t_target=h2t_target or 0,
         weights=weights or {},
+        quantize=quantize,
     )
     manifest.validate("export settings")
     out.mkdir(parents=True, exist_ok=True)
@@ -244,8 +251,12 @@ def export_bundle(
 
     log(f"exporting {mf.HEAD_MODEL} ({method} trainable part + head, inference) ...")
     _export(head, feats, out / mf.HEAD_MODEL, frozen_outputs, ["logits"], "head")
+    dequantized: dict = {}
+    if quantize != "none":
+        log(f"quantizing {mf.FROZEN} and {mf.HEAD_MODEL} ({quantize}; the training graph gets the dequantized weights) ...")
+        manifest.quantization, dequantized = quantize_bundle_graphs(out, quantize, manifest.trainable.values())
     log("generating onnxruntime-training artifacts ...")
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, holding(head, dequantized):
         train_onnx = Path(tmp) / "train_step.onnx"
         _export(head, (*feats, *extra, targets), train_onnx, head.input_names, ["loss", "logits"], "train")
         _generate_training_artifacts(train_onnx, out / "train", list(manifest.trainable.values()))

@@ -70,7 +70,7 @@ def export(
     query_tokens: int = 1, query_layers: str | Sequence[int] = "all", feature_norm: str = "l2", dropout: float = 0.1,
     aggregate: str = "concat", h2t_target: int | None = None,
     mean: Sequence[float] | None = None, std: Sequence[float] | None = None, seed: int = 0,
-    sizes: dict[str, int | None] | None = None, progress: Progress | None = None,
+    sizes: dict[str, int | None] | None = None, progress: Progress | None = None, quantize: str = "none",
 ) -> "Manifest":
     """Write a bundle to `out` (needs torch); the options are `vqt-edge export`'s. Returns its manifest.
 
@@ -102,7 +102,7 @@ def export(
             query_layers=layers, feature_norm=feature_norm, dropout=dropout, aggregate=aggregate, h2t_target=h2t_target,
             mean=list(mean) if mean is not None else None, std=list(std) if std is not None else None, seed=seed,
             sizes={k: (sizes or {}).get(k) for k in ("depth", "dim", "heads", "mlp_dim", "patch", "image_size")},
-            parse_layers=parse_query_layers, log=progress or log.info,
+            parse_layers=parse_query_layers, log=progress or log.info, quantize=quantize,
         )
     finally:
         root.setLevel(level)

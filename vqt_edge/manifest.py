@@ -40,6 +40,8 @@ FEATURE_NORMS = ("l2", "none")
 # default, POOLING_FEATS and WEIGHTED_SUM_FEATS): concat keeps all T*D values, mean averages them
 # into one D vector, wsum sums them with learned per-layer weights `wsum_weights` [Lq, T].
 AGGREGATES = ("concat", "mean", "wsum")
+# `export --quantize`: none, or the bundle's frozen graph and head quantized (exporters/quantize.py).
+QUANTIZE_MODES = ("none", "int8", "int4")
 
 
 def adaptation(method: str) -> str | None:
@@ -103,6 +105,9 @@ class Manifest:
     # head2toe: the pooled size of each token tap (vqt_edge/head2toe.py); 0 for other methods.
     h2t_target: int = 0
     weights: dict = field(default_factory=dict)
+    # "none", "int8" or "int4", and what exporters/quantize.py did to each file (docs/design.md section 6).
+    quantize: str = "none"
+    quantization: dict = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
     format: str = FORMAT
 
@@ -141,6 +146,8 @@ class Manifest:
 
         if self.method not in METHODS:
             raise bad(f"unknown method {self.method!r}")
+        if self.quantize not in QUANTIZE_MODES:
+            raise bad(f"quantize must be one of {QUANTIZE_MODES}, not {self.quantize!r}")
         if self.feature_norm not in FEATURE_NORMS:
             raise bad(f"feature_norm must be one of {FEATURE_NORMS}, not {self.feature_norm!r}")
         if not isinstance(self.num_classes, int) or self.num_classes < 2:
@@ -311,7 +318,7 @@ def check_field_types(d: dict, source: str) -> None:
             raise bad(f"arch.{key} must be an integer in [1, {limit}], not {arch[key]!r}")
     if "eps" in arch and not (_is_number(arch["eps"]) and 0 < arch["eps"] < 1):
         raise bad(f"arch.eps must be a small positive number, not {arch['eps']!r}")
-    for key in ("model", "method", "feature_norm", "aggregate"):
+    for key in ("model", "method", "feature_norm", "aggregate", "quantize"):
         if key in d and not isinstance(d[key], str):
             raise bad(f"{key} must be a string, not {d[key]!r}")
     for key, limit in _INT_LIMITS.items():
@@ -334,7 +341,7 @@ def check_field_types(d: dict, source: str) -> None:
     trainable = d.get("trainable", {})
     if not (isinstance(trainable, dict) and all(isinstance(v, str) and v for v in trainable.values())):
         raise bad("trainable must map adapter tensor names to graph tensor names")
-    for key in ("trainable_shapes", "weights"):
+    for key in ("trainable_shapes", "weights", "quantization"):
         if key in d and not isinstance(d[key], dict):
             raise bad(f"{key} must be an object, not {type(d[key]).__name__}")
     files = d.get("files")

@@ -148,6 +148,15 @@ FROZEN_LOAD = 1.03
 SESSION_MB [346 MiB for 327]."""
 FROZEN_RESIDENT = 1.0
 """Resident after that load, per byte of the file, beyond SESSION_MB [337 MiB for 327]."""
+QUANTIZED_LOAD_EXTRA_MB, QUANTIZED_RESIDENT_EXTRA_MB = 11.0, 3.0
+"""A quantized frozen.onnx (`export --quantize`, exporters/quantize.py) loads at its file size plus
+11 MiB and stays resident at its file size plus 3 MiB, beyond SESSION_MB (none of its weights is
+unpacked to fp32). Measured on ViT-B/16 with bench/quantized_frozen.py (fresh torch-free process,
+1 thread): int8 file 84.1 MiB, load peak 104.2, resident 96.1; int4 file 63.7 MiB, 83.0 and 74.5
+(the same run's fp32 file, 327.0 MiB: 345.9 and 337.1, as FROZEN_LOAD and FROZEN_RESIDENT say).
+One frozen call at batch 8 peaked at 185.6 (int8) and 181.2 (int4) vs 194.8 MiB (fp32), so
+FROZEN_WORK is kept for all. Also applied to model.onnx (the `test` phase), which holds the same
+quantized weights."""
 FROZEN_WORK = 3.8
 """Frozen pass as the trainer runs it (decode, preprocess, run, convert into the cache), per image
 of a frozen-pass batch: besides the fp32 pixels and the fp32 outputs (both counted exactly), the
@@ -232,6 +241,7 @@ class BundleFootprint:
     query_path_per_sample: int  # VQT query path activations (T tokens per query layer)
     frozen_taps_per_sample: int = 0  # head2toe: its frozen pass's unpooled taps, 4 * N * (3D + mlp) * depth
     largest_weight_bytes: int = 0  # the backbone's largest weight matrix (qkv or MLP)
+    quantize: str = "none"  # the manifest's quantize: how frozen.onnx and head.onnx hold their weights
 
     @classmethod
     def from_bundle(cls, bundle: Path) -> "BundleFootprint":
@@ -257,7 +267,7 @@ class BundleFootprint:
             ckpt_bytes=_size(bundle / mf.CHECKPOINT), trainable_bytes=_trainable_bytes(bundle / mf.TRAINING_MODEL),
             pixels_per_sample=4 * a.channels * a.image_size**2, feed_per_sample=feed, cache_per_sample=cache,
             layer_work=work, query_path_per_sample=query_path, frozen_taps_per_sample=taps,
-            largest_weight_bytes=4 * a.dim * max(3 * a.dim, a.mlp_dim),
+            largest_weight_bytes=4 * a.dim * max(3 * a.dim, a.mlp_dim), quantize=m.quantize,
         )
 
 
@@ -346,6 +356,8 @@ def predict_peak(fp: BundleFootprint, *, images: int, batch_size: int, micro_bat
       + store), with fb = frozen_batch(), act_frozen(b) = b * (fp32 input + fp32 outputs +
       FROZEN_WORK * layer work + H2T_TAPS * head2toe's taps), and store = images * cache row (fp16
       K/V) in ram mode; in disk mode one batch of rows, as the fill unmaps the pages it wrote after every batch.
+      A quantized frozen.onnx (and model.onnx) loads at file + QUANTIZED_LOAD_EXTRA_MB and stays resident at
+      file + QUANTIZED_RESIDENT_EXTRA_MB instead.
     - train: 2 * SESSION_MB + store + max(CKPT_LOAD * checkpoint, module + max(step, save)), with
       module = CKPT_RESIDENT * checkpoint + OPTIMIZER_COPIES * trainable bytes, step = micro *
       (FEED * fp32 feed + query path activations + adapted layers' activations, ADAPTED_WORK), save =
@@ -371,8 +383,13 @@ def predict_peak(fp: BundleFootprint, *, images: int, batch_size: int, micro_bat
         return b * (fp.pixels_per_sample + fp.feed_per_sample + FROZEN_WORK * fp.layer_work
                 + H2T_TAPS * fp.frozen_taps_per_sample) * mb
 
-    frozen_res = FROZEN_RESIDENT * fp.frozen_bytes * mb
-    frozen_load = FROZEN_LOAD * fp.frozen_bytes * mb
+    def loaded(file_mb: float) -> tuple[float, float]:
+        """(load peak, resident) of an inference session on a graph file of this size."""
+        if fp.quantize != "none":
+            return file_mb + QUANTIZED_LOAD_EXTRA_MB, file_mb + QUANTIZED_RESIDENT_EXTRA_MB
+        return FROZEN_LOAD * file_mb, FROZEN_RESIDENT * file_mb
+
+    frozen_load, frozen_res = loaded(fp.frozen_bytes * mb)
     cache = images * fp.cache_per_sample * mb
     ckpt = fp.ckpt_bytes * mb
     optimizer = OPTIMIZER_COPIES * fp.trainable_bytes * mb
@@ -393,8 +410,8 @@ def predict_peak(fp: BundleFootprint, *, images: int, batch_size: int, micro_bat
             frozen_load, frozen_res + max(CKPT_LOAD * ckpt, module + max(step + act_frozen(micro), save)))
     phases["finish"] = 2 * SESSION_MB + 2 * fp.trainable_bytes * mb + FINISH_MB + fp.largest_weight_bytes * mb
     if test_batch:
-        model = (fp.frozen_bytes + fp.head_bytes) * mb
-        phases["test"] = 3 * SESSION_MB + max(FROZEN_LOAD * model, FROZEN_RESIDENT * model + act_frozen(test_batch))
+        model_load, model_res = loaded((fp.frozen_bytes + fp.head_bytes) * mb)
+        phases["test"] = 3 * SESSION_MB + max(model_load, model_res + act_frozen(test_batch))
     return Plan(kv, micro, batch_size, images, BASE_MB + max(phases.values()), phases)
 
 
