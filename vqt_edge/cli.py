@@ -156,10 +156,13 @@ def export(model_name, weights, random_init, num_classes, classes, out, method, 
 @click.option("--threads", type=int, help="Threads for the frozen pass and training [default: all cores].")
 @click.option("--checkpoint-every", type=int, default=0, show_default=True, help="Also checkpoint every N steps (0: at the end of every epoch only).")
 @click.option("--resume", is_flag=True, help="Continue the run in --run from its last checkpoint, with its saved settings.")
+@click.option("--backend", type=click.Choice(["auto", "portable", "ort-training"]), default="auto", show_default=True,
+              help="Training step: portable (any onnxruntime) or ort-training (the onnxruntime-training build); "
+              "auto: portable where the bundle has its step graph, else ort-training.")
 @click.option("--memory-budget", help="Peak memory (RSS) the run must stay within, e.g. 600MB: chooses --kv and --micro-batch "
               "(yours are kept if they fit), exits 2 up front if nothing fits and 3 if the measured peak exceeds it.")
 def train(bundle, data, run_dir, val, val_split, test, epochs, batch_size, micro_batch, lr, weight_decay, warmup_epochs,
-          seed, kv, device, threads, checkpoint_every, resume, memory_budget) -> None:
+          seed, kv, device, threads, checkpoint_every, resume, backend, memory_budget) -> None:
     """Adapt the bundle's ViT to your images with VQT (torch-free, resumable).
 
     A killed run continues with --resume and ends exactly where an uninterrupted run would.
@@ -176,7 +179,7 @@ def train(bundle, data, run_dir, val, val_split, test, epochs, batch_size, micro
         raise UserError("give --bundle and --data (or --resume to continue a run)")
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, micro_batch=micro_batch, lr=lr, weight_decay=weight_decay,
                       warmup_epochs=warmup_epochs, seed=seed, kv=kv, device=device, threads=threads,
-                      val_split=val_split, checkpoint_every=checkpoint_every)
+                      val_split=val_split, checkpoint_every=checkpoint_every, backend=backend)
     if memory_budget is not None:
         cfg.memory_budget_mb = parse_size_mb(memory_budget)
         if click.get_current_context().get_parameter_source("kv") == click.core.ParameterSource.DEFAULT:
