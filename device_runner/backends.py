@@ -34,7 +34,7 @@ from vqt_edge.fileio import atomic_write_bytes, fsync_file
 from vqt_edge.manifest import Manifest
 
 BACKENDS = ("portable", "ort-training")
-DEFAULT = "portable"  # the faster and leaner of the two on vit_b16 (bench/step_bench.py; README)
+DEFAULT = "ort-training"  # the faster and leaner of the two on vit_b16 today (bench/step_bench.py; README)
 Position = dict[str, float | int]  # epoch, step, loss_sum, correct, seen
 
 # ORT's AdamW as the ORT-training artifacts are generated (exporters/export.py: OptimType.AdamW):
@@ -70,26 +70,22 @@ def has_step_graph(manifest: Manifest) -> bool:
 
 
 def resolve(requested: str, manifest: Manifest) -> str:
-    """The backend a run uses: `requested`, or for "auto" the default, falling back to the one this
-    bundle and this onnxruntime can run (portable needs the step graph, ort-training the training
-    build). An explicit request that cannot run is a UserError."""
-    training = ort.has_training_api()
-    step = has_step_graph(manifest)
+    """The backend a run uses: `requested`, or for "auto" the default where it can run here, else
+    the other one (portable needs the bundle's step graph, ort-training the training build of
+    onnxruntime). An explicit request that cannot run is a UserError."""
+    runnable = {"portable": has_step_graph(manifest), "ort-training": ort.has_training_api()}
+    why = {"portable": "this bundle has no train/step.onnx (exported by an older vqt-edge); re-export it",
+           "ort-training": "the installed onnxruntime has no training API (install onnxruntime-training-cpu, see README)"}
     if requested == "auto":
-        if step and (DEFAULT == "portable" or not training):
-            return "portable"
-        if training:
-            return "ort-training"
-        raise UserError("this bundle has no portable step graph (train/step.onnx; exported by an older vqt-edge) and "
-                        "the installed onnxruntime has no training API: re-export the bundle")
-    if requested == "portable" and not step:
-        raise UserError("--backend portable: this bundle has no train/step.onnx (exported by an older vqt-edge); "
-                        "re-export it, or use --backend ort-training")
-    if requested == "ort-training" and not training:
-        raise UserError("--backend ort-training: the installed onnxruntime has no training API "
-                        "(install onnxruntime-training-cpu, see README), or use --backend portable")
+        for name in (DEFAULT, *(b for b in BACKENDS if b != DEFAULT)):
+            if runnable[name]:
+                return name
+        raise UserError(f"no training backend can run here: {why['portable']}, and {why['ort-training']}")
     if requested not in BACKENDS:
         raise UserError(f"--backend must be one of {', '.join(BACKENDS)}")
+    if not runnable[requested]:
+        other = next(b for b in BACKENDS if b != requested)
+        raise UserError(f"--backend {requested}: {why[requested]}; or use --backend {other}")
     return requested
 
 

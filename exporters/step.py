@@ -59,9 +59,28 @@ class _Traced(nn.Module):
         return self.graph_module(*args[: self.n_train], *frozen, *args[self.n_train :])
 
 
-def step_inputs(head: MethodHead) -> list[str]:
-    """Input names of the step graph, in order."""
-    return list(head.trainable()) + list(head.input_names)
+class _LinearAsMatmul(torch.overrides.TorchFunctionMode):
+    """F.linear as `x @ w.T + b` while tracing. Under the grad transform, the C++ linear of a 3-D
+    input reads concrete sizes (`aten.size`), which pins the traced batch to the example's; matmul
+    keeps it symbolic. Same math (the exported graph has MatMul + Add instead of a Gemm)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear:
+            x, w = args[0], args[1]
+            b = args[2] if len(args) > 2 else kwargs.get("bias")
+            out = torch.matmul(x, w.t())
+            return out if b is None else out + b
+        return func(*args, **kwargs)
+
+
+def _distinct_batch(tensors: list[torch.Tensor], sizes: set[int]) -> int:
+    """A batch size for the trace that equals no other size in it. A symbolic trace turns every
+    size comparison it meets into a guard, and a batch equal to some size (a VPT with last_k = 2
+    at batch 2; the number of heads at batch 4, met in a reshape) pins the exported graph to that
+    batch. A small prime that is none of the sizes avoids both."""
+    taken = sizes | {d for t in tensors for d in t.shape}
+    return next(b for b in (7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53) if b not in taken)
 
 
 def export_step(head: MethodHead, frozen_example: tuple[torch.Tensor, ...], path: Path) -> None:
@@ -90,20 +109,24 @@ def export_step(head: MethodHead, frozen_example: tuple[torch.Tensor, ...], path
         grads, (loss, logits) = grad_and_value(weights, fixed, *flat[n_train + n_frozen :])
         return (loss, logits, *(grads[n] for n in names))
 
-    b = frozen_example[0].shape[0]
+    weights = [frozen[n] for n in frozen_names]
     example = [params[trainable[n]].detach().clone() for n in names]
+    arch = head.arch
+    sizes = {head.head.out_features, head.tokens, arch.heads, arch.head_dim, arch.num_tokens, arch.num_tokens + head.tokens}
+    b = _distinct_batch([*example, *weights, *(x[0] for x in frozen_example)], sizes)
     for name, x in zip(input_names, frozen_example):
-        example.append(x.detach().half() if name in HALF_INPUTS else x.detach())
+        x = x.detach()[torch.arange(b) % x.shape[0]]
+        example.append(x.half() if name in HALF_INPUTS else x)
     if head.query_layers:
-        example.append(torch.ones(b, len(head.query_layers), head.tokens, head.query_path.arch.dim))
+        example.append(torch.ones(b, len(head.query_layers), head.tokens, arch.dim))
     example.append(torch.full((b, head.head.out_features), 1.0 / b))
     head.train()
     from torch._decomp import core_aten_decompositions
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    weights = [frozen[n] for n in frozen_names]
-    traced = make_fx(step, decomposition_table=core_aten_decompositions(), tracing_mode="symbolic")(
-        *example[:n_train], *weights, *example[n_train:])
+    with _LinearAsMatmul():
+        traced = make_fx(step, decomposition_table=core_aten_decompositions(), tracing_mode="symbolic")(
+            *example[:n_train], *weights, *example[n_train:])
     all_inputs = names + input_names
     batch = torch.export.Dim("batch", min=1)
     dynamic = tuple({0: batch} if name in input_names else None for name in all_inputs)

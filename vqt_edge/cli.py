@@ -158,7 +158,7 @@ def export(model_name, weights, random_init, num_classes, classes, out, method, 
 @click.option("--resume", is_flag=True, help="Continue the run in --run from its last checkpoint, with its saved settings.")
 @click.option("--backend", type=click.Choice(["auto", "portable", "ort-training"]), default="auto", show_default=True,
               help="Training step: portable (any onnxruntime) or ort-training (the onnxruntime-training build); "
-              "auto: portable where the bundle has its step graph, else ort-training.")
+              "auto: the faster one (README, 'Backends') where it can run here, else the other.")
 @click.option("--memory-budget", help="Peak memory (RSS) the run must stay within, e.g. 600MB: chooses --kv and --micro-batch "
               "(yours are kept if they fit), exits 2 up front if nothing fits and 3 if the measured peak exceeds it.")
 def train(bundle, data, run_dir, val, val_split, test, epochs, batch_size, micro_batch, lr, weight_decay, warmup_epochs,
