@@ -5,6 +5,7 @@ runs it in the stock-onnxruntime environment too."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -102,3 +103,17 @@ def test_backend_choice_follows_what_this_onnxruntime_can_run(tmp_path, tiny_bun
         out = run_cli("train", "--bundle", tiny_bundle, "--data", task["train"], "--run", tmp_path / "ort",
                       "--epochs", 1, "--backend", "ort-training")
         assert out.returncode == 2 and "no training API" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_tampered_step_graph_is_refused(tmp_path, tiny_bundle, task):
+    """train/step.onnx and its initial values are listed in the manifest and checked like every file."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    for name in ("step.onnx", "step_init.safetensors"):
+        path = bundle / "train" / name
+        original = path.read_bytes()
+        path.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+        out = run_cli("train", "--bundle", bundle, "--data", task["train"], "--run", tmp_path / name, "--epochs", 1,
+                      "--backend", "portable")
+        assert out.returncode == 2 and "sha256 does not match" in out.stderr and "Traceback" not in out.stderr
+        path.write_bytes(original)
