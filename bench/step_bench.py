@@ -14,7 +14,8 @@ own each:
 
 A step is everything the trainer does per batch: gather the rows, forward + backward, optimizer.
 The first `--warmup` steps are reported apart (onnxruntime plans and allocates on its first calls);
-the median of the next `--steps` is the number. Peak = the process's VmHWM.
+the median of the next `--steps` is the number, in CPU seconds of the (one-thread) process, so that
+other jobs on the machine do not inflate it (wall seconds are recorded too). Peak = VmHWM.
 
     .venv/bin/python bench/step_bench.py [--model vit_b16] [--batch-size 32] [--threads 1]
 """
@@ -54,15 +55,20 @@ def _cache(manifest, batch: int):
 
 
 def _timed(step, warmup: int, steps: int) -> dict:
-    times = []
+    """Wall and CPU seconds of each step. With one thread, CPU time is what the step costs even
+    while other processes share the cores (wall time then includes waiting for a core)."""
+    wall, cpu = [], []
     for _ in range(warmup + steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
-        times.append(time.perf_counter() - t0)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     from vqt_edge.memory import peak_rss_mb
 
-    return {"first_calls_s": [round(t, 3) for t in times[:warmup]], "steps_s": [round(t, 3) for t in times[warmup:]],
-            "seconds_per_step": round(statistics.median(times[warmup:]), 4), "peak_rss_mb": round(peak_rss_mb(), 1)}
+    return {"first_calls_cpu_s": [round(t, 3) for t in cpu[:warmup]], "steps_cpu_s": [round(t, 3) for t in cpu[warmup:]],
+            "steps_wall_s": [round(t, 3) for t in wall[warmup:]],
+            "seconds_per_step": round(statistics.median(cpu[warmup:]), 4),
+            "wall_seconds_per_step": round(statistics.median(wall[warmup:]), 4), "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 
 def child(runner: str, bundle: Path, threads: int, warmup: int, steps: int) -> dict:
@@ -157,8 +163,8 @@ def main() -> None:
             print(runner, json.dumps(results[runner]), flush=True)
     base = results["torch"].get("seconds_per_step")
     lines = [f"{model}, batch {args.batch_size}, T=1, {args.threads} thread(s); median of {args.steps} steps "
-             f"after {args.warmup} warm-up steps; each runner in its own process", "",
-             "| runner | s/step | x PyTorch | first calls (s) | peak MiB | checkpoint | save s |",
+             f"after {args.warmup} warm-up steps, CPU seconds (wall in parentheses); each runner in its own process", "",
+             "| runner | s/step | x PyTorch | first calls (CPU s) | peak MiB | checkpoint | save s |",
              "|---|---:|---:|---|---:|---:|---:|"]
     for runner, r in results.items():
         if "error" in r:
@@ -166,7 +172,8 @@ def main() -> None:
             continue
         ratio = f"{r['seconds_per_step'] / base:.2f}" if base else "-"
         ckpt = f"{r['checkpoint_bytes'] / 2**20:.2f} MiB | {r['checkpoint_save_s']}" if "checkpoint_bytes" in r else "- | -"
-        lines.append(f"| {runner} | {r['seconds_per_step']:.3f} | {ratio} | {', '.join(map(str, r['first_calls_s']))} "
+        lines.append(f"| {runner} | {r['seconds_per_step']:.3f} ({r['wall_seconds_per_step']:.3f}) | {ratio} | "
+                     f"{', '.join(map(str, r['first_calls_cpu_s']))} "
                      f"| {r['peak_rss_mb']:.0f} | {ckpt} |")
     print("\n".join(lines))
     RESULTS.mkdir(parents=True, exist_ok=True)

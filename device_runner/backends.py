@@ -121,6 +121,9 @@ class PortableBackend:
         self.input_dtypes = {i.name: np.dtype(np.float16 if i.type == "tensor(float16)" else np.float32)
                              for i in inputs[len(self.names):]}
         self.outputs = [o.name for o in self.session.get_outputs()]
+        # Evaluation fetches loss and logits only; this runs just the nodes they need (no backward).
+        self.eval_options = rt.RunOptions()
+        self.eval_options.only_execute_path_to_fetches = True
         self.training = True
         self.grads: dict[str, np.ndarray] | None = None
         self.position: dict = {}
@@ -140,14 +143,16 @@ class PortableBackend:
         self.training = False
 
     def forward(self, feed: dict[str, np.ndarray]) -> tuple[float, np.ndarray]:
-        out = self.session.run(self.outputs if self.training else ["loss", "logits"], {**self.params, **feed})
-        if self.training:
-            grads = dict(zip(self.names, out[2:]))
-            if self.grads is None:
-                self.grads = grads
-            else:
-                for n in self.names:
-                    self.grads[n] += grads[n]
+        if not self.training:
+            loss, logits = self.session.run(["loss", "logits"], {**self.params, **feed}, self.eval_options)
+            return float(loss), logits
+        out = self.session.run(self.outputs, {**self.params, **feed})
+        grads = dict(zip(self.names, out[2:]))
+        if self.grads is None:
+            self.grads = grads
+        else:
+            for n in self.names:
+                self.grads[n] += grads[n]
         return float(out[0]), out[1]
 
     def step(self, lr: float, weight_decay: float) -> None:

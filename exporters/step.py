@@ -29,10 +29,12 @@ from pathlib import Path
 import onnx
 import torch
 from torch import nn
+from torch._decomp import core_aten_decompositions
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from exporters.baselines import MethodHead
 
-STEP_OPSET = 18  # the dynamo exporter's lowest; onnxruntime >= 1.14 runs it
+STEP_OPSET = 18  # the dynamo exporter's lowest
 MAX_IR_VERSION = 10  # onnxruntime-training 1.19 (the other backend, same environments) reads IR <= 10
 HALF_INPUTS = ("keys", "values", "hidden")  # fed as the K/V cache stores them (device_runner/features.py)
 
@@ -121,9 +123,6 @@ def export_step(head: MethodHead, frozen_example: tuple[torch.Tensor, ...], path
         example.append(torch.ones(b, len(head.query_layers), head.tokens, arch.dim))
     example.append(torch.full((b, head.head.out_features), 1.0 / b))
     head.train()
-    from torch._decomp import core_aten_decompositions
-    from torch.fx.experimental.proxy_tensor import make_fx
-
     with _LinearAsMatmul():
         traced = make_fx(step, decomposition_table=core_aten_decompositions(), tracing_mode="symbolic")(
             *example[:n_train], *weights, *example[n_train:])
