@@ -8,9 +8,9 @@ own each:
                 InferenceSession, AdamW in numpy, the feed gathered from the fp16 cache as is
 - ort-training  device_runner's onnxruntime-training backend: Module/Optimizer, the feed
                 gathered from the same cache and converted to fp32 (what its graph takes)
-- torch         what a user could write instead: the same query path + head (exporters/vit.py
-                VQTHead) in eager PyTorch on the same cached K/V (converted to fp32), cross-entropy,
-                backward, torch.optim.AdamW
+- torch         what a user could write instead: the same query path + head written plainly in
+                eager PyTorch (a loop over the layers) on the same cached K/V (converted to fp32),
+                cross-entropy, backward, torch.optim.AdamW
 
 A step is everything the trainer does per batch: gather the rows, forward + backward, optimizer.
 The first `--warmup` steps are reported apart (onnxruntime plans and allocates on its first calls);
@@ -105,21 +105,37 @@ def child(runner: str, bundle: Path, threads: int, warmup: int, steps: int) -> d
 
 
 def _torch_child(manifest, store, rows, targets, keep, threads, warmup, steps) -> dict:
+    """VQT's query path + head written plainly in PyTorch, one layer at a time (each frozen weight
+    is one [B*T, D] x [D, D'] product), on the query path's own weights (exporters/vit.py QueryPath)."""
     import torch
+    import torch.nn.functional as F
 
-    from exporters.vit import VisionTransformer, VQTHead
+    from exporters.vit import VisionTransformer, VQTHead, head_features
 
     torch.set_num_threads(threads)
     backbone = VisionTransformer(manifest.arch)  # random weights: only the query path's shapes matter
-    head = VQTHead(backbone, manifest.query_layers, manifest.query_tokens, manifest.num_classes, manifest.feature_norm)
+    model = VQTHead(backbone, manifest.query_layers, manifest.query_tokens, manifest.num_classes, manifest.feature_norm)
     del backbone
-    params = [p for p in head.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=WD)
+    qp, eps, d, h = model.query_path, manifest.arch.eps, manifest.arch.dim, manifest.arch.heads
+    optimizer = torch.optim.AdamW([qp.query_tokens, *model.head.parameters()], lr=LR, weight_decay=WD)
     t_targets, t_keep = torch.from_numpy(targets), torch.from_numpy(keep)
+
+    def forward(cls, keys, values):
+        zs = []
+        for i in range(len(qp.query_layers)):
+            p = qp.query_tokens[i] * t_keep[:, i]  # [B, T, D]
+            b, t = p.shape[:2]
+            q = F.layer_norm(p, (d,), qp.ln1_w[i], qp.ln1_b[i], eps) @ qp.wq[i] + qp.bq[i]
+            q = q.reshape(b, t, h, d // h).transpose(1, 2)  # [B, H, T, dh]
+            attn = torch.softmax(q @ keys[:, i].transpose(-2, -1) * (d // h) ** -0.5, dim=-1)
+            z = p + (attn @ values[:, i]).transpose(1, 2).reshape(b, t, d) @ qp.wo[i] + qp.bo[i]
+            hid = F.gelu(F.layer_norm(z, (d,), qp.ln2_w[i], qp.ln2_b[i], eps) @ qp.w1[i] + qp.b1[i])
+            zs.append(z + hid @ qp.w2[i] + qp.b2[i])
+        return model.head(head_features(cls, torch.stack(zs, 1), manifest.feature_norm))
 
     def step() -> None:
         feed = store.gather(rows)  # fp32, as a PyTorch user would convert the fp16 cache
-        logits = head(*(torch.from_numpy(feed[n]) for n in ("cls", "keys", "values")), t_keep)
+        logits = forward(*(torch.from_numpy(feed[n]) for n in ("cls", "keys", "values")))
         loss = -(torch.log_softmax(logits, -1) * t_targets).sum()
         optimizer.zero_grad()
         loss.backward()
