@@ -3,6 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# A device with stock onnxruntime (current release), no onnxruntime-training, no torch: `make test`
+# re-runs the device tests there on bundles .venv exported (the portable backend, docs/design.md section 9).
+STOCK := .venv-stock
+STOCK_STAMP := $(STOCK)/.installed-stamp
+BUNDLES := build/test-bundles
 FMNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -13,17 +18,25 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[cpu,export,plot,test,fleet]'
 	touch $(STAMP)
 
+$(STOCK_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(STOCK)
+	$(STOCK)/bin/pip install -q -e '.[device,test]'
+	touch $(STOCK_STAMP)
+
 install: $(STAMP)
 
 # Fashion-MNIST, offline, from Debian's package (MIT license).
 data:
 	@test -d $(FMNIST) || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; }
 
-test: $(STAMP) data
+test: $(STAMP) $(STOCK_STAMP) data
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q tests
+	rm -rf $(BUNDLES) && $(BIN)/python -m tests.fixture_bundles $(BUNDLES)
+	VQT_EDGE_TEST_BUNDLES=$(abspath $(BUNDLES)) OMP_NUM_THREADS=2 $(STOCK)/bin/python -m pytest -q \
+		tests/test_device.py tests/test_portable.py
 
 demo: $(STAMP) data
 	$(BIN)/python examples/demo.py --out demo_out
 
 clean:
-	rm -rf $(VENV) demo_out
+	rm -rf $(VENV) $(STOCK) $(BUNDLES) demo_out

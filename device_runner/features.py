@@ -83,10 +83,12 @@ class FeatureStore:
     def __init__(self, arrays: Features) -> None:
         self.arrays = arrays
 
-    def gather(self, rows: np.ndarray) -> Features:
-        """fp32 copies of the asked rows, in the asked order.
+    def gather(self, rows: np.ndarray, dtypes: dict[str, np.dtype] | None = None) -> Features:
+        """Copies of the asked rows, in the asked order, as `dtypes[name]` (fp32 by default).
 
-        Row by row into one preallocated fp32 array: the peak is the fp32 feed plus one row.
+        The portable step graph takes the fp16 rows as they are cached (a plain copy, ~6x cheaper
+        than converting; docs/design.md section 10); onnxruntime-training's graph takes fp32.
+        Row by row into one preallocated array: the peak is the feed plus one row.
         (`a[rows].astype(np.float32)` also holds the fp16 gather and, reordered, a second fp32
         copy: 1.5x the feed at the peak.) Rows are read in sorted order, which is kinder to a
         memmap. From a memory-mapped cache, each row's pages are dropped once copied and the whole
@@ -95,7 +97,7 @@ class FeatureStore:
         out: Features = {}
         order = np.argsort(rows, kind="stable")
         for name, a in self.arrays.items():
-            dst = np.empty((len(rows), *a.shape[1:]), np.float32)
+            dst = np.empty((len(rows), *a.shape[1:]), (dtypes or {}).get(name, np.float32))
             for i in order:
                 dst[i] = a[rows[i]]
                 _drop_row_pages(a, int(rows[i]))
@@ -299,5 +301,5 @@ class _RowMapped(FeatureStore):
         super().__init__(arrays)
         self.rows = rows
 
-    def gather(self, rows: np.ndarray) -> Features:
-        return super().gather(self.rows[rows])
+    def gather(self, rows: np.ndarray, dtypes: dict[str, np.dtype] | None = None) -> Features:
+        return super().gather(self.rows[rows], dtypes)

@@ -49,11 +49,11 @@ def set_tensors(trainer: Trainer, tensors: dict[str, np.ndarray]) -> None:
     shapes = trainer.manifest.adapter_shapes
     if set(tensors) != set(shapes):
         raise UserError(f"the server sent tensors {sorted(tensors)}, the bundle trains {sorted(shapes)}")
-    for name, graph_name in trainer.manifest.trainable.items():
-        value = np.ascontiguousarray(tensors[name], np.float32)
-        if value.shape != tuple(shapes[name]):
-            raise UserError(f"tensor {name!r} is {list(value.shape)}, the bundle expects {list(shapes[name])}")
-        trainer.state.parameters[graph_name].data = value
+    for name in trainer.manifest.trainable:
+        shape = np.shape(tensors[name])
+        if shape != tuple(shapes[name]):
+            raise UserError(f"tensor {name!r} is {list(shape)}, the bundle expects {list(shapes[name])}")
+    trainer.backend.set_parameters(tensors)
 
 
 def train_round(state: Path, bundle: Path, data: Path, tensors: dict[str, np.ndarray], cfg: TrainConfig,

@@ -59,6 +59,18 @@ def _import_onnxruntime() -> Any:
         ) from None
 
 
+def has_training_api() -> bool:
+    """Whether the installed onnxruntime is a training build, found without importing its training
+    package (the portable backend never imports it)."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("onnxruntime")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    return any(os.path.isdir(os.path.join(folder, "training", "api")) for folder in spec.submodule_search_locations)
+
+
 def training_api() -> types.ModuleType:
     """`onnxruntime.training.api` (CheckpointState, Module, Optimizer), imported torch-free."""
     ort = _import_onnxruntime()

@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 import click
 import numpy as np
 
-from device_runner import ort
+from device_runner import backends
 from device_runner.data import Dataset, check_trainable, drop_unreadable, iter_batches, load_dataset, split
 from device_runner.deploy import ADAPTER, MODEL, build_model, save_adapter
 from device_runner.features import (
@@ -35,14 +35,13 @@ from device_runner.selection import compress_adapter
 from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
 from vqt_edge import adapter_config
-from vqt_edge.fileio import DISK_FULL, atomic_write_text, fsync_file
+from vqt_edge.fileio import DISK_FULL, atomic_write_text
 from vqt_edge.manifest import Manifest
 from vqt_edge.memory import (BundleFootprint, Plan, available_mb, choose, default_kv, frozen_batch, lean_malloc,
                              peak_rss_mb, predict_peak, trim_malloc)
 
 RUN_FILE = "run.json"
 BUNDLE_MANIFEST = "bundle_manifest.json"  # the bundle's manifest, so eval/predict need only the run
-CHECKPOINT = "checkpoint"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 LOCK = ".lock"
@@ -68,6 +67,7 @@ class TrainConfig:
     memory_budget_mb: float | None = None  # a promise on the peak RSS: kv and micro_batch are chosen to keep it
     keep_fraction: float = 1.0  # < 1: group-lasso feature selection of the head after training (selection.py)
     lasso: float = 1e-4  # its penalty, LRP_COEF of the official code (docs/design.md section 11)
+    backend: str = "auto"  # portable | ort-training (device_runner/backends.py); auto: the default that runs here
 
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -84,6 +84,8 @@ class TrainConfig:
             raise UserError("--val-split must be in [0, 1)")
         if not (0 < self.keep_fraction <= 1 and self.lasso >= 0):
             raise UserError("--keep-fraction must be in (0, 1] and --lasso non-negative")
+        if self.backend not in backends.BACKENDS + ("auto",):
+            raise UserError(f"--backend must be one of {', '.join(backends.BACKENDS)}")
 
 
 def lr_at(step: int, total: int, warmup: int, base: float) -> float:
@@ -198,7 +200,6 @@ class Trainer:
         classes: list[str] | None = None,
     ) -> None:
         self.run, self.echo, self.shared_features = run, echo, features
-        self.resume = resume and (run / CHECKPOINT).exists()
         if resume and not (run / RUN_FILE).exists():
             raise UserError(f"{run}: nothing to resume (no {RUN_FILE}); start it without --resume")
         if not resume and (run / RUN_FILE).exists():
@@ -208,12 +209,15 @@ class Trainer:
                 saved = json.loads((run / RUN_FILE).read_text())
                 bundle, data = Path(saved["bundle"]), Path(saved["data"])
                 val = Path(saved["val"]) if saved.get("val") else None
-                cfg = TrainConfig(**saved["config"])
+                # Runs started before the portable backend existed trained on onnxruntime-training.
+                cfg = TrainConfig(**{"backend": "ort-training", **saved["config"]})
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise UserError(f"{run / RUN_FILE}: damaged ({e}); this run cannot be resumed") from None
         cfg.validate()
         self.cfg, self.bundle = cfg, bundle
         self.manifest = mf.read_manifest(bundle, verify=True)
+        cfg.backend = backends.resolve(cfg.backend, self.manifest)  # saved in run.json: a resume keeps it
+        self.resume = resume and (run / backends.checkpoint_name(cfg.backend)).exists()
         if resume and saved["bundle_manifest_sha256"] != mf.sha256_file(bundle / mf.MANIFEST):
             raise UserError(f"{bundle}: the bundle changed since this run started; it cannot be resumed")
         if data is None:
@@ -253,6 +257,9 @@ class Trainer:
         if cfg.memory_budget_mb is None:
             return predict_peak(fp, images=images, batch_size=cfg.batch_size, micro_batch=cfg.micro_batch, kv=cfg.kv,
                                 test_batch=(cfg.micro_batch or cfg.batch_size) if with_test else None)
+        if cfg.backend == "portable":  # its peak is higher than these terms say (vit_b16: 1244 MiB, predicted 835)
+            raise UserError("--memory-budget: the memory model is measured for the ort-training backend only, not yet "
+                            "for the portable one; train without --memory-budget, or with --backend ort-training")
         plan = choose(fp, cfg.memory_budget_mb, images=images, batch_size=cfg.batch_size,
                       kv=None if cfg.kv == "auto" else cfg.kv, micro_batch=cfg.micro_batch, test=with_test)
         cfg.kv = plan.kv
@@ -293,11 +300,15 @@ class Trainer:
         self.backbone = None
 
     def _features(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """The frozen outputs of these rows, in the dtypes the backend's graph takes (the portable
+        step takes fp16 K/V as cached and casts inside the graph; docs/design.md section 10); fp32
+        once the backend is closed (feature selection reads them after training)."""
+        dtypes = self.backend.input_dtypes if self.backend is not None else {}
         if self.store is not None:
-            return self.store.gather(rows)
+            return self.store.gather(rows, dtypes)
         m = self.manifest
         pixels = next(iter_batches([(self.paths[r], 0) for r in rows], len(rows), m.arch.image_size, m.mean, m.std))[0]
-        return self.backbone(pixels)
+        return {name: value.astype(dtypes[name], copy=False) for name, value in self.backbone(pixels).items()}
 
     def _run_module(self, rows: np.ndarray, keep: np.ndarray | None, targets: np.ndarray) -> tuple[float, np.ndarray]:
         """One forward (and, in train mode, backward) call, feeding the graph's inputs by name."""
@@ -305,12 +316,11 @@ class Trainer:
         feed["targets"] = targets
         if keep is not None:
             feed["query_keep"] = keep
-        loss, logits = self.module(*[feed[name] for name in self.input_names])
-        return float(loss), logits
+        return self.backend.forward(feed)
 
     def _keep_mask(self, b: int, rng: np.random.Generator | None) -> np.ndarray | None:
         """Query-token dropout mask, already scaled by 1/(1-p); all ones without an rng (eval)."""
-        if "query_keep" not in self.input_names:
+        if "query_keep" not in self.backend.input_names:
             return None
         m = self.manifest
         shape = (b, len(m.query_layers), m.query_tokens, m.arch.dim)
@@ -318,43 +328,20 @@ class Trainer:
             return np.ones(shape, np.float32)
         return (rng.random(shape) >= m.dropout).astype(np.float32) / np.float32(1 - m.dropout)
 
-    # -- ORT -----------------------------------------------------------------------------------
-    def _open_module(self) -> None:
-        api = ort.training_api()
-        ckpt = self.run / CHECKPOINT if self.resume else self.bundle / mf.CHECKPOINT
-        try:
-            self.state = api.CheckpointState.load_checkpoint(str(ckpt))
-        except RuntimeError as e:  # ORT: "Checkpoint verification failed" and the like
-            raise UserError(f"{ckpt}: damaged checkpoint ({str(e).splitlines()[0][:200]}); "
-                            + ("re-copy or re-export the bundle" if ckpt.parent != self.run else
-                               "this run cannot be resumed from it; start a new --run")) from None
-        ort.providers(self.cfg.device)  # a clear error if this build has no CUDA
-        options = ort.onnxruntime().SessionOptions()
-        if self.cfg.threads:
-            options.intra_op_num_threads = self.cfg.threads
-        self.module = api.Module(
-            str(self.bundle / mf.TRAINING_MODEL), self.state, str(self.bundle / mf.EVAL_MODEL),
-            device=self.cfg.device, session_options=options,
-        )
-        self.optimizer = api.Optimizer(str(self.bundle / mf.OPTIMIZER_MODEL), self.module)
-        self.input_names = list(self.module.input_names())
+    # -- backend -------------------------------------------------------------------------------
+    def _open_backend(self) -> None:
+        name = self.cfg.backend
+        ckpt = self.run / backends.checkpoint_name(name) if self.resume else None
+        self.backend = backends.open_backend(name, self.bundle, self.manifest, self.cfg.device, self.cfg.threads, ckpt)
 
     def _save_checkpoint(self, position: dict) -> None:
-        api = ort.training_api()
-        for k, v in position.items():
-            # ORT stores float properties as float32; running sums go in as exact strings.
-            self.state.properties[k] = repr(v) if isinstance(v, float) else v
-        tmp = self.run / (CHECKPOINT + ".tmp")
         try:
-            api.CheckpointState.save_checkpoint(self.state, str(tmp), include_optimizer_state=True)
-            fsync_file(tmp)  # else a power cut after the rename can leave a truncated checkpoint
-            os.replace(tmp, self.run / CHECKPOINT)
-        except Exception as e:  # ORT reports a full disk as a RuntimeError
-            tmp.unlink(missing_ok=True)
+            self.backend.save(self.run, position)
+        except Exception as e:  # a full disk: OSError here, a RuntimeError from ORT
             raise UserError(f"could not write checkpoint in {self.run} ({e}); the previous checkpoint is intact") from None
 
     def adapter_tensors(self) -> dict[str, np.ndarray]:
-        return {name: np.array(self.state.parameters[graph].data) for name, graph in self.manifest.trainable.items()}
+        return self.backend.parameters()
 
     # -- the loop ------------------------------------------------------------------------------
     def _step(self, rows: np.ndarray, epoch: int, index: int, lr: float) -> tuple[float, int]:
@@ -369,30 +356,20 @@ class Trainer:
             out_loss, logits = self._run_module(rows[part], None if keep is None else keep[part], targets[part])
             loss += out_loss
             correct += int((logits.argmax(-1) == self.labels[rows[part]]).sum())
-        # Decoupled weight decay (AdamW): p <- p * (1 - lr * wd) before the Adam update, as
-        # torch.optim.AdamW does, on matrices and token tensors (query tokens, head weight), not
-        # on biases or norms. The update itself is ORT's AdamW, the transformers variant (eps not
-        # bias-corrected); tests/test_export.py checks both against a reference.
-        if cfg.weight_decay:
-            for graph_name in m.trainable.values():
-                param = self.state.parameters[graph_name]
-                value = param.data
-                if value.ndim >= 2:
-                    param.data = value * np.float32(1 - lr * cfg.weight_decay)
-        self.optimizer.set_learning_rate(lr)
-        self.optimizer.step()
-        self.module.lazy_reset_grad()
+        # Decoupled weight decay, then ORT's AdamW (the transformers variant): device_runner/backends.py;
+        # tests/test_export.py and tests/test_portable.py check both backends against a reference.
+        self.backend.step(lr, cfg.weight_decay)
         return loss * b, correct  # loss summed over the batch (the graph averages)
 
     def evaluate_rows(self, rows: np.ndarray) -> np.ndarray:
         """Logits of the current parameters for these rows (dropout off)."""
         m, out = self.manifest, []
-        self.module.eval()
+        self.backend.eval()
         chunk = self.cfg.micro_batch or self.cfg.batch_size  # the memory plan's size, not more
         for s in range(0, len(rows), chunk):
             r = rows[s : s + chunk]
             out.append(self._run_module(r, self._keep_mask(len(r), None), np.zeros((len(r), m.num_classes), np.float32))[1])
-        self.module.train()
+        self.backend.train()
         return np.concatenate(out) if out else np.zeros((0, m.num_classes), np.float32)
 
     def fit(self, handle_signals: bool = False, until_epoch: int | None = None,
@@ -407,7 +384,7 @@ class Trainer:
         self.peaks = {"start": round(peak_rss_mb(), 1)}  # VmHWM after each phase: which one set the peak
         self._prepare_features()
         self.peaks["frozen"] = round(peak_rss_mb(), 1)
-        self._open_module()
+        self._open_backend()
         if start_from is not None:
             start_from(self)
         self.peaks["module_load"] = round(peak_rss_mb(), 1)
@@ -416,7 +393,7 @@ class Trainer:
         total = steps_per_epoch * cfg.epochs
         warmup_epochs = cfg.warmup_epochs if cfg.warmup_epochs is not None else 0.1 * cfg.epochs
         warmup = int(round(warmup_epochs * steps_per_epoch))
-        props = self.state.properties
+        props = self.backend.position
         start_epoch = int(props["epoch"]) if self.resume and "epoch" in props else 0
         start_step = int(props["step"]) if self.resume and "step" in props else 0
         sums = {k: float(props[k]) if self.resume and k in props else 0.0 for k in ("loss_sum", "correct", "seen")}
@@ -493,14 +470,14 @@ class Trainer:
         run, m = self.run, self.manifest
         adapter, selection = self.adapter_tensors(), None
         if self.cfg.keep_fraction < 1:
-            self.module = self.optimizer = self.state = None  # the selection loads the head graph instead
+            self.backend = None  # the selection loads the head graph instead
             trim_malloc()
             adapter, selection = compress_adapter(self.bundle, m, adapter, self._features, self.labels, self.n_train, self.cfg)
             self.echo(f"feature selection: kept {selection['features_kept']} of {selection['features_in']} head inputs")
             self.peaks["selection"] = round(peak_rss_mb(), 1)  # not in the memory plan (vqt_edge/memory.py)
         save_adapter(run / ADAPTER, adapter, m)
         adapter_config.write(run, adapter_config.from_manifest(m, self.data.classes))
-        self.module = self.optimizer = self.store = self.backbone = self.state = None  # free before merging the model
+        self.backend = self.store = self.backbone = None  # free before merging the model
         trim_malloc()
         try:
             build_model(self.bundle, m, adapter, run / MODEL)
@@ -519,6 +496,7 @@ class Trainer:
             "skipped": [{"path": p, "reason": why} for p, why in self.data.skipped],
             "epochs": self.cfg.epochs,
             "kv": self.cfg.kv,
+            "backend": self.cfg.backend,
             "final": metrics[-1] if metrics else None,
             "seconds": round(time.perf_counter() - t_start, 3),
             "seconds_per_epoch": round(float(np.mean(epoch_times)), 3) if epoch_times else None,

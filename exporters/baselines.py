@@ -157,7 +157,7 @@ class MethodHead(nn.Module):
         if method not in mf.METHODS:
             raise ValueError(f"unknown method {method!r}")
         arch = backbone.arch
-        self.method, self.feature_norm, self.last_k, self.tokens = method, feature_norm, last_k, tokens
+        self.arch, self.method, self.feature_norm, self.last_k, self.tokens = arch, method, feature_norm, last_k, tokens
         self.aggregate = aggregate
         self.split = arch.depth - last_k
         self.adaptation = mf.adaptation(method)

@@ -14,6 +14,8 @@
   (methods with query tokens), `targets`; outputs: `loss`, `logits`.
 - `train/head.onnx`: the same trainable part + head for inference (frozen outputs -> logits); the
   device fills in the learned tensors and merges it behind frozen.onnx into model.onnx.
+- `train/step.onnx` + `train/step_init.safetensors`: the portable training step (standard ops,
+  any onnxruntime; exporters/step.py) and the trainable tensors' initial values (adapter names).
 """
 
 from __future__ import annotations
@@ -30,11 +32,13 @@ from typing import Callable, Sequence
 
 import onnx
 import torch
+from safetensors.numpy import save_file
 from torch import nn
 
 from exporters.baselines import FrozenPart, MethodHead
 from exporters.head2toe import Head2ToeFeatures
 from exporters.quantize import holding, quantize_bundle_graphs
+from exporters.step import export_step
 from exporters.vit import VisionTransformer
 from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
@@ -260,13 +264,18 @@ def export_bundle(
         train_onnx = Path(tmp) / "train_step.onnx"
         _export(head, (*feats, *extra, targets), train_onnx, head.input_names, ["loss", "logits"], "train")
         _generate_training_artifacts(train_onnx, out / "train", list(manifest.trainable.values()))
+        # Inside holding(): both backends train on the same (dequantized) weights.
+        log(f"exporting {mf.STEP_MODEL} (portable training step: forward + gradients, standard ops) ...")
+        export_step(head, feats, out / mf.STEP_MODEL)
+    save_file({k: params[g].detach().contiguous().numpy() for k, g in manifest.trainable.items()}, str(out / mf.STEP_INIT))
 
     n_train = sum(params[g].numel() for g in manifest.trainable.values())
     n_frozen = sum(p.numel() for n, p in params.items() if n not in manifest.trainable.values())
     log(f"parameters: trainable {n_train:,} ({', '.join(_groups(manifest.trainable))}); "
         f"frozen weights held by the training graph {n_frozen:,}")
     manifest.files = dict.fromkeys(
-        [mf.FROZEN, mf.HEAD_MODEL, mf.TRAINING_MODEL, mf.EVAL_MODEL, mf.OPTIMIZER_MODEL, mf.CHECKPOINT], ""
+        [mf.FROZEN, mf.HEAD_MODEL, mf.TRAINING_MODEL, mf.EVAL_MODEL, mf.OPTIMIZER_MODEL, mf.CHECKPOINT,
+         mf.STEP_MODEL, mf.STEP_INIT], ""
     )
     mf.write_manifest(out, manifest)
     log(f"wrote bundle {out} in {time.perf_counter() - t0:.1f} s")

@@ -1,4 +1,8 @@
-"""The device runner through the real CLI, in processes where torch cannot be imported."""
+"""The device runner through the real CLI, in processes where torch cannot be imported.
+
+`make test` runs this file twice: with onnxruntime-training (and torch, for the references), and
+in an environment with stock onnxruntime and no torch (VQT_EDGE_TEST_BUNDLES; tests/conftest.py),
+where the portable backend trains without being asked for."""
 
 from __future__ import annotations
 
@@ -13,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 import pytest
-import torch
 from safetensors.numpy import load_file
 
+from device_runner import ort
+from device_runner.backends import BACKENDS, checkpoint_name
 from device_runner.data import iter_batches, load_dataset
-from exporters.vit import VQTClassifier, VQTHead
 from tests.conftest import REPO, run_cli
 from vqt_edge import manifest as mf
 
@@ -45,7 +49,7 @@ def test_train_reaches_90_percent_and_eval_reproduces_it(trained, task):
     assert [m["epoch"] for m in metrics] == list(range(1, 13))
 
 
-def test_predict_json_equals_torch_from_adapter_and_model_onnx(trained, task, tiny_backbone, tiny_bundle):
+def test_predict_json_equals_torch_from_adapter_and_model_onnx(trained, task, tiny_bundle, request):
     images = sorted(task["test"].rglob("*.png"))[::7]
     out = run_cli("predict", "--run", trained, "--json", *images)
     assert out.returncode == 0, out.stderr
@@ -56,27 +60,33 @@ def test_predict_json_equals_torch_from_adapter_and_model_onnx(trained, task, ti
     manifest = mf.read_manifest(tiny_bundle)
     adapter = load_file(str(trained / "adapter.safetensors"))
     assert adapter["query_tokens"].shape == (3, 2, 32) and adapter["head.weight"].shape == (3, manifest.head_features)
+    pixels, _ = next(iter_batches([(p, 0) for p in images], len(images), 32, manifest.mean, manifest.std))
+    session = onnxruntime.InferenceSession(str(trained / "model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(got, session.run(["logits"], {"pixel_values": pixels})[0], atol=1e-6)
+    classes = load_dataset(task["test"]).classes
+    assert [p["label"] for p in predictions] == [classes[i] for i in got.argmax(-1)]
+    if sys.modules.get("torch", 0) is None:  # the torch-free run (tests/conftest.py): no torch reference
+        return
+    import torch
+
+    from exporters.vit import VQTClassifier, VQTHead
+
+    tiny_backbone = request.getfixturevalue("tiny_backbone")
     head = VQTHead(tiny_backbone, manifest.query_layers, manifest.query_tokens, manifest.num_classes, manifest.feature_norm)
     with torch.no_grad():
         head.query_path.query_tokens.copy_(torch.from_numpy(adapter["query_tokens"]))
         head.head.weight.copy_(torch.from_numpy(adapter["head.weight"]))
         head.head.bias.copy_(torch.from_numpy(adapter["head.bias"]))
-    pixels, _ = next(iter_batches([(p, 0) for p in images], len(images), 32, manifest.mean, manifest.std))
-    with torch.no_grad():
         want = VQTClassifier(tiny_backbone, head).eval()(torch.from_numpy(pixels)).numpy()
     np.testing.assert_allclose(got, want, atol=1e-4)
-
-    session = onnxruntime.InferenceSession(str(trained / "model.onnx"), providers=["CPUExecutionProvider"])
-    np.testing.assert_allclose(got, session.run(["logits"], {"pixel_values": pixels})[0], atol=1e-6)
-    classes = load_dataset(task["test"]).classes
-    assert [p["label"] for p in predictions] == [classes[i] for i in got.argmax(-1)]
 
 
 def test_device_modules_never_import_torch():
     code = (
         "import sys; sys.modules['torch'] = None\n"
         "import device_runner.trainer, device_runner.evaluate, device_runner.deploy, vqt_edge.cli\n"
-        "from device_runner import ort; ort.training_api()\n"
+        "from device_runner import ort\n"
+        "if ort.has_training_api(): ort.training_api()\n"
         "assert sys.modules['torch'] is None\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
@@ -99,9 +109,17 @@ def _metrics_lines(run: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-def test_sigkill_at_any_point_then_resume_equals_uninterrupted(tmp_path, tiny_bundle, task):
+def _runnable(backend: str):
+    """pytest.param for a backend, skipped where it cannot run (ort-training on stock onnxruntime)."""
+    ok = backend == "portable" or ort.has_training_api()
+    return pytest.param(backend, marks=pytest.mark.skipif(not ok, reason="no onnxruntime-training here"))
+
+
+@pytest.mark.parametrize("backend", [_runnable(b) for b in BACKENDS])
+def test_sigkill_at_any_point_then_resume_equals_uninterrupted(tmp_path, tiny_bundle, task, backend):
     args = ["--bundle", tiny_bundle, "--data", task["train"], "--epochs", 6, "--batch-size", 8,
-            "--kv", "disk", "--checkpoint-every", 3, "--seed", 7]
+            "--kv", "disk", "--checkpoint-every", 3, "--seed", 7, "--backend", backend]
+    checkpoint = checkpoint_name(backend)
     reference = tmp_path / "reference"
     out = run_cli("train", "--run", reference, *args)
     assert out.returncode == 0, out.stderr
@@ -121,8 +139,8 @@ def test_sigkill_at_any_point_then_resume_equals_uninterrupted(tmp_path, tiny_bu
     proc.wait()
     # Kill 2: mid-epoch, right after a step checkpoint of epoch 2 has been written.
     proc = start("--resume")
-    _wait_for(lambda: _metrics_lines(run) >= 1 and (run / "checkpoint").exists()
-              and (run / "checkpoint").stat().st_mtime > (run / "metrics.jsonl").stat().st_mtime, proc)
+    _wait_for(lambda: _metrics_lines(run) >= 1 and (run / checkpoint).exists()
+              and (run / checkpoint).stat().st_mtime > (run / "metrics.jsonl").stat().st_mtime, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     # Kill 3: later, whatever it is doing.
@@ -174,7 +192,7 @@ def test_bad_data_layouts_exit_2_without_traceback(tmp_path, tiny_bundle, task, 
     out = run_cli("train", "--bundle", tiny_bundle, "--data", data, "--run", tmp_path / "run", "--epochs", 1)
     assert out.returncode == 2, out.stderr
     assert out.stderr.startswith("error: ") and "Traceback" not in out.stderr
-    assert not (tmp_path / "run" / "checkpoint").exists()
+    assert not list((tmp_path / "run").glob("checkpoint*"))
 
 
 def test_cuda_request_on_cpu_build_is_a_clear_error(tmp_path, tiny_bundle, task):

@@ -141,13 +141,16 @@ def export(model_name, weights, random_init, num_classes, classes, out, method, 
 @click.option("--threads", type=int, help="Threads for the frozen pass and training [default: all cores].")
 @click.option("--checkpoint-every", type=int, default=0, show_default=True, help="Also checkpoint every N steps (0: at the end of every epoch only).")
 @click.option("--resume", is_flag=True, help="Continue the run in --run from its last checkpoint, with its saved settings.")
+@click.option("--backend", type=click.Choice(["auto", "portable", "ort-training"]), default="auto", show_default=True,
+              help="Training step: portable (any onnxruntime) or ort-training (the onnxruntime-training build); "
+              "auto: the faster one (README, 'Backends') where it can run here, else the other.")
 @click.option("--memory-budget", help="Peak memory (RSS) the run must stay within, e.g. 600MB: chooses --kv and --micro-batch "
               "(yours are kept if they fit), exits 2 up front if nothing fits and 3 if the measured peak exceeds it.")
 @click.option("--keep-fraction", type=float, default=1.0, show_default=True,
               help="After training, keep this fraction of the head's input features (group-lasso selection, paper B.2); 1: off.")
 @click.option("--lasso", type=float, default=1e-4, show_default=True, help="Group-lasso penalty of --keep-fraction's selection.")
 def train(bundle, data, run_dir, val, val_split, test, epochs, batch_size, micro_batch, lr, weight_decay, warmup_epochs,
-          seed, kv, device, threads, checkpoint_every, resume, memory_budget, keep_fraction, lasso) -> None:
+          seed, kv, device, threads, checkpoint_every, resume, backend, memory_budget, keep_fraction, lasso) -> None:
     """Adapt the bundle's ViT to your images with VQT (torch-free, resumable).
 
     A killed run continues with --resume and ends exactly where an uninterrupted run would.
@@ -162,7 +165,8 @@ def train(bundle, data, run_dir, val, val_split, test, epochs, batch_size, micro
 
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, micro_batch=micro_batch, lr=lr, weight_decay=weight_decay,
                       warmup_epochs=warmup_epochs, seed=seed, kv=kv or "auto", device=device, threads=threads,
-                      val_split=val_split, checkpoint_every=checkpoint_every, keep_fraction=keep_fraction, lasso=lasso)
+                      val_split=val_split, checkpoint_every=checkpoint_every, keep_fraction=keep_fraction, lasso=lasso,
+                      backend=backend)
     if memory_budget is not None:
         cfg.memory_budget_mb = parse_size_mb(memory_budget)  # an explicit --kv is kept if it fits
     try:

@@ -27,6 +27,10 @@ EVAL_MODEL = "train/eval_model.onnx"
 OPTIMIZER_MODEL = "train/optimizer_model.onnx"
 CHECKPOINT = "train/checkpoint"
 HEAD_MODEL = "train/head.onnx"  # inference graph (frozen outputs -> logits), merged into model.onnx
+# The portable backend's step graph (forward + gradients, standard ops) and the trainable tensors'
+# initial values (docs/design.md section 9). Bundles without them train on onnxruntime-training only.
+STEP_MODEL = "train/step.onnx"
+STEP_INIT = "train/step_init.safetensors"
 
 # What each method trains (DESIGN.md sections 4-5). Methods "with query tokens" run VQT's query
 # path; methods with an adaptation change the last `last_k` layers, which then run in the training

@@ -1,0 +1,316 @@
+"""Two ways to run a training step, one result (docs/design.md sections 7 and 9).
+
+- `portable`: a plain onnxruntime InferenceSession on the bundle's step graph (train/step.onnx:
+  forward + gradients in standard ops), the optimizer in numpy. Runs on any onnxruntime build
+  (stock, onnxruntime-gpu for Jetson, the training build). Its checkpoint is what is trained: the
+  trainable tensors, their Adam moments and the position, in one small safetensors file.
+- `ort-training`: onnxruntime-training's Module/Optimizer on the bundle's training artifacts (needs
+  the training build, whose last release is 1.19.2). Its checkpoint also carries the frozen
+  weights of the training graph.
+
+Both apply the same update: ORT's AdamW in its Hugging Face mode (adam_mode=1: the bias
+correction goes into the learning rate, eps is not bias-corrected), after the runner's decoupled
+weight decay p <- p * (1 - lr * wd) on every tensor with ndim >= 2 (query tokens, prompts,
+matrices; not biases or norms). The numpy optimizer below reproduces ORT's CPU kernel
+(`AdamWOptimizer`, orttraining/training_ops/cpu/optimizer/adamw/adamw.cc) in float32.
+
+The portable path never imports onnxruntime.training.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import load_file, save
+
+from device_runner import ort
+from vqt_edge import manifest as mf
+from vqt_edge.errors import UserError
+from vqt_edge.fileio import atomic_write_bytes, fsync_file
+from vqt_edge.manifest import Manifest
+
+BACKENDS = ("portable", "ort-training")
+DEFAULT = "ort-training"  # the faster and leaner of the two on vit_b16 today (bench/step_bench.py; README)
+Position = dict[str, float | int]  # epoch, step, loss_sum, correct, seen
+
+# ORT's AdamW as the ORT-training artifacts are generated (exporters/export.py: OptimType.AdamW):
+# alpha/beta/epsilon are float32 attributes of its AdamWOptimizer node.
+ADAM_BETA1 = np.float32(0.9)
+ADAM_BETA2 = np.float32(0.999)
+ADAM_EPS = np.float32(1e-6)
+
+
+class Backend(Protocol):
+    """What the trainer needs from a backend. `forward` in train mode accumulates gradients until
+    `step` applies them (micro-batches add up); in eval mode it only returns loss and logits."""
+
+    checkpoint: str  # file name inside the run folder
+    input_names: list[str]  # graph inputs the trainer feeds: frozen outputs, query_keep, targets
+    input_dtypes: dict[str, np.dtype]  # dtype each fed input must have
+    position: dict  # where the checkpoint it resumed from stopped (empty when starting)
+
+    def forward(self, feed: dict[str, np.ndarray]) -> tuple[float, np.ndarray]: ...
+    def train(self) -> None: ...
+    def eval(self) -> None: ...
+    def step(self, lr: float, weight_decay: float) -> None: ...
+    def parameters(self) -> dict[str, np.ndarray]: ...
+    def set_parameters(self, tensors: dict[str, np.ndarray]) -> None: ...
+    def save(self, run: Path, position: Position) -> None: ...
+
+
+def checkpoint_name(backend: str) -> str:
+    return PortableBackend.checkpoint if backend == "portable" else OrtTrainingBackend.checkpoint
+
+
+def has_step_graph(manifest: Manifest) -> bool:
+    return mf.STEP_MODEL in manifest.files and mf.STEP_INIT in manifest.files
+
+
+def resolve(requested: str, manifest: Manifest) -> str:
+    """The backend a run uses: `requested`, or for "auto" the default where it can run here, else
+    the other one (portable needs the bundle's step graph, ort-training the training build of
+    onnxruntime). An explicit request that cannot run is a UserError."""
+    runnable = {"portable": has_step_graph(manifest), "ort-training": ort.has_training_api()}
+    why = {"portable": "this bundle has no train/step.onnx (exported by an older vqt-edge); re-export it",
+           "ort-training": "the installed onnxruntime has no training API (install onnxruntime-training-cpu, see README)"}
+    if requested == "auto":
+        for name in (DEFAULT, *(b for b in BACKENDS if b != DEFAULT)):
+            if runnable[name]:
+                return name
+        raise UserError(f"no training backend can run here: {why['portable']}, and {why['ort-training']}")
+    if requested not in BACKENDS:
+        raise UserError(f"--backend must be one of {', '.join(BACKENDS)}")
+    if not runnable[requested]:
+        other = next(b for b in BACKENDS if b != requested)
+        raise UserError(f"--backend {requested}: {why[requested]}; or use --backend {other}")
+    return requested
+
+
+def open_backend(name: str, bundle: Path, manifest: Manifest, device: str, threads: int | None,
+                 resume_from: Path | None) -> Backend:
+    cls = PortableBackend if name == "portable" else OrtTrainingBackend
+    return cls(bundle, manifest, device, threads, resume_from)
+
+
+def decay_factor(lr: float, weight_decay: float) -> np.float32:
+    """The runner's decoupled weight decay, computed as both backends apply it."""
+    return np.float32(1 - lr * weight_decay)
+
+
+class PortableBackend:
+    """Step graph on an InferenceSession + AdamW in numpy; checkpoint = safetensors of what is trained."""
+
+    checkpoint = "checkpoint.safetensors"
+
+    def __init__(self, bundle: Path, manifest: Manifest, device: str, threads: int | None,
+                 resume_from: Path | None) -> None:
+        rt = ort.onnxruntime()
+        self.shapes = manifest.adapter_shapes
+        options = ort.session_options(threads)
+        # Unlike the frozen pass (whose batches vary), every step allocates the same buffers: with the
+        # arena they are reused instead of page-faulted in again on each call. vit_b16, batch 32, one
+        # thread: 0.40 CPU s per step instead of 0.75, peak +33 MiB (bench/step_bench.py's feed).
+        options.enable_cpu_mem_arena = True
+        # Constant folding would store a transposed copy of every frozen weight the backward pass
+        # multiplies by (dX = dY W^T); unfolded, ORT fuses the Transpose into the MatMul instead.
+        # vit_b16 as above: peak 1508 instead of 1808 MiB, 0.38 CPU s per step.
+        self.session = rt.InferenceSession(str(bundle / mf.STEP_MODEL), sess_options=options,
+                                           providers=ort.providers(device), disabled_optimizers=["ConstantFolding"])
+        inputs = self.session.get_inputs()
+        graph_inputs = [i.name for i in inputs]
+        self.names = graph_inputs[: len(manifest.trainable)]  # adapter names, in the graph's order
+        if set(self.names) != set(manifest.trainable):
+            raise UserError(f"{bundle / mf.STEP_MODEL}: inputs {graph_inputs} do not start with the trainable tensors "
+                            f"{sorted(manifest.trainable)} of the manifest; re-export the bundle")
+        self.input_names = graph_inputs[len(self.names):]
+        self.input_dtypes = {i.name: np.dtype(np.float16 if i.type == "tensor(float16)" else np.float32)
+                             for i in inputs[len(self.names):]}
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        # Evaluation fetches loss and logits only; this runs just the nodes they need (no backward).
+        self.eval_options = rt.RunOptions()
+        self.eval_options.only_execute_path_to_fetches = True
+        self.training = True
+        self.grads: dict[str, np.ndarray] | None = None
+        self.position: dict = {}
+        if resume_from is None:
+            self.params = self._read(bundle / mf.STEP_INIT, {n: n for n in self.names}, "re-copy or re-export the bundle")
+            self.exp_avg = {n: np.zeros_like(p) for n, p in self.params.items()}
+            self.exp_avg_sq = {n: np.zeros_like(p) for n, p in self.params.items()}
+            self.t = 0
+        else:
+            self._load(resume_from)
+
+    # -- running ------------------------------------------------------------------------------
+    def train(self) -> None:
+        self.training = True
+
+    def eval(self) -> None:
+        self.training = False
+
+    def forward(self, feed: dict[str, np.ndarray]) -> tuple[float, np.ndarray]:
+        if not self.training:
+            loss, logits = self.session.run(["loss", "logits"], {**self.params, **feed}, self.eval_options)
+            return float(loss), logits
+        out = self.session.run(self.outputs, {**self.params, **feed})
+        grads = dict(zip(self.names, out[2:]))
+        if self.grads is None:
+            self.grads = grads
+        else:
+            for n in self.names:
+                self.grads[n] += grads[n]
+        return float(out[0]), out[1]
+
+    def step(self, lr: float, weight_decay: float) -> None:
+        """Decoupled weight decay, then ORT's AdamW (adam_mode=1), in float32 as its CPU kernel."""
+        if self.grads is None:
+            raise RuntimeError("step() without a forward pass in train mode")
+        if weight_decay:
+            keep = decay_factor(lr, weight_decay)
+            for n, p in self.params.items():
+                if p.ndim >= 2:
+                    self.params[n] = p * keep
+        t = self.t + 1  # ORT passes step + 1: the bias correction's power starts at 1
+        b1, b2, one = ADAM_BETA1, ADAM_BETA2, np.float32(1)
+        alpha_correction = one - np.float32(float(b1) ** t)  # std::pow(float, int64) is a double
+        beta_correction = one - np.float32(float(b2) ** t)
+        lr32 = np.float32(lr)
+        lr_corrected = lr32 * (np.sqrt(beta_correction) / alpha_correction)
+        for n in self.names:
+            g = self.grads[n]
+            m = b1 * self.exp_avg[n] + (one - b1) * g
+            v = b2 * self.exp_avg_sq[n] + (one - b2) * g * g
+            self.params[n] = self.params[n] - lr_corrected * m / (np.sqrt(v) + ADAM_EPS)
+            self.exp_avg[n], self.exp_avg_sq[n] = m, v
+        self.t = t
+        self.grads = None
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        return {n: self.params[n].copy() for n in self.names}
+
+    def set_parameters(self, tensors: dict[str, np.ndarray]) -> None:
+        """Replace the trained tensors (adapter names; the optimizer state is kept): a fleet round."""
+        for n in self.names:
+            self.params[n] = np.ascontiguousarray(tensors[n], np.float32)
+
+    # -- checkpoint ---------------------------------------------------------------------------
+    def save(self, run: Path, position: Position) -> None:
+        """One safetensors file: `param/NAME`, `exp_avg/NAME`, `exp_avg_sq/NAME`; the optimizer step
+        and the position in its metadata, floats as exact reprs. Written atomically and fsynced."""
+        tensors = {}
+        for n in self.names:
+            tensors[f"param/{n}"] = self.params[n]
+            tensors[f"exp_avg/{n}"] = self.exp_avg[n]
+            tensors[f"exp_avg_sq/{n}"] = self.exp_avg_sq[n]
+        meta = {"format": mf.FORMAT, "optimizer_step": str(self.t), **{k: repr(v) for k, v in position.items()}}
+        atomic_write_bytes(run / self.checkpoint, save(tensors, metadata=meta))
+
+    def _load(self, path: Path) -> None:
+        hint = "this run cannot be resumed from it; start a new --run"
+        tensors = self._read(path, {f"{kind}/{n}": n for kind in ("param", "exp_avg", "exp_avg_sq") for n in self.names}, hint)
+        self.params = {n: tensors[f"param/{n}"] for n in self.names}
+        self.exp_avg = {n: tensors[f"exp_avg/{n}"] for n in self.names}
+        self.exp_avg_sq = {n: tensors[f"exp_avg_sq/{n}"] for n in self.names}
+        try:
+            with safe_open(str(path), framework="np") as f:
+                meta = dict(f.metadata() or {})
+            self.t = int(meta.pop("optimizer_step"))
+            meta.pop("format", None)
+            self.position = {k: int(v) if k in ("epoch", "step") else float(v) for k, v in meta.items()}
+        except (KeyError, ValueError, TypeError) as e:
+            raise UserError(f"{path}: damaged checkpoint metadata ({e}); {hint}") from None
+
+    def _read(self, path: Path, expect: dict[str, str], hint: str) -> dict[str, np.ndarray]:
+        """Tensors `expect` (file key -> adapter name, for the shape) from a safetensors file, each
+        float32 of the manifest's shape; anything else is a damaged file."""
+        try:
+            tensors = load_file(str(path))
+        except (OSError, SafetensorError, ValueError) as e:
+            raise UserError(f"{path}: damaged checkpoint ({e}); {hint}") from None
+        for key, name in expect.items():
+            t = tensors.get(key)
+            if t is None or t.dtype != np.float32 or t.shape != tuple(self.shapes[name]):
+                got = "missing" if t is None else f"{t.dtype}{list(t.shape)}"
+                raise UserError(f"{path}: tensor {key!r} is {got}, expected float32{list(self.shapes[name])}; {hint}")
+        if set(tensors) != set(expect):
+            raise UserError(f"{path}: unexpected tensors {sorted(set(tensors) - set(expect))}; {hint}")
+        return {key: np.ascontiguousarray(tensors[key]) for key in expect}
+
+
+class OrtTrainingBackend:
+    """onnxruntime-training's Module and Optimizer on the bundle's artifacts (its CheckpointState
+    holds parameters, moments and the position as properties)."""
+
+    checkpoint = "checkpoint"
+
+    def __init__(self, bundle: Path, manifest: Manifest, device: str, threads: int | None,
+                 resume_from: Path | None) -> None:
+        api = ort.training_api()
+        self.manifest = manifest
+        ckpt = resume_from if resume_from is not None else bundle / mf.CHECKPOINT
+        try:
+            self.state = api.CheckpointState.load_checkpoint(str(ckpt))
+        except RuntimeError as e:  # ORT: "Checkpoint verification failed" and the like
+            raise UserError(f"{ckpt}: damaged checkpoint ({str(e).splitlines()[0][:200]}); "
+                            + ("re-copy or re-export the bundle" if resume_from is None else
+                               "this run cannot be resumed from it; start a new --run")) from None
+        ort.providers(device)  # a clear error if this build has no CUDA
+        options = ort.onnxruntime().SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.module = api.Module(str(bundle / mf.TRAINING_MODEL), self.state, str(bundle / mf.EVAL_MODEL),
+                                 device=device, session_options=options)
+        self.optimizer = api.Optimizer(str(bundle / mf.OPTIMIZER_MODEL), self.module)
+        self.input_names = list(self.module.input_names())
+        # The training graph takes fp32: fp16 cache rows are converted by the feed (FeatureStore.gather).
+        self.input_dtypes = {name: np.dtype(np.float32) for name in self.input_names}
+        props = self.state.properties
+        self.position = {k: props[k] for k in ("epoch", "step", "loss_sum", "correct", "seen")
+                         if resume_from is not None and k in props}
+
+    def train(self) -> None:
+        self.module.train()
+
+    def eval(self) -> None:
+        self.module.eval()
+
+    def forward(self, feed: dict[str, np.ndarray]) -> tuple[float, np.ndarray]:
+        loss, logits = self.module(*[feed[name] for name in self.input_names])
+        return float(loss), logits
+
+    def step(self, lr: float, weight_decay: float) -> None:
+        if weight_decay:
+            keep = decay_factor(lr, weight_decay)
+            for graph_name in self.manifest.trainable.values():
+                param = self.state.parameters[graph_name]
+                value = param.data
+                if value.ndim >= 2:
+                    param.data = value * keep
+        self.optimizer.set_learning_rate(lr)
+        self.optimizer.step()
+        self.module.lazy_reset_grad()
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        return {name: np.array(self.state.parameters[graph].data) for name, graph in self.manifest.trainable.items()}
+
+    def set_parameters(self, tensors: dict[str, np.ndarray]) -> None:
+        """Replace the trained tensors (adapter names; the optimizer state is kept): a fleet round."""
+        for name, graph in self.manifest.trainable.items():
+            self.state.parameters[graph].data = np.ascontiguousarray(tensors[name], np.float32)
+
+    def save(self, run: Path, position: Position) -> None:
+        api = ort.training_api()
+        for k, v in position.items():
+            # ORT stores float properties as float32; running sums go in as exact strings.
+            self.state.properties[k] = repr(v) if isinstance(v, float) else v
+        tmp = run / (self.checkpoint + ".tmp")
+        try:
+            api.CheckpointState.save_checkpoint(self.state, str(tmp), include_optimizer_state=True)
+            fsync_file(tmp)  # else a power cut after the rename can leave a truncated checkpoint
+            os.replace(tmp, run / self.checkpoint)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise

@@ -1,0 +1,93 @@
+"""The portable step graph (train/step.onnx) against torch autograd on the torch model.
+
+For every method the bundle format knows, exporters/step.py's graph, run by a plain onnxruntime
+InferenceSession, must give the loss, logits and gradient of every trainable tensor that
+`loss.backward()` gives on the same `MethodHead` (docs/design.md section 9), within 1e-5 of the
+largest value. K/V and hidden go in as fp16 (as cached); torch gets the same fp16 values.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+
+from exporters.baselines import FrozenPart, MethodHead
+from exporters.step import HALF_INPUTS, MAX_IR_VERSION, export_step, grad_name
+from exporters.vit import VisionTransformer
+from tests.conftest import TINY
+from vqt_edge import manifest as mf
+from vqt_edge.arch import PRESETS
+
+RTOL = 1e-5  # relative to the largest magnitude of each compared tensor
+
+
+def _relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
+
+
+def _check(backbone: VisionTransformer, method: str, last_k: int, tokens: int, tmp_path, batch: int = 5) -> None:
+    arch = backbone.arch
+    layers = list(range(arch.depth)) if method in mf.QUERY_METHODS else []
+    torch.manual_seed(1)
+    head = MethodHead(backbone, method, last_k=last_k, query_layers=layers, tokens=tokens, num_classes=4)
+    trainable = head.trainable()
+    params = dict(head.named_parameters())
+    with torch.no_grad():  # away from the init (zero up-projections, zero bias): every gradient non-trivial
+        for g in trainable.values():
+            params[g].add_(torch.randn_like(params[g]) * 0.05)
+    split = arch.depth - last_k
+    outputs = mf.frozen_outputs_for(method, layers, last_k, arch.depth)
+    frozen = FrozenPart(backbone, outputs, mf.frozen_kv_layers(method, layers, last_k, arch.depth), split)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        example = frozen(torch.randn(2, 3, arch.image_size, arch.image_size, generator=gen))
+        feats = frozen(torch.randn(batch, 3, arch.image_size, arch.image_size, generator=gen))
+    export_step(head, example, tmp_path / "step.onnx")
+    feats = [f.half() if name in HALF_INPUTS else f for name, f in zip(outputs, feats)]
+    extra = []
+    if layers:
+        extra.append((torch.rand(batch, len(layers), tokens, arch.dim, generator=gen) >= 0.1).float() / 0.9)
+    labels = torch.randint(0, 4, (batch,), generator=gen)
+    extra.append(torch.nn.functional.one_hot(labels, 4).float() / batch)
+
+    model = onnx.load(str(tmp_path / "step.onnx"))
+    assert model.ir_version <= MAX_IR_VERSION
+    assert {n.domain for n in model.graph.node} <= {""}  # standard ops only
+    session = onnxruntime.InferenceSession(str(tmp_path / "step.onnx"), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    assert set(names[: len(trainable)]) == set(trainable)
+    feed = {n: params[trainable[n]].detach().numpy() for n in trainable}
+    feed.update({n: t.numpy() for n, t in zip(head.input_names, [*feats, *extra])})
+    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
+
+    head.train()
+    head.zero_grad()
+    inputs = [f.float() for f in feats] + extra
+    loss, logits = head(*inputs)
+    loss.backward()
+    assert _relative_error(got["loss"], loss.detach().numpy()) <= RTOL
+    assert _relative_error(got["logits"], logits.detach().numpy()) <= RTOL
+    for n, g in trainable.items():
+        want = params[g].grad.numpy()
+        assert np.abs(want).max() > 0, n
+        assert got[grad_name(n)].shape == want.shape, n
+        assert _relative_error(got[grad_name(n)], want) <= RTOL, (n, _relative_error(got[grad_name(n)], want))
+
+
+@pytest.mark.parametrize("method,last_k", [
+    ("linear", 0), ("vqt", 0), ("vpt", 2), ("adaptformer", 2), ("finetune", 2), ("vqt+vpt", 2), ("vqt+adaptformer", 1),
+])
+def test_step_graph_gradients_equal_torch_autograd_tiny(tiny_backbone, method, last_k, tmp_path):
+    _check(tiny_backbone, method, last_k, tokens=2, tmp_path=tmp_path)
+
+
+def test_step_graph_gradients_equal_torch_autograd_vit_ti16(tmp_path):
+    backbone = VisionTransformer(PRESETS["vit_ti16"])
+    backbone.reset_parameters(seed=5)
+    backbone.eval()
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    _check(backbone, "vqt", 0, tokens=1, tmp_path=tmp_path, batch=3)
