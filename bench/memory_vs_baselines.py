@@ -1,4 +1,4 @@
-"""Peak memory of VQT on-device training against the baselines, at the same batch (DESIGN.md 5-6).
+"""Peak memory of VQT on-device training against the baselines, at the same batch (docs/design.md 5-6).
 
 One run measures, each configuration in a process of its own (peaks never mix), the peak resident
 memory of the whole training process (VmHWM, and /usr/bin/time -v's "Maximum resident set size"

@@ -1,6 +1,6 @@
 """What a finished run hands over: `adapter.safetensors` and a self-contained `model.onnx`.
 
-The adapter is the few learned tensors (DESIGN.md section 3), readable without vqt-edge. model.onnx
+The adapter is the few learned tensors (docs/design.md section 3), readable without vqt-edge. model.onnx
 is frozen.onnx with the bundle's inference head graph (train/head.onnx, its learned tensors replaced
 by the trained ones) merged behind it: pixel_values -> logits, for any onnxruntime.
 """

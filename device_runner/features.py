@@ -1,6 +1,6 @@
 """The frozen pass: images -> frozen.onnx -> (cls, keys, values), streamed or cached.
 
-Three ways to feed training (DESIGN.md section 2, paper D.3):
+Three ways to feed training (docs/design.md section 2, paper D.3):
 - `stream`: run the frozen graph on every training step (no cache; the backbone session and the
   training module are both resident).
 - `ram`: run it once per image before training, keep fp16 K/V in memory, then free the session.
@@ -60,7 +60,7 @@ class FrozenBackbone:
 
 def feature_specs(manifest: Manifest) -> dict[str, tuple[tuple[int, ...], type]]:
     """Per-sample shape and cache dtype of each frozen output. Large tensors are cached in fp16
-    (half the memory and disk; DESIGN.md section 6), the CLS vector in fp32. Head2Toe's `features`
+    (half the memory and disk; docs/design.md section 6), the CLS vector in fp32. Head2Toe's `features`
     (the head's input, F = manifest.head_features values per image) are large: fp16."""
     a, lk = manifest.arch, len(manifest.frozen_kv_layers)
     specs = {

@@ -3,7 +3,7 @@
 `onnx.load` + `onnx.compose.merge_models` + `onnx.save` hold every weight several times at once
 (the file's bytes, the parsed model, the prefixed copy, the merged copy, the serialized bytes): for
 ViT-B/16 that step alone peaked at 3.2 GiB over the process baseline, far more than training. A
-memory budget is a promise about the whole process (DESIGN.md section 6), so model.onnx is written
+memory budget is a promise about the whole process (docs/design.md section 6), so model.onnx is written
 here without ever holding more than one tensor of either graph:
 
 - protobuf merges a message that appears twice: two `graph` fields in one ModelProto parse as one

@@ -1,4 +1,4 @@
-"""Import onnxruntime and its training API without torch (DESIGN.md section 7).
+"""Import onnxruntime and its training API without torch (docs/design.md section 7).
 
 `onnxruntime/training/__init__.py` imports its `optim` package, which imports torch unconditionally;
 and where torch is installed, plain `import onnxruntime` imports it too (via `onnxruntime.tools`,

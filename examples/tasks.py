@@ -1,7 +1,7 @@
 """Downstream tasks the shipped backbone never saw, written as ordinary image folders (VTAB-1k style).
 
 Each task has `train1000/` (1000 images), `train800/` + `val200/` (the same 1000 split for choosing
-lr and weight decay) and `test/`. All from data that installs offline (DESIGN.md section 8):
+lr and weight decay) and `test/`. All from data that installs offline (docs/design.md section 8):
 
 - `fmnist59`: Fashion-MNIST classes 5-9 (sandal, shirt, sneaker, bag, ankle boot); the backbone was
   pre-trained on classes 0-4 only. Test: the official test images of classes 5-9 (5000).

@@ -1,6 +1,6 @@
 """The trainable part of every method, in torch: what the training graph and head.onnx hold.
 
-DESIGN.md sections 4-5. A bundle splits the adapted ViT in two at the first layer a method
+docs/design.md sections 4-5. A bundle splits the adapted ViT in two at the first layer a method
 changes; `FrozenPart` is everything before (frozen.onnx), `MethodHead` everything after, including
 the head and the loss (train/). What crosses the split is named by `manifest.frozen_outputs_for`:
 
@@ -35,7 +35,7 @@ Parameter names inside the graphs equal the adapter names of `adapter.safetensor
 query tokens (`query_path.query_tokens`, as in VQTHead). Adapted layers are keyed by their absolute
 index (`blocks.10.attn.qkv.weight`, `adapters.10.down.weight`), so a finetune adapter reads like
 a partial timm state dict. Every LayerNorm in these graphs is applied once per layer (on whole
-token sequences), as onnxruntime-training needs (DESIGN.md section 7).
+token sequences), as onnxruntime-training needs (docs/design.md section 7).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from exporters.vit import Block, QueryPath, VisionTransformer, head_features
 from vqt_edge import manifest as mf
 from vqt_edge.head2toe import feature_width
 
-ADAPTER_BOTTLENECK = 64  # AdaptFormer's bottleneck width (DESIGN.md section 5)
+ADAPTER_BOTTLENECK = 64  # AdaptFormer's bottleneck width (docs/design.md section 5)
 ADAPTER_SCALE = 0.1  # its scale s
 
 
@@ -194,7 +194,7 @@ class MethodHead(nn.Module):
 
     # -- names -------------------------------------------------------------------------------
     def trainable(self) -> dict[str, str]:
-        """Adapter tensor name -> parameter name in the graphs (DESIGN.md section 3)."""
+        """Adapter tensor name -> parameter name in the graphs (docs/design.md section 3)."""
         names = [n for n, p in self.named_parameters() if self._is_trainable(n)]
         return {("query_tokens" if n == "query_path.query_tokens" else n): n for n in names}
 

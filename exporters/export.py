@@ -1,4 +1,4 @@
-"""Split a ViT into the bundle the device trains on (DESIGN.md sections 2-3), for any method.
+"""Split a ViT into the bundle the device trains on (docs/design.md sections 2-3), for any method.
 
 - `frozen.onnx`: the frozen front of the backbone, pixel_values -> the method's frozen outputs
   (`manifest.frozen_outputs`: cls, keys, values for VQT; hidden, the input of layer L-k, for the
@@ -50,7 +50,7 @@ INFER_OPSET = 17
 
 
 def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], graph: str) -> None:
-    """torch.onnx.export with the settings each graph needs (DESIGN.md section 7). `graph`:
+    """torch.onnx.export with the settings each graph needs (docs/design.md section 7). `graph`:
 
     - "frozen": opset 17, eval mode, constant folding (it is only ever run forward).
     - "head" (head.onnx): opset 17, no folding: folding would turn the query tokens into a constant
@@ -65,7 +65,7 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outpu
     with torch.no_grad() if graph != "train" else torch.enable_grad(), warnings.catch_warnings():
         # The TorchScript exporter and its `training=` argument are deprecated in torch >= 2.9, and
         # used on purpose: the dynamo exporter's graphs do not survive ORT's training artifacts
-        # (DESIGN.md section 7). torch is pinned to 2.13.0, where both still work.
+        # (docs/design.md section 7). torch is pinned to 2.13.0, where both still work.
         warnings.filterwarnings("ignore", category=DeprecationWarning)  # scoped to this call
         torch.onnx.export(
             module,
@@ -89,7 +89,7 @@ def export_frozen(
     outputs: Sequence[str] = ("cls", "keys", "values"),
     split: int | None = None,
 ) -> None:
-    """frozen.onnx: pixel_values [B,3,S,S] -> `outputs` (DESIGN.md section 3): cls [B,D], keys and
+    """frozen.onnx: pixel_values [B,3,S,S] -> `outputs` (docs/design.md section 3): cls [B,D], keys and
     values [B,Lk,H,N,dh] of `query_layers`, hidden [B,N,D] the input of layer `split`."""
     arch = backbone.arch
     pixels = torch.randn(2, arch.channels, arch.image_size, arch.image_size)
@@ -146,7 +146,7 @@ def _generate_training_artifacts(train_onnx: Path, out_dir: Path, trainable: lis
             loss_input_names=["loss"],
             additional_output_names=["logits"],
             # Weight decay is applied by the runner (decoupled, per tensor, configurable on the
-            # device); OptimType.AdamW is Adam with weight decay 0 (DESIGN.md section 7).
+            # device); OptimType.AdamW is Adam with weight decay 0 (docs/design.md section 7).
             optimizer=artifacts.OptimType.AdamW,
             artifact_directory=str(out_dir),
         )

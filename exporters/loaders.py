@@ -1,6 +1,6 @@
 """Load pre-trained ViT weights from the files people actually have into `VisionTransformer`.
 
-Four formats (DESIGN.md section 8), recognized by content, never by file name, since downloaded
+Four formats (docs/design.md section 8), recognized by content, never by file name, since downloaded
 checkpoints are often renamed (`pytorch_model.bin`, `ViT-B_16.npz`, `checkpoint.pth`, ...):
 
 - "npz": the official Google ViT release (google-research/vision_transformer, used by VPT/VQT);

@@ -114,7 +114,7 @@ def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: 
     """LayerNorm written out, with a per-layer weight broadcast over the stacked layers.
 
     Decomposed on purpose: onnxruntime-training has no gradient for LayerNormalization (opset 17),
-    and one stacked LN per position avoids applying a frozen module twice (DESIGN.md section 7).
+    and one stacked LN per position avoids applying a frozen module twice (docs/design.md section 7).
     """
     mean = x.mean(-1, keepdim=True)
     var = ((x - mean) * (x - mean)).mean(-1, keepdim=True)
@@ -124,7 +124,7 @@ def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: 
 class QueryPath(nn.Module):
     """VQT's query tokens for all query layers, run on stacked frozen weights of those layers.
 
-    Per layer l (DESIGN.md section 4), with P_l the T learned tokens and K_l, V_l from the backbone:
+    Per layer l (docs/design.md section 4), with P_l the T learned tokens and K_l, V_l from the backbone:
         Q = LN1(P_l) Wq + bq;  A = softmax(Q K_l^T / sqrt(dh));  z = P_l + (A V_l) Wo + bo
         z_l = z + MLP(LN2(z))
     Stacking the Lq layers makes every step one batched matmul and applies each frozen weight once.
@@ -216,7 +216,7 @@ def head_features(
     """The head's input [B, F]: [n(cls), n(z_l1), ..., n(z_lLq)], z_l layer l's query outputs
     aggregated by `aggregate_tokens` (flattened token-major by default).
 
-    `n` is the L2 normalization of each group ("l2") or the identity ("none"); DESIGN.md section 3.
+    `n` is the L2 normalization of each group ("l2") or the identity ("none"); docs/design.md section 3.
     """
     groups = [cls] + list(aggregate_tokens(z, aggregate, wsum_weights).unbind(1))
     if feature_norm == "l2":

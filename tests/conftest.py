@@ -85,7 +85,7 @@ def tiny_run(tmp_path_factory, tiny_bundle, task) -> Path:
 
 def cli_command(*args, torch_free: bool = True) -> list[str]:
     """The argv of the real `vqt-edge`; with `torch_free`, torch is made unimportable first,
-    exactly as on a device where it is not installed (DESIGN.md section 7)."""
+    exactly as on a device where it is not installed (docs/design.md section 7)."""
     block = "import sys; sys.modules['torch'] = None; " if torch_free else ""
     code = block + "from vqt_edge.cli import main; sys.argv = ['vqt-edge'] + sys.argv[1:]; main()"
     return [sys.executable, "-c", "import sys; " + code, *map(str, args)]

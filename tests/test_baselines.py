@@ -1,4 +1,4 @@
-"""The baselines (DESIGN.md section 5) as bundles the same device runner trains.
+"""The baselines (docs/design.md section 5) as bundles the same device runner trains.
 
 For every method on the tiny ViT: the bundle's split is exact (frozen.onnx -> head.onnx and the
 merged model.onnx equal a straight-through torch model), one ORT training step equals torch (loss

@@ -1,4 +1,4 @@
-"""The VQT math in torch, against an independent formulation (DESIGN.md section 4)."""
+"""The VQT math in torch, against an independent formulation (docs/design.md section 4)."""
 
 from __future__ import annotations
 

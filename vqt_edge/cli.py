@@ -77,7 +77,7 @@ def _floats(text: str | None, what: str, n: int = 3) -> list[float] | None:
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle folder to write (must not exist or be empty).")
 @click.option("--method", type=click.Choice(METHODS), default="vqt", show_default=True,
               help="What the device trains: VQT, or a baseline (linear probe, VPT-Deep, AdaptFormer, partial fine-tuning, "
-                   "Head2Toe) or VQT on top of one (DESIGN.md section 5).")
+                   "Head2Toe) or VQT on top of one (docs/design.md section 5).")
 @click.option("--last-k", type=int, help="Layers adapted by vpt, adaptformer, finetune and vqt+*: the last K [default: all].")
 @click.option("--query-tokens", "tokens", type=int, default=1, show_default=True, help="T: query tokens per layer (VPT: prompt tokens per layer).")
 @click.option("--query-layers", default="all", show_default=True, help="'all', 'last:K', or 0-based indices like 0,5,11.")

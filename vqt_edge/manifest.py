@@ -20,7 +20,7 @@ from vqt_edge.head2toe import feature_width
 FORMAT = "vqt-edge/1"
 MANIFEST = "manifest.json"
 
-# Bundle-relative paths of the files the contract names (DESIGN.md section 2).
+# Bundle-relative paths of the files the contract names (docs/design.md section 2).
 FROZEN = "frozen.onnx"
 TRAINING_MODEL = "train/training_model.onnx"
 EVAL_MODEL = "train/eval_model.onnx"
@@ -32,7 +32,7 @@ HEAD_MODEL = "train/head.onnx"  # inference graph (frozen outputs -> logits), me
 STEP_MODEL = "train/step.onnx"
 STEP_INIT = "train/step_init.safetensors"
 
-# What each method trains (DESIGN.md sections 4-5). Methods "with query tokens" run VQT's query
+# What each method trains (docs/design.md sections 4-5). Methods "with query tokens" run VQT's query
 # path; methods with an adaptation change the last `last_k` layers, which then run in the training
 # graph from the frozen output `hidden` (the input of layer L-k). head2toe is a linear head on
 # pooled taps of every layer, which the frozen graph computes (vqt_edge/head2toe.py).
@@ -59,7 +59,7 @@ def frozen_kv_layers(method: str, query_layers: list[int], last_k: int, depth: i
 
 
 def frozen_outputs_for(method: str, query_layers: list[int], last_k: int, depth: int) -> list[str]:
-    """The outputs of frozen.onnx a method's training graph reads, in input order (DESIGN.md section 3)."""
+    """The outputs of frozen.onnx a method's training graph reads, in input order (docs/design.md section 3)."""
     if method == "head2toe":
         return ["features"]
     if method in ("vqt", "linear"):
@@ -96,7 +96,7 @@ class Manifest:
     feature_norm: str = "l2"
     dropout: float = 0.1
     class_names: list[str] | None = None
-    # Outputs of frozen.onnx that the training graph reads (DESIGN.md section 3).
+    # Outputs of frozen.onnx that the training graph reads (docs/design.md section 3).
     frozen_outputs: list[str] = field(default_factory=lambda: ["cls", "keys", "values"])
     # Names of the trainable tensors inside the ORT checkpoint, keyed by their adapter name.
     trainable: dict[str, str] = field(default_factory=dict)
@@ -199,7 +199,7 @@ class Manifest:
 
     @property
     def head_features(self) -> int:
-        """F = D + Lq*T*D: the head's input width (DESIGN.md section 3); D without query tokens,
+        """F = D + Lq*T*D: the head's input width (docs/design.md section 3); D without query tokens,
         D + Lq*D when a layer's T outputs are aggregated (mean, wsum), and Head2Toe's own width."""
         if self.method == "head2toe":
             return feature_width(self.arch, self.h2t_target)

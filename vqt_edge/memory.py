@@ -1,6 +1,6 @@
 """Memory: what this process has used at its peak, measured, not guessed; and what a run will use.
 
-A memory budget is a promise about the peak resident memory of the whole process (DESIGN.md
+A memory budget is a promise about the peak resident memory of the whole process (docs/design.md
 section 6), so the number that counts is the kernel's high-water mark, VmHWM. This module holds:
 
 - `peak_rss_mb`, `parse_size_mb`: the measurement and the budget's units (MiB);
@@ -137,7 +137,7 @@ MiB = 2**20
 BASE_MB = 64.0
 """Runtime baseline: Python + numpy + pillow + click + onnx + safetensors + onnxruntime and its
 training API imported, torch blocked: everything `train` imports [63.7 MiB VmHWM, same for every
-bundle; DESIGN.md section 7 measured 60 MB for `import onnxruntime` alone]."""
+bundle; docs/design.md section 7 measured 60 MB for `import onnxruntime` alone]."""
 SESSION_MB = 9.0
 """Fixed cost of an onnxruntime session (kernel registry, thread pool, graph), which stays resident
 after the session is freed: the tiny model's frozen session is 8.2 MiB for a 0.2 MiB file, and
