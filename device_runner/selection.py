@@ -82,9 +82,13 @@ def feature_source(
     model = _load_head(bundle, manifest, adapter)
     graph = model.graph
     source = head_gemm(graph, manifest).input[0]
-    graph.node.append(helper.make_node("Identity", [source], ["features"], name="features"))
+    if source in {i.name for i in graph.input}:  # head2toe: the Gemm reads a frozen output as it is
+        del model, graph
+        return lambda rows: np.asarray(gather(rows)[source], np.float32)
+    out = "selection.head_input"  # a name of its own: the graph may already use "features"
+    graph.node.append(helper.make_node("Identity", [source], [out], name=out))
     del graph.output[:]
-    graph.output.append(helper.make_tensor_value_info("features", onnx.TensorProto.FLOAT, None))
+    graph.output.append(helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
     rt = ort.onnxruntime()
     session = rt.InferenceSession(model.SerializeToString(), sess_options=ort.session_options(threads),
                                   providers=ort.providers(device))
@@ -92,7 +96,7 @@ def feature_source(
 
     def features(rows: np.ndarray) -> np.ndarray:
         feed = gather(rows)
-        return session.run(["features"], {name: feed[name] for name in inputs})[0]
+        return session.run([out], {name: feed[name] for name in inputs})[0]
 
     return features
 

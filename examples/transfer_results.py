@@ -40,6 +40,7 @@ class Method:
     aggregate: str = "concat"  # vqt-edge export --aggregate
     h2t_target: int | None = None  # vqt-edge export --h2t-target (head2toe; None: export's default)
     quantize: str = "none"  # `export --quantize`
+    keep_fraction: float = 1.0  # `train --keep-fraction` (group-lasso feature selection of the head)
 
 
 # vit_fmnist has 6 layers: "all layers" is k = 6.
@@ -55,6 +56,10 @@ METHODS = [
     Method("VQT mean (T=10)", "vqt", 10, aggregate="mean"),
     Method("VQT wsum (T=10)", "vqt", 10, aggregate="wsum"),
     Method("Head2Toe", "head2toe"),
+    Method("Head2Toe keep 0.3", "head2toe", keep_fraction=0.3),
+    Method("Head2Toe keep 0.1", "head2toe", keep_fraction=0.1),
+    Method("VQT (T=1) keep 0.3", "vqt", 1, keep_fraction=0.3),
+    Method("VQT (T=1) keep 0.1", "vqt", 1, keep_fraction=0.1),
 ]
 # A small grid: this runs on 2 CPU cores. Every method gets the same grid.
 LRS = (3e-3, 1e-2)
@@ -88,30 +93,34 @@ def bundle_for(out: Path, task: str, m: Method, classes: list[str]) -> Path:
     return bundle
 
 
-def train(bundle: Path, run: Path, data: Path, test: Path | None, lr: float, wd: float, seed: int, epochs: int) -> dict:
+def train(bundle: Path, run: Path, data: Path, test: Path | None, lr: float, wd: float, seed: int, epochs: int,
+          keep_fraction: float = 1.0) -> dict:
     if not (run / "summary.json").exists() or (test is not None and "test_accuracy" not in json.loads((run / "summary.json").read_text())):
         shutil.rmtree(run, ignore_errors=True)  # an unfinished run from an interrupted invocation
         args = ["train", "--bundle", str(bundle), "--data", str(data), "--run", str(run), "--epochs", str(epochs),
                 "--lr", str(lr), "--weight-decay", str(wd), "--seed", str(seed), "--threads", "1"]
         args += ["--test", str(test)] if test is not None else []
+        args += ["--keep-fraction", str(keep_fraction)] if keep_fraction < 1 else []
         _run(VQT_EDGE + args, run.parent / (run.name + ".log"))
     return json.loads((run / "summary.json").read_text())
 
 
-def val_accuracy(bundle: Path, run: Path, data: Path, lr: float, wd: float, epochs: int) -> float:
-    return train(bundle, run, data / "train800", data / "val200", lr, wd, 0, epochs)["test_accuracy"]
+def val_accuracy(bundle: Path, run: Path, data: Path, lr: float, wd: float, epochs: int, keep_fraction: float) -> float:
+    return train(bundle, run, data / "train800", data / "val200", lr, wd, 0, epochs, keep_fraction)["test_accuracy"]
 
 
 def evaluate_method(out: Path, task: str, data: Path, m: Method, epochs: int, pool: ThreadPoolExecutor,
                     seeds: tuple[int, ...] = SEEDS) -> dict:
     classes = sorted(p.name for p in (data / "train1000").iterdir())
     bundle = bundle_for(out, task, m, classes)
-    runs = out / "runs" / task / bundle.name
+    runs = out / "runs" / task / (bundle.name + (f"-keep{m.keep_fraction}" if m.keep_fraction < 1 else ""))
     grid = list(itertools.product(LRS, WDS))
-    vals = list(pool.map(lambda g: val_accuracy(bundle, runs / f"val-lr{g[0]}-wd{g[1]}", data, *g, epochs), grid))
+    vals = list(pool.map(
+        lambda g: val_accuracy(bundle, runs / f"val-lr{g[0]}-wd{g[1]}", data, *g, epochs, m.keep_fraction), grid))
     (lr, wd), best_val = max(zip(grid, vals), key=lambda x: x[1])
     tests = list(pool.map(
-        lambda s: train(bundle, runs / f"final-seed{s}", data / "train1000", data / "test", lr, wd, s, epochs), seeds))
+        lambda s: train(bundle, runs / f"final-seed{s}", data / "train1000", data / "test", lr, wd, s, epochs,
+                        m.keep_fraction), seeds))
     accs = [t["test_accuracy"] for t in tests]
     return {
         "task": task, "method": m.label, "lr": lr, "weight_decay": wd, "val_accuracy": best_val,

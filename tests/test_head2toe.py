@@ -185,3 +185,25 @@ def test_cli_export_head2toe_options(tmp_path):
         bad = {**data, "h2t_target": value, "method": "head2toe" if value == 0 else "linear"}
         with pytest.raises(mf.UserError, match="h2t_target"):
             mf.Manifest.from_dict(bad)
+
+
+def test_keep_fraction_selects_head2toe_features_and_model_onnx_reads_only_those(bundles, tiny_backbone, task, tmp_path):
+    """Head2Toe with group-lasso selection (its paper's setting): the head reads a frozen output as
+    it is, so the selection takes those features straight from the cache; model.onnx gathers the
+    kept columns and equals the reference features times the kept head."""
+    bundle, run = bundles[64], tmp_path / "run"
+    out = run_cli("train", "--bundle", bundle, "--data", task["train"], "--run", run, "--epochs", 3, "--lr", "3e-2",
+                  "--keep-fraction", "0.3")
+    assert out.returncode == 0, out.stderr
+    m = mf.read_manifest(bundle)
+    adapter = load_adapter(run / "adapter.safetensors", m)
+    index = adapter["head.feature_index"]
+    assert len(index) == round(0.3 * m.head_features) and adapter["head.weight"].shape == (3, len(index))
+    images = sorted(task["test"].rglob("*.png"))[::7]
+    pixels, _ = next(iter_batches([(p, 0) for p in images], len(images), TINY.image_size, m.mean, m.std))
+    got = onnxruntime.InferenceSession(str(run / "model.onnx"), providers=["CPUExecutionProvider"]).run(
+        ["logits"], {"pixel_values": pixels})[0]
+    with torch.no_grad():
+        feats = _reference_features(tiny_backbone, torch.from_numpy(pixels), 64).numpy()
+    want = feats[:, index] @ adapter["head.weight"].T + adapter["head.bias"]
+    assert np.abs(got - want).max() <= 1e-4
