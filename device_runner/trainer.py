@@ -192,7 +192,7 @@ def _one_hot(labels: np.ndarray, classes: int, weight: float) -> np.ndarray:
 
 
 class Trainer:
-    """Holds one run: its data, features, ORT module and optimizer. `fit()` runs it to the end."""
+    """Holds one run: its data, features and training backend (device_runner/backends.py). `fit()` runs it to the end."""
 
     def __init__(
         self, bundle: Path, run: Path, cfg: TrainConfig, data: Path | None, val: Path | None, resume: bool,
