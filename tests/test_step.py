@@ -17,7 +17,6 @@ import torch
 from exporters.baselines import FrozenPart, MethodHead
 from exporters.step import HALF_INPUTS, MAX_IR_VERSION, export_step, grad_name
 from exporters.vit import VisionTransformer
-from tests.conftest import TINY
 from vqt_edge import manifest as mf
 from vqt_edge.arch import PRESETS
 
