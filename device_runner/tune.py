@@ -29,11 +29,12 @@ import numpy as np
 
 from device_runner.data import check_trainable, drop_unreadable, load_dataset
 from device_runner.features import DiskCache, FeatureStore, FrozenBackbone, _RowMapped, build_ram_store, image_sha256
-from device_runner.trainer import RUN_FILE, SUMMARY, TrainConfig, train
+from device_runner.trainer import TrainConfig, train
 from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
 from vqt_edge.fileio import atomic_write_text
 from vqt_edge.memory import frozen_batch, trim_malloc
+from vqt_edge.run_folder import RunFolder
 
 SETTINGS = "settings.json"
 TUNE_JSON = "tune.json"
@@ -127,9 +128,10 @@ def _data_paths(data: Path, manifest: mf.Manifest) -> list[Path]:
 
 def _run_one(folder: Path, bundle: Path, cfg: TrainConfig, data: Path, shared: SharedPass, process_wide: bool) -> dict:
     """Train one run folder to its end (or resume it, or read it when finished); its summary."""
-    if (folder / SUMMARY).is_file():
-        return json.loads((folder / SUMMARY).read_text())
-    resume = (folder / RUN_FILE).is_file()
+    run = RunFolder(folder)
+    if run.is_finished():
+        return run.summary()
+    resume = run.is_run()
     return train(bundle, folder, cfg, data, resume=resume, echo=lambda _: None, features=shared, process_wide=process_wide)
 
 
@@ -152,7 +154,7 @@ def tune(
     else:
         if bundle is None or data is None:
             raise UserError("give --bundle and --data (or --resume to continue a tune)")
-        if space.exists() or (run / RUN_FILE).exists():
+        if space.exists() or RunFolder(run).is_run():
             raise UserError(f"{space} or {run} already exists; pass --resume to continue that tune, or choose another --run")
         if cfg.kv not in ("ram", "disk"):
             raise UserError("tune keeps the K/V of its one frozen pass: --kv must be ram or disk")

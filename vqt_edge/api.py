@@ -19,7 +19,6 @@ and lean malloc are set only with `train(..., process_wide=True)`, which the CLI
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -125,8 +124,8 @@ def train(
     memory budget) and turn SIGINT/SIGTERM into checkpoint-and-stop during this call.
     """
     from device_runner.evaluate import FinishedRun, evaluate as run_evaluate
-    from device_runner.trainer import SUMMARY, TrainConfig, enforce_budget, train as run_training
-    from vqt_edge.fileio import atomic_write_text
+    from device_runner.trainer import TrainConfig, enforce_budget, train as run_training
+    from vqt_edge.run_folder import RunFolder
 
     cfg = config if config is not None else TrainConfig()
     run = Path(run)
@@ -138,8 +137,7 @@ def train(
                            echo=echo, with_test=test is not None, process_wide=process_wide)
     if test is not None:
         result = run_evaluate(FinishedRun.open(run, cfg.device), Path(test), summary.get("micro_batch") or cfg.batch_size)
-        summary["test_accuracy"], summary["test_images"] = result["accuracy"], result["images"]
-        atomic_write_text(run / SUMMARY, json.dumps(summary, indent=2) + "\n")
+        summary = RunFolder(run).update_summary({"test_accuracy": result["accuracy"], "test_images": result["images"]})
         echo(f"test accuracy {result['accuracy']:.4f} on {result['images']} images")
         enforce_budget(run, summary)  # the test pass ran in this process too
     return summary
