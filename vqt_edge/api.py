@@ -73,6 +73,8 @@ def export(
 ) -> "Manifest":
     """Write a bundle to `out` (needs torch); the options are `vqt-edge export`'s. Returns its manifest.
 
+    `weights`: a checkpoint file or folder, `hf-hub:ORG/NAME[@REVISION]`, or a timm model name such as
+    `vit_base_patch16_224.augreg2_in21k_ft_in1k` (= hf-hub:timm/NAME): exporters/hub.py.
     `sizes` (depth, dim, heads, mlp_dim, patch, image_size) overrides a preset or defines a model.
     `query_layers`: 'all', 'last:K', '0,5,11' or a list of indices.
     """
@@ -96,7 +98,8 @@ def export(
     level = root.level  # exporters/export.py lowers the root logger to WARNING (generate_artifacts is chatty)
     try:
         run_export(
-            model_name=model, weights=Path(weights) if weights is not None else None, random_init=random_init,
+            model_name=model, weights=weights if weights is None or isinstance(weights, str) else Path(weights),
+            random_init=random_init,
             num_classes=num_classes, class_names=class_names, out=out, method=method, last_k=last_k, tokens=query_tokens,
             query_layers=layers, feature_norm=feature_norm, dropout=dropout, aggregate=aggregate, h2t_target=h2t_target,
             mean=list(mean) if mean is not None else None, std=list(std) if std is not None else None, seed=seed,

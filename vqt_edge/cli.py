@@ -69,8 +69,10 @@ def _floats(text: str | None, what: str, n: int = 3) -> list[float] | None:
 
 @cli.command()
 @click.option("--model", "model_name", help="Preset: vit_ti16, vit_s16, vit_b16, vit_l16, vit_fmnist. Omit to give every size below.")
-@click.option("--weights", type=click.Path(exists=True, path_type=Path),
-              help="Checkpoint: Google .npz, timm/MAE .pth or .safetensors, or a Hugging Face ViT folder (detected by content).")
+@click.option("--weights", metavar="CKPT|hf-hub:ORG/NAME",
+              help="Checkpoint: Google .npz, timm/MAE .pth or .safetensors, or a Hugging Face ViT folder (detected by content); "
+                   "or a named one: hf-hub:ORG/NAME[@REV], or a timm model name (vit_base_patch16_224.augreg_in21k = "
+                   "hf-hub:timm/...), from the Hugging Face cache (downloaded there when online).")
 @click.option("--random-init", is_flag=True, help="No checkpoint: random weights (tests, memory and speed measurements).")
 @click.option("--num-classes", type=int, help="Classes of the task the device will learn.")
 @click.option("--classes", help="Comma-separated class names (optional; sets --num-classes).")
