@@ -10,15 +10,14 @@ checkpoint ends with the same parameters as one that was never interrupted.
 from __future__ import annotations
 
 import math
+import logging
 import signal
-import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-import click
 import numpy as np
 
 from device_runner import backends
@@ -35,8 +34,10 @@ from vqt_edge import adapter_config
 from vqt_edge.manifest import Manifest
 from vqt_edge.memory import (BundleFootprint, Plan, available_mb, choose, default_kv, frozen_batch, lean_malloc,
                              peak_rss_mb, predict_peak, trim_malloc)
+from vqt_edge.progress import Counter, OnProgress, Progress, log_progress
 from vqt_edge.run_folder import RUN_FILE, RunFolder
 
+log = logging.getLogger("vqt_edge")  # the default for messages; the CLI and the API pass their own
 SharedFeatures = Callable[[list[Path]], FeatureStore]  # sample paths -> their frozen outputs, row i = path i
 
 
@@ -171,10 +172,11 @@ class Trainer:
 
     def __init__(
         self, bundle: Path, run: Path, cfg: TrainConfig, data: Path | None, val: Path | None, resume: bool,
-        echo: Callable[[str], None] = click.echo, with_test: bool = False, features: SharedFeatures | None = None,
-        classes: list[str] | None = None,
+        echo: Callable[[str], None] = log.info, with_test: bool = False, features: SharedFeatures | None = None,
+        classes: list[str] | None = None, progress: OnProgress | None = None,
     ) -> None:
         self.run, self.echo, self.shared_features = run, echo, features
+        self.progress = progress or log_progress  # vqt_edge/progress.py: the CLI draws bars, a library logs
         self.folder = folder = RunFolder(run)
         if resume and not folder.is_run():
             raise UserError(f"{run}: nothing to resume (no {RUN_FILE}); start it without --resume")
@@ -258,15 +260,15 @@ class Trainer:
             return
         if self.cfg.kv == "ram":
             backbone = self._backbone()
-            with click.progressbar(length=len(self.paths), label="frozen pass (K/V to RAM)", file=sys.stderr) as bar:
-                self.store = build_ram_store(backbone, self.paths, self.manifest, bs, _stoppable(bar.update))
+            done = Counter(self.progress, "frozen pass (K/V to RAM)", len(self.paths))
+            self.store = build_ram_store(backbone, self.paths, self.manifest, bs, _stoppable(done))
             backbone.close()
             trim_malloc()
         else:
             cache = DiskCache.for_bundle(self.run, self.manifest)
             hashes = [image_sha256(p) for p in self.paths]
-            with click.progressbar(length=cache.missing(hashes), label="frozen pass (K/V to disk cache)", file=sys.stderr) as bar:
-                cache.fill(self._backbone, self.paths, hashes, self.manifest, bs, _stoppable(bar.update))
+            done = Counter(self.progress, "frozen pass (K/V to disk cache)", cache.missing(hashes))
+            cache.fill(self._backbone, self.paths, hashes, self.manifest, bs, _stoppable(done))
             trim_malloc()
             self.store = cache.store(hashes)  # reads unmap what they touched (FeatureStore.gather)
         self.backbone = None
@@ -381,23 +383,23 @@ class Trainer:
                 if first == 0:
                     sums = dict.fromkeys(sums, 0.0)
                 label = f"epoch {epoch + 1}/{cfg.epochs}"
-                with click.progressbar(range(first, steps_per_epoch), label=label, file=sys.stderr,
-                                       item_show_func=lambda _: self._bar_text(sums)) as bar:
-                    for index in bar:
-                        rows = order[index * cfg.batch_size : (index + 1) * cfg.batch_size]
-                        g = epoch * steps_per_epoch + index
-                        t_step = time.perf_counter()
-                        loss, correct = self._step(rows, epoch, index, lr_at(g, total, warmup, cfg.lr))
-                        self.step_times.append(time.perf_counter() - t_step)
-                        sums["loss_sum"] += loss
-                        sums["correct"] += correct
-                        sums["seen"] += len(rows)
-                        last = index + 1 == steps_per_epoch
-                        due = cfg.checkpoint_every and (index + 1) % cfg.checkpoint_every == 0
-                        if flag["stop"] or (due and not last):
-                            self._save_checkpoint({"epoch": epoch, "step": index + 1, **sums})
-                        if flag["stop"]:
-                            raise Interrupted(f"stopped after step {index + 1} of epoch {epoch + 1}; continue with --resume")
+                self.progress(Progress(label, first, steps_per_epoch))
+                for index in range(first, steps_per_epoch):
+                    rows = order[index * cfg.batch_size : (index + 1) * cfg.batch_size]
+                    g = epoch * steps_per_epoch + index
+                    t_step = time.perf_counter()
+                    loss, correct = self._step(rows, epoch, index, lr_at(g, total, warmup, cfg.lr))
+                    self.step_times.append(time.perf_counter() - t_step)
+                    sums["loss_sum"] += loss
+                    sums["correct"] += correct
+                    sums["seen"] += len(rows)
+                    self.progress(Progress(label, index + 1, steps_per_epoch, self._bar_text(sums)))
+                    last = index + 1 == steps_per_epoch
+                    due = cfg.checkpoint_every and (index + 1) % cfg.checkpoint_every == 0
+                    if flag["stop"] or (due and not last):
+                        self._save_checkpoint({"epoch": epoch, "step": index + 1, **sums})
+                    if flag["stop"]:
+                        raise Interrupted(f"stopped after step {index + 1} of epoch {epoch + 1}; continue with --resume")
                 record = {
                     "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch,
                     "train_loss": sums["loss_sum"] / max(1, sums["seen"]), "train_acc": sums["correct"] / max(1, sums["seen"]),
@@ -482,8 +484,8 @@ def enforce_budget(run: Path, summary: dict) -> dict:
 
 
 def train(bundle: Path, run: Path, cfg: TrainConfig, data: Path | None, val: Path | None = None, resume: bool = False,
-          echo: Callable[[str], None] = click.echo, with_test: bool = False, process_wide: bool = False,
-          features: SharedFeatures | None = None) -> dict:
+          echo: Callable[[str], None] = log.info, with_test: bool = False, process_wide: bool = False,
+          features: SharedFeatures | None = None, progress: OnProgress | None = None) -> dict:
     """Train (or resume) a run to its end; returns the run summary. `with_test`: the caller will
     evaluate a test set in this process afterwards (the memory plan includes it). `process_wide`
     (the CLI): set lean malloc, which the memory model assumes, and turn SIGINT/SIGTERM into a
@@ -493,7 +495,7 @@ def train(bundle: Path, run: Path, cfg: TrainConfig, data: Path | None, val: Pat
         lean_malloc()  # before the large allocations
     _STOP["stop"] = False
     with stop_on_signal() if process_wide else nullcontext(), RunFolder(run).lock():
-        trainer = Trainer(bundle, run, cfg, data, val, resume, echo, with_test, features)
+        trainer = Trainer(bundle, run, cfg, data, val, resume, echo, with_test, features, progress=progress)
         _stop_point("while reading the data")
         return trainer.fit(handle_signals=process_wide)
 

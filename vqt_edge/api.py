@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # the real imports happen in the functions
     from device_runner.adapter import AdapterModel
     from device_runner.trainer import TrainConfig
     from vqt_edge.manifest import Manifest
+    from vqt_edge.progress import OnProgress
 
 log = logging.getLogger("vqt_edge")
 Progress = Callable[[str], None]
@@ -114,9 +115,13 @@ def export(
 def train(
     bundle: PathLike | None, data: PathLike | None, run: PathLike, config: "TrainConfig | None" = None, *,
     val: PathLike | None = None, test: PathLike | None = None, resume: bool = False,
-    progress: Progress | None = None, process_wide: bool = False,
+    progress: Progress | None = None, on_progress: "OnProgress | None" = None, process_wide: bool = False,
 ) -> dict:
     """Train (or with `resume`, continue) a run to its end and return its summary (summary.json).
+
+    `progress` receives the run's messages (default: the `vqt_edge` logger at INFO); `on_progress`
+    receives vqt_edge.progress.Progress events (task, done, total, info) during the frozen pass and
+    every epoch (default: DEBUG records of the same logger). Nothing is drawn on the terminal.
 
     `config` holds `vqt-edge train`'s options (TrainConfig; its default kv="auto" lets the planner
     choose where K/V live, against memory_budget_mb or else the memory available). With `test`, the test set is evaluated in this process at the end and its
@@ -137,7 +142,7 @@ def train(
     echo = progress or log.info
     summary = run_training(Path(bundle) if bundle is not None else None, run, cfg,
                            Path(data) if data is not None else None, Path(val) if val is not None else None, resume,
-                           echo=echo, with_test=test is not None, process_wide=process_wide)
+                           echo=echo, with_test=test is not None, process_wide=process_wide, progress=on_progress)
     if test is not None:
         result = run_evaluate(FinishedRun.open(run, cfg.device), Path(test), summary.get("micro_batch") or cfg.batch_size)
         summary = RunFolder(run).update_summary({"test_accuracy": result["accuracy"], "test_images": result["images"]})

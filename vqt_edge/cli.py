@@ -164,6 +164,7 @@ def train(bundle, data, run_dir, val, val_split, test, epochs, batch_size, micro
     from device_runner.trainer import BudgetExceeded, Interrupted, TrainConfig
     from vqt_edge import api
     from vqt_edge.memory import parse_size_mb
+    from vqt_edge.progress import ClickBars
 
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, micro_batch=micro_batch, lr=lr, weight_decay=weight_decay,
                       warmup_epochs=warmup_epochs, seed=seed, kv=kv or "auto", device=device, threads=threads,
@@ -172,8 +173,9 @@ def train(bundle, data, run_dir, val, val_split, test, epochs, batch_size, micro
     if memory_budget is not None:
         cfg.memory_budget_mb = parse_size_mb(memory_budget)  # an explicit --kv is kept if it fits
     try:
-        summary = api.train(bundle, data, run_dir, cfg, val=val, test=test, resume=resume, progress=click.echo,
-                            process_wide=True)
+        with ClickBars() as bars:  # the library reports progress events; the CLI draws them
+            summary = api.train(bundle, data, run_dir, cfg, val=val, test=test, resume=resume, progress=click.echo,
+                                on_progress=bars, process_wide=True)
     except Interrupted as e:
         click.echo(f"interrupted: {e}", err=True)
         sys.exit(130)
