@@ -202,7 +202,8 @@ class Trainer:
             raise UserError("--data is required")
         self.data = _load_data(self.manifest, data, val, cfg, echo, classes)
         self.plan = self._plan_memory(with_test)  # before any work, and before run.json saves the choice
-        samples_sha = samples_sha256([(self.data.train, data), (self.data.val, val or data)])
+        self.image_hashes: dict[Path, str] = {}  # each image's bytes hashed once: identity, then disk-cache key
+        samples_sha = samples_sha256([(self.data.train, data), (self.data.val, val or data)], self.image_hashes)
         if resume and saved.get("samples_sha256") != samples_sha:
             raise UserError(f"{data}: the images changed since this run started (an image was added, removed, renamed, "
                             "relabelled or edited); resuming would not continue the same run. Start a new --run.")
@@ -266,7 +267,7 @@ class Trainer:
             trim_malloc()
         else:
             cache = DiskCache.for_bundle(self.run, self.manifest)
-            hashes = [image_sha256(p) for p in self.paths]
+            hashes = [self.image_hashes.get(p) or image_sha256(p) for p in self.paths]
             done = Counter(self.progress, "frozen pass (K/V to disk cache)", cache.missing(hashes))
             cache.fill(self._backbone, self.paths, hashes, self.manifest, bs, _stoppable(done))
             trim_malloc()
