@@ -51,9 +51,6 @@ class RunFolder:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
 
-    def __truediv__(self, name: str) -> Path:
-        return self.path / name
-
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
 
