@@ -31,6 +31,8 @@ TIMM_PRESETS = {
     "vit_base_patch16_224": "vit_b16", "vit_large_patch16_224": "vit_l16",
 }
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # timm repositories hold one of these
+#: A missing `vit_b16.npz` is a mistyped file, not the timm tag "npz": these suffixes are never tags.
+_FILE_SUFFIXES = {".npz", ".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".tar"}
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ def repo_of(weights: str) -> tuple[str, str | None] | None:
         if repo.count("/") != 1 or not all(repo.split("/")):
             raise UserError(f"--weights {weights}: expected hf-hub:ORG/NAME[@REVISION]")
         return repo, revision or None
-    if _TIMM_NAME.match(weights) and not Path(weights).exists():
+    if _TIMM_NAME.match(weights) and Path(weights).suffix not in _FILE_SUFFIXES and not Path(weights).exists():
         return f"timm/{weights}", None
     return None
 

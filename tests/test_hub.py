@@ -113,3 +113,12 @@ def test_timm_names_resolve_to_the_timm_repository(tmp_path):
     assert model == "vit_b16" and mean == [0.4] * 3 and std == [0.2] * 3
     assert got[names[1]][2] is None and got[names[1]][1] == f"hf-hub:timm/vit_odd_patch8_32.x@{COMMIT}"
     assert "timm/vit_nothere_patch16_224.y" in got[names[2]] and "not in the local Hugging Face cache" in got[names[2]]
+
+
+def test_file_names_are_not_taken_for_timm_names(tmp_path):
+    from exporters import hub
+
+    assert hub.repo_of("vit_b16.npz") is None  # a (mistyped) file: loaders.py says "no such file"
+    assert hub.repo_of(str(tmp_path / "vit_x.y")) is None
+    assert hub.repo_of("vit_small_patch16_224.augreg_in21k") == ("timm/vit_small_patch16_224.augreg_in21k", None)
+    assert hub.repo_of("hf-hub:google/vit-base-patch16-224-in21k@main") == ("google/vit-base-patch16-224-in21k", "main")
