@@ -83,6 +83,7 @@ def child(runner: str, bundle: Path, threads: int, warmup: int, steps: int) -> d
     if runner == "torch":
         return _torch_child(manifest, store, rows, targets, keep, threads, warmup, steps)
     from device_runner import backends, ort
+    from vqt_edge.run_folder import RunFolder
     from vqt_edge.memory import peak_rss_mb
 
     ort.block_torch()
@@ -97,9 +98,10 @@ def child(runner: str, bundle: Path, threads: int, warmup: int, steps: int) -> d
     result = _timed(step, warmup, steps)
     with tempfile.TemporaryDirectory(dir=bundle.parent) as tmp:  # the run folder's file system
         t0 = time.perf_counter()
-        backend.save(Path(tmp), {"epoch": 1, "step": 0, "loss_sum": 0.1, "correct": 3.0, "seen": 32.0})
+        path = RunFolder(tmp).checkpoint(runner)
+        backend.save(path, {"epoch": 1, "step": 0, "loss_sum": 0.1, "correct": 3.0, "seen": 32.0})
         result["checkpoint_save_s"] = round(time.perf_counter() - t0, 3)
-        result["checkpoint_bytes"] = (Path(tmp) / backends.checkpoint_name(runner)).stat().st_size
+        result["checkpoint_bytes"] = path.stat().st_size
     result["peak_rss_mb_after_save"] = round(peak_rss_mb(), 1)
     return result
 

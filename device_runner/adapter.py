@@ -10,7 +10,6 @@ model.onnx, which merges the same two graphs with the same replacement (device_r
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,25 +19,15 @@ import numpy as np
 from PIL import Image
 
 from device_runner import ort
-from device_runner.deploy import ADAPTER, load_adapter
-from device_runner.evaluate import verify_run_files
-from device_runner.trainer import RUN_FILE, SUMMARY
+from device_runner.deploy import load_adapter
 from vqt_edge import adapter_config
 from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
 from vqt_edge.manifest import Manifest
 from vqt_edge.preprocess import load_rgb, preprocess
+from vqt_edge.run_folder import ADAPTER, RUN_FILE, RunFolder
 
 ImageLike = str | os.PathLike[str] | Image.Image
-
-
-def _bundle_of(folder: Path) -> Path:
-    """The bundle a run folder was trained on (its run.json); adapter folders must be told."""
-    try:
-        return Path(json.loads((folder / RUN_FILE).read_text())["bundle"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{folder}: give the bundle this adapter was trained on (bundle=...); "
-                        f"no readable {RUN_FILE} names it ({type(e).__name__})") from None
 
 
 @dataclass
@@ -58,10 +47,14 @@ class AdapterModel:
         if not (folder / ADAPTER).is_file():
             raise UserError(f"{folder}: no {ADAPTER}; give a run folder or a folder with {ADAPTER} and "
                             f"{adapter_config.ADAPTER_CONFIG}")
-        if (folder / SUMMARY).is_file():
-            verify_run_files(folder)  # a run folder: its recorded hashes first
+        run = RunFolder(folder)
+        if run.is_run():  # a run folder: its recorded hashes first, always (a summary without them is refused)
+            run.verify()
+        elif bundle is None:
+            raise UserError(f"{folder}: give the bundle this adapter was trained on (bundle=...); "
+                            f"no {RUN_FILE} names it")
         config = adapter_config.read(folder)
-        bundle = Path(bundle) if bundle is not None else _bundle_of(folder)
+        bundle = Path(bundle) if bundle is not None else run.bundle()
         manifest = mf.read_manifest(bundle, verify=True, only=[mf.FROZEN, mf.HEAD_MODEL])
         adapter_config.check_matches(config, manifest, folder / adapter_config.ADAPTER_CONFIG)
         tensors = load_adapter(folder / ADAPTER, manifest)  # shapes checked against the bundle

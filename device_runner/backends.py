@@ -48,7 +48,6 @@ class Backend(Protocol):
     """What the trainer needs from a backend. `forward` in train mode accumulates gradients until
     `step` applies them (micro-batches add up); in eval mode it only returns loss and logits."""
 
-    checkpoint: str  # file name inside the run folder
     input_names: list[str]  # graph inputs the trainer feeds: frozen outputs, query_keep, targets
     input_dtypes: dict[str, np.dtype]  # dtype each fed input must have
     position: dict  # where the checkpoint it resumed from stopped (empty when starting)
@@ -59,11 +58,7 @@ class Backend(Protocol):
     def step(self, lr: float, weight_decay: float) -> None: ...
     def parameters(self) -> dict[str, np.ndarray]: ...
     def set_parameters(self, tensors: dict[str, np.ndarray]) -> None: ...
-    def save(self, run: Path, position: Position) -> None: ...
-
-
-def checkpoint_name(backend: str) -> str:
-    return PortableBackend.checkpoint if backend == "portable" else OrtTrainingBackend.checkpoint
+    def save(self, path: Path, position: Position) -> None: ...  # the run folder's CHECKPOINTS[name]
 
 
 def has_step_graph(manifest: Manifest) -> bool:
@@ -103,8 +98,6 @@ def decay_factor(lr: float, weight_decay: float) -> np.float32:
 
 class PortableBackend:
     """Step graph on an InferenceSession + AdamW in numpy; checkpoint = safetensors of what is trained."""
-
-    checkpoint = "checkpoint.safetensors"
 
     def __init__(self, bundle: Path, manifest: Manifest, device: str, threads: int | None,
                  resume_from: Path | None) -> None:
@@ -197,7 +190,7 @@ class PortableBackend:
             self.params[n] = np.ascontiguousarray(tensors[n], np.float32)
 
     # -- checkpoint ---------------------------------------------------------------------------
-    def save(self, run: Path, position: Position) -> None:
+    def save(self, path: Path, position: Position) -> None:
         """One safetensors file: `param/NAME`, `exp_avg/NAME`, `exp_avg_sq/NAME`; the optimizer step
         and the position in its metadata, floats as exact reprs. Written atomically and fsynced."""
         tensors = {}
@@ -206,7 +199,7 @@ class PortableBackend:
             tensors[f"exp_avg/{n}"] = self.exp_avg[n]
             tensors[f"exp_avg_sq/{n}"] = self.exp_avg_sq[n]
         meta = {"format": mf.FORMAT, "optimizer_step": str(self.t), **{k: repr(v) for k, v in position.items()}}
-        atomic_write_bytes(run / self.checkpoint, save(tensors, metadata=meta))
+        atomic_write_bytes(path, save(tensors, metadata=meta))
 
     def _load(self, path: Path) -> None:
         hint = "this run cannot be resumed from it; start a new --run"
@@ -243,8 +236,6 @@ class PortableBackend:
 class OrtTrainingBackend:
     """onnxruntime-training's Module and Optimizer on the bundle's artifacts (its CheckpointState
     holds parameters, moments and the position as properties)."""
-
-    checkpoint = "checkpoint"
 
     def __init__(self, bundle: Path, manifest: Manifest, device: str, threads: int | None,
                  resume_from: Path | None) -> None:
@@ -301,16 +292,16 @@ class OrtTrainingBackend:
         for name, graph in self.manifest.trainable.items():
             self.state.parameters[graph].data = np.ascontiguousarray(tensors[name], np.float32)
 
-    def save(self, run: Path, position: Position) -> None:
+    def save(self, path: Path, position: Position) -> None:
         api = ort.training_api()
         for k, v in position.items():
             # ORT stores float properties as float32; running sums go in as exact strings.
             self.state.properties[k] = repr(v) if isinstance(v, float) else v
-        tmp = run / (self.checkpoint + ".tmp")
+        tmp = path.with_name(path.name + ".tmp")
         try:
             api.CheckpointState.save_checkpoint(self.state, str(tmp), include_optimizer_state=True)
             fsync_file(tmp)  # else a power cut after the rename can leave a truncated checkpoint
-            os.replace(tmp, run / self.checkpoint)
+            os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

@@ -22,9 +22,6 @@ from vqt_edge.errors import UserError
 from vqt_edge.fileio import atomic_write_bytes
 from vqt_edge.manifest import Manifest
 
-ADAPTER = "adapter.safetensors"
-MODEL = "model.onnx"
-
 
 def _atomic(path: Path) -> Path:
     return path.with_name(path.name + ".tmp")

@@ -9,6 +9,7 @@ from typing import Callable
 
 import click
 
+from exporters import hub
 from exporters.export import export_bundle
 from exporters.loaders import arch_from_hf_config, detect_format, load_weights
 from exporters.vit import VisionTransformer
@@ -40,7 +41,7 @@ def _human(n: float) -> str:
 
 
 def run_export(
-    *, model_name: str | None, weights: Path | None, random_init: bool, num_classes: int, class_names: list[str] | None,
+    *, model_name: str | None, weights: str | Path | None, random_init: bool, num_classes: int, class_names: list[str] | None,
     out: Path, tokens: int, query_layers: str, feature_norm: str, dropout: float, mean: list[float] | None,
     std: list[float] | None, seed: int, sizes: dict, parse_layers: Callable[[str, int], list[int]],
     method: str = "vqt", last_k: int | None = None, aggregate: str = "concat", h2t_target: int | None = None, quantize: str = "none",
@@ -48,12 +49,24 @@ def run_export(
 ) -> None:
     t0 = time.perf_counter()
     meta: dict = {}
+    origin = None
+    if isinstance(weights, str) and hub.repo_of(weights) is not None:  # hf-hub:ORG/NAME or a timm name
+        found = hub.resolve(weights)
+        weights, origin = found.path, found.source
+        meta = {k: v for k, v in (("mean", found.mean), ("std", found.std)) if v is not None}
+        if model_name is None and found.model is not None and not any(sizes.values()):
+            model_name = found.model
+        log(f"{origin}: {weights}")
+    elif weights is not None:
+        weights = Path(weights)
+        origin = str(weights)
     if weights is None and not random_init:
         shipped = shipped_weights(model_name)
         if shipped is None:
             raise UserError("give --weights CKPT, or --random-init for random weights"
                             + (f" (vqt-edge ships no weights for {model_name})" if model_name else ""))
         weights, meta = shipped
+        origin = str(weights)
         log(f"using the {model_name} backbone shipped with vqt-edge ({weights.name})")
     if model_name is None and weights is not None and detect_format(weights) == "hf" and not any(sizes.values()):
         arch = arch_from_hf_config(json.loads((weights / "config.json").read_text()))
@@ -85,7 +98,7 @@ def run_export(
         log(f"loaded {report.loaded} tensors from {weights} ({report.format})")
         if report.unused:
             log(f"not part of the backbone, not used: {', '.join(report.unused)}")
-        source = {"source": str(weights), "format": report.format}
+        source = {"source": origin, "format": report.format}
     else:
         backbone.reset_parameters(seed)
         source = {"source": "random-init", "seed": seed}

@@ -41,11 +41,12 @@ import json, logging, signal, sys
 from vqt_edge import api
 bundle, data, test, run = (sys.argv[1:5])
 before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), logging.getLogger().level)
-lines, during = [], set()
+lines, during, events = [], set(), []
 def progress(line):  # also records the SIGINT handler while training runs
     lines.append(line)
     during.add(signal.getsignal(signal.SIGINT))
-summary = api.train(bundle, data, run, api.TrainConfig(epochs=2, batch_size=16), test=test, progress=progress)
+summary = api.train(bundle, data, run, api.TrainConfig(epochs=2, batch_size=16, kv="ram"), test=test, progress=progress,
+                    on_progress=events.append)
 images = [str(p) for p in sorted(__import__('pathlib').Path(test, 'red').iterdir())[:5]]
 predictions = api.predict(run, images)
 accuracy = api.evaluate(run, test)["accuracy"]
@@ -55,7 +56,7 @@ after = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), logg
 torch_seen = "torch" in sys.modules
 import torch
 print(json.dumps({"same_process_state": before == after and during == {before[0]}, "torch_seen": torch_seen, "torch": torch.__version__,
-                  "lines": lines, "test_accuracy": summary["test_accuracy"], "accuracy": accuracy,
+                  "lines": lines, "events": [[e.task, e.done, e.total, e.info] for e in events], "test_accuracy": summary["test_accuracy"], "accuracy": accuracy,
                   "predictions": predictions, "from_adapter": from_adapter}))
 """
 
@@ -63,10 +64,19 @@ print(json.dumps({"same_process_state": before == after and during == {before[0]
 def test_library_caller_process_is_left_as_it_was(tmp_path, tiny_bundle, task):
     """Train, predict, evaluate and load an adapter through the API in a process that never
     imported torch: no signal handler or logging level is changed, onnxruntime did not pull torch
-    in, and `import torch` works afterwards. Progress arrives through the callback."""
+    in, and `import torch` works afterwards. Messages and progress events arrive through the callbacks;
+    nothing is drawn on the terminal (no click progress bars)."""
     out = _python(LIBRARY_CALLER, tiny_bundle, task["train"], task["test"], tmp_path / "run")
     assert out.returncode == 0, out.stderr[-3000:]
-    got = json.loads(out.stdout.splitlines()[-1])
+    assert len(out.stdout.splitlines()) == 1 and "epoch" not in out.stderr and "frozen pass" not in out.stderr, out.stderr
+    got = json.loads(out.stdout)
+    events = got["events"]
+    frozen = [e for e in events if e[0] == "frozen pass (K/V to RAM)"]
+    assert frozen[0][1] == 0 and frozen[-1][1] == frozen[-1][2] == 120  # the task's 120 training images
+    for epoch in ("epoch 1/2", "epoch 2/2"):  # 120 images in batches of 16: 8 steps, 0..8 in order
+        assert [e[1] for e in events if e[0] == epoch] == list(range(9)), events
+        assert all(e[2] == 8 for e in events if e[0] == epoch)
+    assert [e for e in events if e[0] == "epoch 2/2"][-1][3].startswith("loss ")
     assert got["same_process_state"] and not got["torch_seen"] and got["torch"]
     assert any(line.startswith("epoch=2 ") for line in got["lines"]), got["lines"]
     assert any(line.startswith("test accuracy") for line in got["lines"]), got["lines"]

@@ -20,7 +20,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from device_runner import ort
-from device_runner.backends import BACKENDS, checkpoint_name
+from device_runner.backends import BACKENDS
+from vqt_edge.run_folder import CHECKPOINTS
 from device_runner.data import iter_batches, load_dataset
 from tests.conftest import REPO, run_cli
 from vqt_edge import manifest as mf
@@ -119,7 +120,7 @@ def _runnable(backend: str):
 def test_sigkill_at_any_point_then_resume_equals_uninterrupted(tmp_path, tiny_bundle, task, backend):
     args = ["--bundle", tiny_bundle, "--data", task["train"], "--epochs", 6, "--batch-size", 8,
             "--kv", "disk", "--checkpoint-every", 3, "--seed", 7, "--backend", backend]
-    checkpoint = checkpoint_name(backend)
+    checkpoint = CHECKPOINTS[backend]
     reference = tmp_path / "reference"
     out = run_cli("train", "--run", reference, *args)
     assert out.returncode == 0, out.stderr

@@ -69,8 +69,10 @@ def _floats(text: str | None, what: str, n: int = 3) -> list[float] | None:
 
 @cli.command()
 @click.option("--model", "model_name", help="Preset: vit_ti16, vit_s16, vit_b16, vit_l16, vit_fmnist. Omit to give every size below.")
-@click.option("--weights", type=click.Path(exists=True, path_type=Path),
-              help="Checkpoint: Google .npz, timm/MAE .pth or .safetensors, or a Hugging Face ViT folder (detected by content).")
+@click.option("--weights", metavar="CKPT|hf-hub:ORG/NAME",
+              help="Checkpoint: Google .npz, timm/MAE .pth or .safetensors, or a Hugging Face ViT folder (detected by content); "
+                   "or a named one: hf-hub:ORG/NAME[@REV], or a timm model name (vit_base_patch16_224.augreg_in21k = "
+                   "hf-hub:timm/...), from the Hugging Face cache (downloaded there when online).")
 @click.option("--random-init", is_flag=True, help="No checkpoint: random weights (tests, memory and speed measurements).")
 @click.option("--num-classes", type=int, help="Classes of the task the device will learn.")
 @click.option("--classes", help="Comma-separated class names (optional; sets --num-classes).")
@@ -162,6 +164,7 @@ def train(bundle, data, run_dir, val, val_split, test, epochs, batch_size, micro
     from device_runner.trainer import BudgetExceeded, Interrupted, TrainConfig
     from vqt_edge import api
     from vqt_edge.memory import parse_size_mb
+    from vqt_edge.progress import ClickBars
 
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, micro_batch=micro_batch, lr=lr, weight_decay=weight_decay,
                       warmup_epochs=warmup_epochs, seed=seed, kv=kv or "auto", device=device, threads=threads,
@@ -170,8 +173,9 @@ def train(bundle, data, run_dir, val, val_split, test, epochs, batch_size, micro
     if memory_budget is not None:
         cfg.memory_budget_mb = parse_size_mb(memory_budget)  # an explicit --kv is kept if it fits
     try:
-        summary = api.train(bundle, data, run_dir, cfg, val=val, test=test, resume=resume, progress=click.echo,
-                            process_wide=True)
+        with ClickBars() as bars:  # the library reports progress events; the CLI draws them
+            summary = api.train(bundle, data, run_dir, cfg, val=val, test=test, resume=resume, progress=click.echo,
+                                on_progress=bars, process_wide=True)
     except Interrupted as e:
         click.echo(f"interrupted: {e}", err=True)
         sys.exit(130)

@@ -50,12 +50,14 @@ def tune(bundle, data, run_dir, lrs, weight_decays, epochs, batch_size, micro_ba
     ort.block_torch()
     from device_runner.trainer import Interrupted, TrainConfig
     from device_runner.tune import table, tune as run_tune, workspace
+    from vqt_edge.progress import ClickBars
 
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, micro_batch=micro_batch, warmup_epochs=warmup_epochs, seed=seed,
                       kv=kv, device=device, threads=threads, keep_fraction=keep_fraction, lasso=lasso)
     try:
-        result = run_tune(bundle, data, run_dir, cfg, _numbers(lrs, "--lrs"), _numbers(weight_decays, "--weight-decays"), resume,
-                          process_wide=True)
+        with ClickBars() as bars:
+            result = run_tune(bundle, data, run_dir, cfg, _numbers(lrs, "--lrs"), _numbers(weight_decays, "--weight-decays"),
+                              resume, echo=click.echo, process_wide=True, progress=bars)
     except (Interrupted, KeyboardInterrupt) as e:
         click.echo(f"interrupted: {e or 'before training started'}; continue with --resume", err=True)
         sys.exit(130)
