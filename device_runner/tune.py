@@ -118,9 +118,9 @@ class SharedPass:
 
 def _data_paths(data: Path, manifest: mf.Manifest) -> list[Path]:
     dataset = load_dataset(data)
-    if len(dataset.classes) != manifest.num_classes:
-        raise UserError(f"{data}: {len(dataset.classes)} classes, but the bundle was exported for {manifest.num_classes}")
-    dataset, _ = drop_unreadable(dataset, manifest.arch.image_size)
+    if len(dataset.classes) != manifest.spec.num_classes:
+        raise UserError(f"{data}: {len(dataset.classes)} classes, but the bundle was exported for {manifest.spec.num_classes}")
+    dataset, _ = drop_unreadable(dataset, manifest.spec.arch.image_size)
     check_trainable(dataset, str(data))
     return [p for p, _ in dataset.samples]
 

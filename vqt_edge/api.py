@@ -98,7 +98,7 @@ def export(
     try:
         run_export(
             model_name=model, weights=Path(weights) if weights is not None else None, random_init=random_init,
-            num_classes=num_classes, class_names=class_names, out=out, method=method, last_k=last_k, tokens=query_tokens,
+            num_classes=num_classes, class_names=class_names, out=out, method=method, last_k=last_k, query_tokens=query_tokens,
             query_layers=layers, feature_norm=feature_norm, dropout=dropout, aggregate=aggregate, h2t_target=h2t_target,
             mean=list(mean) if mean is not None else None, std=list(std) if std is not None else None, seed=seed,
             sizes={k: (sizes or {}).get(k) for k in ("depth", "dim", "heads", "mlp_dim", "patch", "image_size")},
