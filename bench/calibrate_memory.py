@@ -46,7 +46,7 @@ def child(args) -> None:
     from device_runner import ort
     from device_runner import trainer  # noqa: F401  (everything `train` imports)
     from device_runner.deploy import build_model
-    from device_runner.features import FeatureStore, FrozenBackbone, feature_specs
+    from device_runner.features import FeatureStore, FrozenBackbone
     from vqt_edge import manifest as mf
 
     from vqt_edge.memory import lean_malloc
@@ -87,12 +87,12 @@ def child(args) -> None:
     elif args.child == "store":
         n = int(args.value)
         base = reset_peak()
-        arrays = {k: np.ones((n, *s), d) for k, (s, d) in feature_specs(m).items()}
+        arrays = {k: np.ones((n, *s), d) for k, (s, d) in m.spec.frozen_output_specs.items()}
         rec["store"] = status()["VmHWM"] - base
         rec["store_bytes"] = sum(v.nbytes for v in arrays.values()) / 2**20
     elif args.child in ("module", "finish"):
         mb = int(args.value)
-        specs = feature_specs(m)
+        specs = m.spec.frozen_output_specs
         arrays = {k: rng.standard_normal((max(mb, 2), *s)).astype(d) for k, (s, d) in specs.items()}
         store = FeatureStore(arrays)
         base = reset_peak()
@@ -109,7 +109,7 @@ def child(args) -> None:
             feed = store.gather(np.arange(mb) % len(next(iter(arrays.values()))))
             feed["targets"] = np.full((mb, m.spec.num_classes), 1.0 / mb, np.float32)
             if "query_keep" in names:
-                feed["query_keep"] = np.ones((mb, len(m.spec.query_layers), m.spec.query_tokens, a.dim), np.float32)
+                feed["query_keep"] = np.ones((mb, *m.spec.query_keep_shape), np.float32)
             module(*[feed[n] for n in names])
             del feed
             opt.step()

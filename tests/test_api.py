@@ -15,6 +15,7 @@ from tests.conftest import REPO, run_cli
 from vqt_edge import adapter_config
 from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
+from vqt_edge.spec import AdapterSpec
 
 
 def _python(code: str, *args, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -181,7 +181,7 @@ def test_streamed_model_onnx_equals_the_onnx_compose_merge(tiny_bundle, tmp_path
 
 
 def test_sweep_memory_only_writes_results_and_plot(tmp_path):
-    from vqt_edge.manifest import METHODS
+    from vqt_edge.spec import METHODS
 
     methods = "vqt,linear" if "linear" in METHODS else "vqt"  # linear: a single point, no k
     out = tmp_path / "sweep"
