@@ -10,9 +10,9 @@ its backward pass, generated from the torch `MethodHead` (never hand-written) by
 2. `make_fx` with core ATen decompositions, in symbolic mode so the batch stays dynamic;
 3. the traced module wrapped in an `nn.Module` and exported with `torch.onnx.export(dynamo=True)`.
 
-Inputs (in this order): every trainable tensor, named by its one name (the adapter spec's
-`trainable_shapes`), then the frozen outputs the method reads (large ones as fp16, the K/V cache's dtype, cast to
-fp32 inside the graph), `query_keep` (methods with query tokens) and `targets`. Outputs: `loss`,
+Inputs (in this order): every trainable tensor, by its one name (the adapter spec's
+`trainable_shapes`), then the frozen outputs the method reads (large ones as fp16, the K/V cache's
+dtype, cast to fp32 inside the graph), `query_keep` (methods with query tokens) and `targets`. Outputs: `loss`,
 `logits`, then `grad.<name>` for every trainable tensor. The frozen weights are initializers.
 The same graph serves evaluation (all-ones `query_keep`, zero `targets`): a second graph would
 hold a second copy of the frozen weights.
