@@ -34,6 +34,7 @@ from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
 from vqt_edge.fileio import atomic_write_text
 from vqt_edge.memory import frozen_batch, trim_malloc
+from vqt_edge.spec import CACHED_KV_MODES
 
 SETTINGS = "settings.json"
 TUNE_JSON = "tune.json"
@@ -154,8 +155,8 @@ def tune(
             raise UserError("give --bundle and --data (or --resume to continue a tune)")
         if space.exists() or (run / RUN_FILE).exists():
             raise UserError(f"{space} or {run} already exists; pass --resume to continue that tune, or choose another --run")
-        if cfg.kv not in ("ram", "disk"):
-            raise UserError("tune keeps the K/V of its one frozen pass: --kv must be ram or disk")
+        if cfg.kv not in CACHED_KV_MODES:
+            raise UserError(f"tune keeps the K/V of its one frozen pass: --kv must be one of {', '.join(CACHED_KV_MODES)}")
         lrs = list(lrs or default_lrs(cfg.batch_size))
         weight_decays = list(OFFICIAL_WEIGHT_DECAYS if weight_decays is None else weight_decays)
         if not lrs or not weight_decays or min(lrs) <= 0 or min(weight_decays) < 0:
