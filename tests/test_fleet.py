@@ -85,7 +85,7 @@ def test_client_round_starts_from_the_servers_tensors_for_each_method(method, me
     from vqt_edge import manifest as mf
 
     bundle = tiny_bundle if method == "vqt" else method_bundles[method]
-    shapes = mf.read_manifest(bundle).adapter_shapes
+    shapes = mf.read_manifest(bundle).spec.trainable_shapes
     rng = np.random.default_rng(0)
     start = {name: rng.normal(0, 0.05, shape).astype(np.float32) for name, shape in shapes.items()}
     cfg = TrainConfig(epochs=2, batch_size=16, lr=1e-9, weight_decay=0.0, kv="disk", threads=1)
