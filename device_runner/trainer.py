@@ -35,9 +35,9 @@ from vqt_edge.errors import UserError
 from vqt_edge import adapter_config
 from vqt_edge.fileio import DISK_FULL, atomic_write_text
 from vqt_edge.manifest import Manifest
-from vqt_edge.spec import KV_MODES
 from vqt_edge.memory import (BundleFootprint, Plan, available_mb, choose, default_kv, frozen_batch, lean_malloc,
                              peak_rss_mb, predict_peak, trim_malloc)
+from vqt_edge.spec import KV_MODES
 
 RUN_FILE = "run.json"
 BUNDLE_MANIFEST = "bundle_manifest.json"  # the bundle's manifest, so eval/predict need only the run

@@ -23,8 +23,8 @@ from onnx import numpy_helper
 from device_runner import ort
 from device_runner.data import iter_batches
 from device_runner.deploy import build_model, load_adapter
-from exporters.methods import MethodHead, build_head
 from exporters.export import export_bundle
+from exporters.methods import MethodHead, build_head
 from tests.conftest import TINY, run_cli
 from vqt_edge import manifest as mf
 from vqt_edge.cli import cli

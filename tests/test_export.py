@@ -15,8 +15,8 @@ from exporters.methods import build_head
 from exporters.vit import VisionTransformer
 from tests.conftest import TINY
 from vqt_edge import manifest as mf
-from vqt_edge.spec import AdapterSpec
 from vqt_edge.arch import PRESETS
+from vqt_edge.spec import AdapterSpec
 
 
 def _frozen_vs_torch(backbone, path, layers, batch):

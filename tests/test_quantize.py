@@ -22,8 +22,8 @@ from onnx import numpy_helper
 
 from device_runner import ort
 from exporters.export import export_bundle, export_frozen
-from exporters.quantize import dequantized_weights, quantize, quantize_int8
 from exporters.methods import build_head
+from exporters.quantize import dequantized_weights, quantize, quantize_int8
 from exporters.vit import VisionTransformer
 from tests.conftest import TINY, run_cli
 from vqt_edge import manifest as mf

@@ -17,8 +17,8 @@ import torch
 from exporters.methods import build_frozen, build_head
 from exporters.step import HALF_INPUTS, MAX_IR_VERSION, export_step, grad_name
 from exporters.vit import VisionTransformer
-from vqt_edge.spec import AdapterSpec
 from vqt_edge.arch import PRESETS
+from vqt_edge.spec import AdapterSpec
 
 RTOL = 1e-5  # relative to the largest magnitude of each compared tensor
 
