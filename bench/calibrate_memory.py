@@ -46,7 +46,7 @@ def child(args) -> None:
     from device_runner import ort
     from device_runner import trainer  # noqa: F401  (everything `train` imports)
     from device_runner.deploy import build_model
-    from device_runner.features import FeatureStore, FrozenBackbone, feature_specs
+    from device_runner.features import FeatureStore, FrozenBackbone
     from vqt_edge import manifest as mf
 
     from vqt_edge.memory import lean_malloc
@@ -60,7 +60,7 @@ def child(args) -> None:
     rec: dict = {"what": args.child, "value": args.value}
     rec["baseline_hwm"] = status()["VmHWM"]
     rec["baseline_rss"] = reset_peak()
-    a = m.arch
+    a = m.spec.arch
     rng = np.random.default_rng(0)
     if args.child == "baseline":
         pass
@@ -87,12 +87,12 @@ def child(args) -> None:
     elif args.child == "store":
         n = int(args.value)
         base = reset_peak()
-        arrays = {k: np.ones((n, *s), d) for k, (s, d) in feature_specs(m).items()}
+        arrays = {k: np.ones((n, *s), d) for k, (s, d) in m.spec.frozen_output_specs.items()}
         rec["store"] = status()["VmHWM"] - base
         rec["store_bytes"] = sum(v.nbytes for v in arrays.values()) / 2**20
     elif args.child in ("module", "finish"):
         mb = int(args.value)
-        specs = feature_specs(m)
+        specs = m.spec.frozen_output_specs
         arrays = {k: rng.standard_normal((max(mb, 2), *s)).astype(d) for k, (s, d) in specs.items()}
         store = FeatureStore(arrays)
         base = reset_peak()
@@ -107,9 +107,9 @@ def child(args) -> None:
         for step in range(args.steps):
             before = reset_peak() if step == args.steps - 1 else None
             feed = store.gather(np.arange(mb) % len(next(iter(arrays.values()))))
-            feed["targets"] = np.full((mb, m.num_classes), 1.0 / mb, np.float32)
+            feed["targets"] = np.full((mb, m.spec.num_classes), 1.0 / mb, np.float32)
             if "query_keep" in names:
-                feed["query_keep"] = np.ones((mb, len(m.query_layers), m.query_tokens, a.dim), np.float32)
+                feed["query_keep"] = np.ones((mb, *m.spec.query_keep_shape), np.float32)
             module(*[feed[n] for n in names])
             del feed
             opt.step()
@@ -126,7 +126,7 @@ def child(args) -> None:
         st = status()
         rec["ckpt_save_peak"] = st["VmHWM"] - before
         if args.child == "finish":
-            adapter = {k: np.array(state.parameters[g].data) for k, g in m.trainable.items()}
+            adapter = {k: np.array(state.parameters[k].data) for k in m.spec.trainable_shapes}
             module = opt = store = arrays = state = None
             gc.collect()
             before = reset_peak()

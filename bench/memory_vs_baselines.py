@@ -189,7 +189,7 @@ def main() -> None:
         return torch_child(args.torch_child, args.model, args.batch_size, args.steps, args.classes)
 
     from vqt_edge.arch import PRESETS
-    from vqt_edge.manifest import METHODS
+    from vqt_edge.spec import METHODS
 
     arch = PRESETS[args.model]
     args.depth = arch.depth

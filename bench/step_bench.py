@@ -43,14 +43,14 @@ def _cache(manifest, batch: int):
     """One batch of cached features (fp16 K/V as the cache stores them) and its labels."""
     import numpy as np
 
-    from device_runner.features import FeatureStore, feature_specs
+    from device_runner.features import FeatureStore
 
     rng = np.random.default_rng(0)
     arrays = {name: rng.standard_normal((batch, *shape), dtype=np.float32).astype(dtype)
-              for name, (shape, dtype) in feature_specs(manifest).items()}
-    targets = np.zeros((batch, manifest.num_classes), np.float32)
-    targets[np.arange(batch), rng.integers(0, manifest.num_classes, batch)] = 1.0 / batch
-    keep = (rng.random((batch, len(manifest.query_layers), manifest.query_tokens, manifest.arch.dim)) >= 0.1)
+              for name, (shape, dtype) in manifest.spec.frozen_output_specs.items()}
+    targets = np.zeros((batch, manifest.spec.num_classes), np.float32)
+    targets[np.arange(batch), rng.integers(0, manifest.spec.num_classes, batch)] = 1.0 / batch
+    keep = (rng.random((batch, *manifest.spec.query_keep_shape)) >= 0.1)
     return FeatureStore(arrays), targets, keep.astype(np.float32) / np.float32(0.9)
 
 
@@ -112,13 +112,15 @@ def _torch_child(manifest, store, rows, targets, keep, threads, warmup, steps) -
     import torch
     import torch.nn.functional as F
 
-    from exporters.vit import VisionTransformer, VQTHead, head_features
+    from exporters.methods import build_head
+    from exporters.methods.linear import head_features
+    from exporters.vit import VisionTransformer
 
     torch.set_num_threads(threads)
-    backbone = VisionTransformer(manifest.arch)  # random weights: only the query path's shapes matter
-    model = VQTHead(backbone, manifest.query_layers, manifest.query_tokens, manifest.num_classes, manifest.feature_norm)
+    backbone = VisionTransformer(manifest.spec.arch)  # random weights: only the query path's shapes matter
+    model = build_head(backbone, manifest.spec)
     del backbone
-    qp, eps, d, h = model.query_path, manifest.arch.eps, manifest.arch.dim, manifest.arch.heads
+    qp, eps, d, h = model.query_path, manifest.spec.arch.eps, manifest.spec.arch.dim, manifest.spec.arch.heads
     optimizer = torch.optim.AdamW([qp.query_tokens, *model.head.parameters()], lr=LR, weight_decay=WD)
     t_targets, t_keep = torch.from_numpy(targets), torch.from_numpy(keep)
 
@@ -133,7 +135,7 @@ def _torch_child(manifest, store, rows, targets, keep, threads, warmup, steps) -
             z = p + (attn @ values[:, i]).transpose(1, 2).reshape(b, t, d) @ qp.wo[i] + qp.bo[i]
             hid = F.gelu(F.layer_norm(z, (d,), qp.ln2_w[i], qp.ln2_b[i], eps) @ qp.w1[i] + qp.b1[i])
             zs.append(z + hid @ qp.w2[i] + qp.b2[i])
-        return model.head(head_features(cls, torch.stack(zs, 1), manifest.feature_norm))
+        return model.head(head_features([cls] + [z.flatten(1) for z in zs], manifest.spec.feature_norm))
 
     def step() -> None:
         feed = store.gather(rows)  # fp32, as a PyTorch user would convert the fp16 cache

@@ -67,23 +67,23 @@ class AdapterModel:
         # logits off by 0.2 from model.onnx with them, 6e-8 without.
         options.graph_optimization_level = rt.GraphOptimizationLevel.ORT_DISABLE_ALL
         values = []
-        for name, graph_name in manifest.trainable.items():
+        for name in manifest.spec.trainable_shapes:
             value = rt.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(tensors[name], np.float32))
-            options.add_initializer(graph_name, value)
+            options.add_initializer(name, value)
             values.append(value)
         head = rt.InferenceSession(str(bundle / mf.HEAD_MODEL), sess_options=options, providers=providers)
         return cls(manifest, config, list(config["class_names"]), frozen, head, values)
 
     def logits(self, pixels: np.ndarray) -> np.ndarray:
         """pixels float32 [B,3,S,S], normalized with the bundle's mean/std -> logits [B,C]."""
-        outputs = self.frozen.run(self.manifest.frozen_outputs, {"pixel_values": np.asarray(pixels, np.float32)})
-        feed = dict(zip(self.manifest.frozen_outputs, outputs))
+        outputs = self.frozen.run(self.manifest.spec.frozen_outputs, {"pixel_values": np.asarray(pixels, np.float32)})
+        feed = dict(zip(self.manifest.spec.frozen_outputs, outputs))
         wired = [i.name for i in self.head.get_inputs() if i.name in feed]
         return self.head.run(["logits"], {name: feed[name] for name in wired})[0]
 
     def pixels(self, images: Sequence[ImageLike]) -> np.ndarray:
         """Decode (paths) and preprocess images exactly as training did; PIL images are used as given."""
-        a, m = self.manifest.arch, self.manifest
+        a, m = self.manifest.spec.arch, self.manifest
         out = np.empty((len(images), a.channels, a.image_size, a.image_size), np.float32)
         for i, image in enumerate(images):
             img = image if isinstance(image, Image.Image) else load_rgb(image)

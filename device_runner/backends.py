@@ -102,7 +102,7 @@ class PortableBackend:
     def __init__(self, bundle: Path, manifest: Manifest, device: str, threads: int | None,
                  resume_from: Path | None) -> None:
         rt = ort.onnxruntime()
-        self.shapes = manifest.adapter_shapes
+        self.shapes = manifest.spec.trainable_shapes
         options = ort.session_options(threads)
         # Unlike the frozen pass (whose batches vary), every step allocates the same buffers: with the
         # arena they are reused instead of page-faulted in again on each call. vit_b16, batch 32, one
@@ -115,10 +115,10 @@ class PortableBackend:
                                            providers=ort.providers(device), disabled_optimizers=["ConstantFolding"])
         inputs = self.session.get_inputs()
         graph_inputs = [i.name for i in inputs]
-        self.names = graph_inputs[: len(manifest.trainable)]  # adapter names, in the graph's order
-        if set(self.names) != set(manifest.trainable):
+        self.names = graph_inputs[: len(self.shapes)]  # adapter names, in the graph's order
+        if set(self.names) != set(self.shapes):
             raise UserError(f"{bundle / mf.STEP_MODEL}: inputs {graph_inputs} do not start with the trainable tensors "
-                            f"{sorted(manifest.trainable)} of the manifest; re-export the bundle")
+                            f"{sorted(self.shapes)} of the manifest; re-export the bundle")
         self.input_names = graph_inputs[len(self.names):]
         self.input_dtypes = {i.name: np.dtype(np.float16 if i.type == "tensor(float16)" else np.float32)
                              for i in inputs[len(self.names):]}
@@ -275,8 +275,8 @@ class OrtTrainingBackend:
     def step(self, lr: float, weight_decay: float) -> None:
         if weight_decay:
             keep = decay_factor(lr, weight_decay)
-            for graph_name in self.manifest.trainable.values():
-                param = self.state.parameters[graph_name]
+            for name in self.manifest.spec.trainable_shapes:
+                param = self.state.parameters[name]
                 value = param.data
                 if value.ndim >= 2:
                     param.data = value * keep
@@ -285,12 +285,12 @@ class OrtTrainingBackend:
         self.module.lazy_reset_grad()
 
     def parameters(self) -> dict[str, np.ndarray]:
-        return {name: np.array(self.state.parameters[graph].data) for name, graph in self.manifest.trainable.items()}
+        return {name: np.array(self.state.parameters[name].data) for name in self.manifest.spec.trainable_shapes}
 
     def set_parameters(self, tensors: dict[str, np.ndarray]) -> None:
         """Replace the trained tensors (adapter names; the optimizer state is kept): a fleet round."""
-        for name, graph in self.manifest.trainable.items():
-            self.state.parameters[graph].data = np.ascontiguousarray(tensors[name], np.float32)
+        for name in self.manifest.spec.trainable_shapes:
+            self.state.parameters[name].data = np.ascontiguousarray(tensors[name], np.float32)
 
     def save(self, path: Path, position: Position) -> None:
         api = ort.training_api()

@@ -51,10 +51,10 @@ class FinishedRun:
 def _check_signature(session, manifest: Manifest, path: Path) -> None:
     """model.onnx must take the bundle's images and give one logit per class; another run's
     model (another image size or class count) is refused here, not mid-way through the images."""
-    a = manifest.arch
+    a = manifest.spec.arch
     inputs = {i.name: i.shape for i in session.get_inputs()}
     outputs = {o.name: o.shape for o in session.get_outputs()}
-    want_in, want_out = [None, a.channels, a.image_size, a.image_size], [None, manifest.num_classes]
+    want_in, want_out = [None, a.channels, a.image_size, a.image_size], [None, manifest.spec.num_classes]
 
     def fits(shape, want) -> bool:
         return len(shape) == len(want) and all(not isinstance(d, int) or w is None or d == w for d, w in zip(shape, want))
@@ -63,7 +63,7 @@ def _check_signature(session, manifest: Manifest, path: Path) -> None:
             or not fits(outputs["logits"], want_out):
         raise UserError(
             f"{path}: takes {inputs} and gives {outputs}; the run's bundle needs pixel_values "
-            f"[B,{a.channels},{a.image_size},{a.image_size}] -> logits [B,{manifest.num_classes}]. "
+            f"[B,{a.channels},{a.image_size},{a.image_size}] -> logits [B,{manifest.spec.num_classes}]. "
             "The file is from another run or damaged."
         )
 
@@ -76,10 +76,10 @@ def predict(run: FinishedRun, paths: Sequence[Path], batch_size: int = 32) -> It
         good, errors = [], {}
         for p in chunk:
             try:
-                good.append(next(iter_batches([(p, 0)], 1, m.arch.image_size, m.mean, m.std))[0])
+                good.append(next(iter_batches([(p, 0)], 1, m.spec.arch.image_size, m.mean, m.std))[0])
             except UnreadableImage as e:
                 errors[p] = str(e)
-        logits = run.logits(np.concatenate(good)) if good else np.zeros((0, m.num_classes), np.float32)
+        logits = run.logits(np.concatenate(good)) if good else np.zeros((0, m.spec.num_classes), np.float32)
         it = iter(logits)
         for p in chunk:
             if p in errors:
@@ -92,10 +92,10 @@ def predict(run: FinishedRun, paths: Sequence[Path], batch_size: int = 32) -> It
 def evaluate(run: FinishedRun, data: Path, batch_size: int = 32) -> dict:
     """Accuracy, per-class accuracy and confusion matrix (rows: true class, columns: predicted)."""
     m = run.manifest
-    dataset, skipped = drop_unreadable(load_dataset(data, classes=run.classes), m.arch.image_size)
+    dataset, skipped = drop_unreadable(load_dataset(data, classes=run.classes), m.spec.arch.image_size)
     c = len(run.classes)
     confusion = np.zeros((c, c), dtype=np.int64)
-    for pixels, labels in iter_batches(dataset.samples, batch_size, m.arch.image_size, m.mean, m.std):
+    for pixels, labels in iter_batches(dataset.samples, batch_size, m.spec.arch.image_size, m.mean, m.std):
         np.add.at(confusion, (labels, run.logits(pixels).argmax(-1)), 1)
     total = int(confusion.sum())
     per_class = {

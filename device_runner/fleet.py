@@ -39,17 +39,17 @@ CLIENT_RUN, ROUNDS = "run", "rounds"
 
 
 def get_tensors(trainer: Trainer) -> dict[str, np.ndarray]:
-    """The trainable tensors, by their adapter names (`manifest.trainable`), as float32 copies."""
+    """The trainable tensors, by their adapter names (the spec's `trainable_shapes`), as float32 copies."""
     return {name: np.array(value, np.float32) for name, value in trainer.adapter_tensors().items()}
 
 
 def set_tensors(trainer: Trainer, tensors: dict[str, np.ndarray]) -> None:
     """Replace the trainable tensors (e.g. by the server's average); every name and shape must match
     the bundle, so tensors of another bundle or method are refused, not broadcast into place."""
-    shapes = trainer.manifest.adapter_shapes
+    shapes = trainer.manifest.spec.trainable_shapes
     if set(tensors) != set(shapes):
         raise UserError(f"the server sent tensors {sorted(tensors)}, the bundle trains {sorted(shapes)}")
-    for name in trainer.manifest.trainable:
+    for name in shapes:
         shape = np.shape(tensors[name])
         if shape != tuple(shapes[name]):
             raise UserError(f"tensor {name!r} is {list(shape)}, the bundle expects {list(shapes[name])}")

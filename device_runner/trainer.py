@@ -23,9 +23,7 @@ import numpy as np
 from device_runner import backends
 from device_runner.data import Dataset, check_trainable, drop_unreadable, iter_batches, load_dataset, split
 from device_runner.deploy import build_model, save_adapter
-from device_runner.features import (
-    KV_MODES, DiskCache, FeatureStore, FrozenBackbone, build_ram_store, image_sha256,
-)
+from device_runner.features import DiskCache, FeatureStore, FrozenBackbone, build_ram_store, image_sha256
 from device_runner.identity import samples_sha256
 from device_runner.selection import compress_adapter
 from vqt_edge import manifest as mf
@@ -36,6 +34,7 @@ from vqt_edge.memory import (BundleFootprint, Plan, available_mb, choose, defaul
                              peak_rss_mb, predict_peak, trim_malloc)
 from vqt_edge.progress import Counter, OnProgress, Progress, log_progress
 from vqt_edge.run_folder import RUN_FILE, RunFolder
+from vqt_edge.spec import KV_MODES
 
 log = logging.getLogger("vqt_edge")  # the default for messages; the CLI and the API pass their own
 SharedFeatures = Callable[[list[Path]], FeatureStore]  # sample paths -> their frozen outputs, row i = path i
@@ -129,13 +128,13 @@ def _load_data(manifest: Manifest, data: Path, val: Path | None, cfg: TrainConfi
     train = load_dataset(data, classes=classes)
     if manifest.class_names is not None and train.classes != manifest.class_names:
         raise UserError(f"{data}: classes {train.classes} differ from the bundle's {manifest.class_names}")
-    if len(train.classes) != manifest.num_classes:
+    if len(train.classes) != manifest.spec.num_classes:
         raise UserError(
-            f"{data}: {len(train.classes)} classes, but the bundle was exported for {manifest.num_classes} "
+            f"{data}: {len(train.classes)} classes, but the bundle was exported for {manifest.spec.num_classes} "
             "(export again with --num-classes)"
         )
     skipped: list[tuple[str, str]] = []
-    size = manifest.arch.image_size
+    size = manifest.spec.arch.image_size
     train, bad = drop_unreadable(train, size)  # warns once per skipped image
     skipped += [(str(p), why) for p, why in bad]
     if classes is None:
@@ -282,7 +281,7 @@ class Trainer:
         if self.store is not None:
             return self.store.gather(rows, dtypes)
         m = self.manifest
-        pixels = next(iter_batches([(self.paths[r], 0) for r in rows], len(rows), m.arch.image_size, m.mean, m.std))[0]
+        pixels = next(iter_batches([(self.paths[r], 0) for r in rows], len(rows), m.spec.arch.image_size, m.mean, m.std))[0]
         return {name: value.astype(dtypes[name], copy=False) for name, value in self.backbone(pixels).items()}
 
     def _run_module(self, rows: np.ndarray, keep: np.ndarray | None, targets: np.ndarray) -> tuple[float, np.ndarray]:
@@ -297,11 +296,11 @@ class Trainer:
         """Query-token dropout mask, already scaled by 1/(1-p); all ones without an rng (eval)."""
         if "query_keep" not in self.backend.input_names:
             return None
-        m = self.manifest
-        shape = (b, len(m.query_layers), m.query_tokens, m.arch.dim)
-        if rng is None or m.dropout == 0:
+        spec = self.manifest.spec
+        shape = (b, *spec.query_keep_shape)
+        if rng is None or spec.dropout == 0:
             return np.ones(shape, np.float32)
-        return (rng.random(shape) >= m.dropout).astype(np.float32) / np.float32(1 - m.dropout)
+        return (rng.random(shape) >= spec.dropout).astype(np.float32) / np.float32(1 - spec.dropout)
 
     # -- backend -------------------------------------------------------------------------------
     def _open_backend(self) -> None:
@@ -323,7 +322,7 @@ class Trainer:
         cfg, m = self.cfg, self.manifest
         b = len(rows)
         keep = self._keep_mask(b, np.random.default_rng([cfg.seed, epoch, index]))
-        targets = _one_hot(self.labels[rows], m.num_classes, 1.0 / b)
+        targets = _one_hot(self.labels[rows], m.spec.num_classes, 1.0 / b)
         micro = cfg.micro_batch or b
         loss, correct = 0.0, 0
         for s in range(0, b, micro):
@@ -343,9 +342,9 @@ class Trainer:
         chunk = self.cfg.micro_batch or self.cfg.batch_size  # the memory plan's size, not more
         for s in range(0, len(rows), chunk):
             r = rows[s : s + chunk]
-            out.append(self._run_module(r, self._keep_mask(len(r), None), np.zeros((len(r), m.num_classes), np.float32))[1])
+            out.append(self._run_module(r, self._keep_mask(len(r), None), np.zeros((len(r), m.spec.num_classes), np.float32))[1])
         self.backend.train()
-        return np.concatenate(out) if out else np.zeros((0, m.num_classes), np.float32)
+        return np.concatenate(out) if out else np.zeros((0, m.spec.num_classes), np.float32)
 
     def fit(self, handle_signals: bool = False, until_epoch: int | None = None,
             start_from: Callable[["Trainer"], None] | None = None) -> dict:

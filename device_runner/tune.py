@@ -35,6 +35,7 @@ from vqt_edge.fileio import atomic_write_text
 from vqt_edge.memory import frozen_batch, trim_malloc
 from vqt_edge.progress import Counter, OnProgress, log_progress
 from vqt_edge.run_folder import RunFolder
+from vqt_edge.spec import CACHED_KV_MODES
 
 log = logging.getLogger("vqt_edge")
 
@@ -122,9 +123,9 @@ class SharedPass:
 
 def _data_paths(data: Path, manifest: mf.Manifest) -> list[Path]:
     dataset = load_dataset(data)
-    if len(dataset.classes) != manifest.num_classes:
-        raise UserError(f"{data}: {len(dataset.classes)} classes, but the bundle was exported for {manifest.num_classes}")
-    dataset, _ = drop_unreadable(dataset, manifest.arch.image_size)
+    if len(dataset.classes) != manifest.spec.num_classes:
+        raise UserError(f"{data}: {len(dataset.classes)} classes, but the bundle was exported for {manifest.spec.num_classes}")
+    dataset, _ = drop_unreadable(dataset, manifest.spec.arch.image_size)
     check_trainable(dataset, str(data))
     return [p for p, _ in dataset.samples]
 
@@ -161,8 +162,8 @@ def tune(
             raise UserError("give --bundle and --data (or --resume to continue a tune)")
         if space.exists() or RunFolder(run).is_run():
             raise UserError(f"{space} or {run} already exists; pass --resume to continue that tune, or choose another --run")
-        if cfg.kv not in ("ram", "disk"):
-            raise UserError("tune keeps the K/V of its one frozen pass: --kv must be ram or disk")
+        if cfg.kv not in CACHED_KV_MODES:
+            raise UserError(f"tune keeps the K/V of its one frozen pass: --kv must be one of {', '.join(CACHED_KV_MODES)}")
         lrs = list(lrs or default_lrs(cfg.batch_size))
         weight_decays = list(OFFICIAL_WEIGHT_DECAYS if weight_decays is None else weight_decays)
         if not lrs or not weight_decays or min(lrs) <= 0 or min(weight_decays) < 0:

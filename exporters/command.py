@@ -13,10 +13,10 @@ from exporters import hub
 from exporters.export import export_bundle
 from exporters.loaders import arch_from_hf_config, detect_format, load_weights
 from exporters.vit import VisionTransformer
-from vqt_edge import manifest as mf
 from vqt_edge.arch import resolve_arch
 from vqt_edge.errors import UserError
 from vqt_edge.memory import peak_rss_mb
+from vqt_edge.spec import AdapterSpec
 
 PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "vqt_edge" / "pretrained"
 
@@ -42,7 +42,7 @@ def _human(n: float) -> str:
 
 def run_export(
     *, model_name: str | None, weights: str | Path | None, random_init: bool, num_classes: int, class_names: list[str] | None,
-    out: Path, tokens: int, query_layers: str, feature_norm: str, dropout: float, mean: list[float] | None,
+    out: Path, query_tokens: int, query_layers: str, feature_norm: str, dropout: float, mean: list[float] | None,
     std: list[float] | None, seed: int, sizes: dict, parse_layers: Callable[[str, int], list[int]],
     method: str = "vqt", last_k: int | None = None, aggregate: str = "concat", h2t_target: int | None = None, quantize: str = "none",
     log: Callable[[str], None] = click.echo,
@@ -75,22 +75,13 @@ def run_export(
         if model_name is None and not all(sizes.values()):
             raise UserError("give --model, or all of --depth --dim --heads --mlp-dim --patch --image-size")
         arch = resolve_arch(model_name, **sizes)
-    layers = parse_layers(query_layers, arch.depth)
-    if method in mf.LAST_K_METHODS:
-        last_k = arch.depth if last_k is None else last_k
-        if not 1 <= last_k <= arch.depth:
-            raise UserError(f"--last-k {last_k}: must be in [1, {arch.depth}]")
-    elif last_k is not None:
-        raise UserError(f"--last-k is for {', '.join(mf.LAST_K_METHODS)}; {method} adapts no layers")
-    if method not in mf.QUERY_METHODS and query_layers != "all":
-        raise UserError(f"--query-layers is for {', '.join(mf.QUERY_METHODS)}; {method} has no query tokens")
-    if method not in mf.QUERY_METHODS and aggregate != "concat":
-        raise UserError(f"--aggregate is for {', '.join(mf.QUERY_METHODS)}; {method} has no query tokens")
-    if h2t_target is not None and (method != "head2toe" or h2t_target < 1):
-        raise UserError("--h2t-target is for --method head2toe, and must be at least 1")
+    spec = AdapterSpec.create(
+        arch, method, num_classes, query_layers=None if query_layers == "all" else parse_layers(query_layers, arch.depth),
+        last_k=last_k, h2t_target=h2t_target, query_tokens=query_tokens, aggregate=aggregate, feature_norm=feature_norm,
+        dropout=dropout)
     log(f"model {model_name or 'custom'}: depth {arch.depth}, dim {arch.dim}, heads {arch.heads}, "
         f"mlp {arch.mlp_dim}, patch {arch.patch}, image {arch.image_size}")
-    log(f"method {method}" + (f", last {last_k} of {arch.depth} layers adapted" if last_k else "")
+    log(f"method {method}" + (f", last {spec.last_k} of {arch.depth} layers adapted" if spec.last_k else "")
         + (f", {aggregate} of each layer's query outputs" if aggregate != "concat" else ""))
     backbone = VisionTransformer(arch)
     if weights is not None:
@@ -105,9 +96,8 @@ def run_export(
     mean = mean or meta.get("mean") or [0.5] * arch.channels
     std = std or meta.get("std") or [0.5] * arch.channels
     manifest = export_bundle(
-        backbone, out, model_name=model_name or "custom", num_classes=num_classes, method=method, last_k=last_k,
-        query_layers=layers, query_tokens=tokens, feature_norm=feature_norm, aggregate=aggregate, h2t_target=h2t_target,
-        dropout=dropout, mean=mean, std=std, class_names=class_names, weights=source, seed=seed, quantize=quantize, log=log,
+        backbone, out, spec, model_name=model_name or "custom", mean=mean, std=std, class_names=class_names,
+        weights=source, seed=seed, quantize=quantize, log=log,
     )
     log(f"backbone parameters: {sum(p.numel() for p in backbone.parameters()):,}")
     log("files:")

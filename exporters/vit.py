@@ -1,15 +1,16 @@
-"""ViT and Visual Query Tuning (VQT) in torch: one readable file, in the spirit of timm's ViT.
+"""ViT and VQT's query path in torch: one readable file, in the spirit of timm's ViT.
 
 Module names follow timm's layout (`blocks.{i}.attn.qkv`, `norm`, ...) so timm/MAE state dicts load
-as they are. Three pieces:
+as they are. Two pieces:
 
 - `VisionTransformer`: the frozen backbone. `forward` returns the final CLS token and every layer's
   keys and values, which is all VQT needs from it.
 - `QueryPath`: the VQT part of every query layer, computed for all layers at once on stacked frozen
   weights. It only reads K/V, so the backbone's own tokens never see the query tokens and training
   never back-propagates through the backbone. This is what the on-device training graph holds.
-- `VQTClassifier`: backbone + query path + linear head (pixel_values -> logits), the reference the
-  ONNX graphs are tested against.
+
+How each method uses them (the head, the aggregation of query outputs, VPT, AdaptFormer, ...) is in
+exporters/methods/, one module per method.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqt_edge.arch import ViTArch
+from vqt_edge.spec import AdapterSpec
 
 
 class Attention(nn.Module):
@@ -130,11 +132,11 @@ class QueryPath(nn.Module):
     Stacking the Lq layers makes every step one batched matmul and applies each frozen weight once.
     """
 
-    def __init__(self, backbone: VisionTransformer, query_layers: Sequence[int], tokens: int) -> None:
+    def __init__(self, backbone: VisionTransformer, spec: AdapterSpec) -> None:
         super().__init__()
         arch = backbone.arch
         self.arch = arch
-        self.query_layers = list(query_layers)
+        self.query_layers = list(spec.query_layers)
         blocks = [backbone.blocks[i] for i in self.query_layers]
         d = arch.dim
 
@@ -156,7 +158,7 @@ class QueryPath(nn.Module):
         self.b2 = stack(lambda b: b.mlp.fc2.bias)
         # Official init: U(-v, v), v = sqrt(6 / (3 * 16 * 16 + D)) (the VPT/VQT "xavier" for prompts).
         bound = math.sqrt(6.0 / (3 * 16 * 16 + d))
-        self.query_tokens = nn.Parameter(torch.empty(len(self.query_layers), tokens, d).uniform_(-bound, bound))
+        self.query_tokens = nn.Parameter(torch.empty(len(self.query_layers), spec.query_tokens, d).uniform_(-bound, bound))
 
     def forward(
         self, keys: torch.Tensor, values: torch.Tensor, query_keep: torch.Tensor | None = None
@@ -188,77 +190,3 @@ class QueryPath(nn.Module):
         hid = F.gelu(_layer_norm(z, self.ln2_w[:, None], self.ln2_b[:, None], eps) @ self.w1 + self.b1[:, None])
         z = z + hid @ self.w2 + self.b2[:, None]
         return z.reshape(lq, b, t, d).transpose(0, 1)  # [B, Lq, T, D]
-
-
-def aggregate_tokens(z: torch.Tensor, aggregate: str, wsum_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """One layer's T query outputs as the head sees them (docs/design.md section 11), z [B, Lq, T, D]:
-
-    - "concat": [B, Lq, T*D], flattened token-major (the official default);
-    - "mean": [B, Lq, D], the mean over the T outputs (official POOLING_FEATS);
-    - "wsum": [B, Lq, D], sum_t w[l, t] * z[:, l, t] with learned `wsum_weights` w [Lq, T],
-      initialized to ones and not normalized, as the official WEIGHTED_SUM_FEATS (`combine_params`).
-    """
-    if aggregate == "concat":
-        return z.flatten(2)
-    if aggregate == "mean":
-        return z.mean(2)
-    if aggregate == "wsum":
-        if wsum_weights is None:
-            raise ValueError("aggregate 'wsum' needs wsum_weights [Lq, T]")
-        return (wsum_weights[:, :, None] * z).sum(2)
-    raise ValueError(f"aggregate must be concat, mean or wsum, not {aggregate!r}")
-
-
-def head_features(
-    cls: torch.Tensor, z: torch.Tensor, feature_norm: str, aggregate: str = "concat",
-    wsum_weights: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The head's input [B, F]: [n(cls), n(z_l1), ..., n(z_lLq)], z_l layer l's query outputs
-    aggregated by `aggregate_tokens` (flattened token-major by default).
-
-    `n` is the L2 normalization of each group ("l2") or the identity ("none"); docs/design.md section 3.
-    """
-    groups = [cls] + list(aggregate_tokens(z, aggregate, wsum_weights).unbind(1))
-    if feature_norm == "l2":
-        groups = [g / torch.sqrt((g * g).sum(-1, keepdim=True) + 1e-12) for g in groups]
-    elif feature_norm != "none":
-        raise ValueError(f"feature_norm must be 'l2' or 'none', not {feature_norm!r}")
-    return torch.cat(groups, dim=-1)
-
-
-class VQTHead(nn.Module):
-    """Query path + linear head on given backbone outputs: what on-device training updates."""
-
-    def __init__(
-        self,
-        backbone: VisionTransformer,
-        query_layers: Sequence[int],
-        tokens: int,
-        num_classes: int,
-        feature_norm: str = "l2",
-    ) -> None:
-        super().__init__()
-        self.query_path = QueryPath(backbone, query_layers, tokens)
-        self.feature_norm = feature_norm
-        d = backbone.arch.dim
-        self.head = nn.Linear(d + len(self.query_path.query_layers) * tokens * d, num_classes)
-        nn.init.zeros_(self.head.bias)
-
-    def forward(
-        self, cls: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, query_keep: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        z = self.query_path(keys, values, query_keep)
-        return self.head(head_features(cls, z, self.feature_norm))
-
-
-class VQTClassifier(nn.Module):
-    """The whole adapted model: frozen backbone -> K/V -> query path -> head (pixel_values -> logits)."""
-
-    def __init__(self, backbone: VisionTransformer, vqt: VQTHead) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.vqt = vqt
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        cls, keys, values = self.backbone(pixel_values, self.vqt.query_path.query_layers)
-        return self.vqt(cls, keys, values)

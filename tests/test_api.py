@@ -15,6 +15,7 @@ from tests.conftest import REPO, run_cli
 from vqt_edge import adapter_config
 from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
+from vqt_edge.spec import AdapterSpec
 
 
 def _python(code: str, *args, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -39,6 +40,7 @@ def test_api_quickstart_runs_in_one_process(tmp_path):
 LIBRARY_CALLER = """
 import json, logging, signal, sys
 from vqt_edge import api
+from vqt_edge.spec import AdapterSpec
 bundle, data, test, run = (sys.argv[1:5])
 before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), logging.getLogger().level)
 lines, during, events = [], set(), []
@@ -91,8 +93,8 @@ def test_adapter_config_describes_the_adapter(tiny_run, tiny_bundle):
     m = mf.read_manifest(tiny_bundle)
     assert config["frozen_sha256"] == mf.sha256_file(tiny_bundle / mf.FROZEN)
     assert (config["method"], config["query_tokens"], config["query_layers"]) == ("vqt", 2, [0, 1, 2])
-    assert config["arch"] == m.arch.to_dict() and config["class_names"] == ["blue", "green", "red"]
-    assert (config["mean"], config["std"], config["feature_norm"]) == (m.mean, m.std, m.feature_norm)
+    assert config["arch"] == m.spec.arch.to_dict() and config["class_names"] == ["blue", "green", "red"]
+    assert (config["mean"], config["std"], config["feature_norm"]) == (m.mean, m.std, m.spec.feature_norm)
     assert config["tensors"] == {"query_tokens": [3, 2, 32], "head.weight": [3, 32 * 7], "head.bias": [3]}
 
 
@@ -124,7 +126,8 @@ def test_load_adapter_refuses_another_bundle_or_edited_config(tmp_path, tiny_run
     from vqt_edge import api
 
     other = tmp_path / "other"  # same backbone and frozen.onnx (it does not depend on T), another T
-    export_bundle(tiny_backbone, other, model_name="tiny", num_classes=3, query_tokens=1, log=lambda _: None)
+    export_bundle(tiny_backbone, other, AdapterSpec.create(tiny_backbone.arch, "vqt", 3, query_tokens=1), model_name="tiny",
+                  log=lambda _: None)
     with pytest.raises(UserError, match="query_tokens is 2, the bundle's is 1"):
         api.load_adapter(tiny_run, bundle=other)
     run = tmp_path / "run"

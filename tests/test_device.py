@@ -60,7 +60,7 @@ def test_predict_json_equals_torch_from_adapter_and_model_onnx(trained, task, ti
 
     manifest = mf.read_manifest(tiny_bundle)
     adapter = load_file(str(trained / "adapter.safetensors"))
-    assert adapter["query_tokens"].shape == (3, 2, 32) and adapter["head.weight"].shape == (3, manifest.head_features)
+    assert adapter["query_tokens"].shape == (3, 2, 32) and adapter["head.weight"].shape == (3, manifest.spec.head_width)
     pixels, _ = next(iter_batches([(p, 0) for p in images], len(images), 32, manifest.mean, manifest.std))
     session = onnxruntime.InferenceSession(str(trained / "model.onnx"), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(got, session.run(["logits"], {"pixel_values": pixels})[0], atol=1e-6)
@@ -70,10 +70,11 @@ def test_predict_json_equals_torch_from_adapter_and_model_onnx(trained, task, ti
         return
     import torch
 
-    from exporters.vit import VQTClassifier, VQTHead
+    from exporters.methods import build_head
+    from exporters.methods.vqt import VQTClassifier
 
     tiny_backbone = request.getfixturevalue("tiny_backbone")
-    head = VQTHead(tiny_backbone, manifest.query_layers, manifest.query_tokens, manifest.num_classes, manifest.feature_norm)
+    head = build_head(tiny_backbone, manifest.spec)
     with torch.no_grad():
         head.query_path.query_tokens.copy_(torch.from_numpy(adapter["query_tokens"]))
         head.head.weight.copy_(torch.from_numpy(adapter["head.weight"]))

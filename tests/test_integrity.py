@@ -22,6 +22,7 @@ from exporters.loaders import detect_format, save_hf_folder
 from tests.conftest import TINY, run_cli
 from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
+from vqt_edge.spec import AdapterSpec
 
 # -- helpers ---------------------------------------------------------------------------------------
 
@@ -32,7 +33,8 @@ def other_bundle(tmp_path_factory, tiny_backbone) -> Path:
     from exporters.export import export_bundle
 
     out = tmp_path_factory.mktemp("bundle4")
-    export_bundle(tiny_backbone, out, model_name="tiny", num_classes=4, query_tokens=2, log=lambda _: None)
+    export_bundle(tiny_backbone, out, AdapterSpec.create(tiny_backbone.arch, "vqt", 4, query_tokens=2), model_name="tiny",
+                  log=lambda _: None)
     return out
 
 
@@ -236,9 +238,9 @@ def _foreign_model(run: Path, other_bundle: Path) -> str:
     from device_runner.deploy import build_model
 
     m = mf.read_manifest(other_bundle)
-    d, c = m.arch.dim, m.num_classes
-    adapter = {"query_tokens": np.zeros((len(m.query_layers), m.query_tokens, d), np.float32),
-               "head.weight": np.zeros((c, m.head_features), np.float32), "head.bias": np.zeros(c, np.float32)}
+    d, c = m.spec.arch.dim, m.spec.num_classes
+    adapter = {"query_tokens": np.zeros((len(m.spec.query_layers), m.spec.query_tokens, d), np.float32),
+               "head.weight": np.zeros((c, m.spec.head_width), np.float32), "head.bias": np.zeros(c, np.float32)}
     build_model(other_bundle, m, adapter, run / "model.onnx")
     return "model.onnx: sha256 does not match"  # the hash summary.json recorded catches it first
 

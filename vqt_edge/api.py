@@ -59,9 +59,7 @@ def parse_query_layers(text: str, depth: int) -> list[int]:
         layers = [int(x) % depth if -depth <= int(x) < depth else int(x) for x in text.split(",")]
     except ValueError:
         raise UserError(f"--query-layers: expected 'all', 'last:K' or indices like 0,5,11; got {text!r}") from None
-    if any(not 0 <= i < depth for i in layers) or len(set(layers)) != len(layers):
-        raise UserError(f"--query-layers: indices must be distinct and in [0, {depth}); got {text!r}")
-    return sorted(layers)
+    return sorted(layers)  # range and duplicates: checked once, by the adapter spec (vqt_edge/spec.py)
 
 
 def export(
@@ -101,7 +99,7 @@ def export(
         run_export(
             model_name=model, weights=weights if weights is None or isinstance(weights, str) else Path(weights),
             random_init=random_init,
-            num_classes=num_classes, class_names=class_names, out=out, method=method, last_k=last_k, tokens=query_tokens,
+            num_classes=num_classes, class_names=class_names, out=out, method=method, last_k=last_k, query_tokens=query_tokens,
             query_layers=layers, feature_norm=feature_norm, dropout=dropout, aggregate=aggregate, h2t_target=h2t_target,
             mean=list(mean) if mean is not None else None, std=list(std) if std is not None else None, seed=seed,
             sizes={k: (sizes or {}).get(k) for k in ("depth", "dim", "heads", "mlp_dim", "patch", "image_size")},

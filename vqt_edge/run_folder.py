@@ -220,8 +220,8 @@ class RunFolder:
         except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:  # ValueError: bad JSON or UTF-8
             raise UserError(f"{self.path}: damaged run files ({type(e).__name__}: {e})") from None
         if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)
-                and len(classes) == manifest.num_classes):
+                and len(classes) == manifest.spec.num_classes):
             raise UserError(f"{self.path / RUN_FILE}: damaged: its classes do not match the "
-                            f"{manifest.num_classes} of the bundle")
+                            f"{manifest.spec.num_classes} of the bundle")
         self.verify()
         return manifest, list(classes)

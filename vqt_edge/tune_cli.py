@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from vqt_edge.errors import UserError
+from vqt_edge.spec import CACHED_KV_MODES
 
 
 def _numbers(text: str | None, flag: str) -> list[float] | None:
@@ -31,7 +32,7 @@ def _numbers(text: str | None, flag: str) -> list[float] | None:
 @click.option("--micro-batch", type=int, help="Run each batch in micro-batches of this size (gradient accumulation, less memory).")
 @click.option("--warmup-epochs", type=float, help="Linear warm-up length [default: 10% of --epochs].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the 80/20 split, data order and dropout.")
-@click.option("--kv", type=click.Choice(["ram", "disk"]), default="ram", show_default=True,
+@click.option("--kv", type=click.Choice(CACHED_KV_MODES), default="ram", show_default=True,
               help="Keep the one frozen pass's K/V in RAM, or in a disk cache in RUN.tune/ (a resumed tune reuses it).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--threads", type=int, help="Threads for the frozen pass and training [default: all cores].")

@@ -81,8 +81,8 @@ def _settings(bundle: Path, run_dir: Path, clients: int, classes: list[str], **k
     manifest = mf.read_manifest(bundle, verify=True)
     if manifest.class_names is not None and manifest.class_names != classes:
         raise UserError(f"classes {classes} differ from the bundle's {manifest.class_names}")
-    if len(classes) != manifest.num_classes:
-        raise UserError(f"{len(classes)} classes, but the bundle was exported for {manifest.num_classes}")
+    if len(classes) != manifest.spec.num_classes:
+        raise UserError(f"{len(classes)} classes, but the bundle was exported for {manifest.spec.num_classes}")
     if kw["rounds"] < 1 or kw["local_epochs"] < 1 or kw["batch_size"] < 1 or clients < 1:
         raise UserError("--rounds, --local-epochs, --batch-size and --clients must be at least 1")
     if not (kw["lr"] > 0 and kw["weight_decay"] >= 0 and kw["round_timeout"] > 0):

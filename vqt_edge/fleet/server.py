@@ -68,7 +68,7 @@ class FleetSettings:
 def initial_tensors(bundle: Path, manifest: Manifest) -> dict[str, np.ndarray]:
     """The bundle's initial trainable tensors (its ORT checkpoint): every client starts from these."""
     state = ort.training_api().CheckpointState.load_checkpoint(str(bundle / mf.CHECKPOINT))
-    return {name: np.array(state.parameters[graph].data, np.float32) for name, graph in manifest.trainable.items()}
+    return {name: np.array(state.parameters[name].data, np.float32) for name in manifest.spec.trainable_shapes}
 
 
 def array_bytes(record: ArrayRecord) -> int:
@@ -81,15 +81,15 @@ class TestSet:
 
     def __init__(self, path: Path, manifest: Manifest, classes: list[str], batch: int) -> None:
         self.manifest, self.batch = manifest, batch
-        data, _ = drop_unreadable(load_dataset(path, classes=classes), manifest.arch.image_size)
+        data, _ = drop_unreadable(load_dataset(path, classes=classes), manifest.spec.arch.image_size)
         self.samples: list[Sample] = data.samples
-        a = manifest.arch
+        a = manifest.spec.arch
         fits = len(self.samples) * a.channels * a.image_size**2 * 4 <= CACHE_TEST_MB << 20
         self.cached = list(self._batches()) if fits else None
 
     def _batches(self):
         m = self.manifest
-        return iter_batches(self.samples, self.batch, m.arch.image_size, m.mean, m.std)
+        return iter_batches(self.samples, self.batch, m.spec.arch.image_size, m.mean, m.std)
 
     def accuracy(self, model: Path) -> float:
         rt = ort.onnxruntime()
