@@ -14,6 +14,7 @@ import onnxruntime
 import pytest
 import torch
 
+from device_runner.backends import STEP_DISABLED_OPTIMIZERS
 from exporters.baselines import FrozenPart, MethodHead
 from exporters.step import HALF_INPUTS, MAX_IR_VERSION, export_step, grad_name
 from exporters.vit import VisionTransformer
@@ -25,6 +26,20 @@ RTOL = 1e-5  # relative to the largest magnitude of each compared tensor
 
 def _relative_error(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
+
+
+def _transposes_reading(model: onnx.ModelProto, inputs: set[str]) -> list[str]:
+    """Transpose nodes that read `inputs` (through Cast and Reshape): each one is a full copy of K
+    or V per step, which the portable step must not make (exporters/vit.py _QueryKeyScores)."""
+    derived = set(inputs)
+    found = []
+    for node in model.graph.node:  # topologically sorted
+        if node.input and node.input[0] in derived:
+            if node.op_type in ("Cast", "Reshape"):
+                derived.update(node.output)
+            elif node.op_type == "Transpose":
+                found.append(node.name)
+    return found
 
 
 def _check(backbone: VisionTransformer, method: str, last_k: int, tokens: int, tmp_path, batch: int = 5) -> None:
@@ -55,7 +70,12 @@ def _check(backbone: VisionTransformer, method: str, last_k: int, tokens: int, t
     model = onnx.load(str(tmp_path / "step.onnx"))
     assert model.ir_version <= MAX_IR_VERSION
     assert {n.domain for n in model.graph.node} <= {""}  # standard ops only
-    session = onnxruntime.InferenceSession(str(tmp_path / "step.onnx"), providers=["CPUExecutionProvider"])
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")  # the graph onnxruntime runs
+    session = onnxruntime.InferenceSession(str(tmp_path / "step.onnx"), options, providers=["CPUExecutionProvider"],
+                                           disabled_optimizers=STEP_DISABLED_OPTIMIZERS)
+    copies = _transposes_reading(onnx.load(str(tmp_path / "optimized.onnx")), {"keys", "values"})
+    assert not copies, f"the step copies K/V through {copies} (docs/design.md section 10)"
     names = [i.name for i in session.get_inputs()]
     assert set(names[: len(trainable)]) == set(trainable)
     feed = {n: params[trainable[n]].detach().numpy() for n in trainable}
