@@ -170,8 +170,8 @@ def frozen_child(bundle: Path, threads: int, batch: int) -> dict:
     ort.block_torch()
     manifest = mf.read_manifest(bundle, verify=False)
     frozen = FrozenBackbone(bundle, manifest, "cpu", threads)
-    size = manifest.arch.image_size
-    pixels = np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32)
+    *_, height, width = frozen.session.get_inputs()[0].shape  # pixel_values [B, 3, H, W]
+    pixels = np.random.default_rng(0).standard_normal((batch, 3, height, width), dtype=np.float32)
     frozen(pixels)  # first call: onnxruntime plans and allocates
     cpu = []
     for _ in range(2):
