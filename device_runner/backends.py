@@ -34,7 +34,7 @@ from vqt_edge.fileio import atomic_write_bytes, fsync_file
 from vqt_edge.manifest import Manifest
 
 BACKENDS = ("portable", "ort-training")
-DEFAULT = "ort-training"  # the faster and leaner of the two on vit_b16 today (bench/step_bench.py; README)
+DEFAULT = "ort-training"  # the leaner of the two on vit_b16 where both run; portable is faster (bench/step_bench.py; README)
 Position = dict[str, float | int]  # epoch, step, loss_sum, correct, seen
 
 # ORT's AdamW as the ORT-training artifacts are generated (exporters/export.py: OptimType.AdamW):
