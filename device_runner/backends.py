@@ -34,7 +34,7 @@ from vqt_edge.fileio import atomic_write_bytes, fsync_file
 from vqt_edge.manifest import Manifest
 
 BACKENDS = ("portable", "ort-training")
-DEFAULT = "ort-training"  # the faster and leaner of the two on vit_b16 today (bench/step_bench.py; README)
+DEFAULT = "ort-training"  # the leaner of the two on vit_b16 where both run; portable is faster (bench/step_bench.py; README)
 Position = dict[str, float | int]  # epoch, step, loss_sum, correct, seen
 
 # ORT's AdamW as the ORT-training artifacts are generated (exporters/export.py: OptimType.AdamW):
@@ -96,6 +96,26 @@ def decay_factor(lr: float, weight_decay: float) -> np.float32:
     return np.float32(1 - lr * weight_decay)
 
 
+# Constant folding would store a transposed copy of every frozen weight the backward pass
+# multiplies by (dX = dY W^T); unfolded, ORT fuses the Transpose into the MatMul instead.
+# vit_b16, batch 32, one thread: peak 1508 instead of 1808 MiB, 0.38 CPU s per step.
+STEP_DISABLED_OPTIMIZERS = ["ConstantFolding"]
+
+
+def step_session_options(threads: int | None) -> object:
+    """SessionOptions of the step graph (bench/step_bench.py profiles with the same)."""
+    options = ort.session_options(threads)
+    # Unlike the frozen pass (whose batches vary), every step allocates the same buffers: with the
+    # arena they are reused instead of page-faulted in again on each call. vit_b16, batch 32, one
+    # thread: 0.40 CPU s per step instead of 0.75, peak +33 MiB (bench/step_bench.py's feed).
+    options.enable_cpu_mem_arena = True
+    # The memory pattern (one block planned from the first call, allocated from the second on) sat
+    # next to the arena's buffers: stock onnxruntime 1.32, vit_b16 as above, peak 1528 -> 1086 MiB
+    # without it, 0.227 -> 0.245 CPU s per step; onnxruntime-training 1.19.2: 1303 MiB either way.
+    options.enable_mem_pattern = False
+    return options
+
+
 class PortableBackend:
     """Step graph on an InferenceSession + AdamW in numpy; checkpoint = safetensors of what is trained."""
 
@@ -103,16 +123,8 @@ class PortableBackend:
                  resume_from: Path | None) -> None:
         rt = ort.onnxruntime()
         self.shapes = manifest.spec.trainable_shapes
-        options = ort.session_options(threads)
-        # Unlike the frozen pass (whose batches vary), every step allocates the same buffers: with the
-        # arena they are reused instead of page-faulted in again on each call. vit_b16, batch 32, one
-        # thread: 0.40 CPU s per step instead of 0.75, peak +33 MiB (bench/step_bench.py's feed).
-        options.enable_cpu_mem_arena = True
-        # Constant folding would store a transposed copy of every frozen weight the backward pass
-        # multiplies by (dX = dY W^T); unfolded, ORT fuses the Transpose into the MatMul instead.
-        # vit_b16 as above: peak 1508 instead of 1808 MiB, 0.38 CPU s per step.
-        self.session = rt.InferenceSession(str(bundle / mf.STEP_MODEL), sess_options=options,
-                                           providers=ort.providers(device), disabled_optimizers=["ConstantFolding"])
+        self.session = rt.InferenceSession(str(bundle / mf.STEP_MODEL), sess_options=step_session_options(threads),
+                                           providers=ort.providers(device), disabled_optimizers=STEP_DISABLED_OPTIMIZERS)
         inputs = self.session.get_inputs()
         graph_inputs = [i.name for i in inputs]
         self.names = graph_inputs[: len(self.shapes)]  # adapter names, in the graph's order

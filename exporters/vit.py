@@ -123,6 +123,37 @@ def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: 
     return (x - mean) / torch.sqrt(var + eps) * weight + bias
 
 
+class _QueryKeyScores(torch.autograd.Function):
+    """Attention scores s = q K^T [..., T, N] whose backward reads K as it is: dq = ds K.
+
+    Written with autograd, the backward multiplies by the transpose of the forward's K^T view, so
+    the traced step graph (exporters/step.py) holds a Transpose node that copies all of K because
+    two MatMuls read it (vit_b16, batch 32: 232 MB of fp32 written and 0.06 s every step). Here the
+    only transposed read of K is the forward's, which onnxruntime fuses into its MatMul (transB).
+    Same math; docs/design.md section 10. dK is computed only when K requires a gradient (never for
+    cached K/V). The exports through onnxruntime-training and model.onnx see only the forward.
+    """
+
+    @staticmethod
+    def forward(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        # As a 3-D bmm so that the Transpose feeds the MatMul directly (a Reshape between them
+        # would stop onnxruntime's fusion).
+        *batch, t, dh = q.shape
+        k = keys.reshape(-1, keys.shape[-2], dh)
+        return torch.bmm(q.reshape(-1, t, dh), k.transpose(1, 2)).reshape(*batch, t, keys.shape[-2])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        q, keys = ctx.saved_tensors
+        grad_q = grad @ keys if ctx.needs_input_grad[0] else None
+        grad_keys = grad.transpose(-2, -1) @ q if ctx.needs_input_grad[1] else None
+        return grad_q, grad_keys
+
+
 class QueryPath(nn.Module):
     """VQT's query tokens for all query layers, run on stacked frozen weights of those layers.
 
@@ -184,7 +215,7 @@ class QueryPath(nn.Module):
         eps = self.arch.eps
         q = _layer_norm(p, self.ln1_w[:, None], self.ln1_b[:, None], eps) @ self.wq + self.bq[:, None]
         q = q.reshape(lq, b, t, h, dh).permute(1, 0, 3, 2, 4)  # [B, Lq, H, T, dh], as keys
-        attn = torch.softmax((q @ keys.transpose(-2, -1)) * dh**-0.5, dim=-1)  # [B, Lq, H, T, N]
+        attn = torch.softmax(_QueryKeyScores.apply(q, keys) * dh**-0.5, dim=-1)  # [B, Lq, H, T, N]
         out = (attn @ values).permute(1, 0, 3, 2, 4).reshape(lq, b * t, d)  # [Lq, B*T, D]
         z = p + out @ self.wo + self.bo[:, None]
         hid = F.gelu(_layer_norm(z, self.ln2_w[:, None], self.ln2_b[:, None], eps) @ self.w1 + self.b1[:, None])

@@ -2,7 +2,7 @@
 
 For every method the bundle format knows, exporters/step.py's graph, run by a plain onnxruntime
 InferenceSession, must give the loss, logits and gradient of every trainable tensor that
-`loss.backward()` gives on the same `MethodHead` (docs/design.md section 9), within 1e-5 of the
+`loss.backward()` gives on the same method head (exporters/methods/) (docs/design.md section 9), within 1e-5 of the
 largest value. K/V and hidden go in as fp16 (as cached); torch gets the same fp16 values.
 """
 
@@ -14,6 +14,7 @@ import onnxruntime
 import pytest
 import torch
 
+from device_runner.backends import STEP_DISABLED_OPTIMIZERS
 from exporters.methods import build_frozen, build_head
 from exporters.step import HALF_INPUTS, MAX_IR_VERSION, export_step, grad_name
 from exporters.vit import VisionTransformer
@@ -25,6 +26,20 @@ RTOL = 1e-5  # relative to the largest magnitude of each compared tensor
 
 def _relative_error(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
+
+
+def _transposes_reading(model: onnx.ModelProto, inputs: set[str]) -> list[str]:
+    """Transpose nodes that read `inputs` (through Cast and Reshape): each one is a full copy of K
+    or V per step, which the portable step must not make (exporters/vit.py _QueryKeyScores)."""
+    derived = set(inputs)
+    found = []
+    for node in model.graph.node:  # topologically sorted
+        if node.input and node.input[0] in derived:
+            if node.op_type in ("Cast", "Reshape"):
+                derived.update(node.output)
+            elif node.op_type == "Transpose":
+                found.append(node.name)
+    return found
 
 
 def _check(backbone: VisionTransformer, method: str, last_k: int, tokens: int, tmp_path, batch: int = 5) -> None:
@@ -54,7 +69,12 @@ def _check(backbone: VisionTransformer, method: str, last_k: int, tokens: int, t
     model = onnx.load(str(tmp_path / "step.onnx"))
     assert model.ir_version <= MAX_IR_VERSION
     assert {n.domain for n in model.graph.node} <= {""}  # standard ops only
-    session = onnxruntime.InferenceSession(str(tmp_path / "step.onnx"), providers=["CPUExecutionProvider"])
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")  # the graph onnxruntime runs
+    session = onnxruntime.InferenceSession(str(tmp_path / "step.onnx"), options, providers=["CPUExecutionProvider"],
+                                           disabled_optimizers=STEP_DISABLED_OPTIMIZERS)
+    copies = _transposes_reading(onnx.load(str(tmp_path / "optimized.onnx")), {"keys", "values"})
+    assert not copies, f"the step copies K/V through {copies} (docs/design.md section 10)"
     names = [i.name for i in session.get_inputs()]
     assert set(names[: len(trainable)]) == set(trainable)
     feed = {n: params[n].detach().numpy() for n in trainable}

@@ -101,3 +101,16 @@ def test_query_token_init_follows_the_paper(tiny_backbone):
     assert path.query_tokens.abs().max() <= bound
     assert path.query_tokens.abs().max() > 0.9 * bound
     assert not any(p.requires_grad for n, p in path.named_parameters() if n != "query_tokens")
+
+
+def test_query_key_scores_gradients_match_finite_differences():
+    """QueryPath's scores q K^T carry a hand-written backward (dq = ds K, so the step graph reads K
+    as stored): both gradients against finite differences, T = 1 and T = 3."""
+    from exporters.vit import _QueryKeyScores
+
+    gen = torch.Generator().manual_seed(0)
+    for t in (1, 3):
+        q = torch.randn(2, 3, t, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+        keys = torch.randn(2, 3, 5, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+        assert torch.allclose(_QueryKeyScores.apply(q, keys), q @ keys.transpose(-2, -1))
+        assert torch.autograd.gradcheck(_QueryKeyScores.apply, (q, keys))
