@@ -54,6 +54,8 @@ class FleetSettings:
     seed: int = 0
     test: str | None = None
     round_timeout: float = 3600.0
+    logit_adjust: float = 0.0  # device_runner/fleet.py LocalRule: how each client trains under label skew
+    proximal_mu: float = 0.0
     extra: dict = field(default_factory=dict)  # recorded in summary.json as given (e.g. the split)
 
     def round_config(self, bundle_sha256: str) -> ConfigRecord:
@@ -62,7 +64,7 @@ class FleetSettings:
             "rounds": self.rounds, "local-epochs": self.local_epochs, "batch-size": self.batch_size, "lr": self.lr,
             "weight-decay": self.weight_decay, "seed": self.seed, "classes": list(self.classes),
             "warmup-epochs": float(self.warmup_epochs if self.warmup_epochs is not None else 0.1 * epochs),
-            "bundle-sha256": bundle_sha256,
+            "bundle-sha256": bundle_sha256, "logit-adjust": self.logit_adjust, "proximal-mu": self.proximal_mu,
         })
 
 
