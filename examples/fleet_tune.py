@@ -33,7 +33,8 @@ from tasks import make_task  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("results/fleet_tune"))
-    parser.add_argument("--name", required=True)
+    parser.add_argument("--name", help="This setting's name (required unless --summary).")
+    parser.add_argument("--summary", action="store_true", help="Only write OUT/validation.md from OUT/tune.jsonl.")
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--local-epochs", type=int, default=5)
@@ -46,10 +47,18 @@ def main() -> None:
     parser.add_argument("--optimizer", default="carry")
     parser.add_argument("--server-momentum", type=float, default=0.0)
     parser.add_argument("--server-lr", type=float, default=1.0)
+    parser.add_argument("--class-weighted-head", action="store_true",
+                        help="Average head row c over clients weighted by their images of class c.")
     parser.add_argument("--fold", type=int, help="Validate on fold K (0-4) of train1000 and train on the other 800 "
                         "[default: train800 / val200].")
     parser.add_argument("--centralized", action="store_true", help="Instead: the training images in one run of R x E epochs.")
     args = parser.parse_args()
+    if args.summary:
+        (args.out / "validation.md").write_text(summary(args.out / "tune.jsonl"))
+        print((args.out / "validation.md").read_text())
+        return
+    if not args.name:
+        parser.error("--name is required")
 
     from device_runner import ort
     from device_runner.data import load_dataset
@@ -123,6 +132,11 @@ def main() -> None:
                 weights.append(metrics["num-examples"])
             w = np.array(weights, np.float64) / sum(weights)
             mean = {n: sum(wk * t[n] for wk, t in zip(w, sent)).astype(np.float32) for n in current}
+            if args.class_weighted_head:
+                counts = np.array([np.bincount(labels[p], minlength=len(classes)) for p in parts if len(p)], np.float64)
+                wc = counts / counts.sum(0)  # [clients, classes]
+                for n in ("head.weight", "head.bias"):
+                    mean[n] = np.einsum("kc,kc...->c...", wc, np.stack([t[n] for t in sent])).astype(np.float32)
             if args.server_momentum or args.server_lr != 1.0:  # FedAvgM, as Flower's aggregate_train
                 grad = {n: current[n] - mean[n] for n in current}
                 if args.server_momentum:
@@ -138,6 +152,25 @@ def main() -> None:
         f.write(json.dumps(record) + "\n")
     print(json.dumps({k: record[k] for k in ("name", "final_val_acc", "cpu_seconds")}))
     shutil.rmtree(work, ignore_errors=True)
+
+
+def summary(path: Path) -> str:
+    """Markdown: each setting's final validation accuracy, folds (`NAME_fK`) averaged."""
+    groups: dict[str, list[dict]] = {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        name = record["name"]
+        base = name.rsplit("_f", 1)[0] if record.get("fold") is not None else name
+        groups.setdefault(base, []).append(record)
+    lines = ["| setting | validation | final val. accuracy (%) | per round (mean) |", "|---|---|---:|---|"]
+    for name, records in groups.items():
+        accs = 100 * np.array([r["final_val_acc"] for r in records])
+        folds = records[0].get("fold") is not None
+        where = f"{len(records)} folds of train1000" if folds else f"val200, seed {records[0]['seed']}"
+        rounds = np.mean([r["val_acc"] for r in records], axis=0) if len({len(r["val_acc"]) for r in records}) == 1 else []
+        lines.append(f"| {name} | {where} | {accs.mean():.1f}" + (f" ± {accs.std():.1f}" if len(accs) > 1 else "")
+                     + f" | {' '.join(f'{100 * a:.0f}' for a in rounds)} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
