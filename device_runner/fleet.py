@@ -38,6 +38,8 @@ from vqt_edge.memory import lean_malloc, peak_rss_mb
 ARRAYS, CONFIG, METRICS_KEY, NUM_EXAMPLES = "arrays", "config", "metrics", "num-examples"
 CLIENT_RUN, ROUNDS = "run", "rounds"
 HEAD_BIAS = "head.bias"  # the classifier's bias in every method's trainable set (logit adjustment shifts it)
+HEAD_ROWS = ("head.weight", HEAD_BIAS)  # one row per class: what --class-weighted-head averages per class
+CLASS_COUNTS = "class-counts"  # a client's training images per class, sent only when the server asks
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,7 @@ def train_round(state: Path, bundle: Path, data: Path, tensors: dict[str, np.nda
         NUM_EXAMPLES: int(done["train_images"]), "train_loss": float(last["train_loss"]),
         "train_acc": float(last["train_acc"]), "seconds": float(sum(trainer.step_times)),
         "peak_rss_mb": float(peak_rss_mb()),
+        CLASS_COUNTS: np.bincount(trainer.labels[: trainer.n_train], minlength=len(classes)).tolist(),
     }
     return out, metrics
 
@@ -174,6 +177,8 @@ def train(msg: Message, context: Context) -> Message:
     tensors = {name: array.numpy() for name, array in msg.content[ARRAYS].items()}
     out, metrics = train_round(state, bundle, data, tensors, cfg, [str(c) for c in config["classes"]],
                                int(config["server-round"]), local_epochs, rule)
+    if not config.get("class-weighted-head", False):
+        del metrics[CLASS_COUNTS]  # the label histogram leaves the device only when the server's rule needs it
     content = RecordDict({
         ARRAYS: ArrayRecord({name: Array(value) for name, value in out.items()}),
         METRICS_KEY: MetricRecord(metrics),

@@ -2,7 +2,9 @@
 training images split over 10 clients with Dirichlet(0.3), tested on the official 5000 test images.
 
 Compared, all VQT (T=1) from the same bundle, every client at --threads 1:
-- federated: `vqt-edge fleet simulate` (real Flower processes), R rounds of E local epochs;
+- federated: `vqt-edge fleet simulate` (real Flower processes), R rounds of E local epochs; plain
+  FedAvg, and with --logit-adjust / --proximal-mu / --class-weighted-head the rule that examples/fleet_tune.py chose
+  on held-out training images (each its own row; the test images never choose);
 - centralized: `vqt-edge train` on all 1000 images (the transfer table's recipe: 25 epochs, batch 32,
   lr 1e-2, weight decay 1e-4);
 - local-only: each client trains alone on its own shard (the same shards, R x E epochs, the same
@@ -10,6 +12,7 @@ Compared, all VQT (T=1) from the same bundle, every client at --threads 1:
   of their 10 test accuracies.
 
     python examples/fleet_results.py --out results/fleet
+    python examples/fleet_results.py --out results/fleet --class-weighted-head   # the chosen rule, another row
 
 Writes results.json and results.md under --out; reruns skip what is finished.
 """
@@ -81,6 +84,7 @@ def main() -> None:
     parser.add_argument("--split", default="dirichlet:0.3")
     parser.add_argument("--logit-adjust", type=float, default=0.0, help="As `fleet simulate` (chosen by examples/fleet_tune.py).")
     parser.add_argument("--proximal-mu", type=float, default=0.0)
+    parser.add_argument("--class-weighted-head", action="store_true")
     parser.add_argument("--backend", default="auto")
     args = parser.parse_args()
     out = args.out
@@ -105,7 +109,8 @@ def main() -> None:
     print(f"centralized: test {100 * results['centralized']['test_accuracy']:.2f}", flush=True)
 
     rule = (f"_logit_adjust_{args.logit_adjust:g}" if args.logit_adjust else "") + \
-        (f"_proximal_{args.proximal_mu:g}" if args.proximal_mu else "")
+        (f"_proximal_{args.proximal_mu:g}" if args.proximal_mu else "") + \
+        ("_class_weighted_head" if args.class_weighted_head else "")
     key = "federated" + rule  # plain FedAvg is "federated"; each client rule its own row
     fed = out / key
     if key not in results:
@@ -113,12 +118,14 @@ def main() -> None:
                          "--clients", str(args.clients), "--rounds", str(args.rounds), "--split", args.split,
                          "--local-epochs", str(args.local_epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
                          "--logit-adjust", str(args.logit_adjust), "--proximal-mu", str(args.proximal_mu),
-                         "--backend", args.backend, "--threads", "1", "--test", str(data / "test")], out / "logs" / f"{key}.log")
+                         "--backend", args.backend, "--threads", "1", "--test", str(data / "test")]
+             + (["--class-weighted-head"] if args.class_weighted_head else []), out / "logs" / f"{key}.log")
         rounds = [json.loads(line) for line in (fed / "metrics.jsonl").read_text().splitlines()]
         results[key] = {
             "test_accuracy": rounds[-1]["test_acc"], "rounds": args.rounds, "local_epochs": args.local_epochs,
             "batch_size": args.batch_size, "lr": args.lr, "split": args.split, "clients": args.clients,
             "logit_adjust": args.logit_adjust, "proximal_mu": args.proximal_mu, "backend": args.backend,
+            "class_weighted_head": args.class_weighted_head,
             "per_round": [{"round": r["round"], "test_acc": r.get("test_acc"), "bytes_down": r.get("bytes_down"),
                            "bytes_up": max((c["bytes_up"] for c in r.get("clients", [])), default=None),
                            "round_seconds": r.get("round_seconds")} for r in rounds],
@@ -142,6 +149,7 @@ def main() -> None:
 def _label(f: dict) -> str:
     rule = [f"logit adjustment tau={f['logit_adjust']:g}"] if f.get("logit_adjust") else []
     rule += [f"FedProx mu={f['proximal_mu']:g}"] if f.get("proximal_mu") else []
+    rule += ["class-weighted head"] if f.get("class_weighted_head") else []
     return (f"federated VQT, {f['clients']} clients, {f['split']}, {f['rounds']} rounds x {f['local_epochs']} local epochs, "
             f"lr {f['lr']:g}, " + (", ".join(rule) or "plain FedAvg"))
 

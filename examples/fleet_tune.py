@@ -66,7 +66,7 @@ def main() -> None:
     from device_runner.fleet import LocalRule, train_round
     from device_runner.trainer import TrainConfig
     from vqt_edge import manifest as mf
-    from vqt_edge.fleet.server import TestSet, initial_tensors
+    from vqt_edge.fleet.server import TestSet, class_weighted_rows, initial_tensors
     from vqt_edge.fleet.split import assign, parse_split
 
     ort.block_torch()
@@ -122,7 +122,7 @@ def main() -> None:
         momentum: dict[str, np.ndarray] | None = None
         accs = []
         for r in range(1, args.rounds + 1):
-            sent, weights = [], []
+            sent, weights, counts = [], [], []
             for k, shard in enumerate(shards):
                 if not len(parts[k]):
                     continue
@@ -130,13 +130,11 @@ def main() -> None:
                                                args.local_epochs, rule)
                 sent.append(tensors)
                 weights.append(metrics["num-examples"])
+                counts.append(metrics["class-counts"])
             w = np.array(weights, np.float64) / sum(weights)
             mean = {n: sum(wk * t[n] for wk, t in zip(w, sent)).astype(np.float32) for n in current}
-            if args.class_weighted_head:
-                counts = np.array([np.bincount(labels[p], minlength=len(classes)) for p in parts if len(p)], np.float64)
-                wc = counts / counts.sum(0)  # [clients, classes]
-                for n in ("head.weight", "head.bias"):
-                    mean[n] = np.einsum("kc,kc...->c...", wc, np.stack([t[n] for t in sent])).astype(np.float32)
+            if args.class_weighted_head:  # as the fleet server's --class-weighted-head
+                mean = class_weighted_rows(mean, sent, counts)
             if args.server_momentum or args.server_lr != 1.0:  # FedAvgM, as Flower's aggregate_train
                 grad = {n: current[n] - mean[n] for n in current}
                 if args.server_momentum:
@@ -160,15 +158,15 @@ def summary(path: Path) -> str:
     for line in path.read_text().splitlines():
         record = json.loads(line)
         name = record["name"]
-        base = name.rsplit("_f", 1)[0] if record.get("fold") is not None else name
-        groups.setdefault(base, []).append(record)
+        key = name.rsplit("_f", 1)[0] + " (folds)" if record.get("fold") is not None else name
+        groups.setdefault(key, []).append(record)
     lines = ["| setting | validation | final val. accuracy (%) | per round (mean) |", "|---|---|---:|---|"]
     for name, records in groups.items():
         accs = 100 * np.array([r["final_val_acc"] for r in records])
         folds = records[0].get("fold") is not None
         where = f"{len(records)} folds of train1000" if folds else f"val200, seed {records[0]['seed']}"
         rounds = np.mean([r["val_acc"] for r in records], axis=0) if len({len(r["val_acc"]) for r in records}) == 1 else []
-        lines.append(f"| {name} | {where} | {accs.mean():.1f}" + (f" ± {accs.std():.1f}" if len(accs) > 1 else "")
+        lines.append(f"| {name.removesuffix(' (folds)')} | {where} | {accs.mean():.1f}" + (f" ± {accs.std():.1f}" if len(accs) > 1 else "")
                      + f" | {' '.join(f'{100 * a:.0f}' for a in rounds)} |")
     return "\n".join(lines) + "\n"
 

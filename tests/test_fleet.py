@@ -168,6 +168,18 @@ def test_rules_that_need_the_portable_backend_refuse_ort_training_and_auto_picks
     assert LocalRule().backend("auto") == "auto" and LocalRule(proximal_mu=0.1).backend("ort-training") == "ort-training"
 
 
+def test_class_weighted_rows_average_each_class_over_the_clients_that_have_it():
+    from vqt_edge.fleet.server import class_weighted_rows
+
+    sent = [{"head.weight": np.full((3, 2), 1.0, np.float32), "head.bias": np.ones(3, np.float32), "q": np.zeros(2, np.float32)},
+            {"head.weight": np.full((3, 2), 3.0, np.float32), "head.bias": np.full(3, 3.0, np.float32), "q": np.ones(2, np.float32)}]
+    fedavg = {k: (sent[0][k] + 3 * sent[1][k]) / 4 for k in sent[0]}  # 1 and 3 images
+    out = class_weighted_rows(fedavg, sent, [[1, 0, 0], [0, 3, 0]])
+    np.testing.assert_array_equal(out["head.bias"], [1.0, 3.0, 2.5])  # class 2: nobody has it, FedAvg's row
+    np.testing.assert_array_equal(out["head.weight"][:, 0], [1.0, 3.0, 2.5])
+    assert out["q"] is fedavg["q"]  # not a head row: FedAvg's
+
+
 # -- real Flower processes -------------------------------------------------------------------------
 def _ours(marker: Path) -> list[int]:
     """Live processes (not zombies) whose environment or command line names `marker`: those a fleet
@@ -252,7 +264,7 @@ def test_server_and_two_clients_as_separate_commands(method_bundles, task, reape
     vqt = [sys.executable, "-m", "vqt_edge.cli"]
     server = subprocess.Popen([*vqt, "fleet", "server", "--bundle", bundle, "--run", run, "--clients", "2", "--rounds", "2",
                                "--classes", "blue,green,red", "--host", "127.0.0.1", "--port", str(port),
-                               "--test", task["test"], "--batch-size", "16"],
+                               "--test", task["test"], "--batch-size", "16", "--class-weighted-head"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
     clients = []
     try:
@@ -269,6 +281,20 @@ def test_server_and_two_clients_as_separate_commands(method_bundles, task, reape
         assert run_cli("eval", "--run", run, "--data", task["test"]).returncode == 0
         for k, backend in enumerate(backends):  # one fleet, each device on the backend it chose
             assert json.loads((reaper / f"state_{k}" / "run" / "run.json").read_text())["config"]["backend"] == backend
+        # --class-weighted-head: blue's row is client 0's, red's client 1's, green's their mean by green images;
+        # the other tensors are FedAvg's sample-weighted mean.
+        sent = [load_file(str(reaper / f"state_{k}" / "rounds" / "round_2.safetensors")) for k in (0, 1)]
+        aggregated = load_file(str(run / "rounds" / "round_2.safetensors"))
+        greens = [len(sorted((task["train"] / "green").iterdir())[k::2]) for k in (0, 1)]
+        sizes = [len((reaper / f"data_{k}.txt").read_text().splitlines()) for k in (0, 1)]
+        for name, value in aggregated.items():
+            if name.startswith("head."):
+                np.testing.assert_allclose(value[0], sent[0][name][0], rtol=1e-5, atol=1e-6)
+                np.testing.assert_allclose(value[2], sent[1][name][2], rtol=1e-5, atol=1e-6)
+                np.testing.assert_allclose(value[1], _weighted_mean([{"r": t[name][1]} for t in sent], greens)["r"],
+                                           rtol=1e-5, atol=1e-6)
+            else:
+                np.testing.assert_allclose(value, _weighted_mean(sent, sizes)[name], rtol=1e-5, atol=1e-6)
         for c in clients:
             c.send_signal(signal.SIGTERM)
         for c in clients:

@@ -47,6 +47,9 @@ def _common(command):
                      "sending: the fix for clients that see different classes (tau; 0: plain FedAvg)."),
         click.option("--proximal-mu", type=float, default=0.0, show_default=True,
                      help="FedProx: mu * (w - the round's start) added to every gradient (portable backend only)."),
+        click.option("--class-weighted-head", is_flag=True,
+                     help="Average each class's head row over the clients weighted by their images of that class "
+                     "(clients then send their per-class image counts)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -204,7 +207,8 @@ def fleet() -> None:
 @click.option("--timeout", type=float, help="Give up (and stop every process) after this many seconds.")
 @_client_options
 def simulate(bundle, run_dir, rounds, local_epochs, test, batch_size, lr, weight_decay, warmup_epochs, seed, round_timeout,
-             logit_adjust, proximal_mu, data, clients, split_text, timeout, threads, kv, memory_budget, backend) -> None:
+             logit_adjust, proximal_mu, class_weighted_head, data, clients, split_text, timeout, threads, kv, memory_budget,
+             backend) -> None:
     """Simulate a fleet on this machine: every client a real Flower SuperNode process with its own shard."""
     import numpy as np
 
@@ -221,6 +225,7 @@ def simulate(bundle, run_dir, rounds, local_epochs, test, batch_size, lr, weight
     settings = _settings(bundle, run_dir, clients, dataset.classes, rounds=rounds, local_epochs=local_epochs, test=test,
                          batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed,
                          round_timeout=round_timeout, logit_adjust=logit_adjust, proximal_mu=proximal_mu,
+                         class_weighted_head=class_weighted_head,
                          extra={"split": str(split), "data": str(data.resolve())})
     parts = assign(np.array([label for _, label in dataset.samples]), clients, split, seed)
     path = _write_settings(run_dir, settings)
@@ -247,7 +252,7 @@ def simulate(bundle, run_dir, rounds, local_epochs, test, batch_size, lr, weight
 @click.option("--host", default="0.0.0.0", show_default=True, help="Address the SuperLink listens on.")
 @click.option("--port", type=int, default=9091, show_default=True, help="The SuperLink's port (clients connect here).")
 def server(bundle, run_dir, rounds, local_epochs, test, batch_size, lr, weight_decay, warmup_epochs, seed, round_timeout,
-           logit_adjust, proximal_mu, clients, class_list, host, port) -> None:
+           logit_adjust, proximal_mu, class_weighted_head, clients, class_list, host, port) -> None:
     """Run the fleet's server: a Flower SuperLink, then the FedAvg ServerApp once --clients have connected.
 
     Insecure (no TLS): for a trusted network. Ends when the last round is written.
@@ -265,7 +270,8 @@ def server(bundle, run_dir, rounds, local_epochs, test, batch_size, lr, weight_d
         raise UserError("the bundle names no classes: give --classes (or --test, whose folders name them)")
     settings = _settings(bundle, run_dir, clients, classes, rounds=rounds, local_epochs=local_epochs, test=test,
                          batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed,
-                         round_timeout=round_timeout, logit_adjust=logit_adjust, proximal_mu=proximal_mu)
+                         round_timeout=round_timeout, logit_adjust=logit_adjust, proximal_mu=proximal_mu,
+                         class_weighted_head=class_weighted_head)
     path = _write_settings(run_dir, settings)
     with Federation(run_dir / FLEET_DIR) as fed:
         fed.superlink(host=host, port=port)
