@@ -53,7 +53,8 @@ class LocalRule:
       and sends the bias back without it: the softmax of a balanced-data model under this client's
       label skew, so classes it lacks are not pushed down (logit adjustment; any backend).
     - optimizer: "carry" keeps AdamW's moments across rounds, "reset" starts them from zero each
-      round (portable backend only: ORT restores moments only from its own checkpoint).
+      round (portable backend only: ORT restores moments only from its own checkpoint). Not a CLI
+      option: on validation it changed nothing (examples/results/fleet/validation.md).
     """
 
     proximal_mu: float = 0.0

@@ -73,18 +73,23 @@ def local_only(bundle: Path, fed_run: Path, test: Path, out: Path, epochs: int, 
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("results/fleet"))
+def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
+    """The fleet's settings, as `fleet simulate` names them (shared with examples/fleet_tune.py)."""
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--local-epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--split", default="dirichlet:0.3")
-    parser.add_argument("--logit-adjust", type=float, default=0.0, help="As `fleet simulate` (chosen by examples/fleet_tune.py).")
+    parser.add_argument("--logit-adjust", type=float, default=0.0)
     parser.add_argument("--proximal-mu", type=float, default=0.0)
     parser.add_argument("--class-weighted-head", action="store_true")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("results/fleet"))
+    add_fleet_arguments(parser)
     parser.add_argument("--backend", default="auto")
     args = parser.parse_args()
     out = args.out

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fleet_results import add_fleet_arguments  # noqa: E402
 from tasks import make_task  # noqa: E402
 
 
@@ -35,20 +36,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results/fleet_tune"))
     parser.add_argument("--name", help="This setting's name (required unless --summary).")
     parser.add_argument("--summary", action="store_true", help="Only write OUT/validation.md from OUT/tune.jsonl.")
-    parser.add_argument("--clients", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--local-epochs", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--split", default="dirichlet:0.3")
+    add_fleet_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--proximal-mu", type=float, default=0.0)
-    parser.add_argument("--logit-adjust", type=float, default=0.0)
     parser.add_argument("--optimizer", default="carry")
     parser.add_argument("--server-momentum", type=float, default=0.0)
     parser.add_argument("--server-lr", type=float, default=1.0)
-    parser.add_argument("--class-weighted-head", action="store_true",
-                        help="Average head row c over clients weighted by their images of class c.")
     parser.add_argument("--fold", type=int, help="Validate on fold K (0-4) of train1000 and train on the other 800 "
                         "[default: train800 / val200].")
     parser.add_argument("--centralized", action="store_true", help="Instead: the training images in one run of R x E epochs.")
