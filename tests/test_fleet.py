@@ -124,9 +124,12 @@ def test_logit_adjusted_round_trains_with_the_prior_and_sends_without_it(tiny_bu
     from device_runner.fleet import HEAD_BIAS, LocalRule, prior_shift, train_round
     from device_runner.trainer import TrainConfig
     from vqt_edge import manifest as mf
+    from vqt_edge.fleet.server import initial_tensors
 
-    shapes = mf.read_manifest(tiny_bundle).adapter_shapes
-    start = {name: np.random.default_rng(1).normal(0, 0.05, shape).astype(np.float32) for name, shape in shapes.items()}
+    rng = np.random.default_rng(1)
+    initial = initial_tensors(tiny_bundle, mf.read_manifest(tiny_bundle))
+    start = {name: (value + rng.normal(0, 0.05, value.shape)).astype(np.float32) for name, value in initial.items()}
+    shapes = {name: value.shape for name, value in start.items()}
     data = tmp_path / "skewed.txt"  # 40 blue, 10 green, no red
     data.write_text("".join(f"{p},{c}\n" for c, k in (("blue", 40), ("green", 10))
                             for p in sorted((task["train"] / c).iterdir())[:k]))
