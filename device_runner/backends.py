@@ -140,6 +140,9 @@ class PortableBackend:
         self.eval_options.only_execute_path_to_fetches = True
         self.training = True
         self.grads: dict[str, np.ndarray] | None = None
+        # FedProx (docs/design.md section 12): (mu, the round's start tensors); step() adds
+        # mu * (w - start) to each gradient. Set by a fleet round, never saved in the checkpoint.
+        self.proximal: tuple[float, dict[str, np.ndarray]] | None = None
         self.position: dict = {}
         if resume_from is None:
             self.params = self._read(bundle / mf.STEP_INIT, {n: n for n in self.names}, "re-copy or re-export the bundle")
@@ -186,6 +189,9 @@ class PortableBackend:
         lr_corrected = lr32 * (np.sqrt(beta_correction) / alpha_correction)
         for n in self.names:
             g = self.grads[n]
+            if self.proximal is not None:
+                mu, anchor = self.proximal
+                g = g + np.float32(mu) * (self.params[n] - anchor[n])
             m = b1 * self.exp_avg[n] + (one - b1) * g
             v = b2 * self.exp_avg_sq[n] + (one - b2) * g * g
             self.params[n] = self.params[n] - lr_corrected * m / (np.sqrt(v) + ADAM_EPS)

@@ -19,6 +19,7 @@ Torch-free, like all of device_runner; the Flower import is confined to this mod
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,48 @@ from vqt_edge.run_folder import RunFolder
 #: Keys of the messages, shared with the ServerApp (vqt_edge/fleet/server.py).
 ARRAYS, CONFIG, METRICS_KEY, NUM_EXAMPLES = "arrays", "config", "metrics", "num-examples"
 CLIENT_RUN, ROUNDS = "run", "rounds"
+HEAD_BIAS = "head.bias"  # the classifier's bias in every method's trainable set (logit adjustment shifts it)
+HEAD_ROWS = ("head.weight", HEAD_BIAS)  # one row per class: what --class-weighted-head averages per class
+CLASS_COUNTS = "class-counts"  # a client's training images per class, sent only when the server asks
+
+
+@dataclass(frozen=True)
+class LocalRule:
+    """How a client trains its round beyond `train`'s options: the fixes for clients whose data differ
+    (docs/design.md section 12). The defaults are plain FedAvg.
+
+    - proximal_mu: FedProx, mu * (w - w_round_start) added to every gradient (portable backend only:
+      onnxruntime-training's Optimizer takes the gradients straight from its graph).
+    - logit_adjust: tau; the client trains with head.bias + tau * log(its class prior) (counts + 1),
+      and sends the bias back without it: the softmax of a balanced-data model under this client's
+      label skew, so classes it lacks are not pushed down (logit adjustment; any backend).
+    - optimizer: "carry" keeps AdamW's moments across rounds, "reset" starts them from zero each
+      round (portable backend only: ORT restores moments only from its own checkpoint). Not a CLI
+      option: on validation it changed nothing (examples/results/fleet/validation.md).
+    """
+
+    proximal_mu: float = 0.0
+    logit_adjust: float = 0.0
+    optimizer: str = "carry"
+
+    def backend(self, requested: str) -> str:
+        """The backend a client asks for: `auto` means portable when this rule needs it."""
+        needs_portable = bool(self.proximal_mu) or self.optimizer != "carry"
+        return "portable" if requested == "auto" and needs_portable else requested
+
+    def check(self, backend: str) -> None:
+        if self.proximal_mu < 0 or self.logit_adjust < 0 or self.optimizer not in ("carry", "reset"):
+            raise UserError("--proximal-mu and --logit-adjust must be non-negative, --optimizer carry or reset")
+        if backend != "portable" and (self.proximal_mu or self.optimizer != "carry"):
+            raise UserError("--proximal-mu and --optimizer reset need --backend portable "
+                            "(onnxruntime-training's optimizer cannot take them)")
+
+
+def prior_shift(labels: np.ndarray, classes: int, tau: float) -> np.ndarray:
+    """tau * log of this client's class prior, counts + 1 so that absent classes stay finite; centred."""
+    counts = np.bincount(labels, minlength=classes).astype(np.float64) + 1
+    shift = tau * np.log(counts / counts.sum())
+    return (shift - shift.mean()).astype(np.float32)
 
 
 def get_tensors(trainer: Trainer) -> dict[str, np.ndarray]:
@@ -57,7 +100,8 @@ def set_tensors(trainer: Trainer, tensors: dict[str, np.ndarray]) -> None:
 
 
 def train_round(state: Path, bundle: Path, data: Path, tensors: dict[str, np.ndarray], cfg: TrainConfig,
-                classes: list[str], server_round: int, local_epochs: int) -> tuple[dict[str, np.ndarray], dict]:
+                classes: list[str], server_round: int, local_epochs: int,
+                rule: LocalRule = LocalRule()) -> tuple[dict[str, np.ndarray], dict]:
     """One round on this device: (returned tensors, metrics). Round r trains epochs
     (r-1)*E+1 .. r*E of the client's run, which `cfg.epochs` (= rounds x E) sizes."""
     run = state / CLIENT_RUN
@@ -67,10 +111,32 @@ def train_round(state: Path, bundle: Path, data: Path, tensors: dict[str, np.nda
         saved = folder.info()["config"]
         if saved["epochs"] != cfg.epochs or saved["lr"] != cfg.lr:
             raise UserError(f"{run}: holds a client run of another fleet run; give this client a new state folder")
+    shift: np.ndarray | None = None
+
+    def start(trainer: Trainer) -> None:
+        nonlocal shift
+        rule.check(trainer.cfg.backend)
+        start_tensors = dict(tensors)
+        if rule.logit_adjust:
+            if HEAD_BIAS not in start_tensors:
+                raise UserError(f"--logit-adjust needs a trainable {HEAD_BIAS!r}; this bundle trains {sorted(tensors)}")
+            shift = prior_shift(trainer.labels[: trainer.n_train], len(classes), rule.logit_adjust)
+            start_tensors[HEAD_BIAS] = tensors[HEAD_BIAS] + shift
+        set_tensors(trainer, start_tensors)
+        backend = trainer.backend
+        if rule.proximal_mu:
+            backend.proximal = (rule.proximal_mu, get_tensors(trainer))
+        if rule.optimizer == "reset":
+            backend.exp_avg = {n: np.zeros_like(p) for n, p in backend.exp_avg.items()}
+            backend.exp_avg_sq = {n: np.zeros_like(p) for n, p in backend.exp_avg_sq.items()}
+            backend.t = 0
+
     with folder.lock():
         trainer = Trainer(bundle, run, cfg, data, None, resume, echo=lambda _: None, classes=classes)
-        done = trainer.fit(until_epoch=server_round * local_epochs, start_from=lambda t: set_tensors(t, tensors))
+        done = trainer.fit(until_epoch=server_round * local_epochs, start_from=start)
         out = get_tensors(trainer)
+    if shift is not None:
+        out[HEAD_BIAS] = out[HEAD_BIAS] - shift
     (state / ROUNDS).mkdir(exist_ok=True)
     save_adapter(state / ROUNDS / f"round_{server_round}.safetensors", out, trainer.manifest)
     last = folder.metrics()[-1]
@@ -78,6 +144,7 @@ def train_round(state: Path, bundle: Path, data: Path, tensors: dict[str, np.nda
         NUM_EXAMPLES: int(done["train_images"]), "train_loss": float(last["train_loss"]),
         "train_acc": float(last["train_acc"]), "seconds": float(sum(trainer.step_times)),
         "peak_rss_mb": float(peak_rss_mb()),
+        CLASS_COUNTS: np.bincount(trainer.labels[: trainer.n_train], minlength=len(classes)).tolist(),
     }
     return out, metrics
 
@@ -99,17 +166,21 @@ def train(msg: Message, context: Context) -> Message:
         raise UserError(f"{bundle}: not the bundle the server federates (manifest sha256 {sha[:12]} != "
                         f"{str(config['bundle-sha256'])[:12]})")
     rounds, local_epochs = int(config["rounds"]), int(config["local-epochs"])
+    rule = LocalRule(proximal_mu=float(config.get("proximal-mu", 0.0)), logit_adjust=float(config.get("logit-adjust", 0.0)))
     cfg = TrainConfig(
         epochs=rounds * local_epochs, batch_size=int(config["batch-size"]), lr=float(config["lr"]),
         weight_decay=float(config["weight-decay"]), warmup_epochs=float(config["warmup-epochs"]),
         seed=int(config["seed"]), kv=str(node.get("kv", "disk")), threads=int(node["threads"]) if "threads" in node else None,
         micro_batch=int(node["micro-batch"]) if "micro-batch" in node else None,
         memory_budget_mb=float(node["memory-budget-mb"]) if "memory-budget-mb" in node else None,
+        backend=rule.backend(str(node.get("backend", "auto"))),
     )
     state.mkdir(parents=True, exist_ok=True)
     tensors = {name: array.numpy() for name, array in msg.content[ARRAYS].items()}
     out, metrics = train_round(state, bundle, data, tensors, cfg, [str(c) for c in config["classes"]],
-                               int(config["server-round"]), local_epochs)
+                               int(config["server-round"]), local_epochs, rule)
+    if not config.get("class-weighted-head", False):
+        del metrics[CLASS_COUNTS]  # the label histogram leaves the device only when the server's rule needs it
     content = RecordDict({
         ARRAYS: ArrayRecord({name: Array(value) for name, value in out.items()}),
         METRICS_KEY: MetricRecord(metrics),

@@ -109,6 +109,81 @@ def test_client_round_starts_from_the_servers_tensors_for_each_method(method, me
         train_round(tmp_path / "other", bundle, task["train"], {"x": np.zeros(1, np.float32)}, cfg, classes, 1, 1)
 
 
+def test_prior_shift_is_the_centred_log_prior_with_absent_classes_finite():
+    from device_runner.fleet import prior_shift
+
+    shift = prior_shift(np.array([0, 0, 0, 1]), 3, tau=2.0)  # counts + 1: 4, 2, 1
+    np.testing.assert_allclose(shift, 2 * (np.log([4, 2, 1]) - np.log([4, 2, 1]).mean()), rtol=1e-6)
+    assert shift[0] > shift[1] > shift[2] and abs(shift.sum()) < 1e-5
+
+
+def test_logit_adjusted_round_trains_with_the_prior_and_sends_without_it(tiny_bundle, task, tmp_path):
+    """The client trains with head.bias + tau * log(prior) (its checkpoint holds that bias) and sends
+    back the bias without the shift: with lr ~ 0 exactly what the server sent."""
+    from safetensors.numpy import load_file as load
+
+    from device_runner.fleet import HEAD_BIAS, LocalRule, prior_shift, train_round
+    from device_runner.trainer import TrainConfig
+    from vqt_edge import manifest as mf
+    from vqt_edge.fleet.server import initial_tensors
+
+    rng = np.random.default_rng(1)
+    initial = initial_tensors(tiny_bundle, mf.read_manifest(tiny_bundle))
+    start = {name: (value + rng.normal(0, 0.05, value.shape)).astype(np.float32) for name, value in initial.items()}
+    shapes = {name: value.shape for name, value in start.items()}
+    data = tmp_path / "skewed.txt"  # 40 blue, 10 green, no red
+    data.write_text("".join(f"{p},{c}\n" for c, k in (("blue", 40), ("green", 10))
+                            for p in sorted((task["train"] / c).iterdir())[:k]))
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=1e-9, weight_decay=0.0, kv="ram", threads=1, backend="portable")
+    out, _ = train_round(tmp_path / "c", tiny_bundle, data, start, cfg, ["blue", "green", "red"], 1, 1,
+                         LocalRule(logit_adjust=1.0))
+    for name in shapes:
+        np.testing.assert_allclose(out[name], start[name], atol=1e-5)
+    trained_with = load(str(tmp_path / "c" / "run" / "checkpoint.safetensors"))[f"param/{HEAD_BIAS}"]
+    shift = prior_shift(np.array([0] * 40 + [1] * 10), 3, 1.0)
+    np.testing.assert_allclose(trained_with, start[HEAD_BIAS] + shift, atol=1e-5)
+
+
+def test_proximal_term_adds_mu_times_the_distance_to_the_rounds_start(tiny_bundle):
+    """PortableBackend.step with zero loss gradients: only mu * (w - start) drives AdamW, whose first
+    step moves every element by lr towards `start`; without the term nothing moves."""
+    from device_runner.backends import PortableBackend
+    from vqt_edge import manifest as mf
+
+    manifest = mf.read_manifest(tiny_bundle)
+    for mu in (0.0, 10.0):
+        backend = PortableBackend(tiny_bundle, manifest, "cpu", 1, None)
+        before = backend.parameters()
+        if mu:
+            backend.proximal = (mu, {n: p + 1 for n, p in before.items()})  # the start lies 1 above every element
+        backend.grads = {n: np.zeros_like(p) for n, p in before.items()}
+        backend.step(1e-3, 0.0)
+        for n, p in backend.parameters().items():
+            np.testing.assert_allclose(p - before[n], 1e-3 if mu else 0.0, rtol=1e-3)
+
+
+def test_rules_that_need_the_portable_backend_refuse_ort_training_and_auto_picks_portable():
+    from device_runner.fleet import LocalRule
+
+    with pytest.raises(UserError, match="--backend portable"):
+        LocalRule(proximal_mu=0.1).check("ort-training")
+    LocalRule(logit_adjust=1.0).check("ort-training")  # a bias shift: any backend
+    assert LocalRule(proximal_mu=0.1).backend("auto") == "portable"
+    assert LocalRule().backend("auto") == "auto" and LocalRule(proximal_mu=0.1).backend("ort-training") == "ort-training"
+
+
+def test_class_weighted_rows_average_each_class_over_the_clients_that_have_it():
+    from vqt_edge.fleet.server import class_weighted_rows
+
+    sent = [{"head.weight": np.full((3, 2), 1.0, np.float32), "head.bias": np.ones(3, np.float32), "q": np.zeros(2, np.float32)},
+            {"head.weight": np.full((3, 2), 3.0, np.float32), "head.bias": np.full(3, 3.0, np.float32), "q": np.ones(2, np.float32)}]
+    fedavg = {k: (sent[0][k] + 3 * sent[1][k]) / 4 for k in sent[0]}  # 1 and 3 images
+    out = class_weighted_rows(fedavg, sent, [[1, 0, 0], [0, 3, 0]])
+    np.testing.assert_array_equal(out["head.bias"], [1.0, 3.0, 2.5])  # class 2: nobody has it, FedAvg's row
+    np.testing.assert_array_equal(out["head.weight"][:, 0], [1.0, 3.0, 2.5])
+    assert out["q"] is fedavg["q"]  # not a head row: FedAvg's
+
+
 # -- real Flower processes -------------------------------------------------------------------------
 def _ours(marker: Path) -> list[int]:
     """Live processes (not zombies) whose environment or command line names `marker`: those a fleet
@@ -149,12 +224,16 @@ def test_simulate_with_real_flower_processes_is_sample_weighted_fedavg(tiny_bund
     run = reaper / "run"
     out = run_cli("fleet", "simulate", "--bundle", tiny_bundle, "--data", task["train"], "--test", task["test"],
                   "--run", run, "--clients", 2, "--rounds", 2, "--split", "dirichlet:1", "--seed", 1, "--threads", 1,
-                  "--batch-size", 16, "--timeout", FLEET_TIMEOUT - 60, timeout=FLEET_TIMEOUT)
+                  "--batch-size", 16, "--backend", "portable", "--logit-adjust", 1, "--timeout", FLEET_TIMEOUT - 60,
+                  timeout=FLEET_TIMEOUT)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "round  test_acc" in out.stdout and out.stdout.count(" 2 clients, ") == 2, out.stdout
     clients = sorted((run / "fleet" / "clients").iterdir())
     sizes = [len((c / "train.txt").read_text().splitlines()) for c in clients]
     assert len(sizes) == 2 and sizes[0] != sizes[1] and sum(sizes) == 120  # unequal: weighted != plain mean
+    for c in clients:  # --backend reached every client (node config)
+        assert json.loads((c / "state" / "run" / "run.json").read_text())["config"]["backend"] == "portable"
+    assert json.loads((run / "run.json").read_text())["fleet"]["logit_adjust"] == 1.0
     for r in (1, 2):
         sent = [load_file(str(c / "state" / "rounds" / f"round_{r}.safetensors")) for c in clients]
         aggregated = load_file(str(run / "rounds" / f"round_{r}.safetensors"))
@@ -184,11 +263,12 @@ def test_server_and_two_clients_as_separate_commands(method_bundles, task, reape
     from vqt_edge.fleet.launch import free_port
 
     bundle, port, run = method_bundles["adaptformer"], free_port(), reaper / "run"
+    backends = ("portable", "ort-training")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     vqt = [sys.executable, "-m", "vqt_edge.cli"]
     server = subprocess.Popen([*vqt, "fleet", "server", "--bundle", bundle, "--run", run, "--clients", "2", "--rounds", "2",
                                "--classes", "blue,green,red", "--host", "127.0.0.1", "--port", str(port),
-                               "--test", task["test"], "--batch-size", "16"],
+                               "--test", task["test"], "--batch-size", "16", "--class-weighted-head"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
     clients = []
     try:
@@ -197,12 +277,28 @@ def test_server_and_two_clients_as_separate_commands(method_bundles, task, reape
             data.write_text("".join(f"{p},{c}\n" for c in cls for p in sorted((task["train"] / c).iterdir())[k::2]))
             clients.append(subprocess.Popen(
                 [*vqt, "fleet", "client", "--superlink", f"127.0.0.1:{port}", "--bundle", bundle, "--data", data,
-                 "--state", reaper / f"state_{k}", "--threads", "1"],
+                 "--state", reaper / f"state_{k}", "--threads", "1", "--backend", backends[k]],
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO))
         out, _ = server.communicate(timeout=FLEET_TIMEOUT)
         assert server.returncode == 0, out
         assert (run / "model.onnx").exists() and json.loads((run / "summary.json").read_text())["rounds"] == 2
         assert run_cli("eval", "--run", run, "--data", task["test"]).returncode == 0
+        for k, backend in enumerate(backends):  # one fleet, each device on the backend it chose
+            assert json.loads((reaper / f"state_{k}" / "run" / "run.json").read_text())["config"]["backend"] == backend
+        # --class-weighted-head: blue's row is client 0's, red's client 1's, green's their mean by green images;
+        # the other tensors are FedAvg's sample-weighted mean.
+        sent = [load_file(str(reaper / f"state_{k}" / "rounds" / "round_2.safetensors")) for k in (0, 1)]
+        aggregated = load_file(str(run / "rounds" / "round_2.safetensors"))
+        greens = [len(sorted((task["train"] / "green").iterdir())[k::2]) for k in (0, 1)]
+        sizes = [len((reaper / f"data_{k}.txt").read_text().splitlines()) for k in (0, 1)]
+        for name, value in aggregated.items():
+            if name.startswith("head."):
+                np.testing.assert_allclose(value[0], sent[0][name][0], rtol=1e-5, atol=1e-6)
+                np.testing.assert_allclose(value[2], sent[1][name][2], rtol=1e-5, atol=1e-6)
+                np.testing.assert_allclose(value[1], _weighted_mean([{"r": t[name][1]} for t in sent], greens)["r"],
+                                           rtol=1e-5, atol=1e-6)
+            else:
+                np.testing.assert_allclose(value, _weighted_mean(sent, sizes)[name], rtol=1e-5, atol=1e-6)
         for c in clients:
             c.send_signal(signal.SIGTERM)
         for c in clients:
@@ -224,7 +320,8 @@ def test_simulate_refuses_bad_input_with_exit_2(tiny_bundle, task, tmp_path):
     base = ["fleet", "simulate", "--bundle", tiny_bundle, "--data", task["train"], "--run", tmp_path / "r"]
     for extra, words in ((["--split", "dirichlet:-1"], "--split"), (["--clients", "0"], "--clients"),
                          (["--rounds", "0"], "--rounds"), (["--clients", "500"], "--clients 500"),
-                         (["--test", tmp_path / "nope"], "does not exist")):
+                         (["--test", tmp_path / "nope"], "does not exist"), (["--logit-adjust", "-1"], "--logit-adjust"),
+                         (["--proximal-mu", "0.1", "--backend", "ort-training"], "portable")):
         out = run_cli(*base, *extra)
         assert out.returncode == 2 and out.stderr.startswith("error:") and words in out.stderr, out.stderr
         assert "Traceback" not in out.stderr and not _ours(tmp_path)

@@ -42,6 +42,14 @@ def _common(command):
         click.option("--warmup-epochs", type=float, help="Warm-up, in epochs of rounds x local epochs [default: 10%]."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seeds the split, data order and dropout."),
         click.option("--round-timeout", type=float, default=3600, show_default=True, help="Seconds to wait for the clients of a round."),
+        click.option("--logit-adjust", type=float, default=0.0, show_default=True,
+                     help="Each client trains with tau * log(its class prior) added to the head's bias, removed before "
+                     "sending: the fix for clients that see different classes (tau; 0: plain FedAvg)."),
+        click.option("--proximal-mu", type=float, default=0.0, show_default=True,
+                     help="FedProx: mu * (w - the round's start) added to every gradient (portable backend only)."),
+        click.option("--class-weighted-head", is_flag=True,
+                     help="Average each class's head row over the clients weighted by their images of that class "
+                     "(clients then send their per-class image counts)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -55,16 +63,19 @@ def _client_options(command):
         click.option("--kv", type=click.Choice(["disk", "ram", "stream"]), default="disk", show_default=True,
                      help="K/V of the frozen backbone: disk caches them once for all rounds (each round is a new process)."),
         click.option("--memory-budget", help="Peak memory each client's training must stay within, e.g. 600MB."),
+        click.option("--backend", type=click.Choice(["auto", "portable", "ort-training"]), default="auto", show_default=True,
+                     help="Each client's training step, as `train --backend`; auto also picks portable when "
+                     "--proximal-mu needs it."),
     ]
     for option in reversed(options):
         command = option(command)
     return command
 
 
-def _node_values(threads: int | None, kv: str, memory_budget: str | None) -> dict[str, object]:
+def _node_values(threads: int | None, kv: str, memory_budget: str | None, backend: str) -> dict[str, object]:
     from vqt_edge.memory import parse_size_mb
 
-    values: dict[str, object] = {"kv": kv}
+    values: dict[str, object] = {"kv": kv, "backend": backend}
     if threads is not None:
         if threads < 1:
             raise UserError("--threads must be at least 1")
@@ -87,6 +98,8 @@ def _settings(bundle: Path, run_dir: Path, clients: int, classes: list[str], **k
         raise UserError("--rounds, --local-epochs, --batch-size and --clients must be at least 1")
     if not (kw["lr"] > 0 and kw["weight_decay"] >= 0 and kw["round_timeout"] > 0):
         raise UserError("--lr and --round-timeout must be positive and --weight-decay non-negative")
+    if not (kw["logit_adjust"] >= 0 and kw["proximal_mu"] >= 0):
+        raise UserError("--logit-adjust and --proximal-mu must be non-negative")
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise UserError(f"{run_dir}: exists and is not an empty folder; choose another --run")
     test = kw.pop("test")
@@ -195,7 +208,8 @@ def fleet() -> None:
 @click.option("--timeout", type=float, help="Give up (and stop every process) after this many seconds.")
 @_client_options
 def simulate(bundle, run_dir, rounds, local_epochs, test, batch_size, lr, weight_decay, warmup_epochs, seed, round_timeout,
-             data, clients, split_text, timeout, threads, kv, memory_budget) -> None:
+             logit_adjust, proximal_mu, class_weighted_head, data, clients, split_text, timeout, threads, kv, memory_budget,
+             backend) -> None:
     """Simulate a fleet on this machine: every client a real Flower SuperNode process with its own shard."""
     import numpy as np
 
@@ -205,11 +219,15 @@ def simulate(bundle, run_dir, rounds, local_epochs, test, batch_size, lr, weight
 
     _stop_on_sigterm()
     split = parse_split(split_text)
-    node = _node_values(threads, kv, memory_budget)
+    node = _node_values(threads, kv, memory_budget, backend)
+    if proximal_mu and backend == "ort-training":
+        raise UserError("--proximal-mu needs the portable backend: onnxruntime-training's optimizer cannot take it")
     dataset = load_dataset(data)
     settings = _settings(bundle, run_dir, clients, dataset.classes, rounds=rounds, local_epochs=local_epochs, test=test,
                          batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed,
-                         round_timeout=round_timeout, extra={"split": str(split), "data": str(data.resolve())})
+                         round_timeout=round_timeout, logit_adjust=logit_adjust, proximal_mu=proximal_mu,
+                         class_weighted_head=class_weighted_head,
+                         extra={"split": str(split), "data": str(data.resolve())})
     parts = assign(np.array([label for _, label in dataset.samples]), clients, split, seed)
     path = _write_settings(run_dir, settings)
     workdir = run_dir / FLEET_DIR
@@ -235,7 +253,7 @@ def simulate(bundle, run_dir, rounds, local_epochs, test, batch_size, lr, weight
 @click.option("--host", default="0.0.0.0", show_default=True, help="Address the SuperLink listens on.")
 @click.option("--port", type=int, default=9091, show_default=True, help="The SuperLink's port (clients connect here).")
 def server(bundle, run_dir, rounds, local_epochs, test, batch_size, lr, weight_decay, warmup_epochs, seed, round_timeout,
-           clients, class_list, host, port) -> None:
+           logit_adjust, proximal_mu, class_weighted_head, clients, class_list, host, port) -> None:
     """Run the fleet's server: a Flower SuperLink, then the FedAvg ServerApp once --clients have connected.
 
     Insecure (no TLS): for a trusted network. Ends when the last round is written.
@@ -253,7 +271,8 @@ def server(bundle, run_dir, rounds, local_epochs, test, batch_size, lr, weight_d
         raise UserError("the bundle names no classes: give --classes (or --test, whose folders name them)")
     settings = _settings(bundle, run_dir, clients, classes, rounds=rounds, local_epochs=local_epochs, test=test,
                          batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed,
-                         round_timeout=round_timeout)
+                         round_timeout=round_timeout, logit_adjust=logit_adjust, proximal_mu=proximal_mu,
+                         class_weighted_head=class_weighted_head)
     path = _write_settings(run_dir, settings)
     with Federation(run_dir / FLEET_DIR) as fed:
         fed.superlink(host=host, port=port)
@@ -268,7 +287,7 @@ def server(bundle, run_dir, rounds, local_epochs, test, batch_size, lr, weight_d
 @click.option("--state", type=click.Path(path_type=Path), required=True,
               help="Folder this client keeps between rounds: K/V cache, checkpoint, the tensors it sent.")
 @_client_options
-def client(superlink, bundle, data, state, threads, kv, memory_budget) -> None:
+def client(superlink, bundle, data, state, threads, kv, memory_budget, backend) -> None:
     """Join a fleet as one device: a Flower SuperNode that trains on --data each round (until Ctrl-C)."""
     from device_runner.data import load_dataset
     from vqt_edge import manifest as mf
@@ -282,7 +301,7 @@ def client(superlink, bundle, data, state, threads, kv, memory_budget) -> None:
         raise UserError(f"data path {data} does not exist")
     state.mkdir(parents=True, exist_ok=True)
     node = {"bundle": str(bundle.resolve()), "data": str(data.resolve()), "state": str(state.resolve()),
-            **_node_values(threads, kv, memory_budget)}
+            **_node_values(threads, kv, memory_budget, backend)}
     with Federation(state / "flower") as fed:
         proc = fed.supernode(superlink, node, "supernode")
         click.echo(f"connected to {superlink} as a fleet client; logs in {state / 'flower' / 'logs'}; Ctrl-C to leave")

@@ -24,7 +24,7 @@ from flwr.serverapp.strategy import FedAvg
 from device_runner import ort
 from device_runner.data import Sample, drop_unreadable, iter_batches, load_dataset
 from device_runner.deploy import build_model, save_adapter
-from device_runner.fleet import ARRAYS, CONFIG, METRICS_KEY, NUM_EXAMPLES
+from device_runner.fleet import ARRAYS, CLASS_COUNTS, CONFIG, HEAD_ROWS, METRICS_KEY, NUM_EXAMPLES
 from vqt_edge import adapter_config
 from vqt_edge import manifest as mf
 from vqt_edge.manifest import Manifest
@@ -53,6 +53,9 @@ class FleetSettings:
     seed: int = 0
     test: str | None = None
     round_timeout: float = 3600.0
+    logit_adjust: float = 0.0  # device_runner/fleet.py LocalRule: how each client trains under label skew
+    proximal_mu: float = 0.0
+    class_weighted_head: bool = False  # average head row c by each client's images of class c (class_weighted_rows)
     extra: dict = field(default_factory=dict)  # recorded in summary.json as given (e.g. the split)
 
     def round_config(self, bundle_sha256: str) -> ConfigRecord:
@@ -61,7 +64,8 @@ class FleetSettings:
             "rounds": self.rounds, "local-epochs": self.local_epochs, "batch-size": self.batch_size, "lr": self.lr,
             "weight-decay": self.weight_decay, "seed": self.seed, "classes": list(self.classes),
             "warmup-epochs": float(self.warmup_epochs if self.warmup_epochs is not None else 0.1 * epochs),
-            "bundle-sha256": bundle_sha256,
+            "bundle-sha256": bundle_sha256, "logit-adjust": self.logit_adjust, "proximal-mu": self.proximal_mu,
+            "class-weighted-head": self.class_weighted_head,
         })
 
 
@@ -100,11 +104,31 @@ class TestSet:
         return correct / max(1, len(self.samples))
 
 
-class _RecordingFedAvg(FedAvg):
-    """Flower's FedAvg, unchanged, that also notes per client what each round sent and received."""
+def class_weighted_rows(mean: dict[str, np.ndarray], sent: list[dict[str, np.ndarray]],
+                        counts: np.ndarray) -> dict[str, np.ndarray]:
+    """FedAvg's `mean` with each class's head row (weight row and bias) re-averaged over the clients'
+    tensors `sent`, weighted by their training images *of that class* (`counts`: clients x classes;
+    docs/design.md section 12). Under label skew a client that never saw class c only pushed row c
+    down; its sample count should not weigh on it. Classes no client has keep FedAvg's row."""
+    counts = np.asarray(counts, np.float64)
+    totals = counts.sum(0)
+    weights = counts / np.where(totals > 0, totals, 1)
+    out = dict(mean)
+    for name in HEAD_ROWS:
+        if name in out:
+            rows = np.einsum("kc,kc...->c...", weights, np.stack([t[name] for t in sent]))
+            seen = (totals > 0).reshape(-1, *[1] * (out[name].ndim - 1))
+            out[name] = np.where(seen, rows, out[name]).astype(np.float32)
+    return out
 
-    def __init__(self, **kwargs) -> None:
+
+class _RecordingFedAvg(FedAvg):
+    """Flower's FedAvg that also notes per client what each round sent and received, and with
+    `class_weighted_head` re-averages the head's rows per class on top of it (class_weighted_rows)."""
+
+    def __init__(self, class_weighted_head: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
+        self.class_weighted_head = class_weighted_head
         self.last: dict = {}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
@@ -120,12 +144,20 @@ class _RecordingFedAvg(FedAvg):
                 continue
             metrics = dict(msg.content[METRICS_KEY])
             clients.append({"node": int(msg.metadata.src_node_id), "bytes_up": array_bytes(msg.content[ARRAYS]),
-                            **{k: (int(v) if k == NUM_EXAMPLES else float(v)) for k, v in metrics.items()}})
+                            **{k: (int(v) if k == NUM_EXAMPLES else list(v) if k == CLASS_COUNTS else float(v))
+                               for k, v in metrics.items()}})
         self.last.update(clients=sorted(clients, key=lambda c: c["node"]), failures=failures,
                          round_seconds=round(time.perf_counter() - self.last["started"], 2))
         if not clients:
             raise RuntimeError(f"round {server_round}: every client failed: {failures}")
-        return super().aggregate_train(server_round, replies)
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if self.class_weighted_head and arrays is not None:
+            ok = [msg for msg in replies if not msg.has_error()]
+            rows = class_weighted_rows({name: array.numpy() for name, array in arrays.items()},
+                                       [{name: a.numpy() for name, a in msg.content[ARRAYS].items()} for msg in ok],
+                                       [list(msg.content[METRICS_KEY][CLASS_COUNTS]) for msg in ok])
+            arrays = ArrayRecord({name: Array(value) for name, value in rows.items()})
+        return arrays, metrics
 
 
 def run_fleet(grid: Grid, settings: FleetSettings) -> dict:
@@ -134,7 +166,7 @@ def run_fleet(grid: Grid, settings: FleetSettings) -> dict:
     manifest = mf.read_manifest(bundle, verify=True)
     (run / ROUNDS).mkdir(parents=True, exist_ok=True)
     test = TestSet(Path(settings.test), manifest, settings.classes, settings.batch_size) if settings.test else None
-    strategy = _RecordingFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=settings.clients,
+    strategy = _RecordingFedAvg(class_weighted_head=settings.class_weighted_head, fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=settings.clients,
                                 min_available_nodes=settings.clients, arrayrecord_key=ARRAYS,
                                 configrecord_key=CONFIG, weighted_by_key=NUM_EXAMPLES)
     folder = RunFolder(run)
