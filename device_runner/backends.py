@@ -118,8 +118,11 @@ class PortableBackend:
         # Constant folding would store a transposed copy of every frozen weight the backward pass
         # multiplies by (dX = dY W^T); unfolded, ORT fuses the Transpose into the MatMul instead.
         # vit_b16 as above: peak 1508 instead of 1808 MiB, 0.38 CPU s per step.
+        # A quantized step dequantizes each weight once per use (exporters/quantize_step.py); merging
+        # the forward and backward uses would keep every fp32 weight alive through the whole step.
+        disabled = ["ConstantFolding"] + (["CommonSubexpressionElimination"] if manifest.quantize != "none" else [])
         self.session = rt.InferenceSession(str(bundle / mf.STEP_MODEL), sess_options=options,
-                                           providers=ort.providers(device), disabled_optimizers=["ConstantFolding"])
+                                           providers=ort.providers(device), disabled_optimizers=disabled)
         inputs = self.session.get_inputs()
         graph_inputs = [i.name for i in inputs]
         self.names = graph_inputs[: len(manifest.trainable)]  # adapter names, in the graph's order

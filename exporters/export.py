@@ -38,6 +38,7 @@ from torch import nn
 from exporters.baselines import FrozenPart, MethodHead
 from exporters.head2toe import Head2ToeFeatures
 from exporters.quantize import holding, quantize_bundle_graphs
+from exporters.quantize_step import quantize_step_graph
 from exporters.step import export_step
 from exporters.vit import VisionTransformer
 from vqt_edge import manifest as mf
@@ -267,6 +268,8 @@ def export_bundle(
         # Inside holding(): both backends train on the same (dequantized) weights.
         log(f"exporting {mf.STEP_MODEL} (portable training step: forward + gradients, standard ops) ...")
         export_step(head, feats, out / mf.STEP_MODEL)
+    if quantize != "none":  # the step reads head.onnx's quantized tensors (exporters/quantize_step.py)
+        manifest.quantization[mf.STEP_MODEL] = quantize_step_graph(out / mf.STEP_MODEL, out / mf.HEAD_MODEL, dequantized, quantize)
     save_file({k: params[g].detach().contiguous().numpy() for k, g in manifest.trainable.items()}, str(out / mf.STEP_INIT))
 
     n_train = sum(params[g].numel() for g in manifest.trainable.values())

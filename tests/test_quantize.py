@@ -19,10 +19,12 @@ import onnxruntime
 import pytest
 import torch
 from onnx import numpy_helper
+from safetensors.numpy import load_file
 
 from device_runner import ort
 from exporters.export import export_bundle, export_frozen
 from exporters.quantize import dequantized_weights, quantize, quantize_int8
+from exporters.step import grad_name
 from exporters.vit import VisionTransformer, VQTHead
 from tests.conftest import TINY, run_cli
 from vqt_edge import manifest as mf
@@ -226,3 +228,48 @@ def test_layer_major_step_like_graph(mode, tmp_path):
     tol = 1e-5 if mode == "int4" else 5e-2
     for got, want in ((y, x @ deq["w"]), (dx, dy @ deq["w_t"])):
         assert np.abs(got - want).max() <= tol * np.abs(want).max()
+
+
+# The quantized portable step (exporters/quantize_step.py) against torch autograd on a torch model
+# holding the dequantized weights (numpy_dequantized: the operators' documented formulas): loss,
+# logits and every gradient within 1e-5 of the largest magnitude (the step is weight-only in both
+# modes, so only float rounding differs: measured ~1e-7).
+STEP_RTOL = 1e-5
+
+
+def _step_against_torch(bundle, backbone, session_options=None) -> dict[str, float]:
+    manifest = mf.read_manifest(bundle)
+    values = numpy_dequantized(bundle / mf.HEAD_MODEL)
+    init = load_file(str(bundle / mf.STEP_INIT))
+    trainable = {manifest.trainable[n]: v for n, v in init.items()}
+    rng = np.random.default_rng(3)
+    trainable = {n: v + 0.05 * rng.standard_normal(v.shape).astype(np.float32) for n, v in trainable.items()}
+    head = _torch_vqt_head(backbone, manifest, values, trainable)
+    cls, keys, values_ = _frozen_outputs(bundle, 5, seed=4)
+    keys, values_ = keys.astype(np.float16), values_.astype(np.float16)
+    keep = (rng.random((5, len(manifest.query_layers), manifest.query_tokens, TINY.dim)) >= 0.1).astype(np.float32) / 0.9
+    targets = np.eye(manifest.num_classes, dtype=np.float32)[[0, 1, 2, 0, 1]] / 5
+    sess = onnxruntime.InferenceSession(str(bundle / mf.STEP_MODEL), session_options, providers=["CPUExecutionProvider"])
+    feed = {n: trainable[manifest.trainable[n]] for n in manifest.trainable}
+    feed.update(cls=cls, keys=keys, values=values_, query_keep=keep, targets=targets)
+    got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
+    head.train()
+    logits = head(*(torch.from_numpy(np.asarray(x, np.float32)) for x in (cls, keys, values_, keep)))
+    loss = -(torch.log_softmax(logits, -1) * torch.from_numpy(targets)).sum()
+    loss.backward()
+    params = dict(head.named_parameters())
+    want = {"loss": loss.detach().numpy(), "logits": logits.detach().numpy(),
+            **{grad_name(n): params[g].grad.numpy() for n, g in manifest.trainable.items()}}
+    return {k: float(np.abs(got[k] - w).max() / np.abs(w).max()) for k, w in want.items()}
+
+
+def test_quantized_step_equals_torch_on_the_dequantized_weights(quant_bundle, tiny_backbone):
+    manifest = mf.read_manifest(quant_bundle)
+    record = manifest.quantization[mf.STEP_MODEL]
+    assert record["weights"] == 8 and record["transposed"] == 4  # Wq, Wo, fc1, fc2 and their stored transposes
+    model = onnx.load(str(quant_bundle / mf.STEP_MODEL))
+    floats = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) >= 2]
+    assert max(int(np.prod(t.dims)) for t in floats) < TINY.dim * TINY.dim  # no fp32 weight matrix left
+    assert {n.domain for n in model.graph.node} <= {""}  # standard ops only: any onnxruntime runs it
+    errors = _step_against_torch(quant_bundle, tiny_backbone)
+    assert max(errors.values()) <= STEP_RTOL, errors
