@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -151,14 +152,17 @@ def quantize_int8(src: Path, dst: Path, keep: Iterable[str] = ()) -> QuantReport
 
     model, plan, nbytes = _prepare(Path(src), keep)
     names = [n.name for n in _constant_matmuls(model, set(keep))]
-    with tempfile.TemporaryDirectory() as tmp, _quiet():
-        split = Path(tmp) / "split.onnx"
-        onnx.save(model, str(split))
-        del model
-        quantize_dynamic(split, Path(dst), op_types_to_quantize=["MatMul"], nodes_to_quantize=names,
-                         weight_type=QuantType.QInt8, per_channel=False,
-                         extra_options={"MatMulConstBOnly": True})
-    _restore_kept(Path(src), Path(dst), keep)
+    if not names:  # quantize_dynamic reads an empty nodes_to_quantize as "all" (it quantized the trained head.weight)
+        shutil.copyfile(src, dst)
+    else:
+        with tempfile.TemporaryDirectory() as tmp, _quiet():
+            split = Path(tmp) / "split.onnx"
+            onnx.save(model, str(split))
+            del model
+            quantize_dynamic(split, Path(dst), op_types_to_quantize=["MatMul"], nodes_to_quantize=names,
+                             weight_type=QuantType.QInt8, per_channel=False,
+                             extra_options={"MatMulConstBOnly": True})
+        _restore_kept(Path(src), Path(dst), keep)
     return QuantReport("int8", f"onnxruntime {_ort_version()} quantization.quantize_dynamic", list(plan), len(names), nbytes,
                        {"weight_type": "QInt8", "activations": "uint8, dynamic per tensor", "per_channel": False,
                         "op_types": ["MatMul"]})

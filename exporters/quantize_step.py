@@ -69,6 +69,30 @@ def _match(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> dict[str, t
     return found
 
 
+def _store_transposes(model: onnx.ModelProto, matched: dict[str, tuple[str, bool]]) -> None:
+    """Replace each `Transpose(W)` over the last two axes of a matched weight by an initializer
+    holding W^T, matched as transposed. The step exporter stores small transposes as initializers
+    but leaves large ones (ViT-B/16's) as Transpose nodes; either way each becomes a transposed use."""
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes = []
+    for node in model.graph.node:
+        w = node.input[0] if node.op_type == "Transpose" else None
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        rank = len(inits[w].dims) if w in inits else 0
+        if w in matched and not matched[w][1] and perm == [*range(rank - 2), rank - 1, rank - 2]:
+            t = np.ascontiguousarray(np.swapaxes(numpy_helper.to_array(inits[w]), -1, -2))
+            model.graph.initializer.append(numpy_helper.from_array(t, node.output[0]))
+            matched[node.output[0]] = (matched[w][0], True)
+        else:
+            nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = {i for n in nodes for i in n.input}
+    for name in [n for n in matched if n not in used]:  # read only through the Transposes just replaced
+        del matched[name]
+        model.graph.initializer.remove(next(t for t in model.graph.initializer if t.name == name))
+
+
 class _Chains:
     """The quantized tensors of head.onnx and the nodes that dequantize one layer's weight."""
 
@@ -131,6 +155,7 @@ def quantize_step_graph(step: Path, head: Path, values: dict[str, np.ndarray], m
         return {"weights": 0, "matmuls": 0}
     model = onnx.load(str(step))
     matched = _match(model, values)
+    _store_transposes(model, matched)
     sizes = {t.name: int(np.prod(t.dims)) * 4 for t in model.graph.initializer}
     if not matched:
         raise RuntimeError(f"{step}: none of its initializers is a quantized weight of {head}")

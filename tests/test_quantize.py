@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
 
 import numpy as np
 import onnx
@@ -22,11 +24,13 @@ from onnx import numpy_helper
 from safetensors.numpy import load_file
 
 from device_runner import ort
+from device_runner.backends import checkpoint_name
 from exporters.export import export_bundle, export_frozen
 from exporters.quantize import dequantized_weights, quantize, quantize_int8
 from exporters.step import grad_name
 from exporters.vit import VisionTransformer, VQTHead
-from tests.conftest import TINY, run_cli
+from tests.conftest import REPO, TINY, cli_command, cli_env, run_cli
+from tests.test_device import _metrics_lines, _wait_for
 from vqt_edge import manifest as mf
 from vqt_edge.arch import PRESETS
 
@@ -273,3 +277,79 @@ def test_quantized_step_equals_torch_on_the_dequantized_weights(quant_bundle, ti
     assert {n.domain for n in model.graph.node} <= {""}  # standard ops only: any onnxruntime runs it
     errors = _step_against_torch(quant_bundle, tiny_backbone)
     assert max(errors.values()) <= STEP_RTOL, errors
+
+
+@pytest.mark.parametrize("backend", ["portable", pytest.param("ort-training", marks=pytest.mark.skipif(
+    not ort.has_training_api(), reason="no onnxruntime-training here"))])
+def test_quantized_bundle_trains_evaluates_predicts_and_resumes(quant_bundle, task, tmp_path, backend):
+    """Either backend on a quantized bundle: killed right after a mid-run checkpoint, `--resume`
+    ends with exactly the parameters and losses of an uninterrupted run; the result evaluates and
+    predicts through its quantized model.onnx."""
+    args = ["--bundle", quant_bundle, "--data", task["train"], "--epochs", 3, "--batch-size", 8,
+            "--checkpoint-every", 3, "--seed", 3, "--backend", backend]
+    reference = tmp_path / "reference"
+    out = run_cli("train", "--run", reference, *args)
+    assert out.returncode == 0, out.stderr
+    run = tmp_path / "killed"
+    checkpoint = run / checkpoint_name(backend)
+    proc = subprocess.Popen(cli_command("train", "--run", run, *args), cwd=REPO, env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: _metrics_lines(run) >= 1 and checkpoint.exists()
+              and checkpoint.stat().st_mtime > (run / "metrics.jsonl").stat().st_mtime, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    out = run_cli("train", "--run", run, "--resume")
+    assert out.returncode == 0, out.stderr
+    want, got = (load_file(str(r / "adapter.safetensors")) for r in (reference, run))
+    assert all(np.array_equal(want[n], got[n]) for n in want)
+    losses = [[json.loads(x)["train_loss"] for x in (r / "metrics.jsonl").read_text().splitlines()] for r in (reference, run)]
+    assert losses[0] == losses[1]
+    ev = run_cli("eval", "--run", run, "--data", task["test"], "--json")
+    assert ev.returncode == 0, ev.stderr
+    assert json.loads(ev.stdout)["accuracy"] >= 0.9
+    pr = run_cli("predict", "--run", run, task["test"] / "green" / "001.png", "--json")
+    assert pr.returncode == 0 and json.loads(pr.stdout)[0]["label"] == "green", pr.stderr
+
+
+@pytest.mark.skipif(not ort.has_training_api(), reason="no onnxruntime-training here")
+def test_both_backends_follow_the_same_trajectory_on_a_quantized_bundle(quant_bundle, task, tmp_path):
+    """The portable step (DequantizeLinear chains) and the ORT-training graph (fp32 dequantized
+    weights) train the same model: 15 steps with dropout and weight decay, per-epoch losses and
+    final parameters within 1e-5 (the fp32 bundles' tolerance, tests/test_portable.py)."""
+    runs = {}
+    for backend in ("portable", "ort-training"):
+        runs[backend] = tmp_path / backend
+        out = run_cli("train", "--bundle", quant_bundle, "--data", task["train"], "--run", runs[backend], "--epochs", 3,
+                      "--batch-size", 24, "--kv", "ram", "--seed", 5, "--weight-decay", 0.05, "--backend", backend)
+        assert out.returncode == 0, out.stderr
+    metrics = {b: [json.loads(x)["train_loss"] for x in (r / "metrics.jsonl").read_text().splitlines()] for b, r in runs.items()}
+    assert len(metrics["portable"]) == 3
+    for got, want in zip(metrics["portable"], metrics["ort-training"]):
+        assert abs(got - want) <= 1e-5 * abs(want)
+    got, want = (load_file(str(runs[b] / "adapter.safetensors")) for b in ("portable", "ort-training"))
+    for name in want:
+        assert np.abs(got[name] - want[name]).max() <= 1e-5 * np.abs(want[name]).max(), name
+
+
+# Each method in one mode (all ten pairs passed when this was written; an export costs ~15 s here).
+@pytest.mark.parametrize("method,last_k,mode", [("linear", None, "int8"), ("vpt", 2, "int4"), ("adaptformer", 2, "int8"),
+                                                ("finetune", 1, "int4"), ("vqt+adaptformer", 2, "int4"),
+                                                ("vqt+adaptformer", 2, "int8")])
+def test_other_methods_export_and_train_quantized(method, last_k, mode, tiny_backbone, task, tmp_path):
+    """Every method exports with --quantize and trains on the portable backend. frozen.onnx is
+    quantized for all; the step graph reads exactly the head weights head.onnx quantized (VQT's
+    query path: forward and transposed), none for methods whose head holds no quantized weight
+    (their frozen block weights reach MatMul through a Transpose, which the quantizers skip).
+    linear/int8 once quantized the trained head.weight (quantize_dynamic took an empty node list
+    for "all nodes")."""
+    bundle = tmp_path / "bundle"
+    manifest = export_bundle(tiny_backbone, bundle, model_name="tiny", method=method, last_k=last_k, num_classes=3,
+                             query_tokens=2, quantize=mode, log=lambda _: None)
+    q = manifest.quantization
+    assert q[mf.FROZEN]["matmuls"] > 0
+    assert q[mf.STEP_MODEL]["weights"] == 2 * q[mf.HEAD_MODEL]["weights"]
+    assert (q[mf.HEAD_MODEL]["weights"] > 0) == (method in mf.QUERY_METHODS)
+    run = tmp_path / "run"
+    out = run_cli("train", "--bundle", bundle, "--data", task["train"], "--run", run, "--epochs", 1, "--backend", "portable")
+    assert out.returncode == 0, out.stderr
+    assert (run / "model.onnx").exists()
