@@ -106,20 +106,21 @@ def split_stacked_matmuls(model: onnx.ModelProto, keep: Iterable[str] = ()) -> d
             continue
         stack = numpy_helper.to_array(inits[w])
         base = node.output[0]
+        label = node.name or base  # node names must stay unique, and unnamed nodes are allowed
         pieces = [f"{base}{_SLICE.format(i)}/a" for i in range(len(stack))]
         outs = [f"{base}{_SLICE.format(i)}" for i in range(len(stack))]
         split_sizes = f"{base}/split_sizes"
         model.graph.initializer.append(numpy_helper.from_array(np.ones(len(stack), np.int64), split_sizes))
-        nodes.append(helper.make_node("Split", [node.input[0], split_sizes], pieces, name=f"{node.name}/split", axis=-3)
+        nodes.append(helper.make_node("Split", [node.input[0], split_sizes], pieces, name=f"{label}/split", axis=-3)
                      if opset >= 13 else
-                     helper.make_node("Split", [node.input[0]], pieces, name=f"{node.name}/split", axis=-3, split=[1] * len(stack)))
+                     helper.make_node("Split", [node.input[0]], pieces, name=f"{label}/split", axis=-3, split=[1] * len(stack)))
         for i, w_l in enumerate(stack):
             name = f"{w}{_SLICE.format(i)}"
             if w not in dropped:  # a weight read by several MatMuls is sliced once
                 model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w_l), name))
-            nodes.append(helper.make_node("MatMul", [pieces[i], name], [outs[i]], name=f"{node.name}{_SLICE.format(i)}"))
+            nodes.append(helper.make_node("MatMul", [pieces[i], name], [outs[i]], name=f"{label}{_SLICE.format(i)}"))
             plan.setdefault(w, []).append((pieces[i], outs[i]))
-        nodes.append(helper.make_node("Concat", outs, [base], name=f"{node.name}/concat", axis=-3))
+        nodes.append(helper.make_node("Concat", outs, [base], name=f"{label}/concat", axis=-3))
         dropped.add(w)
     del model.graph.node[:]
     model.graph.node.extend(nodes)

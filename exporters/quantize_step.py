@@ -155,8 +155,8 @@ def quantize_step_graph(step: Path, head: Path, values: dict[str, np.ndarray], m
         return {"weights": 0, "matmuls": 0}
     model = onnx.load(str(step))
     matched = _match(model, values)
+    fp32_bytes = sum(int(np.prod(t.dims)) * 4 for t in model.graph.initializer if t.name in matched)
     _store_transposes(model, matched)
-    sizes = {t.name: int(np.prod(t.dims)) * 4 for t in model.graph.initializer}
     if not matched:
         raise RuntimeError(f"{step}: none of its initializers is a quantized weight of {head}")
     others = [t.name for t in model.graph.initializer if t.name not in matched]
@@ -190,6 +190,6 @@ def quantize_step_graph(step: Path, head: Path, values: dict[str, np.ndarray], m
     quantized = sum(len(t.raw_data) or numpy_helper.to_array(t).nbytes for t in chains.added.values())
     largest = max(int(np.prod(values[w].shape[-2:])) * 4 for w, _ in matched.values())
     return {"weights": len(matched), "transposed": sum(t for _, t in matched.values()), "matmuls": chains.count,
-            "fp32_weight_bytes": sum(sizes[n] for n in matched), "quantized_bytes": quantized,
+            "fp32_weight_bytes": fp32_bytes, "quantized_bytes": quantized,
             "largest_dequantized_bytes": largest, "values": "train/head.onnx's quantized tensors, read by DequantizeLinear",
             "opset": STEP_QUANT_OPSET if mode == "int4" else None}
