@@ -21,9 +21,10 @@ initializers are replaced by the tensors onnxruntime's quantizer already wrote i
 
 Each use dequantizes one layer's weight right before its MatMul (the stacked MatMuls are split per
 layer, exporters/quantize.py `split_stacked_matmuls`), so at most one layer's fp32 weight exists at
-a time, never the whole stack. onnxruntime's common-subexpression elimination would merge the
-forward and backward chains of a weight and keep every layer's fp32 weight alive from the forward to
-the backward pass: the portable backend disables it for quantized bundles (device_runner/backends.py).
+a time, never the whole stack. The forward and backward chains of a weight are distinct nodes; the
+session's optimizers leave them distinct (checked in onnxruntime 1.19.2's optimized graph of the
+tiny int4 and int8 bundles, common-subexpression elimination on), so no fp32 weight lives from the
+forward to the backward pass.
 
 The fp32 initializers are recognized by value: the step graph is exported from the dequantized
 weights (exporters/export.py `holding`), so each equals a head weight or its transpose bit for bit.
