@@ -37,6 +37,7 @@ from torch import nn
 
 from exporters.methods import build_frozen, build_head
 from exporters.quantize import holding, quantize_bundle_graphs
+from exporters.quantize_step import quantize_step_graph
 from exporters.step import export_step
 from exporters.vit import VisionTransformer
 from vqt_edge import manifest as mf
@@ -207,6 +208,8 @@ def export_bundle(
         # Inside holding(): both backends train on the same (dequantized) weights.
         log(f"exporting {mf.STEP_MODEL} (portable training step: forward + gradients, standard ops) ...")
         export_step(head, feats, out / mf.STEP_MODEL)
+    if quantize != "none":  # the step reads head.onnx's quantized tensors (exporters/quantize_step.py)
+        manifest.quantization[mf.STEP_MODEL] = quantize_step_graph(out / mf.STEP_MODEL, out / mf.HEAD_MODEL, dequantized, quantize)
     save_file({k: params[k].detach().contiguous().numpy() for k in trainable}, str(out / mf.STEP_INIT))
 
     n_train = sum(params[k].numel() for k in trainable)

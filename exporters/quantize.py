@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -105,20 +106,21 @@ def split_stacked_matmuls(model: onnx.ModelProto, keep: Iterable[str] = ()) -> d
             continue
         stack = numpy_helper.to_array(inits[w])
         base = node.output[0]
+        label = node.name or base  # node names must stay unique, and unnamed nodes are allowed
         pieces = [f"{base}{_SLICE.format(i)}/a" for i in range(len(stack))]
         outs = [f"{base}{_SLICE.format(i)}" for i in range(len(stack))]
         split_sizes = f"{base}/split_sizes"
         model.graph.initializer.append(numpy_helper.from_array(np.ones(len(stack), np.int64), split_sizes))
-        nodes.append(helper.make_node("Split", [node.input[0], split_sizes], pieces, name=f"{node.name}/split", axis=-3)
+        nodes.append(helper.make_node("Split", [node.input[0], split_sizes], pieces, name=f"{label}/split", axis=-3)
                      if opset >= 13 else
-                     helper.make_node("Split", [node.input[0]], pieces, name=f"{node.name}/split", axis=-3, split=[1] * len(stack)))
+                     helper.make_node("Split", [node.input[0]], pieces, name=f"{label}/split", axis=-3, split=[1] * len(stack)))
         for i, w_l in enumerate(stack):
             name = f"{w}{_SLICE.format(i)}"
             if w not in dropped:  # a weight read by several MatMuls is sliced once
                 model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w_l), name))
-            nodes.append(helper.make_node("MatMul", [pieces[i], name], [outs[i]], name=f"{node.name}{_SLICE.format(i)}"))
+            nodes.append(helper.make_node("MatMul", [pieces[i], name], [outs[i]], name=f"{label}{_SLICE.format(i)}"))
             plan.setdefault(w, []).append((pieces[i], outs[i]))
-        nodes.append(helper.make_node("Concat", outs, [base], name=f"{node.name}/concat", axis=-3))
+        nodes.append(helper.make_node("Concat", outs, [base], name=f"{label}/concat", axis=-3))
         dropped.add(w)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
@@ -151,14 +153,17 @@ def quantize_int8(src: Path, dst: Path, keep: Iterable[str] = ()) -> QuantReport
 
     model, plan, nbytes = _prepare(Path(src), keep)
     names = [n.name for n in _constant_matmuls(model, set(keep))]
-    with tempfile.TemporaryDirectory() as tmp, _quiet():
-        split = Path(tmp) / "split.onnx"
-        onnx.save(model, str(split))
-        del model
-        quantize_dynamic(split, Path(dst), op_types_to_quantize=["MatMul"], nodes_to_quantize=names,
-                         weight_type=QuantType.QInt8, per_channel=False,
-                         extra_options={"MatMulConstBOnly": True})
-    _restore_kept(Path(src), Path(dst), keep)
+    if not names:  # quantize_dynamic reads an empty nodes_to_quantize as "all" (it quantized the trained head.weight)
+        shutil.copyfile(src, dst)
+    else:
+        with tempfile.TemporaryDirectory() as tmp, _quiet():
+            split = Path(tmp) / "split.onnx"
+            onnx.save(model, str(split))
+            del model
+            quantize_dynamic(split, Path(dst), op_types_to_quantize=["MatMul"], nodes_to_quantize=names,
+                             weight_type=QuantType.QInt8, per_channel=False,
+                             extra_options={"MatMulConstBOnly": True})
+        _restore_kept(Path(src), Path(dst), keep)
     return QuantReport("int8", f"onnxruntime {_ort_version()} quantization.quantize_dynamic", list(plan), len(names), nbytes,
                        {"weight_type": "QInt8", "activations": "uint8, dynamic per tensor", "per_channel": False,
                         "op_types": ["MatMul"]})

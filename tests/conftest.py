@@ -50,15 +50,15 @@ def tiny_backbone():
     return model.eval()
 
 
-def export_tiny_bundle(out: Path) -> Path:
-    """The tiny VQT bundle most device tests train (needs torch)."""
+def export_tiny_bundle(out: Path, quantize: str = "none") -> Path:
+    """The tiny VQT bundle most device tests train (needs torch); `quantize` as `export --quantize`."""
     from exporters.export import export_bundle
     from exporters.vit import VisionTransformer
     from vqt_edge.spec import AdapterSpec
 
     model = VisionTransformer(TINY)
     model.reset_parameters(seed=0)
-    export_bundle(model.eval(), out, AdapterSpec.create(TINY, "vqt", 3, query_tokens=2), model_name="tiny", log=lambda _: None)
+    export_bundle(model.eval(), out, AdapterSpec.create(TINY, "vqt", 3, query_tokens=2), model_name="tiny", quantize=quantize, log=lambda _: None)
     return out
 
 
@@ -67,6 +67,15 @@ def tiny_bundle(tmp_path_factory) -> Path:
     if BUNDLES:
         return Path(BUNDLES) / "tiny"
     return export_tiny_bundle(tmp_path_factory.mktemp("bundle"))
+
+
+@pytest.fixture(scope="session")
+def tiny_int4_bundle(tmp_path_factory) -> Path:
+    """The tiny bundle quantized to int4: its portable step graph (UINT4 DequantizeLinear, opset 21)
+    must run on whichever onnxruntime the tests run with."""
+    if BUNDLES:
+        return Path(BUNDLES) / "tiny-int4"
+    return export_tiny_bundle(tmp_path_factory.mktemp("bundle_int4"), quantize="int4")
 
 
 @pytest.fixture(scope="session")

@@ -14,3 +14,4 @@ from tests.conftest import export_tiny_bundle
 
 if __name__ == "__main__":
     export_tiny_bundle(Path(sys.argv[1]) / "tiny")
+    export_tiny_bundle(Path(sys.argv[1]) / "tiny-int4", quantize="int4")

@@ -126,3 +126,15 @@ def test_memory_budget_is_refused_on_the_portable_backend_until_measured(tmp_pat
     out = run_cli("train", "--bundle", tiny_bundle, "--data", task["train"], "--run", tmp_path / "run", "--epochs", 1,
                   "--backend", "portable", "--memory-budget", "4GB")
     assert out.returncode == 2 and "memory model" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_quantized_bundle_trains_on_the_portable_backend_with_this_onnxruntime(tmp_path, tiny_int4_bundle, task):
+    """An int4 bundle trains and evaluates with the portable backend on whichever onnxruntime runs
+    the tests (`make test`: the training build, then stock onnxruntime; exporters/quantize_step.py)."""
+    run = tmp_path / "run"
+    out = run_cli("train", "--bundle", tiny_int4_bundle, "--data", task["train"], "--run", run, "--epochs", 3,
+                  "--backend", "portable")
+    assert out.returncode == 0, out.stderr
+    ev = run_cli("eval", "--run", run, "--data", task["test"], "--json")
+    assert ev.returncode == 0, ev.stderr
+    assert json.loads(ev.stdout)["accuracy"] >= 0.9

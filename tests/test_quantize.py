@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
 
 import numpy as np
 import onnx
@@ -19,16 +21,20 @@ import onnxruntime
 import pytest
 import torch
 from onnx import numpy_helper
+from safetensors.numpy import load_file
 
 from device_runner import ort
 from exporters.export import export_bundle, export_frozen
 from exporters.methods import build_head
 from exporters.quantize import dequantized_weights, quantize, quantize_int8
+from exporters.step import grad_name
 from exporters.vit import VisionTransformer
-from tests.conftest import TINY, run_cli
+from tests.conftest import REPO, TINY, cli_command, cli_env, run_cli
+from tests.test_device import _metrics_lines, _wait_for
 from vqt_edge import manifest as mf
 from vqt_edge.arch import PRESETS
-from vqt_edge.spec import AdapterSpec
+from vqt_edge.run_folder import RunFolder
+from vqt_edge.spec import QUERY_METHODS, AdapterSpec
 
 MODES = ("int8", "int4")
 
@@ -228,3 +234,169 @@ def test_layer_major_step_like_graph(mode, tmp_path):
     tol = 1e-5 if mode == "int4" else 5e-2
     for got, want in ((y, x @ deq["w"]), (dx, dy @ deq["w_t"])):
         assert np.abs(got - want).max() <= tol * np.abs(want).max()
+
+
+# The quantized portable step (exporters/quantize_step.py) against torch autograd on a torch model
+# holding the dequantized weights (numpy_dequantized: the operators' documented formulas): loss,
+# logits and every gradient within 1e-5 of the largest magnitude (the step is weight-only in both
+# modes, so only float rounding differs: measured ~1e-7).
+STEP_RTOL = 1e-5
+
+
+def _step_against_torch(bundle, backbone, session_options=None) -> dict[str, float]:
+    manifest = mf.read_manifest(bundle)
+    values = numpy_dequantized(bundle / mf.HEAD_MODEL)
+    init = load_file(str(bundle / mf.STEP_INIT))
+    trainable = dict(init)
+    rng = np.random.default_rng(3)
+    trainable = {n: v + 0.05 * rng.standard_normal(v.shape).astype(np.float32) for n, v in trainable.items()}
+    head = _torch_vqt_head(backbone, manifest, values, trainable)
+    cls, keys, values_ = _frozen_outputs(bundle, 5, seed=4)
+    keys, values_ = keys.astype(np.float16), values_.astype(np.float16)
+    keep = (rng.random((5, *manifest.spec.query_keep_shape)) >= 0.1).astype(np.float32) / 0.9
+    targets = np.eye(manifest.spec.num_classes, dtype=np.float32)[[0, 1, 2, 0, 1]] / 5
+    sess = onnxruntime.InferenceSession(str(bundle / mf.STEP_MODEL), session_options, providers=["CPUExecutionProvider"])
+    feed = dict(trainable)
+    feed.update(cls=cls, keys=keys, values=values_, query_keep=keep, targets=targets)
+    got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
+    head.train()
+    logits = head(*(torch.from_numpy(np.asarray(x, np.float32)) for x in (cls, keys, values_, keep)))
+    loss = -(torch.log_softmax(logits, -1) * torch.from_numpy(targets)).sum()
+    loss.backward()
+    params = dict(head.named_parameters())
+    want = {"loss": loss.detach().numpy(), "logits": logits.detach().numpy(),
+            **{grad_name(n): params[n].grad.numpy() for n in trainable}}
+    return {k: float(np.abs(got[k] - w).max() / np.abs(w).max()) for k, w in want.items()}
+
+
+def test_quantized_step_equals_torch_on_the_dequantized_weights(quant_bundle, tiny_backbone):
+    manifest = mf.read_manifest(quant_bundle)
+    record = manifest.quantization[mf.STEP_MODEL]
+    assert record["weights"] == 8 and record["transposed"] == 4  # Wq, Wo, fc1, fc2 and their stored transposes
+    model = onnx.load(str(quant_bundle / mf.STEP_MODEL))
+    floats = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) >= 2]
+    assert max(int(np.prod(t.dims)) for t in floats) < TINY.dim * TINY.dim  # no fp32 weight matrix left
+    assert {n.domain for n in model.graph.node} <= {""}  # standard ops only: any onnxruntime runs it
+    errors = _step_against_torch(quant_bundle, tiny_backbone)
+    assert max(errors.values()) <= STEP_RTOL, errors
+
+
+@pytest.mark.parametrize("backend", ["portable", pytest.param("ort-training", marks=pytest.mark.skipif(
+    not ort.has_training_api(), reason="no onnxruntime-training here"))])
+def test_quantized_bundle_trains_evaluates_predicts_and_resumes(quant_bundle, task, tmp_path, backend):
+    """Either backend on a quantized bundle: killed right after a mid-run checkpoint, `--resume`
+    ends with exactly the parameters and losses of an uninterrupted run; the result evaluates and
+    predicts through its quantized model.onnx."""
+    args = ["--bundle", quant_bundle, "--data", task["train"], "--epochs", 3, "--batch-size", 8,
+            "--checkpoint-every", 3, "--seed", 3, "--backend", backend]
+    reference = tmp_path / "reference"
+    out = run_cli("train", "--run", reference, *args)
+    assert out.returncode == 0, out.stderr
+    run = tmp_path / "killed"
+    checkpoint = RunFolder(run).checkpoint(backend)
+    proc = subprocess.Popen(cli_command("train", "--run", run, *args), cwd=REPO, env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: _metrics_lines(run) >= 1 and checkpoint.exists()
+              and checkpoint.stat().st_mtime > (run / "metrics.jsonl").stat().st_mtime, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    out = run_cli("train", "--run", run, "--resume")
+    assert out.returncode == 0, out.stderr
+    want, got = (load_file(str(r / "adapter.safetensors")) for r in (reference, run))
+    assert all(np.array_equal(want[n], got[n]) for n in want)
+    losses = [[json.loads(x)["train_loss"] for x in (r / "metrics.jsonl").read_text().splitlines()] for r in (reference, run)]
+    assert losses[0] == losses[1]
+    ev = run_cli("eval", "--run", run, "--data", task["test"], "--json")
+    assert ev.returncode == 0, ev.stderr
+    assert json.loads(ev.stdout)["accuracy"] >= 0.9
+    pr = run_cli("predict", "--run", run, task["test"] / "green" / "001.png", "--json")
+    assert pr.returncode == 0 and json.loads(pr.stdout)[0]["label"] == "green", pr.stderr
+
+
+@pytest.mark.skipif(not ort.has_training_api(), reason="no onnxruntime-training here")
+def test_both_backends_follow_the_same_trajectory_on_a_quantized_bundle(quant_bundle, task, tmp_path):
+    """The portable step (DequantizeLinear chains) and the ORT-training graph (fp32 dequantized
+    weights) train the same model: 15 steps with dropout and weight decay, per-epoch losses and
+    final parameters within 1e-5 (the fp32 bundles' tolerance, tests/test_portable.py)."""
+    runs = {}
+    for backend in ("portable", "ort-training"):
+        runs[backend] = tmp_path / backend
+        out = run_cli("train", "--bundle", quant_bundle, "--data", task["train"], "--run", runs[backend], "--epochs", 3,
+                      "--batch-size", 24, "--kv", "ram", "--seed", 5, "--weight-decay", 0.05, "--backend", backend)
+        assert out.returncode == 0, out.stderr
+    metrics = {b: [json.loads(x)["train_loss"] for x in (r / "metrics.jsonl").read_text().splitlines()] for b, r in runs.items()}
+    assert len(metrics["portable"]) == 3
+    for got, want in zip(metrics["portable"], metrics["ort-training"]):
+        assert abs(got - want) <= 1e-5 * abs(want)
+    got, want = (load_file(str(runs[b] / "adapter.safetensors")) for b in ("portable", "ort-training"))
+    for name in want:
+        assert np.abs(got[name] - want[name]).max() <= 1e-5 * np.abs(want[name]).max(), name
+
+
+# Each method in one mode (all ten pairs passed when this was written; an export costs ~15 s here).
+@pytest.mark.parametrize("method,last_k,mode", [("linear", None, "int8"), ("vpt", 2, "int4"), ("adaptformer", 2, "int8"),
+                                                ("finetune", 1, "int4"), ("vqt+adaptformer", 2, "int4"),
+                                                ("vqt+adaptformer", 2, "int8")])
+def test_other_methods_export_and_train_quantized(method, last_k, mode, tiny_backbone, task, tmp_path):
+    """Every method exports with --quantize and trains on the portable backend. frozen.onnx is
+    quantized for all; the step graph reads exactly the head weights head.onnx quantized (VQT's
+    query path: forward and transposed), none for methods whose head holds no quantized weight
+    (their frozen block weights reach MatMul through a Transpose, which the quantizers skip).
+    linear/int8 once quantized the trained head.weight (quantize_dynamic took an empty node list
+    for "all nodes")."""
+    bundle = tmp_path / "bundle"
+    spec = AdapterSpec.create(tiny_backbone.arch, method, 3, last_k=last_k, query_tokens=2)
+    manifest = export_bundle(tiny_backbone, bundle, spec, model_name="tiny", quantize=mode, log=lambda _: None)
+    q = manifest.quantization
+    assert q[mf.FROZEN]["matmuls"] > 0
+    assert q[mf.STEP_MODEL]["weights"] == 2 * q[mf.HEAD_MODEL]["weights"]
+    assert (q[mf.HEAD_MODEL]["weights"] > 0) == (method in QUERY_METHODS)
+    run = tmp_path / "run"
+    out = run_cli("train", "--bundle", bundle, "--data", task["train"], "--run", run, "--epochs", 1, "--backend", "portable")
+    assert out.returncode == 0, out.stderr
+    assert (run / "model.onnx").exists()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_step_rewrite_reads_one_quantization_for_forward_stored_and_transposed_uses(mode, tmp_path):
+    """The three ways a step graph multiplies by a frozen weight: `x @ W`, `dy @ W_t` with W^T stored
+    as an initializer (small models) and `dy @ Transpose(W)` (ViT-B/16, whose transposes the exporter
+    does not fold). All three read head.onnx's quantized tensors, no fp32 copy is left, and the
+    graph equals numpy on onnxruntime's dequantized weight (1e-6 relative): forward and backward
+    use the same values."""
+    from onnx import TensorProto, helper
+
+    from exporters.quantize_step import quantize_step_graph
+
+    rng = np.random.default_rng(0)
+    L, M, K, N = 3, 5, 64, 32
+    w = rng.standard_normal((L, K, N)).astype(np.float32) * 0.1
+
+    def graph(nodes, inputs, outputs, inits):
+        vi = lambda n, shape: helper.make_tensor_value_info(n, TensorProto.FLOAT, shape)  # noqa: E731
+        g = helper.make_graph(nodes, "g", [vi(n, s) for n, s in inputs], [vi(n, s) for n, s in outputs], inits)
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+
+    head = graph([helper.make_node("MatMul", ["x", "w"], ["y"])], [("x", [L, "m", K])], [("y", [L, "m", N])],
+                 [numpy_helper.from_array(w, "w")])
+    onnx.save(head, str(tmp_path / "head.onnx"))
+    quantize(mode, tmp_path / "head.onnx", tmp_path / "head_q.onnx")
+    deq = dequantized_weights(tmp_path / "head.onnx", tmp_path / "head_q.onnx")["w"]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"]),
+             helper.make_node("MatMul", ["dy", "W_t"], ["dx1"]),
+             helper.make_node("Transpose", ["W"], ["W_T"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["dy", "W_T"], ["dx2"])]
+    step = graph(nodes, [("x", [L, "m", K]), ("dy", [L, "m", N])],
+                 [("y", [L, "m", N]), ("dx1", [L, "m", K]), ("dx2", [L, "m", K])],
+                 [numpy_helper.from_array(deq, "W"), numpy_helper.from_array(np.ascontiguousarray(deq.transpose(0, 2, 1)), "W_t")])
+    onnx.save(step, str(tmp_path / "step.onnx"))
+    record = quantize_step_graph(tmp_path / "step.onnx", tmp_path / "head_q.onnx", {"w": deq}, mode)
+    assert record["weights"] == 3 and record["transposed"] == 2 and record["matmuls"] == 3 * L
+    rewritten = onnx.load(str(tmp_path / "step.onnx"))
+    floats = [t for t in rewritten.graph.initializer if t.data_type == TensorProto.FLOAT]
+    assert max(int(np.prod(t.dims)) for t in floats) <= K * N // 32  # int4's scales and zero points, no weight
+    x, dy = rng.standard_normal((L, M, K)).astype(np.float32), rng.standard_normal((L, M, N)).astype(np.float32)
+    y, dx1, dx2 = onnxruntime.InferenceSession(str(tmp_path / "step.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x, "dy": dy})
+    for got, want in ((y, x @ deq), (dx1, dy @ deq.transpose(0, 2, 1)), (dx2, dy @ deq.transpose(0, 2, 1))):
+        assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
