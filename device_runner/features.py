@@ -42,13 +42,13 @@ class FrozenBackbone:
     sessions_opened = 0
     images_run = 0
 
-    def __init__(self, bundle: Path, manifest: Manifest, device: str = "cpu", threads: int | None = None) -> None:
+    def __init__(self, bundle: Path, manifest: Manifest, device: str = "cpu", threads: int | None = None,
+                 prepack: bool = True) -> None:
         FrozenBackbone.sessions_opened += 1
         rt = ort.onnxruntime()
         self.names = list(manifest.frozen_outputs)
-        self.session = rt.InferenceSession(
-            str(bundle / mf.FROZEN), sess_options=ort.session_options(threads), providers=ort.providers(device)
-        )
+        self.session = rt.InferenceSession(str(bundle / mf.FROZEN), sess_options=ort.session_options(threads, prepack),
+                                           providers=ort.providers(device))
 
     def __call__(self, pixels: np.ndarray) -> Features:
         FrozenBackbone.images_run += len(pixels)

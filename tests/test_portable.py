@@ -119,10 +119,3 @@ def test_tampered_step_graph_is_refused(tmp_path, tiny_bundle, task):
                       "--backend", "portable")
         assert out.returncode == 2 and "sha256 does not match" in out.stderr and "Traceback" not in out.stderr
         path.write_bytes(original)
-
-
-def test_memory_budget_is_refused_on_the_portable_backend_until_measured(tmp_path, tiny_bundle, task):
-    """A budget is a promise; the memory model has no portable terms yet, so it is not made."""
-    out = run_cli("train", "--bundle", tiny_bundle, "--data", task["train"], "--run", tmp_path / "run", "--epochs", 1,
-                  "--backend", "portable", "--memory-budget", "4GB")
-    assert out.returncode == 2 and "memory model" in out.stderr and "Traceback" not in out.stderr, out.stderr
