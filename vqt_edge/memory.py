@@ -231,6 +231,14 @@ nothing measurable at 4]. The optimizer's tensors (parameters, gradients, both m
 update's temporaries) add PORTABLE_OPTIMIZER_COPIES * trainable bytes; its checkpoint (trainable
 tensors and moments, 1.25 MiB for ViT-B/16, saved in milliseconds) adds 3 * trainable bytes while
 it is written."""
+QUANTIZED_STEP_EXTRA_MB = 43.0
+"""A quantized step graph (MatMulNBits weights, from a quantized bundle) needs this much more per
+step, whatever the micro-batch: its weights are unpacked for the step's products. Measured on a
+ViT-B/16 int4 bundle whose step.onnx is 51.1 MiB (bench/calibrate_memory.py, 2026-11-30): first step
+72.5 / 158.4 / 273.9 MiB at micro-batch 1 / 4 / 8, the fp32 graph's 29.2 / 113.1 / 240.7 plus 43
+(the same 28.8 MiB per sample); load 65.8 MiB, under STEP_LOAD's count. Added for every quantized
+bundle (one whose step.onnx is still fp32 is then over-counted by it). Without it the int4 bundle's
+256 MB run was predicted at 218 MiB and measured at 234 (time -v)."""
 PORTABLE_OPTIMIZER_COPIES = 5
 """Per byte of trainable parameters on the portable backend: the parameters (numpy, not in an ORT
 checkpoint), their gradients, two moments, and the new arrays one AdamW update allocates."""
@@ -411,7 +419,8 @@ def predict_peak(fp: BundleFootprint, *, images: int, batch_size: int, micro_bat
     - train, backend portable: the same with the step session in place of the ORT checkpoint and
       module: load = STEP_LOAD * step file, module = STEP_RESIDENT * step file +
       PORTABLE_OPTIMIZER_COPIES * trainable bytes, step = micro * (cached row + STEP_WORK * fp32
-      feed + adapted layers' activations), save = 3 * trainable bytes.
+      feed + adapted layers' activations) (+ QUANTIZED_STEP_EXTRA_MB for a quantized bundle),
+      save = 3 * trainable bytes.
     - finish: 2 * SESSION_MB + 2 * trainable bytes (the adapter) + FINISH_MB + the largest weight
       (streamed model.onnx); the module and checkpoint state are freed before it.
     - test (only with `test_batch`, i.e. `train --test`): model.onnx (`model_bytes`) loaded as the
@@ -455,6 +464,7 @@ def predict_peak(fp: BundleFootprint, *, images: int, batch_size: int, micro_bat
         module = STEP_RESIDENT * fp.step_bytes * mb + PORTABLE_OPTIMIZER_COPIES * trainable
         save = 3 * trainable
         step = micro * (fp.cache_per_sample + STEP_WORK * fp.feed_per_sample + adapted) * mb
+        step += QUANTIZED_STEP_EXTRA_MB if fp.quantize != "none" else 0.0
     phases: dict[str, float] = {}
     if kv in ("ram", "disk"):
         store = cache if kv == "ram" else fb * fp.cache_per_sample * mb  # disk: one batch's pages at a time
