@@ -292,6 +292,11 @@ def constants(records: list[dict], files: dict[str, int]) -> dict:
             for r in rows:
                 r["work"] = r["step_peak"] - r["feed_cached"]
             out[f"STEP_WORK{tag}"] = slope(rows, "work", "feed_fp32")
+            # what a step costs at any micro-batch: QUANTIZED_STEP_EXTRA_MB for a quantized step graph (~0 for fp32)
+            lo, hi = sorted(rows, key=lambda r: int(r["value"]))[0], sorted(rows, key=lambda r: int(r["value"]))[-1]
+            if int(hi["value"]) > int(lo["value"]):
+                per = (hi["step_peak"] - lo["step_peak"]) / (int(hi["value"]) - int(lo["value"]))
+                out[f"step_fixed_mib{tag}"] = round(lo["step_peak"] - per * int(lo["value"]), 1)
             out[f"step_peak_mib{tag}"] = {r["value"]: r["step_peak"] for r in rows}
             out["portable_checkpoint"] = {"bytes": rows[0]["ckpt_bytes"], "save_ms": rows[0]["ckpt_save_ms"],
                                           "save_peak_mib": rows[0]["ckpt_save_peak"]}
