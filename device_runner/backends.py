@@ -99,8 +99,9 @@ def candidates(requested: str, manifest: Manifest) -> tuple[str, ...]:
 
 def open_backend(name: str, bundle: Path, manifest: Manifest, device: str, threads: int | None,
                  resume_from: Path | None, arena: bool = True) -> Backend:
-    """`arena`: the portable step session's memory arena (faster, but it keeps the largest step's
-    buffers reserved; a tight --memory-budget turns it off, vqt_edge/memory.py)."""
+    """`arena`: the portable step session's memory arena. Training keeps it on (a step twice as fast,
+    for 3.5% of the step's peak at micro-batch 32 on ViT-B/16: vqt_edge/memory.py STEP_WORK); off
+    only to measure that (bench/calibrate_memory.py)."""
     if name == "portable":
         return PortableBackend(bundle, manifest, device, threads, resume_from, arena)
     return OrtTrainingBackend(bundle, manifest, device, threads, resume_from)

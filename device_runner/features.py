@@ -35,7 +35,10 @@ Features = dict[str, np.ndarray]  # frozen output name -> [B, ...] (cls, keys, v
 
 
 class FrozenBackbone:
-    """An InferenceSession on frozen.onnx; `close()` frees its weights before the training phase."""
+    """An InferenceSession on frozen.onnx; `close()` frees its weights before the training phase.
+    `prepack=False` turns onnxruntime's weight prepacking off; it changes nothing measurable for
+    frozen.onnx, whose weights each have one reader (346 / 337 MiB load peak / resident on ViT-B/16
+    either way, bench/calibrate_memory.py), so the trainer keeps the default."""
 
     # Process-wide counts of sessions opened and images run: `tune` records them to show that its
     # whole grid shares one frozen pass (device_runner/tune.py).
