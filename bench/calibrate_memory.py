@@ -53,7 +53,7 @@ def child(args) -> None:
     from device_runner import ort
     from device_runner import trainer  # noqa: F401  (everything `train` imports)
     from device_runner.deploy import build_model
-    from device_runner.features import FeatureStore, FrozenBackbone, feature_specs
+    from device_runner.features import FeatureStore, FrozenBackbone
     from vqt_edge import manifest as mf
 
     from vqt_edge.memory import lean_malloc, trim_malloc
@@ -67,7 +67,7 @@ def child(args) -> None:
     rec: dict = {"what": args.child, "value": args.value}
     rec["baseline_hwm"] = status()["VmHWM"]
     rec["baseline_rss"] = reset_peak()
-    a = m.arch
+    a = m.spec.arch
     rng = np.random.default_rng(0)
     if args.child == "baseline":
         pass
@@ -94,12 +94,12 @@ def child(args) -> None:
     elif args.child == "store":
         n = int(args.value)
         base = reset_peak()
-        arrays = {k: np.ones((n, *s), d) for k, (s, d) in feature_specs(m).items()}
+        arrays = {k: np.ones((n, *s), d) for k, (s, d) in m.spec.frozen_output_specs.items()}
         rec["store"] = status()["VmHWM"] - base
         rec["store_bytes"] = sum(v.nbytes for v in arrays.values()) / 2**20
     elif args.child in ("module", "finish"):
         mb = int(args.value)
-        specs = feature_specs(m)
+        specs = m.spec.frozen_output_specs
         arrays = {k: rng.standard_normal((max(mb, 2), *s)).astype(d) for k, (s, d) in specs.items()}
         store = FeatureStore(arrays)
         base = reset_peak()
@@ -114,9 +114,9 @@ def child(args) -> None:
         for step in range(args.steps):
             before = reset_peak() if step == args.steps - 1 else None
             feed = store.gather(np.arange(mb) % len(next(iter(arrays.values()))))
-            feed["targets"] = np.full((mb, m.num_classes), 1.0 / mb, np.float32)
+            feed["targets"] = np.full((mb, m.spec.num_classes), 1.0 / mb, np.float32)
             if "query_keep" in names:
-                feed["query_keep"] = np.ones((mb, len(m.query_layers), m.query_tokens, a.dim), np.float32)
+                feed["query_keep"] = np.ones((mb, *m.spec.query_keep_shape), np.float32)
             module(*[feed[n] for n in names])
             del feed
             opt.step()
@@ -136,7 +136,7 @@ def child(args) -> None:
         st = status()
         rec["ckpt_save_peak"] = st["VmHWM"] - before
         if args.child == "finish":
-            adapter = {k: np.array(state.parameters[g].data) for k, g in m.trainable.items()}
+            adapter = {k: np.array(state.parameters[k].data) for k in m.spec.trainable_shapes}
             module = opt = store = arrays = state = None
             gc.collect()
             before = reset_peak()
@@ -150,7 +150,7 @@ def child(args) -> None:
         from device_runner import backends
 
         mb = int(args.value)
-        arrays = {k: rng.standard_normal((mb, *s)).astype(d) for k, (s, d) in feature_specs(m).items()}
+        arrays = {k: rng.standard_normal((mb, *s)).astype(d) for k, (s, d) in m.spec.frozen_output_specs.items()}
         store = FeatureStore(arrays)
         base = reset_peak()
         backend = backends.open_backend("portable", bundle, m, "cpu", 1, None, arena=args.arena)
@@ -161,25 +161,25 @@ def child(args) -> None:
         for _ in range(args.steps):  # the first step at this size grows the arena, if any
             before = reset_peak()
             feed = store.gather(np.arange(mb), backend.input_dtypes)
-            feed["targets"] = np.full((mb, m.num_classes), 1.0 / mb, np.float32)
+            feed["targets"] = np.full((mb, m.spec.num_classes), 1.0 / mb, np.float32)
             if "query_keep" in backend.input_names:
-                feed["query_keep"] = np.ones((mb, len(m.query_layers), m.query_tokens, a.dim), np.float32)
+                feed["query_keep"] = np.ones((mb, *m.spec.query_keep_shape), np.float32)
             backend.forward(feed)
             del feed
             backend.step(1e-3, 1e-4)
             peaks.append(status()["VmHWM"] - before)
         rec["step_peak"] = max(peaks)
         rec["resident_after_steps"] = status()["VmRSS"] - base
-        rec["feed_cached"] = mb * sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in feature_specs(m).values()) / 2**20
-        rec["feed_fp32"] = mb * sum(int(np.prod(s)) * 4 for s, _ in feature_specs(m).values()) / 2**20
+        rec["feed_cached"] = mb * sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in m.spec.frozen_output_specs.values()) / 2**20
+        rec["feed_fp32"] = mb * sum(int(np.prod(s)) * 4 for s, _ in m.spec.frozen_output_specs.values()) / 2**20
         import tempfile
 
         before = reset_peak()
         with tempfile.TemporaryDirectory() as tmp:
             t = time.perf_counter()
-            backend.save(Path(tmp), {"epoch": 1, "step": 0})
+            backend.save(Path(tmp) / "checkpoint.safetensors", {"epoch": 1, "step": 0})
             rec["ckpt_save_ms"] = 1000 * (time.perf_counter() - t)
-            rec["ckpt_bytes"] = (Path(tmp) / backend.checkpoint).stat().st_size
+            rec["ckpt_bytes"] = (Path(tmp) / "checkpoint.safetensors").stat().st_size
         rec["ckpt_save_peak"] = status()["VmHWM"] - before
     elif args.child == "model":
         import tempfile

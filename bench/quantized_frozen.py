@@ -35,6 +35,7 @@ def child(args) -> None:
     from device_runner.features import FrozenBackbone
     from vqt_edge.arch import resolve_arch
     from vqt_edge.manifest import Manifest
+    from vqt_edge.spec import AdapterSpec
     from vqt_edge.memory import lean_malloc
 
     lean_malloc()
@@ -42,8 +43,7 @@ def child(args) -> None:
     arch = resolve_arch(args.model)
     work = Path(args.work)
     bundle = work / args.child
-    manifest = Manifest(model=args.model, arch=arch, method="vqt", query_layers=list(range(arch.depth)), query_tokens=1,
-                        num_classes=2, mean=[0.5] * 3, std=[0.5] * 3)
+    manifest = Manifest(model=args.model, spec=AdapterSpec.create(arch, "vqt", 2), mean=[0.5] * 3, std=[0.5] * 3)
     pixels = np.random.default_rng(0).standard_normal((args.batch, 3, arch.image_size, arch.image_size), dtype=np.float32)
     base = reset_peak()
     fb = FrozenBackbone(bundle, manifest, "cpu", args.threads)
@@ -85,6 +85,7 @@ def main() -> None:
     from exporters.quantize import quantize
     from exporters.vit import VisionTransformer
     from vqt_edge.arch import resolve_arch
+    from vqt_edge.spec import AdapterSpec
 
     work = Path(args.work)
     for mode in MODES:
@@ -95,7 +96,7 @@ def main() -> None:
         backbone = VisionTransformer(arch)
         backbone.reset_parameters(0)
         t0 = time.perf_counter()
-        export_frozen(backbone.eval(), work / "fp32" / "frozen.onnx", list(range(arch.depth)))
+        export_frozen(backbone.eval(), work / "fp32" / "frozen.onnx", AdapterSpec.create(arch, "vqt", 2))
         del backbone
         prep["export_s"] = round(time.perf_counter() - t0, 1)
     for mode in MODES[1:]:

@@ -55,11 +55,12 @@ def export_training(model: str, layout: str, out: Path, classes: int) -> dict[st
     """Training artifacts of a VQT head (all layers, T=1) with the given query-path layout."""
     import torch
 
-    from exporters.baselines import MethodHead
+    from exporters.methods import build_head
     from exporters.export import _export, _generate_training_artifacts
     from exporters.vit import VisionTransformer
     from vqt_edge import manifest as mf
     from vqt_edge.arch import PRESETS
+    from vqt_edge.spec import AdapterSpec
 
     arch = PRESETS[model]
     backbone = VisionTransformer(arch)
@@ -67,7 +68,7 @@ def export_training(model: str, layout: str, out: Path, classes: int) -> dict[st
     backbone.eval().requires_grad_(False)
     layers = list(range(arch.depth))
     torch.manual_seed(0)
-    head = MethodHead(backbone, "vqt", query_layers=layers, tokens=1, num_classes=classes)
+    head = build_head(backbone, AdapterSpec.create(arch, "vqt", classes, query_layers=layers))
     if layout == "batch-major":
         head.query_path.forward = types.MethodType(batch_major_forward, head.query_path)
     b, n = 2, arch.num_tokens
@@ -76,7 +77,7 @@ def export_training(model: str, layout: str, out: Path, classes: int) -> dict[st
             torch.full((b, classes), 1.0 / (b * classes)))
     out.mkdir(parents=True, exist_ok=True)
     _export(head, args, out / "train_step.onnx", head.input_names, ["loss", "logits"], "train")
-    _generate_training_artifacts(out / "train_step.onnx", out, list(head.trainable().values()))
+    _generate_training_artifacts(out / "train_step.onnx", out, head.trainable())
     (out / "train_step.onnx").unlink()
     del backbone, head
     gc.collect()

@@ -10,7 +10,6 @@ model.onnx, which merges the same two graphs with the same replacement (device_r
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,25 +19,15 @@ import numpy as np
 from PIL import Image
 
 from device_runner import ort
-from device_runner.deploy import ADAPTER, load_adapter
-from device_runner.evaluate import verify_run_files
-from device_runner.trainer import RUN_FILE, SUMMARY
+from device_runner.deploy import load_adapter
 from vqt_edge import adapter_config
 from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
 from vqt_edge.manifest import Manifest
 from vqt_edge.preprocess import load_rgb, preprocess
+from vqt_edge.run_folder import ADAPTER, RUN_FILE, RunFolder
 
 ImageLike = str | os.PathLike[str] | Image.Image
-
-
-def _bundle_of(folder: Path) -> Path:
-    """The bundle a run folder was trained on (its run.json); adapter folders must be told."""
-    try:
-        return Path(json.loads((folder / RUN_FILE).read_text())["bundle"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{folder}: give the bundle this adapter was trained on (bundle=...); "
-                        f"no readable {RUN_FILE} names it ({type(e).__name__})") from None
 
 
 @dataclass
@@ -58,10 +47,14 @@ class AdapterModel:
         if not (folder / ADAPTER).is_file():
             raise UserError(f"{folder}: no {ADAPTER}; give a run folder or a folder with {ADAPTER} and "
                             f"{adapter_config.ADAPTER_CONFIG}")
-        if (folder / SUMMARY).is_file():
-            verify_run_files(folder)  # a run folder: its recorded hashes first
+        run = RunFolder(folder)
+        if run.is_run():  # a run folder: its recorded hashes first, always (a summary without them is refused)
+            run.verify()
+        elif bundle is None:
+            raise UserError(f"{folder}: give the bundle this adapter was trained on (bundle=...); "
+                            f"no {RUN_FILE} names it")
         config = adapter_config.read(folder)
-        bundle = Path(bundle) if bundle is not None else _bundle_of(folder)
+        bundle = Path(bundle) if bundle is not None else run.bundle()
         manifest = mf.read_manifest(bundle, verify=True, only=[mf.FROZEN, mf.HEAD_MODEL])
         adapter_config.check_matches(config, manifest, folder / adapter_config.ADAPTER_CONFIG)
         tensors = load_adapter(folder / ADAPTER, manifest)  # shapes checked against the bundle
@@ -74,23 +67,23 @@ class AdapterModel:
         # logits off by 0.2 from model.onnx with them, 6e-8 without.
         options.graph_optimization_level = rt.GraphOptimizationLevel.ORT_DISABLE_ALL
         values = []
-        for name, graph_name in manifest.trainable.items():
+        for name in manifest.spec.trainable_shapes:
             value = rt.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(tensors[name], np.float32))
-            options.add_initializer(graph_name, value)
+            options.add_initializer(name, value)
             values.append(value)
         head = rt.InferenceSession(str(bundle / mf.HEAD_MODEL), sess_options=options, providers=providers)
         return cls(manifest, config, list(config["class_names"]), frozen, head, values)
 
     def logits(self, pixels: np.ndarray) -> np.ndarray:
         """pixels float32 [B,3,S,S], normalized with the bundle's mean/std -> logits [B,C]."""
-        outputs = self.frozen.run(self.manifest.frozen_outputs, {"pixel_values": np.asarray(pixels, np.float32)})
-        feed = dict(zip(self.manifest.frozen_outputs, outputs))
+        outputs = self.frozen.run(self.manifest.spec.frozen_outputs, {"pixel_values": np.asarray(pixels, np.float32)})
+        feed = dict(zip(self.manifest.spec.frozen_outputs, outputs))
         wired = [i.name for i in self.head.get_inputs() if i.name in feed]
         return self.head.run(["logits"], {name: feed[name] for name in wired})[0]
 
     def pixels(self, images: Sequence[ImageLike]) -> np.ndarray:
         """Decode (paths) and preprocess images exactly as training did; PIL images are used as given."""
-        a, m = self.manifest.arch, self.manifest
+        a, m = self.manifest.spec.arch, self.manifest
         out = np.empty((len(images), a.channels, a.image_size, a.image_size), np.float32)
         for i, image in enumerate(images):
             img = image if isinstance(image, Image.Image) else load_rgb(image)

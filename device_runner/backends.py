@@ -34,7 +34,7 @@ from vqt_edge.fileio import atomic_write_bytes, fsync_file
 from vqt_edge.manifest import Manifest
 
 BACKENDS = ("portable", "ort-training")
-DEFAULT = "ort-training"  # the faster and leaner of the two on vit_b16 today (bench/step_bench.py; README)
+DEFAULT = "ort-training"  # the leaner of the two on vit_b16 where both run; portable is faster (bench/step_bench.py; README)
 Position = dict[str, float | int]  # epoch, step, loss_sum, correct, seen
 
 # ORT's AdamW as the ORT-training artifacts are generated (exporters/export.py: OptimType.AdamW):
@@ -48,7 +48,6 @@ class Backend(Protocol):
     """What the trainer needs from a backend. `forward` in train mode accumulates gradients until
     `step` applies them (micro-batches add up); in eval mode it only returns loss and logits."""
 
-    checkpoint: str  # file name inside the run folder
     input_names: list[str]  # graph inputs the trainer feeds: frozen outputs, query_keep, targets
     input_dtypes: dict[str, np.dtype]  # dtype each fed input must have
     position: dict  # where the checkpoint it resumed from stopped (empty when starting)
@@ -59,11 +58,7 @@ class Backend(Protocol):
     def step(self, lr: float, weight_decay: float) -> None: ...
     def parameters(self) -> dict[str, np.ndarray]: ...
     def set_parameters(self, tensors: dict[str, np.ndarray]) -> None: ...
-    def save(self, run: Path, position: Position) -> None: ...
-
-
-def checkpoint_name(backend: str) -> str:
-    return PortableBackend.checkpoint if backend == "portable" else OrtTrainingBackend.checkpoint
+    def save(self, path: Path, position: Position) -> None: ...  # the run folder's CHECKPOINTS[name]
 
 
 def has_step_graph(manifest: Manifest) -> bool:
@@ -112,31 +107,41 @@ def decay_factor(lr: float, weight_decay: float) -> np.float32:
     return np.float32(1 - lr * weight_decay)
 
 
+# Constant folding would store a transposed copy of every frozen weight the backward pass
+# multiplies by (dX = dY W^T); unfolded, ORT fuses the Transpose into the MatMul instead.
+# vit_b16, batch 32, one thread: peak 1508 instead of 1808 MiB, 0.38 CPU s per step.
+STEP_DISABLED_OPTIMIZERS = ["ConstantFolding"]
+
+
+def step_session_options(threads: int | None, arena: bool = True) -> object:
+    """SessionOptions of the step graph (bench/step_bench.py profiles with the same)."""
+    options = ort.session_options(threads)
+    # Unlike the frozen pass (whose batches vary), every step allocates the same buffers: with the
+    # arena they are reused instead of page-faulted in again on each call. vit_b16, batch 32, one
+    # thread: 0.40 CPU s per step instead of 0.75, peak +33 MiB (bench/step_bench.py's feed).
+    options.enable_cpu_mem_arena = arena
+    # The memory pattern (one block planned from the first call, allocated from the second on) sat
+    # next to the arena's buffers: stock onnxruntime 1.32, vit_b16 as above, peak 1528 -> 1086 MiB
+    # without it, 0.227 -> 0.245 CPU s per step; onnxruntime-training 1.19.2: 1303 MiB either way.
+    options.enable_mem_pattern = False
+    return options
+
+
 class PortableBackend:
     """Step graph on an InferenceSession + AdamW in numpy; checkpoint = safetensors of what is trained."""
-
-    checkpoint = "checkpoint.safetensors"
 
     def __init__(self, bundle: Path, manifest: Manifest, device: str, threads: int | None,
                  resume_from: Path | None, arena: bool = True) -> None:
         rt = ort.onnxruntime()
-        self.shapes = manifest.adapter_shapes
-        options = ort.session_options(threads)
-        # Unlike the frozen pass (whose batches vary), every step allocates the same buffers: with the
-        # arena they are reused instead of page-faulted in again on each call. vit_b16, batch 32, one
-        # thread: 0.40 CPU s per step instead of 0.75, peak +33 MiB (bench/step_bench.py's feed).
-        options.enable_cpu_mem_arena = arena
-        # Constant folding would store a transposed copy of every frozen weight the backward pass
-        # multiplies by (dX = dY W^T); unfolded, ORT fuses the Transpose into the MatMul instead.
-        # vit_b16 as above: peak 1508 instead of 1808 MiB, 0.38 CPU s per step.
-        self.session = rt.InferenceSession(str(bundle / mf.STEP_MODEL), sess_options=options,
-                                           providers=ort.providers(device), disabled_optimizers=["ConstantFolding"])
+        self.shapes = manifest.spec.trainable_shapes
+        self.session = rt.InferenceSession(str(bundle / mf.STEP_MODEL), sess_options=step_session_options(threads, arena),
+                                           providers=ort.providers(device), disabled_optimizers=STEP_DISABLED_OPTIMIZERS)
         inputs = self.session.get_inputs()
         graph_inputs = [i.name for i in inputs]
-        self.names = graph_inputs[: len(manifest.trainable)]  # adapter names, in the graph's order
-        if set(self.names) != set(manifest.trainable):
+        self.names = graph_inputs[: len(self.shapes)]  # adapter names, in the graph's order
+        if set(self.names) != set(self.shapes):
             raise UserError(f"{bundle / mf.STEP_MODEL}: inputs {graph_inputs} do not start with the trainable tensors "
-                            f"{sorted(manifest.trainable)} of the manifest; re-export the bundle")
+                            f"{sorted(self.shapes)} of the manifest; re-export the bundle")
         self.input_names = graph_inputs[len(self.names):]
         self.input_dtypes = {i.name: np.dtype(np.float16 if i.type == "tensor(float16)" else np.float32)
                              for i in inputs[len(self.names):]}
@@ -208,7 +213,7 @@ class PortableBackend:
             self.params[n] = np.ascontiguousarray(tensors[n], np.float32)
 
     # -- checkpoint ---------------------------------------------------------------------------
-    def save(self, run: Path, position: Position) -> None:
+    def save(self, path: Path, position: Position) -> None:
         """One safetensors file: `param/NAME`, `exp_avg/NAME`, `exp_avg_sq/NAME`; the optimizer step
         and the position in its metadata, floats as exact reprs. Written atomically and fsynced."""
         tensors = {}
@@ -217,7 +222,7 @@ class PortableBackend:
             tensors[f"exp_avg/{n}"] = self.exp_avg[n]
             tensors[f"exp_avg_sq/{n}"] = self.exp_avg_sq[n]
         meta = {"format": mf.FORMAT, "optimizer_step": str(self.t), **{k: repr(v) for k, v in position.items()}}
-        atomic_write_bytes(run / self.checkpoint, save(tensors, metadata=meta))
+        atomic_write_bytes(path, save(tensors, metadata=meta))
 
     def _load(self, path: Path) -> None:
         hint = "this run cannot be resumed from it; start a new --run"
@@ -254,8 +259,6 @@ class PortableBackend:
 class OrtTrainingBackend:
     """onnxruntime-training's Module and Optimizer on the bundle's artifacts (its CheckpointState
     holds parameters, moments and the position as properties)."""
-
-    checkpoint = "checkpoint"
 
     def __init__(self, bundle: Path, manifest: Manifest, device: str, threads: int | None,
                  resume_from: Path | None) -> None:
@@ -295,8 +298,8 @@ class OrtTrainingBackend:
     def step(self, lr: float, weight_decay: float) -> None:
         if weight_decay:
             keep = decay_factor(lr, weight_decay)
-            for graph_name in self.manifest.trainable.values():
-                param = self.state.parameters[graph_name]
+            for name in self.manifest.spec.trainable_shapes:
+                param = self.state.parameters[name]
                 value = param.data
                 if value.ndim >= 2:
                     param.data = value * keep
@@ -305,23 +308,23 @@ class OrtTrainingBackend:
         self.module.lazy_reset_grad()
 
     def parameters(self) -> dict[str, np.ndarray]:
-        return {name: np.array(self.state.parameters[graph].data) for name, graph in self.manifest.trainable.items()}
+        return {name: np.array(self.state.parameters[name].data) for name in self.manifest.spec.trainable_shapes}
 
     def set_parameters(self, tensors: dict[str, np.ndarray]) -> None:
         """Replace the trained tensors (adapter names; the optimizer state is kept): a fleet round."""
-        for name, graph in self.manifest.trainable.items():
-            self.state.parameters[graph].data = np.ascontiguousarray(tensors[name], np.float32)
+        for name in self.manifest.spec.trainable_shapes:
+            self.state.parameters[name].data = np.ascontiguousarray(tensors[name], np.float32)
 
-    def save(self, run: Path, position: Position) -> None:
+    def save(self, path: Path, position: Position) -> None:
         api = ort.training_api()
         for k, v in position.items():
             # ORT stores float properties as float32; running sums go in as exact strings.
             self.state.properties[k] = repr(v) if isinstance(v, float) else v
-        tmp = run / (self.checkpoint + ".tmp")
+        tmp = path.with_name(path.name + ".tmp")
         try:
             api.CheckpointState.save_checkpoint(self.state, str(tmp), include_optimizer_state=True)
             fsync_file(tmp)  # else a power cut after the rename can leave a truncated checkpoint
-            os.replace(tmp, run / self.checkpoint)
+            os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

@@ -22,9 +22,6 @@ from vqt_edge.errors import UserError
 from vqt_edge.fileio import atomic_write_bytes
 from vqt_edge.manifest import Manifest
 
-ADAPTER = "adapter.safetensors"
-MODEL = "model.onnx"
-
 
 def _atomic(path: Path) -> Path:
     return path.with_name(path.name + ".tmp")
@@ -34,9 +31,9 @@ def save_adapter(path: Path, tensors: dict[str, np.ndarray], manifest: Manifest)
     """Write the adapter (docs/design.md section 3); the same tensors give the same bytes."""
     raw = save(
         {k: np.ascontiguousarray(v, dtype=np.int64 if k == FEATURE_INDEX else np.float32) for k, v in tensors.items()},
-        metadata={"format": mf.FORMAT, "method": manifest.method, "last_k": str(manifest.last_k),
-                  "feature_norm": manifest.feature_norm, "query_layers": ",".join(map(str, manifest.query_layers)),
-                  "aggregate": manifest.aggregate},
+        metadata={"format": mf.FORMAT, "method": manifest.spec.method, "last_k": str(manifest.spec.last_k),
+                  "feature_norm": manifest.spec.feature_norm, "query_layers": ",".join(map(str, manifest.spec.query_layers)),
+                  "aggregate": manifest.spec.aggregate},
     )
     atomic_write_bytes(path, _sorted_header(raw))
 
@@ -58,7 +55,7 @@ def load_adapter(path: Path, manifest: Manifest) -> dict[str, np.ndarray]:
         tensors = load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for damaged files
         raise UserError(f"{path}: not a readable safetensors file ({e})") from None
-    expected = {name: (shape, np.float32) for name, shape in manifest.adapter_shapes.items()}
+    expected = {name: (shape, np.float32) for name, shape in manifest.spec.trainable_shapes.items()}
     index = tensors.get(FEATURE_INDEX)
     if index is not None:  # feature selection (device_runner/selection.py): the head reads k features
         k = index.shape[0] if index.ndim == 1 else -1
@@ -82,7 +79,7 @@ def load_adapter(path: Path, manifest: Manifest) -> dict[str, np.ndarray]:
 
 def build_model(bundle: Path, manifest: Manifest, adapter: dict[str, np.ndarray], out: Path) -> None:
     """Write model.onnx: frozen.onnx -> head.onnx (with the adapter's tensors), one graph; each head
-    input is wired to the frozen output of the same name (`manifest.frozen_outputs`), every other
+    input is wired to the frozen output of the same name (`manifest.spec.frozen_outputs`), every other
     head name is prefixed with "head/", and the only output is `logits`. The head's frozen weights
     that frozen.onnx already holds are read there, not copied (device_runner/onnx_share.py).
 
@@ -90,7 +87,7 @@ def build_model(bundle: Path, manifest: Manifest, adapter: dict[str, np.ndarray]
     merging and saving the graphs with onnx.compose held every weight several times (3.2 GiB above
     the process baseline for ViT-B/16), the largest peak of a whole training run."""
     tmp = _atomic(out)
-    learned = {graph_name: np.asarray(adapter[name], np.float32) for name, graph_name in manifest.trainable.items()}
+    learned = {name: np.asarray(adapter[name], np.float32) for name in manifest.spec.trainable_shapes}
     with selected_head(bundle, manifest, adapter, out.parent) as head:  # the bundle's head.onnx unless selecting
         merge_streaming(
             bundle / mf.FROZEN, head, tmp, learned, shared=find_shared(bundle / mf.FROZEN, head, set(learned)),

@@ -29,7 +29,6 @@ from vqt_edge.errors import UserError
 from vqt_edge.fileio import DISK_FULL, atomic_write_text
 from vqt_edge.manifest import Manifest
 
-KV_MODES = ("stream", "ram", "disk")
 log = logging.getLogger(__name__)
 Features = dict[str, np.ndarray]  # frozen output name -> [B, ...] (cls, keys, values, hidden)
 
@@ -49,7 +48,7 @@ class FrozenBackbone:
                  prepack: bool = True) -> None:
         FrozenBackbone.sessions_opened += 1
         rt = ort.onnxruntime()
-        self.names = list(manifest.frozen_outputs)
+        self.names = manifest.spec.frozen_outputs
         self.session = rt.InferenceSession(str(bundle / mf.FROZEN), sess_options=ort.session_options(threads, prepack),
                                            providers=ort.providers(device))
 
@@ -59,21 +58,6 @@ class FrozenBackbone:
 
     def close(self) -> None:
         self.session = None
-
-
-def feature_specs(manifest: Manifest) -> dict[str, tuple[tuple[int, ...], type]]:
-    """Per-sample shape and cache dtype of each frozen output. Large tensors are cached in fp16
-    (half the memory and disk; docs/design.md section 6), the CLS vector in fp32. Head2Toe's `features`
-    (the head's input, F = manifest.head_features values per image) are large: fp16."""
-    a, lk = manifest.arch, len(manifest.frozen_kv_layers)
-    specs = {
-        "features": ((manifest.head_features,), np.float16),
-        "cls": ((a.dim,), np.float32),
-        "keys": ((lk, a.heads, a.num_tokens, a.head_dim), np.float16),
-        "values": ((lk, a.heads, a.num_tokens, a.head_dim), np.float16),
-        "hidden": ((a.num_tokens, a.dim), np.float16),
-    }
-    return {name: specs[name] for name in manifest.frozen_outputs}
 
 
 def image_sha256(path: Path) -> str:
@@ -113,7 +97,7 @@ class FeatureStore:
 def _run_backbone(
     backbone: FrozenBackbone, paths: Sequence[Path], batch_size: int, manifest: Manifest
 ) -> Iterator[tuple[int, Features]]:
-    a = manifest.arch
+    a = manifest.spec.arch
     start = 0
     for pixels, _ in iter_batches([(p, 0) for p in paths], batch_size, a.image_size, manifest.mean, manifest.std):
         yield start, backbone(pixels)
@@ -124,7 +108,7 @@ def build_ram_store(
     backbone: FrozenBackbone, paths: Sequence[Path], manifest: Manifest, batch_size: int, progress: Callable[[int], None]
 ) -> FeatureStore:
     n = len(paths)
-    arrays = {name: np.empty((n, *shape), dtype) for name, (shape, dtype) in feature_specs(manifest).items()}
+    arrays = {name: np.empty((n, *shape), dtype) for name, (shape, dtype) in manifest.spec.frozen_output_specs.items()}
     for start, feats in _run_backbone(backbone, paths, batch_size, manifest):
         for name, value in feats.items():
             arrays[name][start : start + len(value)] = value
@@ -141,7 +125,7 @@ class DiskCache:
 
     def __init__(self, folder: Path, manifest: Manifest) -> None:
         self.folder = folder
-        self.specs = feature_specs(manifest)
+        self.specs = manifest.spec.frozen_output_specs  # per-image shape, cache dtype
         folder.mkdir(parents=True, exist_ok=True)
         self.index: dict[str, int] = self._read_index()
 
@@ -171,7 +155,7 @@ class DiskCache:
 
     @classmethod
     def for_bundle(cls, run: Path, manifest: Manifest) -> "DiskCache":
-        key = manifest.files[mf.FROZEN] + "-" + ",".join(manifest.frozen_outputs)
+        key = manifest.files[mf.FROZEN] + "-" + ",".join(manifest.spec.frozen_outputs)
         return cls(run / "kv_cache" / hashlib.sha256(key.encode()).hexdigest()[:16], manifest)
 
     def _arrays(self, rows: int, mode: str) -> Features:

@@ -19,7 +19,6 @@ Torch-free, like all of device_runner; the Flower import is confined to this mod
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +27,11 @@ from flwr.clientapp import ClientApp
 
 from device_runner import ort
 from device_runner.deploy import save_adapter
-from device_runner.trainer import METRICS, RUN_FILE, Trainer, TrainConfig, run_lock
+from device_runner.trainer import Trainer, TrainConfig
 from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
 from vqt_edge.memory import lean_malloc, peak_rss_mb
+from vqt_edge.run_folder import RunFolder
 
 #: Keys of the messages, shared with the ServerApp (vqt_edge/fleet/server.py).
 ARRAYS, CONFIG, METRICS_KEY, NUM_EXAMPLES = "arrays", "config", "metrics", "num-examples"
@@ -39,17 +39,17 @@ CLIENT_RUN, ROUNDS = "run", "rounds"
 
 
 def get_tensors(trainer: Trainer) -> dict[str, np.ndarray]:
-    """The trainable tensors, by their adapter names (`manifest.trainable`), as float32 copies."""
+    """The trainable tensors, by their adapter names (the spec's `trainable_shapes`), as float32 copies."""
     return {name: np.array(value, np.float32) for name, value in trainer.adapter_tensors().items()}
 
 
 def set_tensors(trainer: Trainer, tensors: dict[str, np.ndarray]) -> None:
     """Replace the trainable tensors (e.g. by the server's average); every name and shape must match
     the bundle, so tensors of another bundle or method are refused, not broadcast into place."""
-    shapes = trainer.manifest.adapter_shapes
+    shapes = trainer.manifest.spec.trainable_shapes
     if set(tensors) != set(shapes):
         raise UserError(f"the server sent tensors {sorted(tensors)}, the bundle trains {sorted(shapes)}")
-    for name in trainer.manifest.trainable:
+    for name in shapes:
         shape = np.shape(tensors[name])
         if shape != tuple(shapes[name]):
             raise UserError(f"tensor {name!r} is {list(shape)}, the bundle expects {list(shapes[name])}")
@@ -61,18 +61,19 @@ def train_round(state: Path, bundle: Path, data: Path, tensors: dict[str, np.nda
     """One round on this device: (returned tensors, metrics). Round r trains epochs
     (r-1)*E+1 .. r*E of the client's run, which `cfg.epochs` (= rounds x E) sizes."""
     run = state / CLIENT_RUN
-    resume = (run / RUN_FILE).exists()
+    folder = RunFolder(run)
+    resume = folder.is_run()
     if resume:
-        saved = json.loads((run / RUN_FILE).read_text())["config"]
+        saved = folder.info()["config"]
         if saved["epochs"] != cfg.epochs or saved["lr"] != cfg.lr:
             raise UserError(f"{run}: holds a client run of another fleet run; give this client a new state folder")
-    with run_lock(run):
+    with folder.lock():
         trainer = Trainer(bundle, run, cfg, data, None, resume, echo=lambda _: None, classes=classes)
         done = trainer.fit(until_epoch=server_round * local_epochs, start_from=lambda t: set_tensors(t, tensors))
         out = get_tensors(trainer)
     (state / ROUNDS).mkdir(exist_ok=True)
     save_adapter(state / ROUNDS / f"round_{server_round}.safetensors", out, trainer.manifest)
-    last = json.loads((run / METRICS).read_text().splitlines()[-1])
+    last = folder.metrics()[-1]
     metrics = {
         NUM_EXAMPLES: int(done["train_images"]), "train_loss": float(last["train_loss"]),
         "train_acc": float(last["train_acc"]), "seconds": float(sum(trainer.step_times)),

@@ -39,17 +39,21 @@ def sample_name(path: Path, root: Path) -> str:
         return path.as_posix()
 
 
-def samples_sha256(parts: Iterable[tuple[Dataset | None, Path]]) -> str:
+def samples_sha256(parts: Iterable[tuple[Dataset | None, Path]], content: dict[Path, str] | None = None) -> str:
     """Identity of (dataset, source) parts in order (train, then validation): for each sample its
-    name under the source's root, its label and its bytes' sha256, in the dataset's order."""
+    name under the source's root, its label and its bytes' sha256, in the dataset's order. `content`,
+    if given, receives each image's sha256 by path: the K/V disk cache keys its rows by the same hash,
+    so a run reads and hashes every image once at start, not twice."""
     digest = hashlib.sha256()
     for dataset, source in parts:
         root = data_root(source)
         for path, label in dataset.samples if dataset else []:
             try:
-                content = image_sha256(path)
+                sha = image_sha256(path)
             except OSError as e:  # deleted or locked since it was decoded a moment ago
                 raise UserError(f"{path}: cannot read it any more ({e.strerror or e})") from None
-            digest.update(f"{sample_name(path, root)}\0{label}\0{content}\n".encode())
+            digest.update(f"{sample_name(path, root)}\0{label}\0{sha}\n".encode())
+            if content is not None:
+                content[path] = sha
         digest.update(b"--\n")
     return digest.hexdigest()

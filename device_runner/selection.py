@@ -51,7 +51,7 @@ BETAS, EPS = (0.9, 0.999), 1e-6  # the ORT AdamW of the training artifacts (test
 # -- the head's input features, from the bundle's head graph ------------------------------------------
 def head_gemm(graph: onnx.GraphProto, manifest: Manifest) -> onnx.NodeProto:
     """The Gemm that computes `logits` from the head's input features and `head.weight`."""
-    weight = manifest.trainable.get("head.weight", "head.weight")
+    weight = "head.weight"
     for node in graph.node:
         if node.op_type == "Gemm" and "logits" in node.output and len(node.input) >= 2 and node.input[1] == weight:
             return node
@@ -61,7 +61,7 @@ def head_gemm(graph: onnx.GraphProto, manifest: Manifest) -> onnx.NodeProto:
 def _load_head(bundle: Path, manifest: Manifest, adapter: dict[str, np.ndarray]) -> onnx.ModelProto:
     """head.onnx with the adapter's learned tensors (all but the head) filled in."""
     model = onnx.load(str(bundle / mf.HEAD_MODEL))
-    learned = {g: adapter[name] for name, g in manifest.trainable.items() if not name.startswith("head.")}
+    learned = {name: adapter[name] for name in manifest.spec.trainable_shapes if not name.startswith("head.")}
     for init in model.graph.initializer:
         if init.name in learned:
             init.CopyFrom(numpy_helper.from_array(np.asarray(learned[init.name], np.float32), init.name))
@@ -235,7 +235,7 @@ def compress_adapter(
     warmup = cfg.warmup_epochs if cfg.warmup_epochs is not None else 0.1 * cfg.epochs
     head_cfg = HeadConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=HEAD_LR_SCALE * cfg.lr,
                           weight_decay=cfg.weight_decay, warmup_epochs=warmup, seed=cfg.seed)
-    index, w, b = compress(x[:n_train], labels[:n_train], manifest.num_classes, head_cfg, cfg.keep_fraction, cfg.lasso)
+    index, w, b = compress(x[:n_train], labels[:n_train], manifest.spec.num_classes, head_cfg, cfg.keep_fraction, cfg.lasso)
 
     def accuracy(rows: slice) -> float | None:
         xs = x[rows][:, index]

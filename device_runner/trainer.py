@@ -9,44 +9,34 @@ checkpoint ends with the same parameters as one that was never interrupted.
 
 from __future__ import annotations
 
-import fcntl
-import json
 import math
-import os
+import logging
 import signal
-import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-import click
 import numpy as np
 
 from device_runner import backends
 from device_runner.data import Dataset, check_trainable, drop_unreadable, iter_batches, load_dataset, split
-from device_runner.deploy import ADAPTER, MODEL, build_model, save_adapter
-from device_runner.features import (
-    KV_MODES, DiskCache, FeatureStore, FrozenBackbone, build_ram_store, image_sha256,
-)
+from device_runner.deploy import build_model, save_adapter
+from device_runner.features import DiskCache, FeatureStore, FrozenBackbone, build_ram_store, image_sha256
 from device_runner.identity import samples_sha256
 from device_runner.selection import compress_adapter
 from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
 from vqt_edge import adapter_config
-from vqt_edge.fileio import DISK_FULL, atomic_write_text
 from vqt_edge.manifest import Manifest
 from vqt_edge.memory import (BundleFootprint, Plan, available_mb, choose, default_kv, frozen_batch, lean_malloc,
                              peak_rss_mb, predict_peak, trim_malloc)
+from vqt_edge.progress import Counter, OnProgress, Progress, log_progress
+from vqt_edge.run_folder import RUN_FILE, RunFolder
+from vqt_edge.spec import KV_MODES
 
-RUN_FILE = "run.json"
-BUNDLE_MANIFEST = "bundle_manifest.json"  # the bundle's manifest, so eval/predict need only the run
-METRICS = "metrics.jsonl"
-SUMMARY = "summary.json"
-LOCK = ".lock"
-#: Files of a finished run whose sha256 summary.json records; eval/predict refuse a run without them.
-RUN_FILES = (ADAPTER, adapter_config.ADAPTER_CONFIG, MODEL)
+log = logging.getLogger("vqt_edge")  # the default for messages; the CLI and the API pass their own
 SharedFeatures = Callable[[list[Path]], FeatureStore]  # sample paths -> their frozen outputs, row i = path i
 
 
@@ -104,21 +94,6 @@ class Interrupted(Exception):
     """SIGINT/SIGTERM arrived; the current step was finished and checkpointed."""
 
 
-@contextmanager
-def run_lock(run: Path) -> Iterator[None]:
-    """One training process per run folder: a second one is refused, not interleaved."""
-    run.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"{run}: another vqt-edge process is training in this run folder") from None
-        yield
-    finally:
-        os.close(fd)
-
-
 _STOP = {"stop": False}  # one per process: set by SIGINT/SIGTERM while `stop_on_signal` is active
 
 
@@ -153,13 +128,13 @@ def _load_data(manifest: Manifest, data: Path, val: Path | None, cfg: TrainConfi
     train = load_dataset(data, classes=classes)
     if manifest.class_names is not None and train.classes != manifest.class_names:
         raise UserError(f"{data}: classes {train.classes} differ from the bundle's {manifest.class_names}")
-    if len(train.classes) != manifest.num_classes:
+    if len(train.classes) != manifest.spec.num_classes:
         raise UserError(
-            f"{data}: {len(train.classes)} classes, but the bundle was exported for {manifest.num_classes} "
+            f"{data}: {len(train.classes)} classes, but the bundle was exported for {manifest.spec.num_classes} "
             "(export again with --num-classes)"
         )
     skipped: list[tuple[str, str]] = []
-    size = manifest.arch.image_size
+    size = manifest.spec.arch.image_size
     train, bad = drop_unreadable(train, size)  # warns once per skipped image
     skipped += [(str(p), why) for p, why in bad]
     if classes is None:
@@ -196,17 +171,19 @@ class Trainer:
 
     def __init__(
         self, bundle: Path, run: Path, cfg: TrainConfig, data: Path | None, val: Path | None, resume: bool,
-        echo: Callable[[str], None] = click.echo, with_test: bool = False, features: SharedFeatures | None = None,
-        classes: list[str] | None = None,
+        echo: Callable[[str], None] = log.info, with_test: bool = False, features: SharedFeatures | None = None,
+        classes: list[str] | None = None, progress: OnProgress | None = None,
     ) -> None:
         self.run, self.echo, self.shared_features = run, echo, features
-        if resume and not (run / RUN_FILE).exists():
+        self.progress = progress or log_progress  # vqt_edge/progress.py: the CLI draws bars, a library logs
+        self.folder = folder = RunFolder(run)
+        if resume and not folder.is_run():
             raise UserError(f"{run}: nothing to resume (no {RUN_FILE}); start it without --resume")
-        if not resume and (run / RUN_FILE).exists():
+        if not resume and folder.is_run():
             raise UserError(f"{run}: already holds a run; pass --resume to continue it, or choose another --run")
         if resume:
+            saved = folder.info()
             try:
-                saved = json.loads((run / RUN_FILE).read_text())
                 bundle, data = Path(saved["bundle"]), Path(saved["data"])
                 val = Path(saved["val"]) if saved.get("val") else None
                 # Runs started before the portable backend existed trained on onnxruntime-training.
@@ -219,26 +196,23 @@ class Trainer:
         # saved in run.json: a resume keeps it; with "auto", a --memory-budget may pick another that fits
         self.backend_choices = backends.candidates(cfg.backend, self.manifest)
         cfg.backend = self.backend_choices[0]
-        self.resume = resume and (run / backends.checkpoint_name(cfg.backend)).exists()
+        self.resume = resume and folder.checkpoint(cfg.backend).exists()
         if resume and saved["bundle_manifest_sha256"] != mf.sha256_file(bundle / mf.MANIFEST):
             raise UserError(f"{bundle}: the bundle changed since this run started; it cannot be resumed")
         if data is None:
             raise UserError("--data is required")
         self.data = _load_data(self.manifest, data, val, cfg, echo, classes)
         self.plan = self._plan_memory(with_test)  # before any work, and before run.json saves the choice
-        samples_sha = samples_sha256([(self.data.train, data), (self.data.val, val or data)])
+        self.image_hashes: dict[Path, str] = {}  # each image's bytes hashed once: identity, then disk-cache key
+        samples_sha = samples_sha256([(self.data.train, data), (self.data.val, val or data)], self.image_hashes)
         if resume and saved.get("samples_sha256") != samples_sha:
             raise UserError(f"{data}: the images changed since this run started (an image was added, removed, renamed, "
                             "relabelled or edited); resuming would not continue the same run. Start a new --run.")
         if not resume:
-            atomic_write_text(run / BUNDLE_MANIFEST, (bundle / mf.MANIFEST).read_text())
             # data paths absolute but not resolved: a list file reached through a symlink reads its relative
             # entries from the link's folder, on resume too (device_runner/identity.py)
-            atomic_write_text(run / RUN_FILE, json.dumps({
-                "bundle": str(bundle.resolve()), "data": str(data.absolute()), "val": str(val.absolute()) if val else None,
-                "classes": self.data.classes, "config": asdict(cfg),
-                "bundle_manifest_sha256": mf.sha256_file(bundle / mf.MANIFEST), "samples_sha256": samples_sha,
-            }, indent=2) + "\n")  # last: its presence means the run folder is complete
+            folder.start(bundle, self.data.classes, data=str(data.absolute()), val=str(val.absolute()) if val else None,
+                         config=asdict(cfg), samples_sha256=samples_sha)
 
     def _plan_memory(self, with_test: bool) -> Plan:
         """Predict the run's peak (vqt_edge/memory.py). Under --memory-budget, choose the K/V mode and
@@ -285,15 +259,15 @@ class Trainer:
             return
         if self.cfg.kv == "ram":
             backbone = self._backbone()
-            with click.progressbar(length=len(self.paths), label="frozen pass (K/V to RAM)", file=sys.stderr) as bar:
-                self.store = build_ram_store(backbone, self.paths, self.manifest, bs, _stoppable(bar.update))
+            done = Counter(self.progress, "frozen pass (K/V to RAM)", len(self.paths))
+            self.store = build_ram_store(backbone, self.paths, self.manifest, bs, _stoppable(done))
             backbone.close()
             trim_malloc()
         else:
             cache = DiskCache.for_bundle(self.run, self.manifest)
-            hashes = [image_sha256(p) for p in self.paths]
-            with click.progressbar(length=cache.missing(hashes), label="frozen pass (K/V to disk cache)", file=sys.stderr) as bar:
-                cache.fill(self._backbone, self.paths, hashes, self.manifest, bs, _stoppable(bar.update))
+            hashes = [self.image_hashes.get(p) or image_sha256(p) for p in self.paths]
+            done = Counter(self.progress, "frozen pass (K/V to disk cache)", cache.missing(hashes))
+            cache.fill(self._backbone, self.paths, hashes, self.manifest, bs, _stoppable(done))
             trim_malloc()
             self.store = cache.store(hashes)  # reads unmap what they touched (FeatureStore.gather)
         self.backbone = None
@@ -306,7 +280,7 @@ class Trainer:
         if self.store is not None:
             return self.store.gather(rows, dtypes)
         m = self.manifest
-        pixels = next(iter_batches([(self.paths[r], 0) for r in rows], len(rows), m.arch.image_size, m.mean, m.std))[0]
+        pixels = next(iter_batches([(self.paths[r], 0) for r in rows], len(rows), m.spec.arch.image_size, m.mean, m.std))[0]
         return {name: value.astype(dtypes[name], copy=False) for name, value in self.backbone(pixels).items()}
 
     def _run_module(self, rows: np.ndarray, keep: np.ndarray | None, targets: np.ndarray) -> tuple[float, np.ndarray]:
@@ -321,21 +295,21 @@ class Trainer:
         """Query-token dropout mask, already scaled by 1/(1-p); all ones without an rng (eval)."""
         if "query_keep" not in self.backend.input_names:
             return None
-        m = self.manifest
-        shape = (b, len(m.query_layers), m.query_tokens, m.arch.dim)
-        if rng is None or m.dropout == 0:
+        spec = self.manifest.spec
+        shape = (b, *spec.query_keep_shape)
+        if rng is None or spec.dropout == 0:
             return np.ones(shape, np.float32)
-        return (rng.random(shape) >= m.dropout).astype(np.float32) / np.float32(1 - m.dropout)
+        return (rng.random(shape) >= spec.dropout).astype(np.float32) / np.float32(1 - spec.dropout)
 
     # -- backend -------------------------------------------------------------------------------
     def _open_backend(self) -> None:
         name = self.cfg.backend
-        ckpt = self.run / backends.checkpoint_name(name) if self.resume else None
+        ckpt = self.folder.checkpoint(name) if self.resume else None
         self.backend = backends.open_backend(name, self.bundle, self.manifest, self.cfg.device, self.cfg.threads, ckpt)
 
     def _save_checkpoint(self, position: dict) -> None:
         try:
-            self.backend.save(self.run, position)
+            self.backend.save(self.folder.checkpoint(self.cfg.backend), position)
         except Exception as e:  # a full disk: OSError here, a RuntimeError from ORT
             raise UserError(f"could not write checkpoint in {self.run} ({e}); the previous checkpoint is intact") from None
 
@@ -347,7 +321,7 @@ class Trainer:
         cfg, m = self.cfg, self.manifest
         b = len(rows)
         keep = self._keep_mask(b, np.random.default_rng([cfg.seed, epoch, index]))
-        targets = _one_hot(self.labels[rows], m.num_classes, 1.0 / b)
+        targets = _one_hot(self.labels[rows], m.spec.num_classes, 1.0 / b)
         micro = cfg.micro_batch or b
         loss, correct = 0.0, 0
         for s in range(0, b, micro):
@@ -367,9 +341,9 @@ class Trainer:
         chunk = self.cfg.micro_batch or self.cfg.batch_size  # the memory plan's size, not more
         for s in range(0, len(rows), chunk):
             r = rows[s : s + chunk]
-            out.append(self._run_module(r, self._keep_mask(len(r), None), np.zeros((len(r), m.num_classes), np.float32))[1])
+            out.append(self._run_module(r, self._keep_mask(len(r), None), np.zeros((len(r), m.spec.num_classes), np.float32))[1])
         self.backend.train()
-        return np.concatenate(out) if out else np.zeros((0, m.num_classes), np.float32)
+        return np.concatenate(out) if out else np.zeros((0, m.spec.num_classes), np.float32)
 
     def fit(self, handle_signals: bool = False, until_epoch: int | None = None,
             start_from: Callable[["Trainer"], None] | None = None) -> dict:
@@ -378,7 +352,7 @@ class Trainer:
         passes `until_epoch` to stop after that epoch without finishing (the next round resumes from
         the checkpoint, optimizer state and schedule carried over), and `start_from` to replace the
         parameters once the module is open."""
-        cfg, run = self.cfg, self.run
+        cfg = self.cfg
         t_start = time.perf_counter()
         self.peaks = {"start": round(peak_rss_mb(), 1)}  # VmHWM after each phase: which one set the peak
         self._prepare_features()
@@ -396,7 +370,7 @@ class Trainer:
         start_epoch = int(props["epoch"]) if self.resume and "epoch" in props else 0
         start_step = int(props["step"]) if self.resume and "step" in props else 0
         sums = {k: float(props[k]) if self.resume and k in props else 0.0 for k in ("loss_sum", "correct", "seen")}
-        self._trim_metrics(start_epoch)
+        self.folder.trim_metrics(start_epoch)
         val_rows = np.arange(n, len(self.paths))
         epoch_times = []
         self.step_times: list[float] = []  # the optimizer steps alone (no checkpoints, no validation)
@@ -408,23 +382,23 @@ class Trainer:
                 if first == 0:
                     sums = dict.fromkeys(sums, 0.0)
                 label = f"epoch {epoch + 1}/{cfg.epochs}"
-                with click.progressbar(range(first, steps_per_epoch), label=label, file=sys.stderr,
-                                       item_show_func=lambda _: self._bar_text(sums)) as bar:
-                    for index in bar:
-                        rows = order[index * cfg.batch_size : (index + 1) * cfg.batch_size]
-                        g = epoch * steps_per_epoch + index
-                        t_step = time.perf_counter()
-                        loss, correct = self._step(rows, epoch, index, lr_at(g, total, warmup, cfg.lr))
-                        self.step_times.append(time.perf_counter() - t_step)
-                        sums["loss_sum"] += loss
-                        sums["correct"] += correct
-                        sums["seen"] += len(rows)
-                        last = index + 1 == steps_per_epoch
-                        due = cfg.checkpoint_every and (index + 1) % cfg.checkpoint_every == 0
-                        if flag["stop"] or (due and not last):
-                            self._save_checkpoint({"epoch": epoch, "step": index + 1, **sums})
-                        if flag["stop"]:
-                            raise Interrupted(f"stopped after step {index + 1} of epoch {epoch + 1}; continue with --resume")
+                self.progress(Progress(label, first, steps_per_epoch))
+                for index in range(first, steps_per_epoch):
+                    rows = order[index * cfg.batch_size : (index + 1) * cfg.batch_size]
+                    g = epoch * steps_per_epoch + index
+                    t_step = time.perf_counter()
+                    loss, correct = self._step(rows, epoch, index, lr_at(g, total, warmup, cfg.lr))
+                    self.step_times.append(time.perf_counter() - t_step)
+                    sums["loss_sum"] += loss
+                    sums["correct"] += correct
+                    sums["seen"] += len(rows)
+                    self.progress(Progress(label, index + 1, steps_per_epoch, self._bar_text(sums)))
+                    last = index + 1 == steps_per_epoch
+                    due = cfg.checkpoint_every and (index + 1) % cfg.checkpoint_every == 0
+                    if flag["stop"] or (due and not last):
+                        self._save_checkpoint({"epoch": epoch, "step": index + 1, **sums})
+                    if flag["stop"]:
+                        raise Interrupted(f"stopped after step {index + 1} of epoch {epoch + 1}; continue with --resume")
                 record = {
                     "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch,
                     "train_loss": sums["loss_sum"] / max(1, sums["seen"]), "train_acc": sums["correct"] / max(1, sums["seen"]),
@@ -435,8 +409,7 @@ class Trainer:
                     record["val_acc"] = float((self.evaluate_rows(val_rows).argmax(-1) == self.labels[val_rows]).mean())
                 # Metrics first: if the process dies before the checkpoint, resume trims this line
                 # and recomputes the epoch; the other order could lose the line for good.
-                with open(run / METRICS, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                self.folder.append_metrics(record)
                 self._save_checkpoint({"epoch": epoch + 1, "step": 0, **dict.fromkeys(sums, 0.0)})
                 epoch_times.append(record["seconds"])
                 self.echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
@@ -450,23 +423,8 @@ class Trainer:
         seen = max(1.0, sums["seen"])
         return f"loss {sums['loss_sum'] / seen:.4f} acc {sums['correct'] / seen:.3f}" if sums["seen"] else ""
 
-    def _trim_metrics(self, epoch: int) -> None:
-        """On resume, forget metrics of epochs after the checkpoint (they will be recomputed), and
-        a last line torn by a kill mid-write."""
-        path = self.run / METRICS
-        if not path.exists():
-            return
-        keep = []
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line)["epoch"] <= epoch:
-                    keep.append(line)
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue
-        atomic_write_text(path, "".join(line + "\n" for line in keep))
-
     def _finish(self, t_start: float, epoch_times: list[float]) -> dict:
-        run, m = self.run, self.manifest
+        m = self.manifest
         adapter, selection = self.adapter_tensors(), None
         if self.cfg.keep_fraction < 1:
             self.backend = None  # the selection loads the head graph instead
@@ -474,20 +432,17 @@ class Trainer:
             adapter, selection = compress_adapter(self.bundle, m, adapter, self._features, self.labels, self.n_train, self.cfg)
             self.echo(f"feature selection: kept {selection['features_kept']} of {selection['features_in']} head inputs")
             self.peaks["selection"] = round(peak_rss_mb(), 1)  # not in the memory plan (vqt_edge/memory.py)
-        save_adapter(run / ADAPTER, adapter, m)
-        adapter_config.write(run, adapter_config.from_manifest(m, self.data.classes))
-        self.backend = self.store = self.backbone = None  # free before merging the model
-        trim_malloc()
-        try:
-            build_model(self.bundle, m, adapter, run / MODEL)
-        except BaseException as e:
-            (run / (MODEL + ".tmp")).unlink(missing_ok=True)  # a partial file would keep a full disk full
-            if isinstance(e, OSError) and e.errno in DISK_FULL:
-                raise UserError(f"{run / MODEL}: disk full while writing it ({os.strerror(e.errno)}); training is "
-                                "finished and checkpointed: free space and run again with --resume") from None
-            raise
+
+        def write_model(path: Path) -> None:
+            self.backend = self.store = self.backbone = None  # free before merging the model
+            trim_malloc()
+            build_model(self.bundle, m, adapter, path)
+
+        self.folder.write_outputs(lambda path: save_adapter(path, adapter, m),
+                                  adapter_config.from_manifest(m, self.data.classes), write_model,
+                                  "training is finished and checkpointed: free space and run again with --resume")
         self.peaks["finish"] = round(peak_rss_mb(), 1)
-        metrics = [json.loads(line) for line in (run / METRICS).read_text().splitlines() if line.strip()]
+        metrics = self.folder.metrics()
         summary = {
             "train_images": self.n_train,
             "val_images": len(self.paths) - self.n_train,
@@ -507,32 +462,29 @@ class Trainer:
             "memory_plan": self.plan.to_dict(),
             "peak_rss_mb_after": self.peaks,
             "feature_selection": selection,
-            # eval/predict check these before use: a flipped weight still loads and predicts.
-            "files": {name: mf.sha256_file(run / name) for name in RUN_FILES},
         }
-        atomic_write_text(run / SUMMARY, json.dumps(summary, indent=2) + "\n")
-        return enforce_budget(run, summary)
+        return enforce_budget(self.run, self.folder.finish(summary))
 
 
 def enforce_budget(run: Path, summary: dict) -> dict:
     """Record the measured peak (VmHWM) in summary.json; above the run's --memory-budget, flag it
     and raise BudgetExceeded: a budget is a promise, and a broken one is a bug, not a warning."""
     budget = summary.get("memory_budget_mb")
-    summary["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    changes: dict = {"peak_rss_mb": round(peak_rss_mb(), 1)}
     if budget is not None:
-        summary["budget_exceeded"] = summary["peak_rss_mb"] > budget
-    atomic_write_text(run / SUMMARY, json.dumps(summary, indent=2) + "\n")
+        changes["budget_exceeded"] = changes["peak_rss_mb"] > budget
+    summary = RunFolder(run).update_summary(changes)
     if summary.get("budget_exceeded"):
         raise BudgetExceeded(
             f"measured peak memory {summary['peak_rss_mb']:.0f} MiB exceeds the budget of {budget:.0f} MiB "
-            f"(predicted {summary.get('predicted_peak_mb')} MiB); recorded in {run / SUMMARY}"
+            f"(predicted {summary.get('predicted_peak_mb')} MiB); recorded in {run / 'summary.json'}"
         )
     return summary
 
 
 def train(bundle: Path, run: Path, cfg: TrainConfig, data: Path | None, val: Path | None = None, resume: bool = False,
-          echo: Callable[[str], None] = click.echo, with_test: bool = False, process_wide: bool = False,
-          features: SharedFeatures | None = None) -> dict:
+          echo: Callable[[str], None] = log.info, with_test: bool = False, process_wide: bool = False,
+          features: SharedFeatures | None = None, progress: OnProgress | None = None) -> dict:
     """Train (or resume) a run to its end; returns the run summary. `with_test`: the caller will
     evaluate a test set in this process afterwards (the memory plan includes it). `process_wide`
     (the CLI): set lean malloc, which the memory model assumes, and turn SIGINT/SIGTERM into a
@@ -541,8 +493,8 @@ def train(bundle: Path, run: Path, cfg: TrainConfig, data: Path | None, val: Pat
     if process_wide:
         lean_malloc()  # before the large allocations
     _STOP["stop"] = False
-    with stop_on_signal() if process_wide else nullcontext(), run_lock(run):
-        trainer = Trainer(bundle, run, cfg, data, val, resume, echo, with_test, features)
+    with stop_on_signal() if process_wide else nullcontext(), RunFolder(run).lock():
+        trainer = Trainer(bundle, run, cfg, data, val, resume, echo, with_test, features, progress=progress)
         _stop_point("while reading the data")
         return trainer.fit(handle_signals=process_wide)
 

@@ -18,22 +18,26 @@ kept, an interrupted one resumes from its checkpoint (device_runner/trainer.py),
 from __future__ import annotations
 
 import json
-import sys
+import logging
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-import click
 import numpy as np
 
 from device_runner.data import check_trainable, drop_unreadable, load_dataset
 from device_runner.features import DiskCache, FeatureStore, FrozenBackbone, _RowMapped, build_ram_store, image_sha256
-from device_runner.trainer import RUN_FILE, SUMMARY, TrainConfig, train
+from device_runner.trainer import TrainConfig, train
 from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
 from vqt_edge.fileio import atomic_write_text
 from vqt_edge.memory import frozen_batch, trim_malloc
+from vqt_edge.progress import Counter, OnProgress, log_progress
+from vqt_edge.run_folder import RunFolder
+from vqt_edge.spec import CACHED_KV_MODES
+
+log = logging.getLogger("vqt_edge")
 
 SETTINGS = "settings.json"
 TUNE_JSON = "tune.json"
@@ -76,8 +80,10 @@ class SharedPass:
     """The frozen outputs of every image of the data set, computed on first use, and views of them
     for any list of those images (what `trainer.train(features=...)` takes)."""
 
-    def __init__(self, bundle: Path, manifest: mf.Manifest, paths: list[Path], cfg: TrainConfig, folder: Path) -> None:
+    def __init__(self, bundle: Path, manifest: mf.Manifest, paths: list[Path], cfg: TrainConfig, folder: Path,
+                 progress: OnProgress = log_progress) -> None:
         self.bundle, self.manifest, self.paths, self.cfg, self.folder = bundle, manifest, paths, cfg, folder
+        self.progress = progress
         self.row = {p: i for i, p in enumerate(paths)}
         self.store: FeatureStore | None = None
         self.seconds = 0.0
@@ -93,13 +99,12 @@ class SharedPass:
         if cfg.kv == "disk":
             cache = DiskCache.for_bundle(self.folder, m)
             hashes = [image_sha256(p) for p in self.paths]
-            with click.progressbar(length=cache.missing(hashes), label="frozen pass (K/V to disk cache)", file=sys.stderr) as bar:
-                cache.fill(backbone, self.paths, hashes, m, batch, bar.update)
+            done = Counter(self.progress, "frozen pass (K/V to disk cache)", cache.missing(hashes))
+            cache.fill(backbone, self.paths, hashes, m, batch, done)
             store = cache.store(hashes)
         else:
             session = backbone()
-            with click.progressbar(length=len(self.paths), label="frozen pass (K/V to RAM)", file=sys.stderr) as bar:
-                store = build_ram_store(session, self.paths, m, batch, bar.update)
+            store = build_ram_store(session, self.paths, m, batch, Counter(self.progress, "frozen pass (K/V to RAM)", len(self.paths)))
             session.close()
         trim_malloc()
         self.seconds = time.perf_counter() - t0
@@ -118,25 +123,28 @@ class SharedPass:
 
 def _data_paths(data: Path, manifest: mf.Manifest) -> list[Path]:
     dataset = load_dataset(data)
-    if len(dataset.classes) != manifest.num_classes:
-        raise UserError(f"{data}: {len(dataset.classes)} classes, but the bundle was exported for {manifest.num_classes}")
-    dataset, _ = drop_unreadable(dataset, manifest.arch.image_size)
+    if len(dataset.classes) != manifest.spec.num_classes:
+        raise UserError(f"{data}: {len(dataset.classes)} classes, but the bundle was exported for {manifest.spec.num_classes}")
+    dataset, _ = drop_unreadable(dataset, manifest.spec.arch.image_size)
     check_trainable(dataset, str(data))
     return [p for p, _ in dataset.samples]
 
 
-def _run_one(folder: Path, bundle: Path, cfg: TrainConfig, data: Path, shared: SharedPass, process_wide: bool) -> dict:
+def _run_one(folder: Path, bundle: Path, cfg: TrainConfig, data: Path, shared: SharedPass, process_wide: bool,
+             progress: OnProgress) -> dict:
     """Train one run folder to its end (or resume it, or read it when finished); its summary."""
-    if (folder / SUMMARY).is_file():
-        return json.loads((folder / SUMMARY).read_text())
-    resume = (folder / RUN_FILE).is_file()
-    return train(bundle, folder, cfg, data, resume=resume, echo=lambda _: None, features=shared, process_wide=process_wide)
+    run = RunFolder(folder)
+    if run.is_finished():
+        return run.summary()
+    resume = run.is_run()
+    return train(bundle, folder, cfg, data, resume=resume, echo=lambda _: None, features=shared, process_wide=process_wide,
+                 progress=progress)
 
 
 def tune(
     bundle: Path | None, data: Path | None, run: Path, cfg: TrainConfig, lrs: Sequence[float] | None = None,
-    weight_decays: Sequence[float] | None = None, resume: bool = False, echo: Callable[[str], None] = click.echo,
-    process_wide: bool = False,
+    weight_decays: Sequence[float] | None = None, resume: bool = False, echo: Callable[[str], None] = log.info,
+    process_wide: bool = False, progress: OnProgress = log_progress,
 ) -> dict:
     """Run the grid, retrain the best on all the data into `run`; returns what tune.json holds.
     `process_wide` as in `trainer.train` (the CLI passes it: Ctrl-C checkpoints and stops)."""
@@ -152,10 +160,10 @@ def tune(
     else:
         if bundle is None or data is None:
             raise UserError("give --bundle and --data (or --resume to continue a tune)")
-        if space.exists() or (run / RUN_FILE).exists():
+        if space.exists() or RunFolder(run).is_run():
             raise UserError(f"{space} or {run} already exists; pass --resume to continue that tune, or choose another --run")
-        if cfg.kv not in ("ram", "disk"):
-            raise UserError("tune keeps the K/V of its one frozen pass: --kv must be ram or disk")
+        if cfg.kv not in CACHED_KV_MODES:
+            raise UserError(f"tune keeps the K/V of its one frozen pass: --kv must be one of {', '.join(CACHED_KV_MODES)}")
         lrs = list(lrs or default_lrs(cfg.batch_size))
         weight_decays = list(OFFICIAL_WEIGHT_DECAYS if weight_decays is None else weight_decays)
         if not lrs or not weight_decays or min(lrs) <= 0 or min(weight_decays) < 0:
@@ -168,7 +176,7 @@ def tune(
             "lrs": lrs, "weight_decays": weight_decays, "val_fraction": VAL_FRACTION,
         }, indent=2) + "\n")
     manifest = mf.read_manifest(bundle, verify=True)
-    shared = SharedPass(bundle, manifest, _data_paths(data, manifest), cfg, space)
+    shared = SharedPass(bundle, manifest, _data_paths(data, manifest), cfg, space, progress)
     passes0, images0 = FrozenBackbone.sessions_opened, FrozenBackbone.images_run
 
     rows = []
@@ -176,7 +184,8 @@ def tune(
         for wd in weight_decays:
             folder = space / config_name(lr, wd)
             t0 = time.perf_counter()
-            summary = _run_one(folder, bundle, replace(cfg, lr=lr, weight_decay=wd, val_split=VAL_FRACTION), data, shared, process_wide)
+            summary = _run_one(folder, bundle, replace(cfg, lr=lr, weight_decay=wd, val_split=VAL_FRACTION), data, shared, process_wide,
+                               progress)
             row = {"lr": lr, "weight_decay": wd, "val_acc": val_score(summary),
                    "train_acc": (summary.get("final") or {}).get("train_acc"), "run": folder.name,
                    "train_images": summary["train_images"], "val_images": summary["val_images"],
@@ -187,7 +196,7 @@ def tune(
             echo(f"lr {lr:g}  weight decay {wd:g}  val accuracy {row['val_acc']:.4f}")
     best = choose(rows)
     t_final = time.perf_counter()
-    final = _run_one(run, bundle, replace(cfg, lr=best["lr"], weight_decay=best["weight_decay"], val_split=0.0), data, shared, process_wide)
+    final = _run_one(run, bundle, replace(cfg, lr=best["lr"], weight_decay=best["weight_decay"], val_split=0.0), data, shared, process_wide, progress)
     result = {
         "run": str(run), "bundle": str(bundle), "data": str(data), "val_fraction": VAL_FRACTION,
         "lrs": lrs, "weight_decays": weight_decays, "grid": rows,

@@ -52,7 +52,7 @@ def main(out: Path, tiny: bool) -> dict:
         manifest = api.export(out / "bundle", sizes=sizes, random_init=True, classes=CLASSES, query_tokens=2)
     else:
         manifest = api.export(out / "bundle", model="vit_fmnist", classes=CLASSES, query_tokens=2)
-    print(f"exported {manifest.method} bundle: {manifest.arch.depth} layers, T={manifest.query_tokens}")
+    print(f"exported {manifest.spec.method} bundle: {manifest.spec.arch.depth} layers, T={manifest.spec.query_tokens}")
 
     # 2. Train, with the CLI's options as a TrainConfig; --test's evaluation runs here too.
     config = api.TrainConfig(epochs=3, batch_size=16, lr=1e-2, seed=0)

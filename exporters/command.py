@@ -9,13 +9,14 @@ from typing import Callable
 
 import click
 
+from exporters import hub
 from exporters.export import export_bundle
 from exporters.loaders import arch_from_hf_config, detect_format, load_weights
 from exporters.vit import VisionTransformer
-from vqt_edge import manifest as mf
 from vqt_edge.arch import resolve_arch
 from vqt_edge.errors import UserError
 from vqt_edge.memory import peak_rss_mb
+from vqt_edge.spec import AdapterSpec
 
 PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "vqt_edge" / "pretrained"
 
@@ -40,20 +41,32 @@ def _human(n: float) -> str:
 
 
 def run_export(
-    *, model_name: str | None, weights: Path | None, random_init: bool, num_classes: int, class_names: list[str] | None,
-    out: Path, tokens: int, query_layers: str, feature_norm: str, dropout: float, mean: list[float] | None,
+    *, model_name: str | None, weights: str | Path | None, random_init: bool, num_classes: int, class_names: list[str] | None,
+    out: Path, query_tokens: int, query_layers: str, feature_norm: str, dropout: float, mean: list[float] | None,
     std: list[float] | None, seed: int, sizes: dict, parse_layers: Callable[[str, int], list[int]],
     method: str = "vqt", last_k: int | None = None, aggregate: str = "concat", h2t_target: int | None = None, quantize: str = "none",
     log: Callable[[str], None] = click.echo,
 ) -> None:
     t0 = time.perf_counter()
     meta: dict = {}
+    origin = None
+    if isinstance(weights, str) and hub.repo_of(weights) is not None:  # hf-hub:ORG/NAME or a timm name
+        found = hub.resolve(weights)
+        weights, origin = found.path, found.source
+        meta = {k: v for k, v in (("mean", found.mean), ("std", found.std)) if v is not None}
+        if model_name is None and found.model is not None and not any(sizes.values()):
+            model_name = found.model
+        log(f"{origin}: {weights}")
+    elif weights is not None:
+        weights = Path(weights)
+        origin = str(weights)
     if weights is None and not random_init:
         shipped = shipped_weights(model_name)
         if shipped is None:
             raise UserError("give --weights CKPT, or --random-init for random weights"
                             + (f" (vqt-edge ships no weights for {model_name})" if model_name else ""))
         weights, meta = shipped
+        origin = str(weights)
         log(f"using the {model_name} backbone shipped with vqt-edge ({weights.name})")
     if model_name is None and weights is not None and detect_format(weights) == "hf" and not any(sizes.values()):
         arch = arch_from_hf_config(json.loads((weights / "config.json").read_text()))
@@ -62,22 +75,13 @@ def run_export(
         if model_name is None and not all(sizes.values()):
             raise UserError("give --model, or all of --depth --dim --heads --mlp-dim --patch --image-size")
         arch = resolve_arch(model_name, **sizes)
-    layers = parse_layers(query_layers, arch.depth)
-    if method in mf.LAST_K_METHODS:
-        last_k = arch.depth if last_k is None else last_k
-        if not 1 <= last_k <= arch.depth:
-            raise UserError(f"--last-k {last_k}: must be in [1, {arch.depth}]")
-    elif last_k is not None:
-        raise UserError(f"--last-k is for {', '.join(mf.LAST_K_METHODS)}; {method} adapts no layers")
-    if method not in mf.QUERY_METHODS and query_layers != "all":
-        raise UserError(f"--query-layers is for {', '.join(mf.QUERY_METHODS)}; {method} has no query tokens")
-    if method not in mf.QUERY_METHODS and aggregate != "concat":
-        raise UserError(f"--aggregate is for {', '.join(mf.QUERY_METHODS)}; {method} has no query tokens")
-    if h2t_target is not None and (method != "head2toe" or h2t_target < 1):
-        raise UserError("--h2t-target is for --method head2toe, and must be at least 1")
+    spec = AdapterSpec.create(
+        arch, method, num_classes, query_layers=None if query_layers == "all" else parse_layers(query_layers, arch.depth),
+        last_k=last_k, h2t_target=h2t_target, query_tokens=query_tokens, aggregate=aggregate, feature_norm=feature_norm,
+        dropout=dropout)
     log(f"model {model_name or 'custom'}: depth {arch.depth}, dim {arch.dim}, heads {arch.heads}, "
         f"mlp {arch.mlp_dim}, patch {arch.patch}, image {arch.image_size}")
-    log(f"method {method}" + (f", last {last_k} of {arch.depth} layers adapted" if last_k else "")
+    log(f"method {method}" + (f", last {spec.last_k} of {arch.depth} layers adapted" if spec.last_k else "")
         + (f", {aggregate} of each layer's query outputs" if aggregate != "concat" else ""))
     backbone = VisionTransformer(arch)
     if weights is not None:
@@ -85,16 +89,15 @@ def run_export(
         log(f"loaded {report.loaded} tensors from {weights} ({report.format})")
         if report.unused:
             log(f"not part of the backbone, not used: {', '.join(report.unused)}")
-        source = {"source": str(weights), "format": report.format}
+        source = {"source": origin, "format": report.format}
     else:
         backbone.reset_parameters(seed)
         source = {"source": "random-init", "seed": seed}
     mean = mean or meta.get("mean") or [0.5] * arch.channels
     std = std or meta.get("std") or [0.5] * arch.channels
     manifest = export_bundle(
-        backbone, out, model_name=model_name or "custom", num_classes=num_classes, method=method, last_k=last_k,
-        query_layers=layers, query_tokens=tokens, feature_norm=feature_norm, aggregate=aggregate, h2t_target=h2t_target,
-        dropout=dropout, mean=mean, std=std, class_names=class_names, weights=source, seed=seed, quantize=quantize, log=log,
+        backbone, out, spec, model_name=model_name or "custom", mean=mean, std=std, class_names=class_names,
+        weights=source, seed=seed, quantize=quantize, log=log,
     )
     log(f"backbone parameters: {sum(p.numel() for p in backbone.parameters()):,}")
     log("files:")

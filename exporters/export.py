@@ -1,10 +1,10 @@
 """Split a ViT into the bundle the device trains on (docs/design.md sections 2-3), for any method.
 
 - `frozen.onnx`: the frozen front of the backbone, pixel_values -> the method's frozen outputs
-  (`manifest.frozen_outputs`: cls, keys, values for VQT; hidden, the input of layer L-k, for the
-  methods that adapt the last k layers; see exporters/baselines.py). Opset 17 with fused
+  (the adapter spec's `frozen_outputs`: cls, keys, values for VQT; hidden, the input of layer L-k,
+  for the methods that adapt the last k layers; see exporters/methods/). Opset 17 with fused
   LayerNormalization: it is only ever run forward.
-- `train/`: onnxruntime-training artifacts for the trainable part + head (`MethodHead`). Exported
+- `train/`: onnxruntime-training artifacts for the trainable part + head (`methods.build_head`). Exported
   at opset 16 (no LayerNormalization gradient in ORT 1.19), in TRAINING mode, without constant
   folding (folding renames parameters and silently freezes them). The loss is part of the graph:
   loss = -sum(log_softmax(logits) * targets), with `targets` the one-hot labels already weighted
@@ -35,15 +35,14 @@ import torch
 from safetensors.numpy import save_file
 from torch import nn
 
-from exporters.baselines import FrozenPart, MethodHead
-from exporters.head2toe import Head2ToeFeatures
+from exporters.methods import build_frozen, build_head
 from exporters.quantize import holding, quantize_bundle_graphs
 from exporters.step import export_step
 from exporters.vit import VisionTransformer
 from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
-from vqt_edge.head2toe import DEFAULT_TARGET
 from vqt_edge.manifest import Manifest
+from vqt_edge.spec import AdapterSpec
 
 TRAIN_OPSET = 16
 INFER_OPSET = 17
@@ -82,27 +81,12 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outpu
         )
 
 
-def export_frozen(
-    backbone: VisionTransformer,
-    path: Path,
-    query_layers: Sequence[int],
-    outputs: Sequence[str] = ("cls", "keys", "values"),
-    split: int | None = None,
-) -> None:
-    """frozen.onnx: pixel_values [B,3,S,S] -> `outputs` (docs/design.md section 3): cls [B,D], keys and
-    values [B,Lk,H,N,dh] of `query_layers`, hidden [B,N,D] the input of layer `split`."""
+def export_frozen(backbone: VisionTransformer, path: Path, spec: AdapterSpec) -> None:
+    """frozen.onnx of `spec` alone: pixel_values [B,3,S,S] -> the spec's frozen outputs
+    (docs/design.md section 3)."""
     arch = backbone.arch
     pixels = torch.randn(2, arch.channels, arch.image_size, arch.image_size)
-    frozen = FrozenPart(backbone, outputs, query_layers, arch.depth if split is None else split)
-    _export(frozen, (pixels,), path, ["pixel_values"], list(outputs), "frozen")
-
-
-def frozen_module(backbone: VisionTransformer, manifest: Manifest) -> nn.Module:
-    """What frozen.onnx computes for this bundle: `FrozenPart` (cls, keys, values, hidden), or for
-    head2toe the pooled taps (`Head2ToeFeatures`)."""
-    if manifest.method == "head2toe":
-        return Head2ToeFeatures(backbone, manifest.h2t_target, manifest.feature_norm)
-    return FrozenPart(backbone, manifest.frozen_outputs, manifest.frozen_kv_layers, manifest.arch.depth - manifest.last_k)
+    _export(build_frozen(backbone, spec), (pixels,), path, ["pixel_values"], spec.frozen_outputs, "frozen")
 
 
 @contextlib.contextmanager
@@ -155,17 +139,9 @@ def _generate_training_artifacts(train_onnx: Path, out_dir: Path, trainable: lis
 def export_bundle(
     backbone: VisionTransformer,
     out: Path,
+    spec: AdapterSpec,
     *,
     model_name: str,
-    num_classes: int,
-    method: str = "vqt",
-    last_k: int | None = None,
-    query_layers: Sequence[int] | None = None,
-    query_tokens: int = 1,
-    feature_norm: str = "l2",
-    aggregate: str = "concat",
-    h2t_target: int | None = None,
-    dropout: float = 0.1,
     mean: Sequence[float] = (0.5, 0.5, 0.5),
     std: Sequence[float] = (0.5, 0.5, 0.5),
     class_names: Sequence[str] | None = None,
@@ -174,53 +150,21 @@ def export_bundle(
     quantize: str = "none",
     log: Callable[[str], None] = print,
 ) -> Manifest:
-    """Write a complete bundle for `method` to `out` and return its manifest. `out` must be empty or absent.
-
-    `last_k` (methods that adapt layers, manifest.LAST_K_METHODS): how many last layers; all by
-    default. `query_layers` (methods with query tokens): all by default. `query_tokens` is T, the
-    query tokens per layer, and for VPT the prompt tokens per layer. `aggregate`: how a layer's T
-    query outputs enter the head (manifest.AGGREGATES). `h2t_target` (head2toe): pooled size of each
-    token tap, vqt_edge/head2toe.py's DEFAULT_TARGET by default. `quantize` ("int8", "int4"):
-    frozen.onnx and head.onnx quantized, the training graph holding the dequantized weights
-    (exporters/quantize.py).
+    """Write a complete bundle for the adapter `spec` (vqt_edge/spec.py) to `out` and return its
+    manifest. `out` must be empty or absent. `quantize` ("int8", "int4"): frozen.onnx and head.onnx
+    quantized, the training graph holding the dequantized weights (exporters/quantize.py).
     """
     arch = backbone.arch
-    if method not in mf.METHODS:
-        raise UserError(f"unknown method {method!r}; one of {', '.join(mf.METHODS)}")
+    if spec.arch != arch:
+        raise ValueError(f"the spec's architecture {spec.arch} is not the backbone's {arch}")
     if quantize not in mf.QUANTIZE_MODES:
         raise UserError(f"unknown quantization {quantize!r}; one of {', '.join(mf.QUANTIZE_MODES)}")
-    if method in mf.LAST_K_METHODS:
-        last_k = arch.depth if last_k is None else last_k
-    elif last_k not in (None, 0):
-        raise UserError(f"--last-k is for {', '.join(mf.LAST_K_METHODS)}; {method} adapts no layers")
-    else:
-        last_k = 0
-    if method in mf.QUERY_METHODS:
-        # Sorted: K/V are stacked in layer order, and QueryPath stacks its weights in this order.
-        layers = sorted(range(arch.depth) if query_layers is None else query_layers)
-    else:
-        layers = []
-    frozen_outputs = mf.frozen_outputs_for(method, layers, last_k, arch.depth)
-    if method == "head2toe":
-        h2t_target = DEFAULT_TARGET if h2t_target is None else h2t_target
-    elif h2t_target is not None:
-        raise UserError(f"--h2t-target is for head2toe, not {method}")
     manifest = Manifest(
         model=model_name,
-        arch=arch,
-        method=method,
-        query_layers=layers,
-        query_tokens=query_tokens,
-        num_classes=num_classes,
+        spec=spec,
         mean=[float(x) for x in mean],
         std=[float(x) for x in std],
-        feature_norm=feature_norm,
-        dropout=dropout,
         class_names=list(class_names) if class_names else None,
-        frozen_outputs=frozen_outputs,
-        last_k=last_k,
-        aggregate=aggregate,
-        h2t_target=h2t_target or 0,
         weights=weights or {},
         quantize=quantize,
     )
@@ -232,46 +176,42 @@ def export_bundle(
         p.requires_grad_(False)
 
     torch.manual_seed(seed)
-    head = MethodHead(backbone, method, last_k=last_k, query_layers=layers, tokens=query_tokens,
-                      num_classes=num_classes, feature_norm=feature_norm, aggregate=aggregate,
-                      h2t_target=manifest.h2t_target)
+    head = build_head(backbone, spec)  # checks that it trains exactly the spec's tensors
     params = dict(head.named_parameters())
-    manifest.trainable = head.trainable()
-    manifest.trainable_shapes = {k: list(params[g].shape) for k, g in manifest.trainable.items()}
-    manifest.validate("export settings")
+    trainable = head.trainable()
     b = 2
     pixels = torch.randn(b, arch.channels, arch.image_size, arch.image_size)
 
     t0 = time.perf_counter()
-    what = ", ".join(frozen_outputs)
-    log(f"exporting {mf.FROZEN} (backbone -> {what}) ...")
-    frozen = frozen_module(backbone, manifest)
+    frozen_outputs = spec.frozen_outputs
+    log(f"exporting {mf.FROZEN} (backbone -> {', '.join(frozen_outputs)}) ...")
+    frozen = build_frozen(backbone, spec)
     _export(frozen, (pixels,), out / mf.FROZEN, ["pixel_values"], frozen_outputs, "frozen")
     with torch.no_grad():
         feats = frozen(pixels)
         feats = feats if isinstance(feats, tuple) else (feats,)
-    extra = (torch.ones(b, len(layers), query_tokens, arch.dim),) if layers else ()
-    targets = torch.full((b, num_classes), 1.0 / (b * num_classes))
+    extra = (torch.ones(b, *spec.query_keep_shape),) if spec.has_query_tokens else ()
+    targets = torch.full((b, spec.num_classes), 1.0 / (b * spec.num_classes))
 
-    log(f"exporting {mf.HEAD_MODEL} ({method} trainable part + head, inference) ...")
+    log(f"exporting {mf.HEAD_MODEL} ({spec.method} trainable part + head, inference) ...")
     _export(head, feats, out / mf.HEAD_MODEL, frozen_outputs, ["logits"], "head")
     dequantized: dict = {}
     if quantize != "none":
         log(f"quantizing {mf.FROZEN} and {mf.HEAD_MODEL} ({quantize}; the training graph gets the dequantized weights) ...")
-        manifest.quantization, dequantized = quantize_bundle_graphs(out, quantize, manifest.trainable.values())
+        manifest.quantization, dequantized = quantize_bundle_graphs(out, quantize, trainable)
     log("generating onnxruntime-training artifacts ...")
     with tempfile.TemporaryDirectory() as tmp, holding(head, dequantized):
         train_onnx = Path(tmp) / "train_step.onnx"
         _export(head, (*feats, *extra, targets), train_onnx, head.input_names, ["loss", "logits"], "train")
-        _generate_training_artifacts(train_onnx, out / "train", list(manifest.trainable.values()))
+        _generate_training_artifacts(train_onnx, out / "train", trainable)
         # Inside holding(): both backends train on the same (dequantized) weights.
         log(f"exporting {mf.STEP_MODEL} (portable training step: forward + gradients, standard ops) ...")
         export_step(head, feats, out / mf.STEP_MODEL)
-    save_file({k: params[g].detach().contiguous().numpy() for k, g in manifest.trainable.items()}, str(out / mf.STEP_INIT))
+    save_file({k: params[k].detach().contiguous().numpy() for k in trainable}, str(out / mf.STEP_INIT))
 
-    n_train = sum(params[g].numel() for g in manifest.trainable.values())
-    n_frozen = sum(p.numel() for n, p in params.items() if n not in manifest.trainable.values())
-    log(f"parameters: trainable {n_train:,} ({', '.join(_groups(manifest.trainable))}); "
+    n_train = sum(params[k].numel() for k in trainable)
+    n_frozen = sum(p.numel() for n, p in params.items() if n not in trainable)
+    log(f"parameters: trainable {n_train:,} ({', '.join(_groups(trainable))}); "
         f"frozen weights held by the training graph {n_frozen:,}")
     manifest.files = dict.fromkeys(
         [mf.FROZEN, mf.HEAD_MODEL, mf.TRAINING_MODEL, mf.EVAL_MODEL, mf.OPTIMIZER_MODEL, mf.CHECKPOINT,
@@ -282,7 +222,7 @@ def export_bundle(
     return manifest
 
 
-def _groups(trainable: dict[str, str]) -> list[str]:
+def _groups(trainable: list[str]) -> list[str]:
     """'query_tokens', 'head', 'blocks (12 layers)', ...: the trainable tensors grouped for a log line."""
     groups: dict[str, set[str]] = {}
     for name in trainable:

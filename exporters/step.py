@@ -10,9 +10,9 @@ its backward pass, generated from the torch `MethodHead` (never hand-written) by
 2. `make_fx` with core ATen decompositions, in symbolic mode so the batch stays dynamic;
 3. the traced module wrapped in an `nn.Module` and exported with `torch.onnx.export(dynamo=True)`.
 
-Inputs (in this order): every trainable tensor, named by its adapter name (`manifest.trainable`'s
-keys), then the frozen outputs the method reads (large ones as fp16, the K/V cache's dtype, cast to
-fp32 inside the graph), `query_keep` (methods with query tokens) and `targets`. Outputs: `loss`,
+Inputs (in this order): every trainable tensor, by its one name (the adapter spec's
+`trainable_shapes`), then the frozen outputs the method reads (large ones as fp16, the K/V cache's
+dtype, cast to fp32 inside the graph), `query_keep` (methods with query tokens) and `targets`. Outputs: `loss`,
 `logits`, then `grad.<name>` for every trainable tensor. The frozen weights are initializers.
 The same graph serves evaluation (all-ones `query_keep`, zero `targets`): a second graph would
 hold a second copy of the frozen weights.
@@ -32,7 +32,7 @@ from torch import nn
 from torch._decomp import core_aten_decompositions
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from exporters.baselines import MethodHead
+from exporters.methods import MethodHead
 
 STEP_OPSET = 18  # the dynamo exporter's lowest
 MAX_IR_VERSION = 10  # onnxruntime-training 1.19 (the other backend, same environments) reads IR <= 10
@@ -88,9 +88,9 @@ def _distinct_batch(tensors: list[torch.Tensor], sizes: set[int]) -> int:
 def export_step(head: MethodHead, frozen_example: tuple[torch.Tensor, ...], path: Path) -> None:
     """Write the step graph of `head` to `path`. `frozen_example`: the frozen outputs for a batch
     of 2 (fp32; cast to fp16 here for the inputs the cache stores as fp16)."""
-    trainable = head.trainable()  # adapter name -> parameter name
+    trainable = head.trainable()  # parameter names = adapter names
     params = dict(head.named_parameters())
-    frozen = {n: p.detach() for n, p in params.items() if n not in trainable.values()}
+    frozen = {n: p.detach() for n, p in params.items() if n not in trainable}
     frozen.update(dict(head.named_buffers()))
     names, frozen_names = list(trainable), list(frozen)
     n_train, n_frozen = len(names), len(frozen)
@@ -99,8 +99,7 @@ def export_step(head: MethodHead, frozen_example: tuple[torch.Tensor, ...], path
     def loss_fn(weights: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor], *inputs: torch.Tensor):
         # fp16 cache rows become fp32 here, inside the graph: no conversion pass on the device.
         inputs = tuple(x.float() if name in HALF_INPUTS else x for name, x in zip(input_names, inputs))
-        state = {trainable[n]: w for n, w in weights.items()}
-        loss, logits = torch.func.functional_call(head, {**fixed, **state}, inputs)
+        loss, logits = torch.func.functional_call(head, {**fixed, **weights}, inputs)
         return loss, logits
 
     grad_and_value = torch.func.grad_and_value(loss_fn, has_aux=True)  # over argument 0 only
@@ -112,15 +111,16 @@ def export_step(head: MethodHead, frozen_example: tuple[torch.Tensor, ...], path
         return (loss, logits, *(grads[n] for n in names))
 
     weights = [frozen[n] for n in frozen_names]
-    example = [params[trainable[n]].detach().clone() for n in names]
+    example = [params[n].detach().clone() for n in names]
     arch = head.arch
-    sizes = {head.head.out_features, head.tokens, arch.heads, arch.head_dim, arch.num_tokens, arch.num_tokens + head.tokens}
+    t = head.spec.query_tokens
+    sizes = {head.head.out_features, t, arch.heads, arch.head_dim, arch.num_tokens, arch.num_tokens + t}
     b = _distinct_batch([*example, *weights, *(x[0] for x in frozen_example)], sizes)
     for name, x in zip(input_names, frozen_example):
         x = x.detach()[torch.arange(b) % x.shape[0]]
         example.append(x.half() if name in HALF_INPUTS else x)
-    if head.query_layers:
-        example.append(torch.ones(b, len(head.query_layers), head.tokens, arch.dim))
+    if head.spec.has_query_tokens:
+        example.append(torch.ones(b, *head.spec.query_keep_shape))
     example.append(torch.full((b, head.head.out_features), 1.0 / b))
     head.train()
     with _LinearAsMatmul():

@@ -1,15 +1,16 @@
-"""ViT and Visual Query Tuning (VQT) in torch: one readable file, in the spirit of timm's ViT.
+"""ViT and VQT's query path in torch: one readable file, in the spirit of timm's ViT.
 
 Module names follow timm's layout (`blocks.{i}.attn.qkv`, `norm`, ...) so timm/MAE state dicts load
-as they are. Three pieces:
+as they are. Two pieces:
 
 - `VisionTransformer`: the frozen backbone. `forward` returns the final CLS token and every layer's
   keys and values, which is all VQT needs from it.
 - `QueryPath`: the VQT part of every query layer, computed for all layers at once on stacked frozen
   weights. It only reads K/V, so the backbone's own tokens never see the query tokens and training
   never back-propagates through the backbone. This is what the on-device training graph holds.
-- `VQTClassifier`: backbone + query path + linear head (pixel_values -> logits), the reference the
-  ONNX graphs are tested against.
+
+How each method uses them (the head, the aggregation of query outputs, VPT, AdaptFormer, ...) is in
+exporters/methods/, one module per method.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqt_edge.arch import ViTArch
+from vqt_edge.spec import AdapterSpec
 
 
 class Attention(nn.Module):
@@ -121,6 +123,37 @@ def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: 
     return (x - mean) / torch.sqrt(var + eps) * weight + bias
 
 
+class _QueryKeyScores(torch.autograd.Function):
+    """Attention scores s = q K^T [..., T, N] whose backward reads K as it is: dq = ds K.
+
+    Written with autograd, the backward multiplies by the transpose of the forward's K^T view, so
+    the traced step graph (exporters/step.py) holds a Transpose node that copies all of K because
+    two MatMuls read it (vit_b16, batch 32: 232 MB of fp32 written and 0.06 s every step). Here the
+    only transposed read of K is the forward's, which onnxruntime fuses into its MatMul (transB).
+    Same math; docs/design.md section 10. dK is computed only when K requires a gradient (never for
+    cached K/V). The exports through onnxruntime-training and model.onnx see only the forward.
+    """
+
+    @staticmethod
+    def forward(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        # As a 3-D bmm so that the Transpose feeds the MatMul directly (a Reshape between them
+        # would stop onnxruntime's fusion).
+        *batch, t, dh = q.shape
+        k = keys.reshape(-1, keys.shape[-2], dh)
+        return torch.bmm(q.reshape(-1, t, dh), k.transpose(1, 2)).reshape(*batch, t, keys.shape[-2])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        q, keys = ctx.saved_tensors
+        grad_q = grad @ keys if ctx.needs_input_grad[0] else None
+        grad_keys = grad.transpose(-2, -1) @ q if ctx.needs_input_grad[1] else None
+        return grad_q, grad_keys
+
+
 class QueryPath(nn.Module):
     """VQT's query tokens for all query layers, run on stacked frozen weights of those layers.
 
@@ -130,11 +163,11 @@ class QueryPath(nn.Module):
     Stacking the Lq layers makes every step one batched matmul and applies each frozen weight once.
     """
 
-    def __init__(self, backbone: VisionTransformer, query_layers: Sequence[int], tokens: int) -> None:
+    def __init__(self, backbone: VisionTransformer, spec: AdapterSpec) -> None:
         super().__init__()
         arch = backbone.arch
         self.arch = arch
-        self.query_layers = list(query_layers)
+        self.query_layers = list(spec.query_layers)
         blocks = [backbone.blocks[i] for i in self.query_layers]
         d = arch.dim
 
@@ -156,7 +189,7 @@ class QueryPath(nn.Module):
         self.b2 = stack(lambda b: b.mlp.fc2.bias)
         # Official init: U(-v, v), v = sqrt(6 / (3 * 16 * 16 + D)) (the VPT/VQT "xavier" for prompts).
         bound = math.sqrt(6.0 / (3 * 16 * 16 + d))
-        self.query_tokens = nn.Parameter(torch.empty(len(self.query_layers), tokens, d).uniform_(-bound, bound))
+        self.query_tokens = nn.Parameter(torch.empty(len(self.query_layers), spec.query_tokens, d).uniform_(-bound, bound))
 
     def forward(
         self, keys: torch.Tensor, values: torch.Tensor, query_keep: torch.Tensor | None = None
@@ -182,83 +215,9 @@ class QueryPath(nn.Module):
         eps = self.arch.eps
         q = _layer_norm(p, self.ln1_w[:, None], self.ln1_b[:, None], eps) @ self.wq + self.bq[:, None]
         q = q.reshape(lq, b, t, h, dh).permute(1, 0, 3, 2, 4)  # [B, Lq, H, T, dh], as keys
-        attn = torch.softmax((q @ keys.transpose(-2, -1)) * dh**-0.5, dim=-1)  # [B, Lq, H, T, N]
+        attn = torch.softmax(_QueryKeyScores.apply(q, keys) * dh**-0.5, dim=-1)  # [B, Lq, H, T, N]
         out = (attn @ values).permute(1, 0, 3, 2, 4).reshape(lq, b * t, d)  # [Lq, B*T, D]
         z = p + out @ self.wo + self.bo[:, None]
         hid = F.gelu(_layer_norm(z, self.ln2_w[:, None], self.ln2_b[:, None], eps) @ self.w1 + self.b1[:, None])
         z = z + hid @ self.w2 + self.b2[:, None]
         return z.reshape(lq, b, t, d).transpose(0, 1)  # [B, Lq, T, D]
-
-
-def aggregate_tokens(z: torch.Tensor, aggregate: str, wsum_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """One layer's T query outputs as the head sees them (docs/design.md section 11), z [B, Lq, T, D]:
-
-    - "concat": [B, Lq, T*D], flattened token-major (the official default);
-    - "mean": [B, Lq, D], the mean over the T outputs (official POOLING_FEATS);
-    - "wsum": [B, Lq, D], sum_t w[l, t] * z[:, l, t] with learned `wsum_weights` w [Lq, T],
-      initialized to ones and not normalized, as the official WEIGHTED_SUM_FEATS (`combine_params`).
-    """
-    if aggregate == "concat":
-        return z.flatten(2)
-    if aggregate == "mean":
-        return z.mean(2)
-    if aggregate == "wsum":
-        if wsum_weights is None:
-            raise ValueError("aggregate 'wsum' needs wsum_weights [Lq, T]")
-        return (wsum_weights[:, :, None] * z).sum(2)
-    raise ValueError(f"aggregate must be concat, mean or wsum, not {aggregate!r}")
-
-
-def head_features(
-    cls: torch.Tensor, z: torch.Tensor, feature_norm: str, aggregate: str = "concat",
-    wsum_weights: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The head's input [B, F]: [n(cls), n(z_l1), ..., n(z_lLq)], z_l layer l's query outputs
-    aggregated by `aggregate_tokens` (flattened token-major by default).
-
-    `n` is the L2 normalization of each group ("l2") or the identity ("none"); docs/design.md section 3.
-    """
-    groups = [cls] + list(aggregate_tokens(z, aggregate, wsum_weights).unbind(1))
-    if feature_norm == "l2":
-        groups = [g / torch.sqrt((g * g).sum(-1, keepdim=True) + 1e-12) for g in groups]
-    elif feature_norm != "none":
-        raise ValueError(f"feature_norm must be 'l2' or 'none', not {feature_norm!r}")
-    return torch.cat(groups, dim=-1)
-
-
-class VQTHead(nn.Module):
-    """Query path + linear head on given backbone outputs: what on-device training updates."""
-
-    def __init__(
-        self,
-        backbone: VisionTransformer,
-        query_layers: Sequence[int],
-        tokens: int,
-        num_classes: int,
-        feature_norm: str = "l2",
-    ) -> None:
-        super().__init__()
-        self.query_path = QueryPath(backbone, query_layers, tokens)
-        self.feature_norm = feature_norm
-        d = backbone.arch.dim
-        self.head = nn.Linear(d + len(self.query_path.query_layers) * tokens * d, num_classes)
-        nn.init.zeros_(self.head.bias)
-
-    def forward(
-        self, cls: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, query_keep: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        z = self.query_path(keys, values, query_keep)
-        return self.head(head_features(cls, z, self.feature_norm))
-
-
-class VQTClassifier(nn.Module):
-    """The whole adapted model: frozen backbone -> K/V -> query path -> head (pixel_values -> logits)."""
-
-    def __init__(self, backbone: VisionTransformer, vqt: VQTHead) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.vqt = vqt
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        cls, keys, values = self.backbone(pixel_values, self.vqt.query_path.query_layers)
-        return self.vqt(cls, keys, values)

@@ -54,10 +54,11 @@ def export_tiny_bundle(out: Path) -> Path:
     """The tiny VQT bundle most device tests train (needs torch)."""
     from exporters.export import export_bundle
     from exporters.vit import VisionTransformer
+    from vqt_edge.spec import AdapterSpec
 
     model = VisionTransformer(TINY)
     model.reset_parameters(seed=0)
-    export_bundle(model.eval(), out, model_name="tiny", num_classes=3, query_tokens=2, log=lambda _: None)
+    export_bundle(model.eval(), out, AdapterSpec.create(TINY, "vqt", 3, query_tokens=2), model_name="tiny", log=lambda _: None)
     return out
 
 

@@ -29,6 +29,7 @@ from exporters.export import export_bundle
 from tests.conftest import TINY, run_cli
 from vqt_edge import manifest as mf
 from vqt_edge.cli import cli
+from vqt_edge.spec import AdapterSpec
 
 T = 3
 AGGREGATES = ("mean", "wsum")
@@ -38,8 +39,8 @@ AGGREGATES = ("mean", "wsum")
 def bundles(tmp_path_factory, tiny_backbone):
     root = tmp_path_factory.mktemp("aggregate")
     for agg in AGGREGATES:
-        export_bundle(tiny_backbone, root / agg, model_name="tiny", num_classes=3, query_tokens=T, aggregate=agg,
-                      log=lambda _: None)
+        export_bundle(tiny_backbone, root / agg, AdapterSpec.create(TINY, "vqt", 3, query_tokens=T, aggregate=agg),
+                      model_name="tiny", log=lambda _: None)
     return {agg: root / agg for agg in AGGREGATES}
 
 
@@ -76,7 +77,7 @@ def _official_logits(backbone, adapter: dict[str, torch.Tensor], aggregate: str,
 def _adapter(m: mf.Manifest, seed: int) -> dict[str, np.ndarray]:
     """Trained-looking tensors: wsum weights away from their initial ones, differing per token."""
     rng = np.random.default_rng(seed)
-    out = {name: rng.normal(0, 0.5, shape).astype(np.float32) for name, shape in m.adapter_shapes.items()}
+    out = {name: rng.normal(0, 0.5, shape).astype(np.float32) for name, shape in m.spec.trainable_shapes.items()}
     if "wsum_weights" in out:
         out["wsum_weights"] += 1
     return out
@@ -89,13 +90,13 @@ def _pixels(n: int, seed: int) -> torch.Tensor:
 def test_manifest_records_the_aggregate_and_the_narrower_head(bundles):
     for agg, bundle in bundles.items():
         m = mf.read_manifest(bundle)
-        assert m.aggregate == agg and m.head_input is None
-        assert m.head_features == TINY.dim * (1 + TINY.depth)  # F = D + Lq*D, not D + Lq*T*D
-        shapes = m.adapter_shapes
-        assert shapes["head.weight"] == (3, m.head_features) and shapes["query_tokens"] == (TINY.depth, T, TINY.dim)
+        assert m.spec.aggregate == agg and m.spec.head_input is None
+        assert m.spec.head_width == TINY.dim * (1 + TINY.depth)  # F = D + Lq*D, not D + Lq*T*D
+        shapes = m.spec.trainable_shapes
+        assert shapes["head.weight"] == (3, m.spec.head_width) and shapes["query_tokens"] == (TINY.depth, T, TINY.dim)
         assert ("wsum_weights" in shapes) == (agg == "wsum")
         if agg == "wsum":
-            assert shapes["wsum_weights"] == (TINY.depth, T) and m.trainable["wsum_weights"] == "wsum_weights"
+            assert shapes["wsum_weights"] == (TINY.depth, T)
             initial = ort.training_api().CheckpointState.load_checkpoint(str(bundle / mf.CHECKPOINT)).parameters
             assert np.array_equal(np.array(initial["wsum_weights"].data), np.ones((TINY.depth, T), np.float32))
 
@@ -111,12 +112,11 @@ def test_frozen_then_head_and_merged_model_equal_the_official_formulation(aggreg
 
     providers = ["CPUExecutionProvider"]
     frozen = onnxruntime.InferenceSession(str(bundle / mf.FROZEN), providers=providers)
-    feats = dict(zip(m.frozen_outputs, frozen.run(m.frozen_outputs, {"pixel_values": pixels.numpy()})))
+    feats = dict(zip(m.spec.frozen_outputs, frozen.run(m.spec.frozen_outputs, {"pixel_values": pixels.numpy()})))
     head_model = onnx.load(str(bundle / mf.HEAD_MODEL))
-    graph_names = {g: n for n, g in m.trainable.items()}
     for init in head_model.graph.initializer:
-        if init.name in graph_names:
-            init.CopyFrom(numpy_helper.from_array(adapter[graph_names[init.name]], init.name))
+        if init.name in m.spec.trainable_shapes:  # one name: torch parameter = graph initializer = adapter tensor
+            init.CopyFrom(numpy_helper.from_array(adapter[init.name], init.name))
     got = onnxruntime.InferenceSession(head_model.SerializeToString(), providers=providers).run(["logits"], feats)[0]
     assert np.abs(got - want).max() <= 1e-4
 
@@ -133,14 +133,14 @@ def test_training_graph_loss_and_gradients_equal_the_official_formulation(aggreg
     api = ort.training_api()
     state = api.CheckpointState.load_checkpoint(str(bundle / mf.CHECKPOINT))
     module = api.Module(str(bundle / mf.TRAINING_MODEL), state, str(bundle / mf.EVAL_MODEL))
-    for name, graph_name in m.trainable.items():
-        state.parameters[graph_name].data = adapter[name]
+    for name in m.spec.trainable_shapes:
+        state.parameters[name].data = adapter[name]
 
     b = 5
     pixels = _pixels(b, seed=4)
     targets = F.one_hot(torch.arange(b) % 3, 3).float() / b
     frozen = onnxruntime.InferenceSession(str(bundle / mf.FROZEN), providers=["CPUExecutionProvider"])
-    feats = frozen.run(m.frozen_outputs, {"pixel_values": pixels.numpy()})
+    feats = frozen.run(m.spec.frozen_outputs, {"pixel_values": pixels.numpy()})
     keep = np.ones((b, TINY.depth, T, TINY.dim), np.float32)  # dropout off: the official eval-mode forward
     module.train()
     loss, logits = module(*feats, keep, targets.numpy())
@@ -151,10 +151,10 @@ def test_training_graph_loss_and_gradients_equal_the_official_formulation(aggreg
     t_loss.backward()
     assert abs(float(loss) - t_loss.item()) <= 1e-4
     assert np.abs(logits - t_logits.detach().numpy()).max() <= 1e-4
-    for name, graph_name in m.trainable.items():
+    for name in m.spec.trainable_shapes:
         want = params[name].grad.numpy()
         assert np.abs(want).max() > 0, name
-        np.testing.assert_allclose(np.array(state.parameters[graph_name].grad), want, atol=1e-4, rtol=1e-3, err_msg=name)
+        np.testing.assert_allclose(np.array(state.parameters[name].grad), want, atol=1e-4, rtol=1e-3, err_msg=name)
 
 
 def test_cli_export_aggregate_and_refusals(tmp_path):

@@ -15,6 +15,7 @@ from tests.conftest import REPO, run_cli
 from vqt_edge import adapter_config
 from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
+from vqt_edge.spec import AdapterSpec
 
 
 def _python(code: str, *args, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -39,13 +40,15 @@ def test_api_quickstart_runs_in_one_process(tmp_path):
 LIBRARY_CALLER = """
 import json, logging, signal, sys
 from vqt_edge import api
+from vqt_edge.spec import AdapterSpec
 bundle, data, test, run = (sys.argv[1:5])
 before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), logging.getLogger().level)
-lines, during = [], set()
+lines, during, events = [], set(), []
 def progress(line):  # also records the SIGINT handler while training runs
     lines.append(line)
     during.add(signal.getsignal(signal.SIGINT))
-summary = api.train(bundle, data, run, api.TrainConfig(epochs=2, batch_size=16), test=test, progress=progress)
+summary = api.train(bundle, data, run, api.TrainConfig(epochs=2, batch_size=16, kv="ram"), test=test, progress=progress,
+                    on_progress=events.append)
 images = [str(p) for p in sorted(__import__('pathlib').Path(test, 'red').iterdir())[:5]]
 predictions = api.predict(run, images)
 accuracy = api.evaluate(run, test)["accuracy"]
@@ -55,7 +58,7 @@ after = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), logg
 torch_seen = "torch" in sys.modules
 import torch
 print(json.dumps({"same_process_state": before == after and during == {before[0]}, "torch_seen": torch_seen, "torch": torch.__version__,
-                  "lines": lines, "test_accuracy": summary["test_accuracy"], "accuracy": accuracy,
+                  "lines": lines, "events": [[e.task, e.done, e.total, e.info] for e in events], "test_accuracy": summary["test_accuracy"], "accuracy": accuracy,
                   "predictions": predictions, "from_adapter": from_adapter}))
 """
 
@@ -63,10 +66,19 @@ print(json.dumps({"same_process_state": before == after and during == {before[0]
 def test_library_caller_process_is_left_as_it_was(tmp_path, tiny_bundle, task):
     """Train, predict, evaluate and load an adapter through the API in a process that never
     imported torch: no signal handler or logging level is changed, onnxruntime did not pull torch
-    in, and `import torch` works afterwards. Progress arrives through the callback."""
+    in, and `import torch` works afterwards. Messages and progress events arrive through the callbacks;
+    nothing is drawn on the terminal (no click progress bars)."""
     out = _python(LIBRARY_CALLER, tiny_bundle, task["train"], task["test"], tmp_path / "run")
     assert out.returncode == 0, out.stderr[-3000:]
-    got = json.loads(out.stdout.splitlines()[-1])
+    assert len(out.stdout.splitlines()) == 1 and "epoch" not in out.stderr and "frozen pass" not in out.stderr, out.stderr
+    got = json.loads(out.stdout)
+    events = got["events"]
+    frozen = [e for e in events if e[0] == "frozen pass (K/V to RAM)"]
+    assert frozen[0][1] == 0 and frozen[-1][1] == frozen[-1][2] == 120  # the task's 120 training images
+    for epoch in ("epoch 1/2", "epoch 2/2"):  # 120 images in batches of 16: 8 steps, 0..8 in order
+        assert [e[1] for e in events if e[0] == epoch] == list(range(9)), events
+        assert all(e[2] == 8 for e in events if e[0] == epoch)
+    assert [e for e in events if e[0] == "epoch 2/2"][-1][3].startswith("loss ")
     assert got["same_process_state"] and not got["torch_seen"] and got["torch"]
     assert any(line.startswith("epoch=2 ") for line in got["lines"]), got["lines"]
     assert any(line.startswith("test accuracy") for line in got["lines"]), got["lines"]
@@ -81,8 +93,8 @@ def test_adapter_config_describes_the_adapter(tiny_run, tiny_bundle):
     m = mf.read_manifest(tiny_bundle)
     assert config["frozen_sha256"] == mf.sha256_file(tiny_bundle / mf.FROZEN)
     assert (config["method"], config["query_tokens"], config["query_layers"]) == ("vqt", 2, [0, 1, 2])
-    assert config["arch"] == m.arch.to_dict() and config["class_names"] == ["blue", "green", "red"]
-    assert (config["mean"], config["std"], config["feature_norm"]) == (m.mean, m.std, m.feature_norm)
+    assert config["arch"] == m.spec.arch.to_dict() and config["class_names"] == ["blue", "green", "red"]
+    assert (config["mean"], config["std"], config["feature_norm"]) == (m.mean, m.std, m.spec.feature_norm)
     assert config["tensors"] == {"query_tokens": [3, 2, 32], "head.weight": [3, 32 * 7], "head.bias": [3]}
 
 
@@ -114,7 +126,8 @@ def test_load_adapter_refuses_another_bundle_or_edited_config(tmp_path, tiny_run
     from vqt_edge import api
 
     other = tmp_path / "other"  # same backbone and frozen.onnx (it does not depend on T), another T
-    export_bundle(tiny_backbone, other, model_name="tiny", num_classes=3, query_tokens=1, log=lambda _: None)
+    export_bundle(tiny_backbone, other, AdapterSpec.create(tiny_backbone.arch, "vqt", 3, query_tokens=1), model_name="tiny",
+                  log=lambda _: None)
     with pytest.raises(UserError, match="query_tokens is 2, the bundle's is 1"):
         api.load_adapter(tiny_run, bundle=other)
     run = tmp_path / "run"

@@ -23,12 +23,13 @@ from onnx import numpy_helper
 from device_runner import ort
 from device_runner.data import iter_batches
 from device_runner.deploy import build_model, load_adapter
-from exporters.baselines import MethodHead
 from exporters.export import export_bundle
+from exporters.methods import MethodHead, build_head
 from tests.conftest import TINY, run_cli
 from vqt_edge import manifest as mf
 from vqt_edge.cli import cli
 from vqt_edge.errors import UserError
+from vqt_edge.spec import AdapterSpec
 
 # method -> last_k: splits inside the network (k < L), the no-frozen-K/V case (vqt+vpt, k = L) and
 # the frozen-plus-adapted K/V case (vqt+adaptformer, k = 2: layer 0's K/V come from frozen.onnx).
@@ -40,20 +41,19 @@ T = 2
 def bundles(tmp_path_factory, tiny_backbone) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("baselines")
     for method, k in METHODS.items():
-        export_bundle(tiny_backbone, root / method.replace("+", "_"), model_name="tiny", num_classes=3, method=method,
-                      last_k=k, query_tokens=T, log=lambda _: None)
+        export_bundle(tiny_backbone, root / method.replace("+", "_"),
+                      AdapterSpec.create(TINY, method, 3, last_k=k, query_tokens=T), model_name="tiny", log=lambda _: None)
     return {m: root / m.replace("+", "_") for m in METHODS}
 
 
 def _head(backbone, manifest: mf.Manifest, tensors: dict[str, np.ndarray] | None = None) -> MethodHead:
     """The bundle's trainable part in torch, with `tensors` (adapter names) copied in."""
-    head = MethodHead(backbone, manifest.method, last_k=manifest.last_k, query_layers=manifest.query_layers,
-                      tokens=manifest.query_tokens, num_classes=manifest.num_classes, feature_norm=manifest.feature_norm)
+    head = build_head(backbone, manifest.spec)
     params = dict(head.named_parameters())
     with torch.no_grad():
-        for name, graph_name in manifest.trainable.items():
+        for name in manifest.spec.trainable_shapes:
             if tensors is not None:
-                params[graph_name].copy_(torch.from_numpy(np.asarray(tensors[name])))
+                params[name].copy_(torch.from_numpy(np.asarray(tensors[name])))
     return head.eval()
 
 
@@ -62,15 +62,16 @@ def _reference_logits(backbone, head: MethodHead, pixels: torch.Tensor) -> torch
     prompts inserted after CLS before each adapted layer and dropped after it, AdaptFormer's
     x + MLP(LN2(x)) + s*up(ReLU(down(x))), query tokens on the (adapted) layers' K/V of the
     original tokens, head on [n(cls), n(z_l)...]."""
-    method, depth, t = head.method, backbone.arch.depth, head.tokens
+    spec = head.spec
+    method, depth, t = spec.method, backbone.arch.depth, spec.query_tokens
     vpt, adaptformer = method.endswith("vpt"), method.endswith("adaptformer")
     x = backbone.embed(pixels)
     keys, values = [], []
     for i in range(depth):
-        adapted = i >= head.split and head.adaptation is not None
+        adapted = i >= spec.split and spec.adaptation is not None
         block = head.blocks[str(i)] if adapted else backbone.blocks[i]
         if adapted and vpt:
-            x = torch.cat([x[:, :1], head.prompts[i - head.split].expand(x.shape[0], t, -1), x[:, 1:]], 1)
+            x = torch.cat([x[:, :1], head.prompts[i - spec.split].expand(x.shape[0], t, -1), x[:, 1:]], 1)
         if adapted and adaptformer:
             a = head.adapters[str(i)]
             attn, k, v = block.attn(block.norm1(x))
@@ -81,12 +82,12 @@ def _reference_logits(backbone, head: MethodHead, pixels: torch.Tensor) -> torch
         if adapted and vpt:
             x = torch.cat([x[:, :1], x[:, 1 + t :]], 1)
             k, v = torch.cat([k[:, :, :1], k[:, :, 1 + t :]], 2), torch.cat([v[:, :, :1], v[:, :, 1 + t :]], 2)
-        if i in head.query_layers:
+        if i in spec.query_layers:
             keys.append(k)
             values.append(v)
-    norm = head.norm if head.adaptation is not None else backbone.norm
+    norm = head.norm if spec.adaptation is not None else backbone.norm
     groups = [norm(x)[:, 0]]
-    if head.query_layers:
+    if spec.query_layers:
         z = head.query_path(torch.stack(keys, 1), torch.stack(values, 1))
         groups += list(z.flatten(2).unbind(1))
     return head.head(torch.cat([F.normalize(g, dim=-1, eps=1e-12) for g in groups], -1))
@@ -97,7 +98,7 @@ def _random_adapter(manifest: mf.Manifest, backbone, seed: int) -> dict[str, np.
     weights are not zero, and fine-tuned layers move away from the backbone's)."""
     rng = np.random.default_rng(seed)
     init = {n: p.detach().numpy() for n, p in _head(backbone, manifest).named_parameters()}
-    return {name: (init[g] + rng.normal(0, 0.2, init[g].shape)).astype(np.float32) for name, g in manifest.trainable.items()}
+    return {name: (init[name] + rng.normal(0, 0.2, init[name].shape)).astype(np.float32) for name in manifest.spec.trainable_shapes}
 
 
 def _pixels(n: int, seed: int) -> torch.Tensor:
@@ -109,24 +110,24 @@ def test_manifest_names_what_each_method_trains(bundles):
                     "finetune": ["hidden"], "vqt+vpt": ["hidden"], "vqt+adaptformer": ["hidden", "keys", "values"]}
     for method, bundle in bundles.items():
         m = mf.read_manifest(bundle)
-        assert m.method == method and m.frozen_outputs == want_outputs[method]
-        assert m.last_k == (METHODS[method] or 0)
-        assert m.query_layers == ([0, 1, 2] if "vqt" in method else [])
+        assert m.spec.method == method and m.spec.frozen_outputs == want_outputs[method]
+        assert m.spec.last_k == (METHODS[method] or 0)
+        assert m.spec.query_layers == ((0, 1, 2) if "vqt" in method else ())
         sess = onnxruntime.InferenceSession(str(bundle / mf.FROZEN), providers=["CPUExecutionProvider"])
-        assert [o.name for o in sess.get_outputs()] == m.frozen_outputs
+        assert [o.name for o in sess.get_outputs()] == m.spec.frozen_outputs
         training = onnx.load(str(bundle / mf.TRAINING_MODEL))
-        inputs = m.frozen_outputs + (["query_keep"] if m.query_layers else []) + ["targets"]
+        inputs = m.spec.frozen_outputs + (["query_keep"] if m.spec.query_layers else []) + ["targets"]
         assert [i.name for i in training.graph.input][: len(inputs)] == inputs  # then the parameters
         assert [o.name for o in training.graph.output][:2] == ["loss", "logits"]
-        shapes = m.adapter_shapes
-        assert shapes["head.weight"] == (3, m.head_features)
-        trainable = set(m.trainable) - {"head.weight", "head.bias"}
+        shapes = m.spec.trainable_shapes
+        assert shapes["head.weight"] == (3, m.spec.head_width)
+        trainable = set(m.spec.trainable_shapes) - {"head.weight", "head.bias"}
         if method == "linear":
-            assert not trainable and m.head_features == TINY.dim
+            assert not trainable and m.spec.head_width == TINY.dim
         if "vqt" in method:
             assert shapes["query_tokens"] == (3, T, TINY.dim)
         if method.endswith("vpt"):
-            assert shapes["prompts"] == (m.last_k, T, TINY.dim)
+            assert shapes["prompts"] == (m.spec.last_k, T, TINY.dim)
         if method.endswith("adaptformer"):
             assert shapes["adapters.1.down.weight"] == (64, TINY.dim) and shapes["adapters.2.up.weight"] == (TINY.dim, 64)
             assert not any(n.startswith("adapters.0.") for n in trainable)
@@ -146,14 +147,14 @@ def test_split_is_exact_frozen_then_head_and_merged_model(method, bundles, tiny_
 
     providers = ["CPUExecutionProvider"]
     frozen = onnxruntime.InferenceSession(str(bundle / mf.FROZEN), providers=providers)
-    feats = dict(zip(m.frozen_outputs, frozen.run(m.frozen_outputs, {"pixel_values": pixels.numpy()})))
+    feats = dict(zip(m.spec.frozen_outputs, frozen.run(m.spec.frozen_outputs, {"pixel_values": pixels.numpy()})))
     head_model = onnx.load(str(bundle / mf.HEAD_MODEL))
     for init in head_model.graph.initializer:
-        for name, graph_name in m.trainable.items():
-            if init.name == graph_name:
-                init.CopyFrom(numpy_helper.from_array(adapter[name], graph_name))
+        for name in m.spec.trainable_shapes:
+            if init.name == name:
+                init.CopyFrom(numpy_helper.from_array(adapter[name], name))
     head = onnxruntime.InferenceSession(head_model.SerializeToString(), providers=providers)
-    assert [i.name for i in head.get_inputs()] == m.frozen_outputs
+    assert [i.name for i in head.get_inputs()] == m.spec.frozen_outputs
     got = head.run(["logits"], feats)[0]
     assert np.abs(got - want).max() <= 1e-4
 
@@ -170,14 +171,14 @@ def test_one_training_step_matches_torch(method, bundles, tiny_backbone):
     state = api.CheckpointState.load_checkpoint(str(bundle / mf.CHECKPOINT))
     module = api.Module(str(bundle / mf.TRAINING_MODEL), state, str(bundle / mf.EVAL_MODEL))
     adapter = _random_adapter(m, tiny_backbone, seed=3)
-    for name, graph_name in m.trainable.items():
-        state.parameters[graph_name].data = adapter[name]
+    for name in m.spec.trainable_shapes:
+        state.parameters[name].data = adapter[name]
     head = _head(tiny_backbone, m, adapter).train()
 
     b, g = 5, torch.Generator().manual_seed(4)
     frozen = onnxruntime.InferenceSession(str(bundle / mf.FROZEN), providers=["CPUExecutionProvider"])
-    feats = [torch.from_numpy(x) for x in frozen.run(m.frozen_outputs, {"pixel_values": _pixels(b, seed=5).numpy()})]
-    keep = [(torch.rand(b, 3, T, TINY.dim, generator=g) >= 0.1).float() / 0.9] if m.query_layers else []
+    feats = [torch.from_numpy(x) for x in frozen.run(m.spec.frozen_outputs, {"pixel_values": _pixels(b, seed=5).numpy()})]
+    keep = [(torch.rand(b, 3, T, TINY.dim, generator=g) >= 0.1).float() / 0.9] if m.spec.query_layers else []
     targets = F.one_hot(torch.randint(0, 3, (b,), generator=g), 3).float() / b
     inputs = [*feats, *keep, targets]
 
@@ -188,11 +189,11 @@ def test_one_training_step_matches_torch(method, bundles, tiny_backbone):
     assert abs(float(loss) - t_loss.item()) <= 1e-4
     assert np.abs(logits - t_logits.detach().numpy()).max() <= 1e-4
     params = dict(head.named_parameters())
-    for graph_name in m.trainable.values():
+    for graph_name in m.spec.trainable_shapes:
         grad, want = np.array(state.parameters[graph_name].grad), params[graph_name].grad.numpy()
         assert np.abs(want).max() > 0, graph_name  # every trainable tensor is reached
         np.testing.assert_allclose(grad, want, atol=1e-4, rtol=1e-4, err_msg=graph_name)
-    frozen_grads = [n for n, p in params.items() if p.grad is not None and n not in m.trainable.values()]
+    frozen_grads = [n for n, p in params.items() if p.grad is not None and n not in m.spec.trainable_shapes]
     assert not frozen_grads
 
 
@@ -242,7 +243,7 @@ def test_cli_trains_each_method_into_a_model_equal_to_torch_from_its_adapter(met
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 2 and all(np.isfinite(x["train_loss"]) for x in metrics)
     initial = ort.training_api().CheckpointState.load_checkpoint(str(bundle / mf.CHECKPOINT)).parameters
-    assert all(not np.array_equal(adapter[name], np.array(initial[g].data)) for name, g in m.trainable.items()
+    assert all(not np.array_equal(adapter[name], np.array(initial[name].data)) for name in m.spec.trainable_shapes
                if name.endswith("weight") or name in ("prompts", "query_tokens"))
 
     images = sorted(task["test"].rglob("*.png"))[::9]

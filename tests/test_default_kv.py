@@ -15,6 +15,7 @@ from tests.conftest import make_task, run_cli
 from tests.test_memory import _vitb_like
 from vqt_edge.arch import ViTArch
 from vqt_edge.memory import AVAILABLE_ENV, AVAILABLE_SHARE, BundleFootprint, available_mb, default_kv, predict_peak
+from vqt_edge.spec import AdapterSpec
 
 # The tests' tiny ViT at 64 px with 4 px patches: 257 tokens, so the K/V cache of a few dozen images
 # (100 KiB each) is what separates the RAM plan from the disk plan.
@@ -57,7 +58,8 @@ def long_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("default_kv")
     backbone = VisionTransformer(LONG)
     backbone.reset_parameters(seed=0)
-    export_bundle(backbone.eval(), root / "bundle", model_name="long", num_classes=3, log=lambda _: None)
+    export_bundle(backbone.eval(), root / "bundle", AdapterSpec.create(backbone.arch, "vqt", 3), model_name="long",
+                  log=lambda _: None)
     data = make_task(root / "data", 16, seed=1, size=64)
     fp = BundleFootprint.from_bundle(root / "bundle")
     plans = {kv: predict_peak(fp, images=48, batch_size=16, micro_batch=None, kv=kv) for kv in ("ram", "disk")}

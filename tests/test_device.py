@@ -20,7 +20,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from device_runner import ort
-from device_runner.backends import BACKENDS, checkpoint_name
+from device_runner.backends import BACKENDS
+from vqt_edge.run_folder import CHECKPOINTS
 from device_runner.data import iter_batches, load_dataset
 from tests.conftest import REPO, run_cli
 from vqt_edge import manifest as mf
@@ -59,7 +60,7 @@ def test_predict_json_equals_torch_from_adapter_and_model_onnx(trained, task, ti
 
     manifest = mf.read_manifest(tiny_bundle)
     adapter = load_file(str(trained / "adapter.safetensors"))
-    assert adapter["query_tokens"].shape == (3, 2, 32) and adapter["head.weight"].shape == (3, manifest.head_features)
+    assert adapter["query_tokens"].shape == (3, 2, 32) and adapter["head.weight"].shape == (3, manifest.spec.head_width)
     pixels, _ = next(iter_batches([(p, 0) for p in images], len(images), 32, manifest.mean, manifest.std))
     session = onnxruntime.InferenceSession(str(trained / "model.onnx"), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(got, session.run(["logits"], {"pixel_values": pixels})[0], atol=1e-6)
@@ -69,10 +70,11 @@ def test_predict_json_equals_torch_from_adapter_and_model_onnx(trained, task, ti
         return
     import torch
 
-    from exporters.vit import VQTClassifier, VQTHead
+    from exporters.methods import build_head
+    from exporters.methods.vqt import VQTClassifier
 
     tiny_backbone = request.getfixturevalue("tiny_backbone")
-    head = VQTHead(tiny_backbone, manifest.query_layers, manifest.query_tokens, manifest.num_classes, manifest.feature_norm)
+    head = build_head(tiny_backbone, manifest.spec)
     with torch.no_grad():
         head.query_path.query_tokens.copy_(torch.from_numpy(adapter["query_tokens"]))
         head.head.weight.copy_(torch.from_numpy(adapter["head.weight"]))
@@ -119,7 +121,7 @@ def _runnable(backend: str):
 def test_sigkill_at_any_point_then_resume_equals_uninterrupted(tmp_path, tiny_bundle, task, backend):
     args = ["--bundle", tiny_bundle, "--data", task["train"], "--epochs", 6, "--batch-size", 8,
             "--kv", "disk", "--checkpoint-every", 3, "--seed", 7, "--backend", backend]
-    checkpoint = checkpoint_name(backend)
+    checkpoint = CHECKPOINTS[backend]
     reference = tmp_path / "reference"
     out = run_cli("train", "--run", reference, *args)
     assert out.returncode == 0, out.stderr

@@ -11,10 +11,12 @@ import torch
 
 from device_runner import ort
 from exporters.export import export_frozen
-from exporters.vit import VisionTransformer, VQTHead
+from exporters.methods import build_head
+from exporters.vit import VisionTransformer
 from tests.conftest import TINY
 from vqt_edge import manifest as mf
 from vqt_edge.arch import PRESETS
+from vqt_edge.spec import AdapterSpec
 
 
 def _frozen_vs_torch(backbone, path, layers, batch):
@@ -38,7 +40,7 @@ def test_frozen_graph_equals_torch_vit_ti16(tmp_path):
     backbone.reset_parameters(seed=5)
     backbone.eval()
     layers = list(range(12))
-    export_frozen(backbone, tmp_path / "frozen.onnx", layers)
+    export_frozen(backbone, tmp_path / "frozen.onnx", AdapterSpec.create(backbone.arch, "vqt", 2, query_layers=layers))
     _frozen_vs_torch(backbone, tmp_path / "frozen.onnx", layers, 2)
 
 
@@ -62,10 +64,10 @@ def _ort_module(bundle):
 
 
 def _torch_head(backbone, state, manifest):
-    head = VQTHead(backbone, manifest.query_layers, manifest.query_tokens, manifest.num_classes, manifest.feature_norm)
+    head = build_head(backbone, manifest.spec)
     with torch.no_grad():
-        for adapter_name, graph_name in manifest.trainable.items():
-            dict(head.named_parameters())[graph_name].copy_(torch.from_numpy(np.array(state.parameters[graph_name].data)))
+        for adapter_name in manifest.spec.trainable_shapes:
+            dict(head.named_parameters())[adapter_name].copy_(torch.from_numpy(np.array(state.parameters[adapter_name].data)))
     return head
 
 
@@ -73,10 +75,10 @@ def _batch(backbone, manifest, b, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(b, 3, TINY.image_size, TINY.image_size, generator=g)
     with torch.no_grad():
-        cls, keys, values = backbone(x, manifest.query_layers)
-    keep = (torch.rand(b, len(manifest.query_layers), manifest.query_tokens, TINY.dim, generator=g) >= 0.1).float() / 0.9
-    labels = torch.randint(0, manifest.num_classes, (b,), generator=g)
-    targets = torch.nn.functional.one_hot(labels, manifest.num_classes).float() / b
+        cls, keys, values = backbone(x, manifest.spec.query_layers)
+    keep = (torch.rand(b, len(manifest.spec.query_layers), manifest.spec.query_tokens, TINY.dim, generator=g) >= 0.1).float() / 0.9
+    labels = torch.randint(0, manifest.spec.num_classes, (b,), generator=g)
+    targets = torch.nn.functional.one_hot(labels, manifest.spec.num_classes).float() / b
     return cls, keys, values, keep, targets
 
 
@@ -93,7 +95,7 @@ def test_one_training_step_matches_torch_loss_and_gradients(tiny_bundle, tiny_ba
     assert abs(float(loss) - t_loss.item()) <= 1e-4
     np.testing.assert_allclose(logits, t_logits.detach().numpy(), atol=1e-4)
     params = dict(head.named_parameters())
-    for graph_name in manifest.trainable.values():
+    for graph_name in manifest.spec.trainable_shapes:
         grad = np.array(state.parameters[graph_name].grad)
         assert np.abs(grad).max() > 0
         np.testing.assert_allclose(grad, params[graph_name].grad.numpy(), atol=1e-4, rtol=1e-4)
@@ -101,7 +103,7 @@ def test_one_training_step_matches_torch_loss_and_gradients(tiny_bundle, tiny_ba
     module.lazy_reset_grad()
     for s in (slice(0, 2), slice(2, 6)):
         module(*[t[s].numpy() for t in inputs])
-    for graph_name in manifest.trainable.values():
+    for graph_name in manifest.spec.trainable_shapes:
         np.testing.assert_allclose(np.array(state.parameters[graph_name].grad), params[graph_name].grad.numpy(), atol=1e-4, rtol=1e-4)
 
 
@@ -117,12 +119,12 @@ def test_optimizer_step_matches_reference_adamw(tiny_bundle, tiny_backbone):
     optimizer = api.Optimizer(str(tiny_bundle / mf.OPTIMIZER_MODEL), module)
     head = _torch_head(tiny_backbone, state, manifest)
     params = dict(head.named_parameters())
-    names = list(manifest.trainable.values())
+    names = list(manifest.spec.trainable_shapes)
     ref = {n: params[n].detach().numpy().astype(np.float64) for n in names}
     m1 = {n: np.zeros_like(ref[n]) for n in names}
     m2 = {n: np.zeros_like(ref[n]) for n in names}
     lr, wd, b1, b2, eps = 0.01, 0.05, 0.9, 0.999, 1e-6
-    decayed = {manifest.trainable["query_tokens"], manifest.trainable["head.weight"]}
+    decayed = {"query_tokens", "head.weight"}
     for t in range(1, 4):
         inputs = _batch(tiny_backbone, manifest, 4, seed=10 + t)
         module(*[x.numpy() for x in inputs])

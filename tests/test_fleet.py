@@ -18,6 +18,7 @@ from safetensors.numpy import load_file
 from conftest import REPO, run_cli
 from vqt_edge.errors import UserError
 from vqt_edge.fleet.split import Split, assign, parse_split
+from vqt_edge.spec import AdapterSpec
 
 pytest.importorskip("flwr")
 
@@ -70,8 +71,8 @@ def method_bundles(tmp_path_factory, tiny_backbone) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("fleet_bundles")
     for method, k in {"linear": 0, "adaptformer": 2}.items():
-        export_bundle(tiny_backbone, root / method, model_name="tiny", num_classes=3, method=method, last_k=k or None,
-                      query_tokens=2, log=lambda _: None)
+        export_bundle(tiny_backbone, root / method, AdapterSpec.create(tiny_backbone.arch, method, 3, last_k=k or None,
+                      query_tokens=2), model_name="tiny", log=lambda _: None)
     return {m: root / m for m in ("linear", "adaptformer")}
 
 
@@ -84,7 +85,7 @@ def test_client_round_starts_from_the_servers_tensors_for_each_method(method, me
     from vqt_edge import manifest as mf
 
     bundle = tiny_bundle if method == "vqt" else method_bundles[method]
-    shapes = mf.read_manifest(bundle).adapter_shapes
+    shapes = mf.read_manifest(bundle).spec.trainable_shapes
     rng = np.random.default_rng(0)
     start = {name: rng.normal(0, 0.05, shape).astype(np.float32) for name, shape in shapes.items()}
     cfg = TrainConfig(epochs=2, batch_size=16, lr=1e-9, weight_decay=0.0, kv="disk", threads=1)

@@ -38,6 +38,7 @@ from vqt_edge import manifest as mf
 from vqt_edge import preprocess as pp
 from vqt_edge.arch import ViTArch
 from vqt_edge.errors import UserError
+from vqt_edge.spec import AdapterSpec
 
 
 
@@ -59,22 +60,20 @@ HEX = "ab" * 32
 def valid_manifest() -> dict:
     """A manifest as the exporter writes it (the file hashes are placeholders)."""
     arch = ViTArch(depth=3, dim=32, heads=4, mlp_dim=64, patch=8, image_size=32)
-    m = mf.Manifest(model="tiny", arch=arch, method="vqt", query_layers=[0, 1, 2], query_tokens=2, num_classes=3,
-                    mean=[0.5] * 3, std=[0.5] * 3, class_names=["a", "b", "c"],
-                    trainable={"query_tokens": "query_path.query_tokens", "head.weight": "head.weight",
-                               "head.bias": "head.bias"},
-                    trainable_shapes={"query_tokens": [3, 2, 32], "head.weight": [3, 7 * 32], "head.bias": [3]},
-                    files=dict.fromkeys(mf.REQUIRED_FILES, HEX))
-    return json.loads(m.to_json())
+    m = mf.Manifest(model="tiny", spec=AdapterSpec.create(arch, "vqt", 3, query_tokens=2),
+                    mean=[0.5] * 3, std=[0.5] * 3, class_names=["a", "b", "c"], files=dict.fromkeys(mf.REQUIRED_FILES, HEX))
+    d = json.loads(m.to_json())
+    assert d["trainable_shapes"] == {"query_tokens": [3, 2, 32], "head.weight": [3, 7 * 32], "head.bias": [3]}
+    return d
 
 
 def check_parsed(m: mf.Manifest) -> None:
     """What the rest of vqt-edge relies on once a manifest has been accepted."""
-    assert isinstance(m.arch, ViTArch) and type(m.num_classes) is int and m.num_classes >= 2
-    assert m.query_layers and all(type(i) is int and 0 <= i < m.arch.depth for i in m.query_layers)
+    assert isinstance(m.spec.arch, ViTArch) and type(m.spec.num_classes) is int and m.spec.num_classes >= 2
+    assert m.spec.query_layers and all(type(i) is int and 0 <= i < m.spec.arch.depth for i in m.spec.query_layers)
     assert all(np.isfinite(m.mean)) and all(s > 0 and np.isfinite(s) for s in m.std)
-    assert 0 <= m.dropout < 1
-    assert m.class_names is None or (len(m.class_names) == m.num_classes and all(isinstance(c, str) for c in m.class_names))
+    assert 0 <= m.spec.dropout < 1
+    assert m.class_names is None or (len(m.class_names) == m.spec.num_classes and all(isinstance(c, str) for c in m.class_names))
     assert all(not mf.bad_file_name(n) for n in m.files)
 
 
@@ -121,7 +120,7 @@ FIELD_EDITS = st.lists(
 @example(edits=[("files.name", "../x")])
 @example(edits=[("files.name", "/etc/passwd")])
 @example(edits=[("files.digest", 7)])
-@example(edits=[("trainable", [1, 2])])
+@example(edits=[("trainable_shapes", [1, 2])])
 @example(edits=[("frozen_outputs", "cls")])
 @example(edits=[("files", []), ("files.name", None)])  # found by CI: edits inside a replaced "files"
 @example(edits=[("files", None), ("files.digest", None)])

@@ -23,12 +23,13 @@ from device_runner import ort
 from device_runner.data import iter_batches
 from device_runner.deploy import load_adapter
 from exporters.export import export_bundle
-from exporters.head2toe import Head2ToeFeatures
+from exporters.methods.head2toe import Head2ToeFeatures
 from tests.conftest import TINY, run_cli
 from vqt_edge import head2toe as h2t
 from vqt_edge import manifest as mf
 from vqt_edge.cli import cli
 from vqt_edge.memory import BundleFootprint
+from vqt_edge.spec import AdapterSpec
 
 # TINY: N = 17 tokens, D = 32, mlp = 64. 64: D taps in 2 windows of 8 (one token dropped), mlp taps
 # a global mean; 200: windows of 2 (8 kept) and of 5 (3 kept); 16: all global; 1000: window 0.
@@ -75,8 +76,8 @@ def _pixels(n: int, seed: int) -> torch.Tensor:
 def bundles(tmp_path_factory, tiny_backbone):
     root = tmp_path_factory.mktemp("head2toe")
     for target in TARGETS[:2]:
-        export_bundle(tiny_backbone, root / str(target), model_name="tiny", num_classes=3, method="head2toe",
-                      h2t_target=target, log=lambda _: None)
+        export_bundle(tiny_backbone, root / str(target), AdapterSpec.create(TINY, "head2toe", 3, h2t_target=target),
+                      model_name="tiny", log=lambda _: None)
     return {t: root / str(t) for t in TARGETS[:2]}
 
 
@@ -94,7 +95,7 @@ def test_torch_taps_equal_an_independent_reference(target, tiny_backbone):
     pixels = _pixels(3, seed=1)
     with torch.no_grad():
         want = _reference_features(tiny_backbone, pixels, target)
-        got = Head2ToeFeatures(tiny_backbone, target)(pixels)
+        got = Head2ToeFeatures(tiny_backbone, AdapterSpec.create(TINY, "head2toe", 3, h2t_target=target))(pixels)
     assert got.shape == (3, h2t.feature_width(TINY, target)) == want.shape
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     widths = [w for _, w in h2t.taps(TINY, target)]
@@ -106,9 +107,9 @@ def test_torch_taps_equal_an_independent_reference(target, tiny_backbone):
 def test_frozen_onnx_features_equal_the_reference_and_the_head_reads_them(target, bundles, tiny_backbone):
     bundle = bundles[target]
     m = mf.read_manifest(bundle)
-    assert (m.method, m.frozen_outputs, m.head_input, m.h2t_target) == ("head2toe", ["features"], "features", target)
-    assert m.head_features == h2t.feature_width(TINY, target) and set(m.trainable) == {"head.weight", "head.bias"}
-    assert m.adapter_shapes["head.weight"] == (3, m.head_features)
+    assert (m.spec.method, m.spec.frozen_outputs, m.spec.head_input, m.spec.h2t_target) == ("head2toe", ["features"], "features", target)
+    assert m.spec.head_width == h2t.feature_width(TINY, target) and set(m.spec.trainable_shapes) == {"head.weight", "head.bias"}
+    assert m.spec.trainable_shapes["head.weight"] == (3, m.spec.head_width)
     pixels = _pixels(4, seed=2)
     frozen = onnxruntime.InferenceSession(str(bundle / mf.FROZEN), providers=["CPUExecutionProvider"])
     (got,) = frozen.run(["features"], {"pixel_values": pixels.numpy()})
@@ -118,7 +119,7 @@ def test_frozen_onnx_features_equal_the_reference_and_the_head_reads_them(target
     training = onnx.load(str(bundle / mf.TRAINING_MODEL))
     assert [i.name for i in training.graph.input][:2] == ["features", "targets"]
     fp = BundleFootprint.from_bundle(bundle)  # the memory model counts the feature width
-    assert fp.feed_per_sample == 4 * m.head_features and fp.cache_per_sample == 2 * m.head_features
+    assert fp.feed_per_sample == 4 * m.spec.head_width and fp.cache_per_sample == 2 * m.spec.head_width
 
 
 def test_one_training_step_is_a_linear_probe_on_the_features(bundles, tiny_backbone):
@@ -128,7 +129,7 @@ def test_one_training_step_is_a_linear_probe_on_the_features(bundles, tiny_backb
     state = api.CheckpointState.load_checkpoint(str(bundle / mf.CHECKPOINT))
     module = api.Module(str(bundle / mf.TRAINING_MODEL), state, str(bundle / mf.EVAL_MODEL))
     rng = np.random.default_rng(3)
-    w = rng.normal(0, 0.3, (3, m.head_features)).astype(np.float32)
+    w = rng.normal(0, 0.3, (3, m.spec.head_width)).astype(np.float32)
     bias = rng.normal(0, 0.3, 3).astype(np.float32)
     state.parameters["head.weight"].data, state.parameters["head.bias"].data = w, bias
     b = 6
@@ -198,7 +199,7 @@ def test_keep_fraction_selects_head2toe_features_and_model_onnx_reads_only_those
     m = mf.read_manifest(bundle)
     adapter = load_adapter(run / "adapter.safetensors", m)
     index = adapter["head.feature_index"]
-    assert len(index) == round(0.3 * m.head_features) and adapter["head.weight"].shape == (3, len(index))
+    assert len(index) == round(0.3 * m.spec.head_width) and adapter["head.weight"].shape == (3, len(index))
     images = sorted(task["test"].rglob("*.png"))[::7]
     pixels, _ = next(iter_batches([(p, 0) for p in images], len(images), TINY.image_size, m.mean, m.std))
     got = onnxruntime.InferenceSession(str(run / "model.onnx"), providers=["CPUExecutionProvider"]).run(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from exporters.loaders import detect_format, save_hf_folder
 from tests.conftest import TINY, run_cli
 from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
+from vqt_edge.spec import AdapterSpec
 
 # -- helpers ---------------------------------------------------------------------------------------
 
@@ -31,7 +33,8 @@ def other_bundle(tmp_path_factory, tiny_backbone) -> Path:
     from exporters.export import export_bundle
 
     out = tmp_path_factory.mktemp("bundle4")
-    export_bundle(tiny_backbone, out, model_name="tiny", num_classes=4, query_tokens=2, log=lambda _: None)
+    export_bundle(tiny_backbone, out, AdapterSpec.create(tiny_backbone.arch, "vqt", 4, query_tokens=2), model_name="tiny",
+                  log=lambda _: None)
     return out
 
 
@@ -235,9 +238,9 @@ def _foreign_model(run: Path, other_bundle: Path) -> str:
     from device_runner.deploy import build_model
 
     m = mf.read_manifest(other_bundle)
-    d, c = m.arch.dim, m.num_classes
-    adapter = {"query_tokens": np.zeros((len(m.query_layers), m.query_tokens, d), np.float32),
-               "head.weight": np.zeros((c, m.head_features), np.float32), "head.bias": np.zeros(c, np.float32)}
+    d, c = m.spec.arch.dim, m.spec.num_classes
+    adapter = {"query_tokens": np.zeros((len(m.spec.query_layers), m.spec.query_tokens, d), np.float32),
+               "head.weight": np.zeros((c, m.spec.head_width), np.float32), "head.bias": np.zeros(c, np.float32)}
     build_model(other_bundle, m, adapter, run / "model.onnx")
     return "model.onnx: sha256 does not match"  # the hash summary.json recorded catches it first
 
@@ -328,15 +331,15 @@ def test_damaged_run_folder_is_refused_by_eval(damage, tmp_path, finished_run, o
 
 
 def test_recorded_hashes_catch_a_flipped_weight_in_model_onnx(tmp_path, finished_run, task):
-    """evaluate.verify_run_files checks the sha256 that a run records in summary.json "files"."""
-    from device_runner.evaluate import FinishedRun, verify_run_files
-    from device_runner.trainer import RUN_FILES
+    """RunFolder.verify checks the sha256 that a run records in summary.json "files"."""
+    from device_runner.evaluate import FinishedRun
+    from vqt_edge.run_folder import RUN_FILES, RunFolder
 
     run = _copy(finished_run, tmp_path / "run")
     summary = json.loads((run / "summary.json").read_text())
     assert summary["files"] == {name: mf.sha256_file(run / name) for name in RUN_FILES}
     (run / "summary.json").write_text(json.dumps(summary))
-    verify_run_files(run)
+    RunFolder(run).verify()
     FinishedRun.open(run)
     _flip_byte(run / "model.onnx", 0.6)
     with pytest.raises(UserError, match=r"model\.onnx: sha256 does not match summary\.json"):
@@ -344,7 +347,20 @@ def test_recorded_hashes_catch_a_flipped_weight_in_model_onnx(tmp_path, finished
     summary["files"] = {"../../etc/passwd": "0" * 64}
     (run / "summary.json").write_text(json.dumps(summary))
     with pytest.raises(UserError, match="unexpected file"):
-        verify_run_files(run)
+        RunFolder(run).verify()
+
+
+@pytest.mark.parametrize("damage", SUMMARY_DAMAGE, ids=[d.__name__.lstrip("_") for d in SUMMARY_DAMAGE])
+def test_damaged_summary_is_refused_by_load_adapter(damage, tmp_path, finished_run, other_bundle):
+    """A run folder (it has run.json) is verified by load_adapter too: deleting or editing summary.json
+    does not turn it into an unchecked adapter folder."""
+    from vqt_edge import api
+
+    run = _copy(finished_run, tmp_path / "run")
+    api.load_adapter(run)  # the intact copy loads
+    needle = damage(run, other_bundle)
+    with pytest.raises(UserError, match=re.escape(needle)):
+        api.load_adapter(run)
 
 
 def test_flipped_weight_in_model_onnx_is_refused_by_predict(tmp_path, finished_run, task):

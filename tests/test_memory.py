@@ -191,11 +191,11 @@ def test_streamed_model_onnx_equals_the_onnx_compose_merge(tiny_bundle, tmp_path
     rng = np.random.default_rng(0)
     head = onnx.load(str(tiny_bundle / mf.HEAD_MODEL))
     inits = {t.name: t for t in head.graph.initializer}
-    learned = {g: rng.standard_normal(list(inits[g].dims)).astype(np.float32) for g in manifest.trainable.values()}
+    learned = {g: rng.standard_normal(list(inits[g].dims)).astype(np.float32) for g in manifest.spec.trainable_shapes}
     for name, value in learned.items():
         inits[name].CopyFrom(numpy_helper.from_array(value, name))
     reference = compose.merge_models(onnx.load(str(tiny_bundle / mf.FROZEN)), compose.add_prefix(head, "head/"),
-                                     io_map=[(n, "head/" + n) for n in manifest.frozen_outputs], outputs=["head/logits"])
+                                     io_map=[(n, "head/" + n) for n in manifest.spec.frozen_outputs], outputs=["head/logits"])
     onnx.save(reference, str(tmp_path / "reference.onnx"))
     merge_streaming(tiny_bundle / mf.FROZEN, tiny_bundle / mf.HEAD_MODEL, tmp_path / "model.onnx", learned, doc_string="d")
     model = onnx.load(str(tmp_path / "model.onnx"))
@@ -208,7 +208,7 @@ def test_streamed_model_onnx_equals_the_onnx_compose_merge(tiny_bundle, tmp_path
 
 
 def test_sweep_memory_only_writes_results_and_plot(tmp_path):
-    from vqt_edge.manifest import METHODS
+    from vqt_edge.spec import METHODS
 
     methods = "vqt,linear" if "linear" in METHODS else "vqt"  # linear: a single point, no k
     out = tmp_path / "sweep"

@@ -21,6 +21,7 @@ from exporters.vit import VisionTransformer
 from tests.test_baselines import _head, _pixels, _random_adapter, _reference_logits
 from vqt_edge import manifest as mf
 from vqt_edge.arch import ViTArch
+from vqt_edge.spec import AdapterSpec
 
 # ViT-Ti/16's width (dim 192, 3 heads, MLP 768) on two layers and 32 px: weights of the real size.
 WIDE = ViTArch(depth=2, dim=192, heads=3, mlp_dim=768, patch=16, image_size=32)
@@ -36,8 +37,8 @@ def bundles(tmp_path_factory, tiny_backbone):
     for key, backbone, method, k in (("vqt", tiny_backbone, "vqt", None), ("vqt+adaptformer", tiny_backbone, "vqt+adaptformer", 2),
                                      ("wide", wide.eval(), "vqt", None)):
         out[key] = (root / key.replace("+", "_"), backbone)
-        export_bundle(backbone, out[key][0], model_name=key, num_classes=3, method=method, last_k=k, query_tokens=2,
-                      log=lambda _: None)
+        export_bundle(backbone, out[key][0], AdapterSpec.create(backbone.arch, method, 3, last_k=k, query_tokens=2),
+                      model_name=key, log=lambda _: None)
     return out
 
 
@@ -46,7 +47,7 @@ def _logits(path, pixels: np.ndarray) -> np.ndarray:
 
 
 def _learned(m: mf.Manifest, adapter: dict) -> dict[str, np.ndarray]:
-    return {g: adapter[n] for n, g in m.trainable.items()}
+    return {n: adapter[n] for n in m.spec.trainable_shapes}
 
 
 @pytest.mark.parametrize("key", ["vqt", "vqt+adaptformer"])
@@ -57,7 +58,7 @@ def test_shared_model_predicts_as_the_copying_merge_and_torch(key, bundles, tmp_
     build_model(bundle, m, adapter, tmp_path / "model.onnx")
     merge_streaming(bundle / mf.FROZEN, bundle / mf.HEAD_MODEL, tmp_path / "copy.onnx", _learned(m, adapter))
 
-    shared = find_shared(bundle / mf.FROZEN, bundle / mf.HEAD_MODEL, set(m.trainable.values())).tensors
+    shared = find_shared(bundle / mf.FROZEN, bundle / mf.HEAD_MODEL, set(m.spec.trainable_shapes)).tensors
     assert QUERY_WEIGHTS <= set(shared)
     if key == "vqt+adaptformer":  # layer 0 from frozen.onnx, the adapted layers from the head's own blocks
         pieces = shared["query_path.wq"].pieces

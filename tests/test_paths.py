@@ -287,3 +287,29 @@ def test_predict_a_folder_without_images_is_a_clear_error(tiny_run, photos, fold
     out = run_cli("predict", "--run", tiny_run, "photos/a.png", folder, *extra, "--json", cwd=photos)
     assert_clean_error(out, *needles)
     assert out.stdout == ""  # refused before anything is predicted
+
+
+def test_disk_cache_reuses_the_identity_hashes(tmp_path, tiny_bundle, task, monkeypatch):
+    """With --kv disk, each image's bytes are hashed once at start (its sample identity), and the
+    K/V disk cache is keyed by those same sha256s, not by a second pass over the files."""
+    import hashlib
+
+    from device_runner import identity, trainer
+
+    calls: list[Path] = []
+
+    def counted(path):
+        calls.append(Path(path))
+        return real(path)
+
+    real = identity.image_sha256
+    monkeypatch.setattr(identity, "image_sha256", counted)
+    monkeypatch.setattr(trainer, "image_sha256", counted)
+    run = tmp_path / "run"
+    t = trainer.Trainer(tiny_bundle, run, trainer.TrainConfig(epochs=1, kv="disk"), task["train"], task["test"], False,
+                        echo=lambda _: None)
+    t._prepare_features()
+    images = [p for p, _ in t.data.train.samples + t.data.val.samples]
+    assert len(images) == 180 and sorted(calls) == sorted(images)  # each image once
+    index = json.loads(next((run / "kv_cache").glob("*/index.json")).read_text())["rows"]
+    assert set(index) == {hashlib.sha256(p.read_bytes()).hexdigest() for p in images}

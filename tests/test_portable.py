@@ -15,8 +15,8 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from device_runner import ort
-from device_runner.backends import PortableBackend
 from tests.conftest import REPO, run_cli
+from vqt_edge.run_folder import CHECKPOINTS
 
 TRAINING = ort.has_training_api()
 needs_training = pytest.mark.skipif(not TRAINING, reason="no onnxruntime-training here")
@@ -68,7 +68,7 @@ def test_portable_checkpoint_is_what_is_trained_and_never_imports_ort_training(t
     )
     out = subprocess.run([sys.executable, "-c", code, str(task["train"])], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
-    path = run / PortableBackend.checkpoint
+    path = run / CHECKPOINTS["portable"]
     adapter = load_file(str(run / "adapter.safetensors"))
     with safe_open(str(path), framework="np") as f:
         keys, meta = set(f.keys()), f.metadata()
@@ -87,7 +87,7 @@ def test_damaged_portable_checkpoint_is_a_clean_error_on_resume(tmp_path, tiny_b
     out = run_cli("train", *args)
     assert out.returncode == 0, out.stderr
     (run / "adapter.safetensors").unlink()
-    path = run / PortableBackend.checkpoint
+    path = run / CHECKPOINTS["portable"]
     path.write_bytes(path.read_bytes()[:200])
     out = run_cli("train", "--run", run, "--resume")
     assert out.returncode == 2 and out.stderr.splitlines()[-1].startswith("error: ") and "Traceback" not in out.stderr, out.stderr

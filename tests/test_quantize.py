@@ -22,11 +22,13 @@ from onnx import numpy_helper
 
 from device_runner import ort
 from exporters.export import export_bundle, export_frozen
+from exporters.methods import build_head
 from exporters.quantize import dequantized_weights, quantize, quantize_int8
-from exporters.vit import VisionTransformer, VQTHead
+from exporters.vit import VisionTransformer
 from tests.conftest import TINY, run_cli
 from vqt_edge import manifest as mf
 from vqt_edge.arch import PRESETS
+from vqt_edge.spec import AdapterSpec
 
 MODES = ("int8", "int4")
 
@@ -34,8 +36,8 @@ MODES = ("int8", "int4")
 @pytest.fixture(scope="module", params=MODES)
 def quant_bundle(request, tmp_path_factory, tiny_backbone):
     out = tmp_path_factory.mktemp(f"bundle_{request.param}")
-    export_bundle(tiny_backbone, out, model_name="tiny", num_classes=3, query_tokens=2, quantize=request.param,
-                  log=lambda _: None)
+    export_bundle(tiny_backbone, out, AdapterSpec.create(tiny_backbone.arch, "vqt", 3, query_tokens=2), model_name="tiny",
+                  quantize=request.param, log=lambda _: None)
     return out
 
 
@@ -74,7 +76,7 @@ def _frozen_outputs(bundle, n, seed):
 
 
 def _torch_vqt_head(backbone, manifest, values: dict[str, np.ndarray], trainable: dict[str, np.ndarray]):
-    head = VQTHead(backbone, manifest.query_layers, manifest.query_tokens, manifest.num_classes, manifest.feature_norm)
+    head = build_head(backbone, manifest.spec)
     params = dict(head.named_parameters())
     with torch.no_grad():
         for name, v in {**values, **trainable}.items():
@@ -134,7 +136,7 @@ def test_frozen_int8_keys_values_close_to_fp32_tiny(tiny_bundle, tmp_path):
 def test_frozen_int8_keys_values_close_to_fp32_vit_ti16(tmp_path):
     backbone = VisionTransformer(PRESETS["vit_ti16"])
     backbone.reset_parameters(seed=5)
-    export_frozen(backbone.eval(), tmp_path / "frozen.onnx", list(range(12)))
+    export_frozen(backbone.eval(), tmp_path / "frozen.onnx", AdapterSpec.create(backbone.arch, "vqt", 2))
     quantize_int8(tmp_path / "frozen.onnx", tmp_path / "frozen8.onnx")
     assert (tmp_path / "frozen8.onnx").stat().st_size < 0.35 * (tmp_path / "frozen.onnx").stat().st_size
     errors = _kv_error(tmp_path / "frozen.onnx", tmp_path / "frozen8.onnx", (2, 3, 224, 224))
@@ -151,7 +153,7 @@ HEAD_TOLERANCE = {"int4": 1e-4, "int8": 5e-2}
 @pytest.mark.parametrize("mode", MODES)
 def test_quantized_head_equals_torch_with_dequantized_weights(mode, tiny_bundle, tiny_backbone, tmp_path):
     manifest = mf.read_manifest(tiny_bundle)
-    keep = list(manifest.trainable.values())
+    keep = list(manifest.spec.trainable_shapes)
     quantize(mode, tiny_bundle / mf.HEAD_MODEL, tmp_path / "head.onnx", keep)
     values = numpy_dequantized(tmp_path / "head.onnx")
     assert sorted(values) == ["query_path.w1", "query_path.w2", "query_path.wo", "query_path.wq"]
@@ -182,18 +184,18 @@ def test_quantized_bundle_trains_on_the_dequantized_weights(quant_bundle, tiny_b
     for name, v in values.items():
         np.testing.assert_allclose(np.array(state.parameters[name].data), v, atol=1e-6)
     module = api.Module(str(quant_bundle / mf.TRAINING_MODEL), state, str(quant_bundle / mf.EVAL_MODEL))
-    trainable = {n: np.array(state.parameters[n].data) for n in manifest.trainable.values()}
+    trainable = {n: np.array(state.parameters[n].data) for n in manifest.spec.trainable_shapes}
     head = _torch_vqt_head(tiny_backbone, manifest, values, trainable)
     cls, keys, values_ = _frozen_outputs(quant_bundle, 4, seed=2)
-    keep = np.ones((4, len(manifest.query_layers), manifest.query_tokens, TINY.dim), np.float32)
-    targets = np.eye(manifest.num_classes, dtype=np.float32)[[0, 1, 2, 0]] / 4
+    keep = np.ones((4, len(manifest.spec.query_layers), manifest.spec.query_tokens, TINY.dim), np.float32)
+    targets = np.eye(manifest.spec.num_classes, dtype=np.float32)[[0, 1, 2, 0]] / 4
     module.train()
     loss, _ = module(cls, keys, values_, keep, targets)
     t_loss = -(torch.log_softmax(head(*map(torch.from_numpy, (cls, keys, values_, keep))), -1) * torch.from_numpy(targets)).sum()
     t_loss.backward()
     assert abs(float(loss) - t_loss.item()) <= 1e-4
     params = dict(head.named_parameters())
-    for name in manifest.trainable.values():
+    for name in manifest.spec.trainable_shapes:
         np.testing.assert_allclose(np.array(state.parameters[name].grad), params[name].grad.numpy(), atol=1e-4, rtol=1e-4)
 
 

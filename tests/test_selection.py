@@ -80,7 +80,7 @@ def _gemm_weight(model: onnx.ModelProto) -> tuple[onnx.NodeProto, list[int]]:
 
 def test_keep_fraction_shrinks_the_head_to_30_percent(selected_run, tiny_run, tiny_bundle):
     manifest = mf.read_manifest(tiny_bundle)
-    f = manifest.head_features
+    f = manifest.spec.head_width
     k = round(0.3 * f)
     adapter = load_file(str(selected_run / "adapter.safetensors"))
     index = adapter[FEATURE_INDEX]

@@ -2,7 +2,7 @@
 
 For every method the bundle format knows, exporters/step.py's graph, run by a plain onnxruntime
 InferenceSession, must give the loss, logits and gradient of every trainable tensor that
-`loss.backward()` gives on the same `MethodHead` (docs/design.md section 9), within 1e-5 of the
+`loss.backward()` gives on the same method head (exporters/methods/) (docs/design.md section 9), within 1e-5 of the
 largest value. K/V and hidden go in as fp16 (as cached); torch gets the same fp16 values.
 """
 
@@ -14,11 +14,12 @@ import onnxruntime
 import pytest
 import torch
 
-from exporters.baselines import FrozenPart, MethodHead
+from device_runner.backends import STEP_DISABLED_OPTIMIZERS
+from exporters.methods import build_frozen, build_head
 from exporters.step import HALF_INPUTS, MAX_IR_VERSION, export_step, grad_name
 from exporters.vit import VisionTransformer
-from vqt_edge import manifest as mf
 from vqt_edge.arch import PRESETS
+from vqt_edge.spec import AdapterSpec
 
 RTOL = 1e-5  # relative to the largest magnitude of each compared tensor
 
@@ -27,19 +28,32 @@ def _relative_error(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
 
 
+def _transposes_reading(model: onnx.ModelProto, inputs: set[str]) -> list[str]:
+    """Transpose nodes that read `inputs` (through Cast and Reshape): each one is a full copy of K
+    or V per step, which the portable step must not make (exporters/vit.py _QueryKeyScores)."""
+    derived = set(inputs)
+    found = []
+    for node in model.graph.node:  # topologically sorted
+        if node.input and node.input[0] in derived:
+            if node.op_type in ("Cast", "Reshape"):
+                derived.update(node.output)
+            elif node.op_type == "Transpose":
+                found.append(node.name)
+    return found
+
+
 def _check(backbone: VisionTransformer, method: str, last_k: int, tokens: int, tmp_path, batch: int = 5) -> None:
     arch = backbone.arch
-    layers = list(range(arch.depth)) if method in mf.QUERY_METHODS else []
+    spec = AdapterSpec.create(arch, method, 4, last_k=last_k or None, query_tokens=tokens)
     torch.manual_seed(1)
-    head = MethodHead(backbone, method, last_k=last_k, query_layers=layers, tokens=tokens, num_classes=4)
+    head = build_head(backbone, spec)
     trainable = head.trainable()
     params = dict(head.named_parameters())
     with torch.no_grad():  # away from the init (zero up-projections, zero bias): every gradient non-trivial
-        for g in trainable.values():
+        for g in trainable:
             params[g].add_(torch.randn_like(params[g]) * 0.05)
-    split = arch.depth - last_k
-    outputs = mf.frozen_outputs_for(method, layers, last_k, arch.depth)
-    frozen = FrozenPart(backbone, outputs, mf.frozen_kv_layers(method, layers, last_k, arch.depth), split)
+    outputs = spec.frozen_outputs
+    frozen = build_frozen(backbone, spec)
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():
         example = frozen(torch.randn(2, 3, arch.image_size, arch.image_size, generator=gen))
@@ -47,18 +61,23 @@ def _check(backbone: VisionTransformer, method: str, last_k: int, tokens: int, t
     export_step(head, example, tmp_path / "step.onnx")
     feats = [f.half() if name in HALF_INPUTS else f for name, f in zip(outputs, feats)]
     extra = []
-    if layers:
-        extra.append((torch.rand(batch, len(layers), tokens, arch.dim, generator=gen) >= 0.1).float() / 0.9)
+    if spec.has_query_tokens:
+        extra.append((torch.rand(batch, *spec.query_keep_shape, generator=gen) >= 0.1).float() / 0.9)
     labels = torch.randint(0, 4, (batch,), generator=gen)
     extra.append(torch.nn.functional.one_hot(labels, 4).float() / batch)
 
     model = onnx.load(str(tmp_path / "step.onnx"))
     assert model.ir_version <= MAX_IR_VERSION
     assert {n.domain for n in model.graph.node} <= {""}  # standard ops only
-    session = onnxruntime.InferenceSession(str(tmp_path / "step.onnx"), providers=["CPUExecutionProvider"])
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")  # the graph onnxruntime runs
+    session = onnxruntime.InferenceSession(str(tmp_path / "step.onnx"), options, providers=["CPUExecutionProvider"],
+                                           disabled_optimizers=STEP_DISABLED_OPTIMIZERS)
+    copies = _transposes_reading(onnx.load(str(tmp_path / "optimized.onnx")), {"keys", "values"})
+    assert not copies, f"the step copies K/V through {copies} (docs/design.md section 10)"
     names = [i.name for i in session.get_inputs()]
     assert set(names[: len(trainable)]) == set(trainable)
-    feed = {n: params[trainable[n]].detach().numpy() for n in trainable}
+    feed = {n: params[n].detach().numpy() for n in trainable}
     feed.update({n: t.numpy() for n, t in zip(head.input_names, [*feats, *extra])})
     got = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
 
@@ -69,8 +88,8 @@ def _check(backbone: VisionTransformer, method: str, last_k: int, tokens: int, t
     loss.backward()
     assert _relative_error(got["loss"], loss.detach().numpy()) <= RTOL
     assert _relative_error(got["logits"], logits.detach().numpy()) <= RTOL
-    for n, g in trainable.items():
-        want = params[g].grad.numpy()
+    for n in trainable:
+        want = params[n].grad.numpy()
         assert np.abs(want).max() > 0, n
         assert got[grad_name(n)].shape == want.shape, n
         assert _relative_error(got[grad_name(n)], want) <= RTOL, (n, _relative_error(got[grad_name(n)], want))

@@ -1,9 +1,9 @@
 """`adapter_config.json`: what an adapter is, written beside `adapter.safetensors` (peft-style).
 
-The safetensors file holds only tensors. Applying them needs the rest: the method and the backbone's
-architecture, which layers carry query tokens and how many (T), the head's feature normalization,
-the class names, the input normalization, and which frozen graph the tensors were trained against
-(its sha256). With this file an adapter folder describes itself: `load_adapter` checks it against
+The safetensors file holds only tensors. Applying them needs the rest: the adapter spec
+(vqt_edge/spec.py: the backbone's architecture, the method, which layers carry query tokens and how
+many (T), ...), the class names, the input normalization, and which frozen graph the tensors were
+trained against (its sha256). With this file an adapter folder describes itself: `load_adapter` checks it against
 the bundle it is given and refuses a mismatch before any image is read (docs/design.md section 3).
 
 Pure JSON and the manifest: no onnxruntime, no torch.
@@ -18,12 +18,16 @@ from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
 from vqt_edge.fileio import atomic_write_text
 from vqt_edge.manifest import Manifest
+from vqt_edge.spec import AdapterSpec
 
 ADAPTER_CONFIG = "adapter_config.json"
 
-#: Fields that must equal the bundle's manifest for the adapter to apply to it.
-_MANIFEST_FIELDS = ("method", "query_layers", "query_tokens", "last_k", "feature_norm", "dropout",
-                    "num_classes", "mean", "std")
+#: Fields that must equal the bundle's manifest for the adapter to apply to it: the spec's and these.
+_MANIFEST_FIELDS = ("mean", "std")
+
+
+def _bundle_fields(manifest: Manifest) -> dict:
+    return {**manifest.spec.to_dict(), **{k: getattr(manifest, k) for k in _MANIFEST_FIELDS}}
 
 
 def from_manifest(manifest: Manifest, classes: list[str]) -> dict:
@@ -31,10 +35,9 @@ def from_manifest(manifest: Manifest, classes: list[str]) -> dict:
     return {
         "format": mf.FORMAT,
         "base_model": manifest.model,
-        "arch": manifest.arch.to_dict(),
-        **{k: getattr(manifest, k) for k in _MANIFEST_FIELDS},
+        **_bundle_fields(manifest),
         "class_names": list(classes),
-        "tensors": {k: list(v) for k, v in manifest.adapter_shapes.items()},
+        "tensors": {k: list(v) for k, v in manifest.spec.trainable_shapes.items()},
         "frozen_sha256": manifest.files[mf.FROZEN],
     }
 
@@ -52,7 +55,7 @@ def read(folder: Path) -> dict:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise UserError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
-    needed = {"format", "arch", "class_names", "frozen_sha256", *_MANIFEST_FIELDS}
+    needed = {"format", "arch", "class_names", "frozen_sha256", *AdapterSpec.FIELDS, *_MANIFEST_FIELDS}
     if not isinstance(config, dict) or not needed <= set(config):
         raise UserError(f"{path}: damaged: needs the fields {', '.join(sorted(needed))}")
     if config["format"] != mf.FORMAT:
@@ -69,7 +72,6 @@ def check_matches(config: dict, manifest: Manifest, source: Path) -> None:
         raise UserError(f"{source}: was trained on another frozen graph (frozen.onnx sha256 "
                         f"{config['frozen_sha256'][:12]}..., the bundle's is {manifest.files.get(mf.FROZEN, '?')[:12]}...); "
                         "give the bundle it was trained on")
-    want = {"arch": manifest.arch.to_dict(), **{k: getattr(manifest, k) for k in _MANIFEST_FIELDS}}
-    for key, value in want.items():
+    for key, value in _bundle_fields(manifest).items():
         if config[key] != value:
             raise UserError(f"{source}: {key} is {config[key]!r}, the bundle's is {value!r}")

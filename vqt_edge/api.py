@@ -19,7 +19,6 @@ and lean malloc are set only with `train(..., process_wide=True)`, which the CLI
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -31,6 +30,7 @@ if TYPE_CHECKING:  # the real imports happen in the functions
     from device_runner.adapter import AdapterModel
     from device_runner.trainer import TrainConfig
     from vqt_edge.manifest import Manifest
+    from vqt_edge.progress import OnProgress
 
 log = logging.getLogger("vqt_edge")
 Progress = Callable[[str], None]
@@ -59,9 +59,7 @@ def parse_query_layers(text: str, depth: int) -> list[int]:
         layers = [int(x) % depth if -depth <= int(x) < depth else int(x) for x in text.split(",")]
     except ValueError:
         raise UserError(f"--query-layers: expected 'all', 'last:K' or indices like 0,5,11; got {text!r}") from None
-    if any(not 0 <= i < depth for i in layers) or len(set(layers)) != len(layers):
-        raise UserError(f"--query-layers: indices must be distinct and in [0, {depth}); got {text!r}")
-    return sorted(layers)
+    return sorted(layers)  # range and duplicates: checked once, by the adapter spec (vqt_edge/spec.py)
 
 
 def export(
@@ -74,6 +72,8 @@ def export(
 ) -> "Manifest":
     """Write a bundle to `out` (needs torch); the options are `vqt-edge export`'s. Returns its manifest.
 
+    `weights`: a checkpoint file or folder, `hf-hub:ORG/NAME[@REVISION]`, or a timm model name such as
+    `vit_base_patch16_224.augreg2_in21k_ft_in1k` (= hf-hub:timm/NAME): exporters/hub.py.
     `sizes` (depth, dim, heads, mlp_dim, patch, image_size) overrides a preset or defines a model.
     `query_layers`: 'all', 'last:K', '0,5,11' or a list of indices.
     """
@@ -97,8 +97,9 @@ def export(
     level = root.level  # exporters/export.py lowers the root logger to WARNING (generate_artifacts is chatty)
     try:
         run_export(
-            model_name=model, weights=Path(weights) if weights is not None else None, random_init=random_init,
-            num_classes=num_classes, class_names=class_names, out=out, method=method, last_k=last_k, tokens=query_tokens,
+            model_name=model, weights=weights if weights is None or isinstance(weights, str) else Path(weights),
+            random_init=random_init,
+            num_classes=num_classes, class_names=class_names, out=out, method=method, last_k=last_k, query_tokens=query_tokens,
             query_layers=layers, feature_norm=feature_norm, dropout=dropout, aggregate=aggregate, h2t_target=h2t_target,
             mean=list(mean) if mean is not None else None, std=list(std) if std is not None else None, seed=seed,
             sizes={k: (sizes or {}).get(k) for k in ("depth", "dim", "heads", "mlp_dim", "patch", "image_size")},
@@ -112,9 +113,13 @@ def export(
 def train(
     bundle: PathLike | None, data: PathLike | None, run: PathLike, config: "TrainConfig | None" = None, *,
     val: PathLike | None = None, test: PathLike | None = None, resume: bool = False,
-    progress: Progress | None = None, process_wide: bool = False,
+    progress: Progress | None = None, on_progress: "OnProgress | None" = None, process_wide: bool = False,
 ) -> dict:
     """Train (or with `resume`, continue) a run to its end and return its summary (summary.json).
+
+    `progress` receives the run's messages (default: the `vqt_edge` logger at INFO); `on_progress`
+    receives vqt_edge.progress.Progress events (task, done, total, info) during the frozen pass and
+    every epoch (default: DEBUG records of the same logger). Nothing is drawn on the terminal.
 
     `config` holds `vqt-edge train`'s options (TrainConfig; its default kv="auto" lets the planner
     choose where K/V live, against memory_budget_mb or else the memory available). With `test`, the test set is evaluated in this process at the end and its
@@ -125,8 +130,8 @@ def train(
     memory budget) and turn SIGINT/SIGTERM into checkpoint-and-stop during this call.
     """
     from device_runner.evaluate import FinishedRun, evaluate as run_evaluate
-    from device_runner.trainer import SUMMARY, TrainConfig, enforce_budget, train as run_training
-    from vqt_edge.fileio import atomic_write_text
+    from device_runner.trainer import TrainConfig, enforce_budget, train as run_training
+    from vqt_edge.run_folder import RunFolder
 
     cfg = config if config is not None else TrainConfig()
     run = Path(run)
@@ -135,12 +140,11 @@ def train(
     echo = progress or log.info
     summary = run_training(Path(bundle) if bundle is not None else None, run, cfg,
                            Path(data) if data is not None else None, Path(val) if val is not None else None, resume,
-                           echo=echo, with_test=test is not None, process_wide=process_wide)
+                           echo=echo, with_test=test is not None, process_wide=process_wide, progress=on_progress)
     if test is not None:
         # at the frozen-pass batch: what the memory plan counted (vqt_edge/memory.py), as fast per image as larger ones
         result = run_evaluate(FinishedRun.open(run, cfg.device), Path(test), summary["memory_plan"]["frozen_batch"])
-        summary["test_accuracy"], summary["test_images"] = result["accuracy"], result["images"]
-        atomic_write_text(run / SUMMARY, json.dumps(summary, indent=2) + "\n")
+        summary = RunFolder(run).update_summary({"test_accuracy": result["accuracy"], "test_images": result["images"]})
         echo(f"test accuracy {result['accuracy']:.4f} on {result['images']} images")
         enforce_budget(run, summary)  # the test pass ran in this process too
     return summary

@@ -13,6 +13,7 @@ import click
 
 from vqt_edge.cli_options import arch_size_options
 from vqt_edge.errors import UserError
+from vqt_edge.spec import KV_MODES
 
 
 def _count_images(data: Path) -> int:
@@ -27,7 +28,7 @@ def _count_images(data: Path) -> int:
 @click.option("--images", type=int, help="Training + validation images [default: counted in --data, else 1000].")
 @click.option("--data", type=click.Path(path_type=Path), help="Count the images of this data set (same layouts as train --data).")
 @click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--kv", type=click.Choice(["ram", "disk", "stream"]), help="Keep this K/V mode (default: the planner chooses).")
+@click.option("--kv", type=click.Choice(KV_MODES), help="Keep this K/V mode (default: the planner chooses).")
 @click.option("--micro-batch", type=int, help="Keep this micro-batch (default: the planner chooses).")
 @click.option("--test", "with_test", is_flag=True, help="The run will also evaluate a --test set in the same process.")
 @click.option("--backend", type=click.Choice(["auto", "portable", "ort-training"]), default="auto", show_default=True,
@@ -90,7 +91,7 @@ def plan(bundle, memory_budget, images, data, batch_size, kv, micro_batch, with_
 @click.option("--steps", type=int, help="Memory-only: N training steps on generated random images (no --data).")
 @click.option("--epochs", type=int, default=10, show_default=True, help="Epochs per run (with --data).")
 @click.option("--lr", type=float, help="Learning rate for every run [default: train's].")
-@click.option("--kv", type=click.Choice(["ram", "disk", "stream"]),
+@click.option("--kv", type=click.Choice(KV_MODES),
               help="Passed to every training run [default: each run chooses from the available memory, as train does].")
 @click.option("--micro-batch", type=int, help="Passed to every training run.")
 @click.option("--num-classes", type=int, help="[default: the classes of --data; 2 with --steps].")

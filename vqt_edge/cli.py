@@ -17,7 +17,8 @@ import click
 from vqt_edge.cli_options import arch_size_options
 from vqt_edge.errors import UserError
 from vqt_edge.head2toe import DEFAULT_TARGET as H2T_DEFAULT_TARGET
-from vqt_edge.manifest import AGGREGATES, METHODS, QUANTIZE_MODES
+from vqt_edge.manifest import QUANTIZE_MODES
+from vqt_edge.spec import AGGREGATES, FEATURE_NORMS, KV_MODES, METHODS
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 
@@ -69,8 +70,10 @@ def _floats(text: str | None, what: str, n: int = 3) -> list[float] | None:
 
 @cli.command()
 @click.option("--model", "model_name", help="Preset: vit_ti16, vit_s16, vit_b16, vit_l16, vit_fmnist. Omit to give every size below.")
-@click.option("--weights", type=click.Path(exists=True, path_type=Path),
-              help="Checkpoint: Google .npz, timm/MAE .pth or .safetensors, or a Hugging Face ViT folder (detected by content).")
+@click.option("--weights", metavar="CKPT|hf-hub:ORG/NAME",
+              help="Checkpoint: Google .npz, timm/MAE .pth or .safetensors, or a Hugging Face ViT folder (detected by content); "
+                   "or a named one: hf-hub:ORG/NAME[@REV], or a timm model name (vit_base_patch16_224.augreg_in21k = "
+                   "hf-hub:timm/...), from the Hugging Face cache (downloaded there when online).")
 @click.option("--random-init", is_flag=True, help="No checkpoint: random weights (tests, memory and speed measurements).")
 @click.option("--num-classes", type=int, help="Classes of the task the device will learn.")
 @click.option("--classes", help="Comma-separated class names (optional; sets --num-classes).")
@@ -79,9 +82,9 @@ def _floats(text: str | None, what: str, n: int = 3) -> list[float] | None:
               help="What the device trains: VQT, or a baseline (linear probe, VPT-Deep, AdaptFormer, partial fine-tuning, "
                    "Head2Toe) or VQT on top of one (docs/design.md section 5).")
 @click.option("--last-k", type=int, help="Layers adapted by vpt, adaptformer, finetune and vqt+*: the last K [default: all].")
-@click.option("--query-tokens", "tokens", type=int, default=1, show_default=True, help="T: query tokens per layer (VPT: prompt tokens per layer).")
+@click.option("--query-tokens", type=int, default=1, show_default=True, help="T: query tokens per layer (VPT: prompt tokens per layer).")
 @click.option("--query-layers", default="all", show_default=True, help="'all', 'last:K', or 0-based indices like 0,5,11.")
-@click.option("--feature-norm", type=click.Choice(["l2", "none"]), default="l2", show_default=True,
+@click.option("--feature-norm", type=click.Choice(FEATURE_NORMS), default="l2", show_default=True,
               help="Normalize each feature group (CLS, each layer's query outputs; head2toe: each tap) before the head.")
 @click.option("--aggregate", type=click.Choice(AGGREGATES), default="concat", show_default=True,
               help="How a layer's T query outputs enter the head: all T*D values, their mean, or a sum with learned "
@@ -97,7 +100,7 @@ def _floats(text: str | None, what: str, n: int = 3) -> list[float] | None:
                    "The patch embedding stays fp32. Training uses the dequantized weights, so it matches model.onnx. "
                    "Measured on vit_fmnist (README): no accuracy drop beyond the seeds' spread for either mode.")
 @arch_size_options
-def export(model_name, weights, random_init, num_classes, classes, out, method, last_k, tokens, query_layers, feature_norm,
+def export(model_name, weights, random_init, num_classes, classes, out, method, last_k, query_tokens, query_layers, feature_norm,
            aggregate, h2t_target, dropout, mean, std, seed, quantize, depth, dim, heads, mlp_dim, patch, image_size) -> None:
     """Split a ViT checkpoint into a bundle the device trains on (needs torch).
 
@@ -112,7 +115,7 @@ def export(model_name, weights, random_init, num_classes, classes, out, method, 
     api.export(
         out, model=model_name, weights=weights, random_init=random_init, num_classes=num_classes,
         classes=[c.strip() for c in classes.split(",")] if classes else None, method=method, last_k=last_k,
-        query_tokens=tokens, query_layers=query_layers, feature_norm=feature_norm, dropout=dropout,
+        query_tokens=query_tokens, query_layers=query_layers, feature_norm=feature_norm, dropout=dropout,
         aggregate=aggregate, h2t_target=h2t_target,
         mean=_floats(mean, "--mean"), std=_floats(std, "--std"), seed=seed,
         sizes=dict(depth=depth, dim=dim, heads=heads, mlp_dim=mlp_dim, patch=patch, image_size=image_size), progress=click.echo,
@@ -134,7 +137,7 @@ def export(model_name, weights, random_init, num_classes, classes, out, method, 
 @click.option("--weight-decay", type=float, default=1e-4, show_default=True, help="Decoupled weight decay on query tokens and head weight.")
 @click.option("--warmup-epochs", type=float, help="Linear warm-up length [default: 10% of --epochs].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds data order, dropout and --val-split.")
-@click.option("--kv", type=click.Choice(["ram", "disk", "stream"]),
+@click.option("--kv", type=click.Choice(KV_MODES),
               help="K/V of the frozen backbone: computed once and kept in RAM, cached on disk (fp16, in the run folder), or recomputed "
               "every step [default: RAM if the cache fits in the available memory (or --memory-budget), else disk].")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
@@ -162,6 +165,7 @@ def train(bundle, data, run_dir, val, val_split, test, epochs, batch_size, micro
     from device_runner.trainer import BudgetExceeded, Interrupted, TrainConfig
     from vqt_edge import api
     from vqt_edge.memory import parse_size_mb
+    from vqt_edge.progress import ClickBars
 
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, micro_batch=micro_batch, lr=lr, weight_decay=weight_decay,
                       warmup_epochs=warmup_epochs, seed=seed, kv=kv or "auto", device=device, threads=threads,
@@ -170,8 +174,9 @@ def train(bundle, data, run_dir, val, val_split, test, epochs, batch_size, micro
     if memory_budget is not None:
         cfg.memory_budget_mb = parse_size_mb(memory_budget)  # an explicit --kv is kept if it fits
     try:
-        summary = api.train(bundle, data, run_dir, cfg, val=val, test=test, resume=resume, progress=click.echo,
-                            process_wide=True)
+        with ClickBars() as bars:  # the library reports progress events; the CLI draws them
+            summary = api.train(bundle, data, run_dir, cfg, val=val, test=test, resume=resume, progress=click.echo,
+                                on_progress=bars, process_wide=True)
     except Interrupted as e:
         click.echo(f"interrupted: {e}", err=True)
         sys.exit(130)

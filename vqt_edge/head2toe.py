@@ -1,7 +1,7 @@
 """Head2Toe's feature layout (Evci et al., ICML 2022), shared by the exporter and the device.
 
 Head2Toe (docs/design.md section 11) trains a linear head on features taken from the whole frozen
-backbone instead of the final CLS alone. vqt-edge's frozen graph computes them (exporters/head2toe.py)
+backbone instead of the final CLS alone. vqt-edge's frozen graph computes them (exporters/methods/head2toe.py)
 and emits one `features` [B, F] tensor; this module says which taps that holds and how wide each
 one is, without torch, so the device (feature cache, memory model) and the manifest agree on F.
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vqt_edge.errors import UserError
+from vqt_edge.spec import CACHED_KV_MODES, KV_MODES
 
 _UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "KIB": 2**10, "M": 2**20, "MB": 2**20, "MIB": 2**20, "G": 2**30, "GB": 2**30, "GIB": 2**30}
 
@@ -197,7 +198,7 @@ norm and head path). Checked on the ViT-B/16 sweep over k = 1, 2, 4, 8, 12 at ba
 3.2 under-predicted k = 8 and 12 by 7% (5445 and 7968 MiB measured), hence 3.5 (+0.3 unit per layer,
 the gap at both k)."""
 H2T_TAPS = 1.0
-"""Head2Toe's frozen pass (exporters/head2toe.py), per image, beyond FROZEN_WORK: in units of its
+"""Head2Toe's frozen pass (exporters/methods/head2toe.py), per image, beyond FROZEN_WORK: in units of its
 unpooled taps, 4 bytes * N * (3D + mlp) per layer [1.07 MiB for vit_fmnist]. Measured with
 onnxruntime directly (1 thread, fresh torch-free process, lean_malloc, VmHWM growth of one
 session.run, slope from batch 8 to 32): vit_fmnist's head2toe frozen.onnx 1.29 MiB per image, its
@@ -292,27 +293,27 @@ class BundleFootprint:
     def from_bundle(cls, bundle: Path) -> "BundleFootprint":
         import numpy as np
 
-        from device_runner.features import feature_specs
         from vqt_edge import manifest as mf
 
         bundle = Path(bundle)
         m = mf.read_manifest(bundle, verify=False)
-        a = m.arch
-        specs = feature_specs(m)
+        spec = m.spec
+        a = spec.arch
+        specs = spec.frozen_output_specs
         feed = sum(int(np.prod(shape)) * 4 for shape, _ in specs.values())
         cache = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in specs.values())
         n = a.num_tokens
         work = 4 * (a.heads * n * n + n * a.mlp_dim + n * a.dim)
-        lq, t = len(m.query_layers), m.query_tokens
+        lq, t = len(spec.query_layers), spec.query_tokens
         query_path = 4 * lq * t * (8 * a.dim + 2 * a.mlp_dim + 2 * a.heads * n)
-        taps = 4 * n * (3 * a.dim + a.mlp_dim) * a.depth if m.method == "head2toe" else 0
+        taps = 4 * n * (3 * a.dim + a.mlp_dim) * a.depth if spec.method == "head2toe" else 0
         frozen, head = _size(bundle / mf.FROZEN), _size(bundle / mf.HEAD_MODEL)
         # model.onnx reads the query path's frozen weights (Wq, Wo, fc1, fc2 per query layer) from
         # frozen.onnx's initializers (device_runner/onnx_share.py): only fp32 weights match by value.
-        shared = 4 * lq * 2 * a.dim * (a.dim + a.mlp_dim) if m.quantize == "none" and m.method.startswith("vqt") else 0
+        shared = 4 * lq * 2 * a.dim * (a.dim + a.mlp_dim) if m.quantize == "none" and spec.method.startswith("vqt") else 0
         step = bundle / mf.STEP_MODEL
         return cls(
-            name=str(bundle), method=m.method, last_k=m.last_k, query_layers=lq,
+            name=str(bundle), method=spec.method, last_k=spec.last_k, query_layers=lq,
             query_tokens=t, frozen_bytes=frozen, head_bytes=head,
             ckpt_bytes=_size(bundle / mf.CHECKPOINT), trainable_bytes=_trainable_bytes(bundle / mf.TRAINING_MODEL),
             pixels_per_sample=4 * a.channels * a.image_size**2, feed_per_sample=feed, cache_per_sample=cache,
@@ -430,7 +431,7 @@ def predict_peak(fp: BundleFootprint, *, images: int, batch_size: int, micro_bat
     max; in stream mode the frozen session and the training module are resident together, so
     their costs add.
     """
-    if kv not in ("ram", "disk", "stream"):
+    if kv not in KV_MODES:
         raise ValueError(kv)
     if backend not in BACKENDS:
         raise ValueError(backend)
@@ -466,7 +467,7 @@ def predict_peak(fp: BundleFootprint, *, images: int, batch_size: int, micro_bat
         step = micro * (fp.cache_per_sample + STEP_WORK * fp.feed_per_sample + adapted) * mb
         step += QUANTIZED_STEP_EXTRA_MB if fp.quantize != "none" else 0.0
     phases: dict[str, float] = {}
-    if kv in ("ram", "disk"):
+    if kv in CACHED_KV_MODES:
         store = cache if kv == "ram" else fb * fp.cache_per_sample * mb  # disk: one batch's pages at a time
         phases["frozen"] = SESSION_MB + max(frozen_load, frozen_res + act_frozen(fb) + store)
         store = cache if kv == "ram" else 0.0
@@ -492,9 +493,6 @@ def micro_batches(batch_size: int) -> list[int]:
     return out + [1]
 
 
-KV_PREFERENCE = ("ram", "disk", "stream")  # fastest first: cached K/V, then disk reads, then recompute
-
-
 class NoPlan(UserError):
     """No configuration fits the budget; `needs_mb` is the smallest budget one would fit."""
 
@@ -514,7 +512,7 @@ def choose(fp: BundleFootprint, budget_mb: float, *, images: int, batch_size: in
     `kv` / `micro_batch` given by the user are kept (and must fit); without
     `smaller_frozen_batches`, the frozen pass keeps frozen_batch(). Raises NoPlan (a UserError,
     exit 2) naming the smallest budget that would fit."""
-    kvs = [kv] if kv else list(KV_PREFERENCE)
+    kvs = [kv] if kv else list(KV_MODES)
     micros = [micro_batch] if micro_batch else micro_batches(batch_size)
     plans = [predict_peak(fp, images=images, batch_size=batch_size, micro_batch=m, kv=k, backend=b,
                           frozen_batch_size=f, test_batch=f if test else None)
@@ -523,7 +521,7 @@ def choose(fp: BundleFootprint, budget_mb: float, *, images: int, batch_size: in
     for p in plans:
         if p.fits(budget_mb):
             return p
-    best = min(plans, key=lambda p: (p.peak_mb, KV_PREFERENCE.index(p.kv), -p.micro_batch))
+    best = min(plans, key=lambda p: (p.peak_mb, KV_MODES.index(p.kv), -p.micro_batch))
     fixed = " with " + ", ".join(f for f in (f"--kv {kv}" if kv else "", f"--micro-batch {micro_batch}" if micro_batch else "") if f) \
         if (kv or micro_batch) else ""
     on = f" on the {backends[0]} backend" if len(backends) == 1 else ""
@@ -542,7 +540,7 @@ for the same RAM."""
 def default_kv(fp: BundleFootprint, *, images: int, batch_size: int, micro_batch: int | None, available: float | None,
                test: bool = False, backend: str = "ort-training") -> Plan:
     """Where K/V live when the user chose neither --kv nor --memory-budget (docs/design.md section
-    6): the fastest mode (KV_PREFERENCE) whose predicted peak fits AVAILABLE_SHARE of `available`
+    6): the fastest mode (KV_MODES) whose predicted peak fits AVAILABLE_SHARE of `available`
     MiB, at the user's batch and micro-batch. RAM only if the cache fits; if no mode fits, the one with the smallest predicted
     peak (the run may then not fit, but it does not make things worse by caching in RAM). Unknown
     `available` (None): RAM, as before this default existed."""

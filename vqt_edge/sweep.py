@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from vqt_edge.errors import UserError
+from vqt_edge.spec import LAST_K_METHODS, METHODS
 
 FIELDS = ["method", "k", "T", "batch", "micro_batch", "kv", "peak_mb", "predicted_peak_mb", "seconds_per_step",
           "accuracy", "accuracy_on", "status", "error"]
@@ -48,21 +49,12 @@ class SweepConfig:
     sizes: dict = field(default_factory=dict)
 
 
-def supported_methods() -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(methods `export --method` accepts, those of them that take --last-k), from the manifest
-    module the exporter writes with, so the sweep follows whatever export supports today."""
-    from vqt_edge import manifest as mf
-
-    return tuple(mf.METHODS), tuple(mf.LAST_K_METHODS)
-
-
 def configurations(cfg: SweepConfig, depth: int) -> list[tuple[str, int | None]]:
     """(method, k) pairs: k over --last-k for methods with adapted layers, query layers last:k for
     vqt, none for a method that has neither (linear). k larger than the depth is dropped."""
-    methods, last_k_methods = supported_methods()
-    unknown = [m for m in cfg.methods if m not in methods]
+    unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown:
-        raise UserError(f"--methods: {', '.join(unknown)} not supported by this export (supported: {', '.join(methods)})")
+        raise UserError(f"--methods: {', '.join(unknown)} not supported by this export (supported: {', '.join(METHODS)})")
     ks = sorted({k for k in cfg.last_k if 1 <= k <= depth})
     bad = [k for k in cfg.last_k if not 1 <= k <= depth]
     if not ks:
@@ -71,7 +63,7 @@ def configurations(cfg: SweepConfig, depth: int) -> list[tuple[str, int | None]]
         print(f"warning: --last-k {bad} outside [1, {depth}] skipped", file=sys.stderr)
     out: list[tuple[str, int | None]] = []
     for method in cfg.methods:
-        if method in last_k_methods or method == "vqt":
+        if method in LAST_K_METHODS or method == "vqt":
             out += [(method, k) for k in ks]
         else:
             out.append((method, None))
@@ -120,7 +112,6 @@ def _arch(cfg: SweepConfig):
 def run_sweep(cfg: SweepConfig, echo: Callable[[str], None] = print) -> list[dict]:
     arch = _arch(cfg)
     todo = configurations(cfg, arch.depth)
-    _, last_k_methods = supported_methods()
     cfg.out.mkdir(parents=True, exist_ok=True)
     data, classes = cfg.data, cfg.num_classes
     if cfg.steps is not None:
@@ -158,7 +149,7 @@ def run_sweep(cfg: SweepConfig, echo: Callable[[str], None] = print) -> list[dic
         if method != "vqt":  # export's default, also where export has no --method yet
             export += ["--method", method]
         if k is not None:
-            export += ["--last-k", k] if method in last_k_methods else ["--query-layers", f"last:{k}"]
+            export += ["--last-k", k] if method in LAST_K_METHODS else ["--query-layers", f"last:{k}"]
         t0 = time.perf_counter()
         echo(f"{label}: export ...")
         done = _run(export, run.parent / f"{name}.export.log")

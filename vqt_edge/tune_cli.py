@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from vqt_edge.errors import UserError
+from vqt_edge.spec import CACHED_KV_MODES
 
 
 def _numbers(text: str | None, flag: str) -> list[float] | None:
@@ -31,7 +32,7 @@ def _numbers(text: str | None, flag: str) -> list[float] | None:
 @click.option("--micro-batch", type=int, help="Run each batch in micro-batches of this size (gradient accumulation, less memory).")
 @click.option("--warmup-epochs", type=float, help="Linear warm-up length [default: 10% of --epochs].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the 80/20 split, data order and dropout.")
-@click.option("--kv", type=click.Choice(["ram", "disk"]), default="ram", show_default=True,
+@click.option("--kv", type=click.Choice(CACHED_KV_MODES), default="ram", show_default=True,
               help="Keep the one frozen pass's K/V in RAM, or in a disk cache in RUN.tune/ (a resumed tune reuses it).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--threads", type=int, help="Threads for the frozen pass and training [default: all cores].")
@@ -50,12 +51,14 @@ def tune(bundle, data, run_dir, lrs, weight_decays, epochs, batch_size, micro_ba
     ort.block_torch()
     from device_runner.trainer import Interrupted, TrainConfig
     from device_runner.tune import table, tune as run_tune, workspace
+    from vqt_edge.progress import ClickBars
 
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, micro_batch=micro_batch, warmup_epochs=warmup_epochs, seed=seed,
                       kv=kv, device=device, threads=threads, keep_fraction=keep_fraction, lasso=lasso)
     try:
-        result = run_tune(bundle, data, run_dir, cfg, _numbers(lrs, "--lrs"), _numbers(weight_decays, "--weight-decays"), resume,
-                          process_wide=True)
+        with ClickBars() as bars:
+            result = run_tune(bundle, data, run_dir, cfg, _numbers(lrs, "--lrs"), _numbers(weight_decays, "--weight-decays"),
+                              resume, echo=click.echo, process_wide=True, progress=bars)
     except (Interrupted, KeyboardInterrupt) as e:
         click.echo(f"interrupted: {e or 'before training started'}; continue with --resume", err=True)
         sys.exit(130)

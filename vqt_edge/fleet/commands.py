@@ -81,8 +81,8 @@ def _settings(bundle: Path, run_dir: Path, clients: int, classes: list[str], **k
     manifest = mf.read_manifest(bundle, verify=True)
     if manifest.class_names is not None and manifest.class_names != classes:
         raise UserError(f"classes {classes} differ from the bundle's {manifest.class_names}")
-    if len(classes) != manifest.num_classes:
-        raise UserError(f"{len(classes)} classes, but the bundle was exported for {manifest.num_classes}")
+    if len(classes) != manifest.spec.num_classes:
+        raise UserError(f"{len(classes)} classes, but the bundle was exported for {manifest.spec.num_classes}")
     if kw["rounds"] < 1 or kw["local_epochs"] < 1 or kw["batch_size"] < 1 or clients < 1:
         raise UserError("--rounds, --local-epochs, --batch-size and --clients must be at least 1")
     if not (kw["lr"] > 0 and kw["weight_decay"] >= 0 and kw["round_timeout"] > 0):
@@ -136,7 +136,7 @@ def _stalled(client_logs: list[Path]) -> Path | None:
 def _follow(run_dir: Path, submit: subprocess.Popen, timeout: float | None, logs: Path,
             client_logs: list[Path] = ()) -> None:
     """Print each round's row as the server appends it, until `flwr run` ends; then check the result."""
-    from device_runner.trainer import METRICS, SUMMARY
+    from vqt_edge.run_folder import METRICS, RunFolder
 
     click.echo("per client: bytes_down = tensors received, bytes_up = tensors sent (largest client), "
                "peak_MiB = largest client process peak (VmHWM)")
@@ -159,11 +159,12 @@ def _follow(run_dir: Path, submit: subprocess.Popen, timeout: float | None, logs
         if timeout is not None and time.monotonic() - start > timeout:
             raise click.ClickException(f"the fleet run did not finish within --timeout {timeout:.0f} s; logs in {logs}")
         time.sleep(POLL_SECONDS)
-    if not (run_dir / SUMMARY).exists():
+    folder = RunFolder(run_dir)
+    if not folder.is_finished():
         errors = [line.strip() for line in (logs / "flwr_run.log").read_text(errors="replace").splitlines()
                   if re.match(r"\s*\w+(Error|Exception): ", line)]
         raise click.ClickException(f"the fleet run failed ({errors[-1] if errors else 'no result'}); logs in {logs}")
-    summary = json.loads((run_dir / SUMMARY).read_text())
+    summary = folder.summary()
     acc = summary.get("test_accuracy")
     click.echo(f"done in {summary['seconds']:.1f} s" + (f": test accuracy {acc:.4f}" if acc is not None else "")
                + f"; wrote {run_dir}/adapter.safetensors, {run_dir}/model.onnx")

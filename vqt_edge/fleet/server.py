@@ -23,14 +23,13 @@ from flwr.serverapp.strategy import FedAvg
 
 from device_runner import ort
 from device_runner.data import Sample, drop_unreadable, iter_batches, load_dataset
-from device_runner.deploy import ADAPTER, MODEL, build_model, save_adapter
+from device_runner.deploy import build_model, save_adapter
 from device_runner.fleet import ARRAYS, CONFIG, METRICS_KEY, NUM_EXAMPLES
-from device_runner.trainer import BUNDLE_MANIFEST, METRICS, RUN_FILE, RUN_FILES, SUMMARY
 from vqt_edge import adapter_config
 from vqt_edge import manifest as mf
-from vqt_edge.fileio import atomic_write_text
 from vqt_edge.manifest import Manifest
 from vqt_edge.memory import peak_rss_mb
+from vqt_edge.run_folder import MODEL, RunFolder
 
 SETTINGS = "fleet.json"
 ROUNDS = "rounds"
@@ -69,7 +68,7 @@ class FleetSettings:
 def initial_tensors(bundle: Path, manifest: Manifest) -> dict[str, np.ndarray]:
     """The bundle's initial trainable tensors (its ORT checkpoint): every client starts from these."""
     state = ort.training_api().CheckpointState.load_checkpoint(str(bundle / mf.CHECKPOINT))
-    return {name: np.array(state.parameters[graph].data, np.float32) for name, graph in manifest.trainable.items()}
+    return {name: np.array(state.parameters[name].data, np.float32) for name in manifest.spec.trainable_shapes}
 
 
 def array_bytes(record: ArrayRecord) -> int:
@@ -82,15 +81,15 @@ class TestSet:
 
     def __init__(self, path: Path, manifest: Manifest, classes: list[str], batch: int) -> None:
         self.manifest, self.batch = manifest, batch
-        data, _ = drop_unreadable(load_dataset(path, classes=classes), manifest.arch.image_size)
+        data, _ = drop_unreadable(load_dataset(path, classes=classes), manifest.spec.arch.image_size)
         self.samples: list[Sample] = data.samples
-        a = manifest.arch
+        a = manifest.spec.arch
         fits = len(self.samples) * a.channels * a.image_size**2 * 4 <= CACHE_TEST_MB << 20
         self.cached = list(self._batches()) if fits else None
 
     def _batches(self):
         m = self.manifest
-        return iter_batches(self.samples, self.batch, m.arch.image_size, m.mean, m.std)
+        return iter_batches(self.samples, self.batch, m.spec.arch.image_size, m.mean, m.std)
 
     def accuracy(self, model: Path) -> float:
         rt = ort.onnxruntime()
@@ -138,7 +137,8 @@ def run_fleet(grid: Grid, settings: FleetSettings) -> dict:
     strategy = _RecordingFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=settings.clients,
                                 min_available_nodes=settings.clients, arrayrecord_key=ARRAYS,
                                 configrecord_key=CONFIG, weighted_by_key=NUM_EXAMPLES)
-    (run / METRICS).unlink(missing_ok=True)
+    folder = RunFolder(run)
+    folder.clear_metrics()
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         tensors = {name: array.numpy() for name, array in arrays.items()}
@@ -152,8 +152,7 @@ def run_fleet(grid: Grid, settings: FleetSettings) -> dict:
         if test is not None:
             build_model(bundle, manifest, tensors, run / ROUNDS / MODEL)
             record["test_acc"] = test.accuracy(run / ROUNDS / MODEL)
-        with open(run / METRICS, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        folder.append_metrics(record)
         return MetricRecord({"test_acc": record["test_acc"]}) if "test_acc" in record else None
 
     t0 = time.perf_counter()
@@ -169,17 +168,15 @@ def run_fleet(grid: Grid, settings: FleetSettings) -> dict:
 
 def _finish(run: Path, bundle: Path, manifest: Manifest, settings: FleetSettings, tensors: dict[str, np.ndarray],
             seconds: float) -> dict:
-    """The ordinary run folder: adapter, model.onnx, run.json, the bundle's manifest, summary.json."""
+    """The ordinary run folder (vqt_edge/run_folder.py): adapter, model.onnx, run.json, summary.json."""
     (run / ROUNDS / MODEL).unlink(missing_ok=True)
-    save_adapter(run / ADAPTER, tensors, manifest)
-    adapter_config.write(run, adapter_config.from_manifest(manifest, settings.classes))
-    build_model(bundle, manifest, tensors, run / MODEL)
-    atomic_write_text(run / BUNDLE_MANIFEST, (bundle / mf.MANIFEST).read_text())
-    atomic_write_text(run / RUN_FILE, json.dumps({
-        "bundle": str(bundle.resolve()), "data": None, "val": None, "classes": settings.classes,
-        "fleet": asdict(settings), "bundle_manifest_sha256": mf.sha256_file(bundle / mf.MANIFEST),
-    }, indent=2) + "\n")
-    rounds = [json.loads(line) for line in (run / METRICS).read_text().splitlines() if line.strip()]
+    folder = RunFolder(run)
+    folder.write_outputs(lambda path: save_adapter(path, tensors, manifest),
+                         adapter_config.from_manifest(manifest, settings.classes),
+                         lambda path: build_model(bundle, manifest, tensors, path),
+                         f"the aggregated tensors are in {run / ROUNDS}; free space and run the fleet again")
+    folder.start(bundle, settings.classes, data=None, val=None, fleet=asdict(settings))
+    rounds = folder.metrics()
     clients = [c for r in rounds for c in r.get("clients", [])]
     summary = {
         "fleet": True, "rounds": settings.rounds, "clients": settings.clients, "local_epochs": settings.local_epochs,
@@ -191,11 +188,8 @@ def _finish(run: Path, bundle: Path, manifest: Manifest, settings: FleetSettings
         "client_peak_rss_mb": max((c["peak_rss_mb"] for c in clients), default=None),
         "seconds": round(seconds, 3),
         "server_peak_rss_mb": round(peak_rss_mb(), 1),
-        # eval/predict check these before use (device_runner/evaluate.py verify_run_files).
-        "files": {name: mf.sha256_file(run / name) for name in RUN_FILES},
     }
-    atomic_write_text(run / SUMMARY, json.dumps(summary, indent=2) + "\n")
-    return summary
+    return folder.finish(summary)  # with the hashes eval/predict check
 
 
 app = ServerApp()

@@ -1,9 +1,12 @@
-"""Head2Toe's frozen graph: pixel_values -> `features` [B, F], the pooled taps of every layer.
+"""Head2Toe (Evci et al., 2022): a linear head on pooled taps of every layer.
+
+The frozen graph: pixel_values -> `features` [B, F], the pooled taps of every layer.
 
 What the taps are, how they are pooled and in which order they are concatenated is defined once,
 without torch, in vqt_edge/head2toe.py (docs/design.md section 11); this module computes them.
 Head2Toe's features never change during training, so they belong to frozen.onnx: the device
-computes them once per image (like VQT's K/V) and trains only a linear head on them.
+computes them once per image (like VQT's K/V) and trains only a linear head on them
+(`Head2ToeHead`: the features are already normalized, so the head reads them as they are).
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from exporters.methods.base import MethodHead
 from exporters.vit import VisionTransformer
 from vqt_edge.head2toe import pool_window
+from vqt_edge.spec import AdapterSpec
 
 
 def pool_tokens(x: torch.Tensor, tokens: int, channels: int, target: int) -> torch.Tensor:
@@ -31,11 +36,9 @@ def pool_tokens(x: torch.Tensor, tokens: int, channels: int, target: int) -> tor
 class Head2ToeFeatures(nn.Module):
     """frozen.onnx of a head2toe bundle: the backbone run once, every tap pooled and normalized."""
 
-    def __init__(self, backbone: VisionTransformer, target: int, feature_norm: str = "l2") -> None:
+    def __init__(self, backbone: VisionTransformer, spec: AdapterSpec) -> None:
         super().__init__()
-        if feature_norm not in ("l2", "none"):
-            raise ValueError(f"feature_norm must be 'l2' or 'none', not {feature_norm!r}")
-        self.backbone, self.target, self.feature_norm = backbone, target, feature_norm
+        self.backbone, self.target, self.feature_norm = backbone, spec.h2t_target, spec.feature_norm
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         a = self.backbone.arch
@@ -53,3 +56,10 @@ class Head2ToeFeatures(nn.Module):
         if self.feature_norm == "l2":
             taps = [t / torch.sqrt((t * t).sum(-1, keepdim=True) + 1e-12) for t in taps]
         return torch.cat(taps, dim=-1)
+
+
+class Head2ToeHead(MethodHead):
+    """A linear probe on the frozen, already normalized `features`."""
+
+    def logits(self, named: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.head(named["features"])

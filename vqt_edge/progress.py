@@ -1,0 +1,79 @@
+"""Progress of long phases (the frozen K/V pass, each epoch) as plain events, not terminal output.
+
+The trainer and tune report `Progress` events to a callback. A library caller (vqt_edge/api.py)
+gets them through its own callback, or by default as DEBUG records of the `vqt_edge` logger; the
+CLI passes `ClickBars`, which draws click's progress bars on stderr. So a notebook or a service that
+trains through the API sees no terminal output it did not ask for.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+log = logging.getLogger("vqt_edge")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """`done` of `total` units of `task` (images of the frozen pass, steps of an epoch)."""
+
+    task: str  # "frozen pass (K/V to RAM)", "epoch 3/10", ...
+    done: int
+    total: int
+    info: str = ""  # e.g. the running loss and accuracy of the epoch
+
+
+OnProgress = Callable[[Progress], None]
+
+
+def log_progress(event: Progress) -> None:
+    """The library default: one DEBUG record per event on the `vqt_edge` logger."""
+    log.debug("%s: %d/%d %s", event.task, event.done, event.total, event.info)
+
+
+class Counter:
+    """Turns "n more done" calls (what the frozen pass reports per batch) into Progress events."""
+
+    def __init__(self, on_progress: OnProgress, task: str, total: int) -> None:
+        self.on_progress, self.task, self.total, self.done = on_progress, task, total, 0
+        on_progress(Progress(task, 0, total))
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        self.on_progress(Progress(self.task, self.done, self.total))
+
+
+class ClickBars:
+    """The CLI's progress callback: one click progress bar per task on stderr, closed when the task
+    is done, a new task starts, or the `with` block ends (an interrupted or failed run)."""
+
+    def __init__(self) -> None:
+        self.task: str | None = None
+        self.bar = None
+
+    def __call__(self, event: Progress) -> None:
+        import click
+
+        if event.task != self.task:
+            self.close()
+            self.task = event.task
+            self.bar = click.progressbar(length=event.total, label=event.task, file=sys.stderr,
+                                         item_show_func=lambda info: info)
+            self.bar.__enter__()
+        self.bar.update(event.done - self.bar.pos, event.info)
+        if event.done >= event.total:
+            self.close()
+
+    def __enter__(self) -> "ClickBars":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()  # an interrupted or failed run: end the bar's line before the message
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+        self.task = self.bar = None
