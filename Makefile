@@ -33,7 +33,7 @@ test: $(STAMP) $(STOCK_STAMP) data
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q tests
 	rm -rf $(BUNDLES) && $(BIN)/python -m tests.fixture_bundles $(BUNDLES)
 	VQT_EDGE_TEST_BUNDLES=$(abspath $(BUNDLES)) OMP_NUM_THREADS=2 $(STOCK)/bin/python -m pytest -q \
-		tests/test_device.py tests/test_portable.py
+		tests/test_device.py tests/test_portable.py tests/test_memory_portable.py
 
 demo: $(STAMP) data
 	$(BIN)/python examples/demo.py --out demo_out

@@ -69,26 +69,37 @@ def resolve(requested: str, manifest: Manifest) -> str:
     """The backend a run uses: `requested`, or for "auto" the default where it can run here, else
     the other one (portable needs the bundle's step graph, ort-training the training build of
     onnxruntime). An explicit request that cannot run is a UserError."""
+    return candidates(requested, manifest)[0]
+
+
+def candidates(requested: str, manifest: Manifest) -> tuple[str, ...]:
+    """The backends a run may use, preferred first: for "auto" every one that can run here, the
+    default first (a --memory-budget takes the first whose plan fits, vqt_edge/memory.py); else
+    just `requested`, which must be able to run (UserError otherwise)."""
     runnable = {"portable": has_step_graph(manifest), "ort-training": ort.has_training_api()}
     why = {"portable": "this bundle has no train/step.onnx (exported by an older vqt-edge); re-export it",
            "ort-training": "the installed onnxruntime has no training API (install onnxruntime-training-cpu, see README)"}
     if requested == "auto":
-        for name in (DEFAULT, *(b for b in BACKENDS if b != DEFAULT)):
-            if runnable[name]:
-                return name
+        found = tuple(name for name in (DEFAULT, *(b for b in BACKENDS if b != DEFAULT)) if runnable[name])
+        if found:
+            return found
         raise UserError(f"no training backend can run here: {why['portable']}, and {why['ort-training']}")
     if requested not in BACKENDS:
         raise UserError(f"--backend must be one of {', '.join(BACKENDS)}")
     if not runnable[requested]:
         other = next(b for b in BACKENDS if b != requested)
         raise UserError(f"--backend {requested}: {why[requested]}; or use --backend {other}")
-    return requested
+    return (requested,)
 
 
 def open_backend(name: str, bundle: Path, manifest: Manifest, device: str, threads: int | None,
-                 resume_from: Path | None) -> Backend:
-    cls = PortableBackend if name == "portable" else OrtTrainingBackend
-    return cls(bundle, manifest, device, threads, resume_from)
+                 resume_from: Path | None, arena: bool = True) -> Backend:
+    """`arena`: the portable step session's memory arena. Training keeps it on (a step twice as fast,
+    for 3.5% of the step's peak at micro-batch 32 on ViT-B/16: vqt_edge/memory.py STEP_WORK); off
+    only to measure that (bench/calibrate_memory.py)."""
+    if name == "portable":
+        return PortableBackend(bundle, manifest, device, threads, resume_from, arena)
+    return OrtTrainingBackend(bundle, manifest, device, threads, resume_from)
 
 
 def decay_factor(lr: float, weight_decay: float) -> np.float32:
@@ -102,13 +113,13 @@ def decay_factor(lr: float, weight_decay: float) -> np.float32:
 STEP_DISABLED_OPTIMIZERS = ["ConstantFolding"]
 
 
-def step_session_options(threads: int | None) -> object:
+def step_session_options(threads: int | None, arena: bool = True) -> object:
     """SessionOptions of the step graph (bench/step_bench.py profiles with the same)."""
     options = ort.session_options(threads)
     # Unlike the frozen pass (whose batches vary), every step allocates the same buffers: with the
     # arena they are reused instead of page-faulted in again on each call. vit_b16, batch 32, one
     # thread: 0.40 CPU s per step instead of 0.75, peak +33 MiB (bench/step_bench.py's feed).
-    options.enable_cpu_mem_arena = True
+    options.enable_cpu_mem_arena = arena
     # The memory pattern (one block planned from the first call, allocated from the second on) sat
     # next to the arena's buffers: stock onnxruntime 1.32, vit_b16 as above, peak 1528 -> 1086 MiB
     # without it, 0.227 -> 0.245 CPU s per step; onnxruntime-training 1.19.2: 1303 MiB either way.
@@ -120,10 +131,10 @@ class PortableBackend:
     """Step graph on an InferenceSession + AdamW in numpy; checkpoint = safetensors of what is trained."""
 
     def __init__(self, bundle: Path, manifest: Manifest, device: str, threads: int | None,
-                 resume_from: Path | None) -> None:
+                 resume_from: Path | None, arena: bool = True) -> None:
         rt = ort.onnxruntime()
         self.shapes = manifest.spec.trainable_shapes
-        self.session = rt.InferenceSession(str(bundle / mf.STEP_MODEL), sess_options=step_session_options(threads),
+        self.session = rt.InferenceSession(str(bundle / mf.STEP_MODEL), sess_options=step_session_options(threads, arena),
                                            providers=ort.providers(device), disabled_optimizers=STEP_DISABLED_OPTIMIZERS)
         inputs = self.session.get_inputs()
         graph_inputs = [i.name for i in inputs]

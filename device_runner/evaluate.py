@@ -31,12 +31,11 @@ class FinishedRun:
         manifest, classes = RunFolder(run).open_finished()  # its files' hashes checked
         providers = ort.providers(device)  # a clear UserError when this build lacks the device
         rt = ort.onnxruntime()
-        options = ort.session_options()
         # model.onnx's query path reads the frozen graph's weights (device_runner/onnx_share.py), and
         # onnxruntime would keep a weight that two MatMul kernels prepack both as it is and packed.
         # ViT-B/16 (random init, 1 thread): load peak 716 -> 391 MiB, resident 669 -> 344 MiB, for
         # 1.24 instead of 1.16 CPU s per batch of 2 images (the copying merge with prepacking: 1.15).
-        options.add_session_config_entry("session.disable_prepacking", "1")
+        options = ort.session_options(prepack=False)
         try:
             session = rt.InferenceSession(str(run / MODEL), sess_options=options, providers=providers)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types (InvalidProtobuf, Fail, ...)

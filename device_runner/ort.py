@@ -113,13 +113,18 @@ def providers(device: str) -> list[str]:
     raise UserError(f"unknown device {device!r}; use cpu or cuda")
 
 
-def session_options(threads: int | None = None) -> Any:
+def session_options(threads: int | None = None, prepack: bool = True) -> Any:
     """SessionOptions for the frozen graph. The memory arena is off: it keeps the largest batch's
-    activations reserved for the life of the session, which is the peak a budget cares about."""
+    activations reserved for the life of the session, which is the peak a budget cares about.
+    `prepack=False` keeps onnxruntime from storing a packed copy of MatMul weights next to the
+    weights themselves where it cannot free the originals (a weight two kernels read, as in
+    model.onnx; docs/design.md section 6)."""
     ort = onnxruntime()
     opts = ort.SessionOptions()
     opts.enable_cpu_mem_arena = False
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
+    if not prepack:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     return opts

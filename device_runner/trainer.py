@@ -193,7 +193,9 @@ class Trainer:
         cfg.validate()
         self.cfg, self.bundle = cfg, bundle
         self.manifest = mf.read_manifest(bundle, verify=True)
-        cfg.backend = backends.resolve(cfg.backend, self.manifest)  # saved in run.json: a resume keeps it
+        # saved in run.json: a resume keeps it; with "auto", a --memory-budget may pick another that fits
+        self.backend_choices = backends.candidates(cfg.backend, self.manifest)
+        cfg.backend = self.backend_choices[0]
         self.resume = resume and folder.checkpoint(cfg.backend).exists()
         if resume and saved["bundle_manifest_sha256"] != mf.sha256_file(bundle / mf.MANIFEST):
             raise UserError(f"{bundle}: the bundle changed since this run started; it cannot be resumed")
@@ -222,7 +224,7 @@ class Trainer:
         if cfg.memory_budget_mb is None and cfg.kv == "auto":
             available = available_mb()
             plan = default_kv(fp, images=images, batch_size=cfg.batch_size, micro_batch=cfg.micro_batch,
-                              available=available, test=with_test)
+                              available=available, test=with_test, backend=cfg.backend)
             cfg.kv = plan.kv
             if available is not None:
                 self.echo(f"K/V {plan.kv}: predicted peak {plan.peak_mb:.0f} MiB with {available:.0f} MiB available"
@@ -230,13 +232,10 @@ class Trainer:
             return plan
         if cfg.memory_budget_mb is None:
             return predict_peak(fp, images=images, batch_size=cfg.batch_size, micro_batch=cfg.micro_batch, kv=cfg.kv,
-                                test_batch=(cfg.micro_batch or cfg.batch_size) if with_test else None)
-        if cfg.backend == "portable":  # its peak is higher than these terms say (vit_b16: 1244 MiB, predicted 835)
-            raise UserError("--memory-budget: the memory model is measured for the ort-training backend only, not yet "
-                            "for the portable one; train without --memory-budget, or with --backend ort-training")
-        plan = choose(fp, cfg.memory_budget_mb, images=images, batch_size=cfg.batch_size,
+                                backend=cfg.backend, test_batch=frozen_batch(cfg.batch_size, cfg.micro_batch) if with_test else None)
+        plan = choose(fp, cfg.memory_budget_mb, images=images, batch_size=cfg.batch_size, backends=self.backend_choices,
                       kv=None if cfg.kv == "auto" else cfg.kv, micro_batch=cfg.micro_batch, test=with_test)
-        cfg.kv = plan.kv
+        cfg.kv, cfg.backend = plan.kv, plan.backend
         cfg.micro_batch = plan.micro_batch if plan.micro_batch < cfg.batch_size else None
         self.echo(f"memory budget {cfg.memory_budget_mb:.0f} MiB: {plan.describe()}")
         return plan
@@ -251,7 +250,7 @@ class Trainer:
         self.labels = np.array([label for _, label in samples], dtype=np.int64)
         self.paths = [p for p, _ in samples]
         self.n_train = len(self.data.train.samples)
-        bs = frozen_batch(self.cfg.batch_size, self.cfg.micro_batch)  # a budget bounds this pass too
+        bs = self.plan.frozen_batch  # a budget bounds this pass too
         if self.shared_features is not None:  # a caller (tune) already ran the frozen pass
             self.store, self.backbone = self.shared_features(self.paths), None
             return

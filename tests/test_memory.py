@@ -4,6 +4,7 @@ promise, the streamed model.onnx merge, and `sweep` end to end (all on the tiny 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -43,6 +44,7 @@ def _vitb_like() -> BundleFootprint:
         name="vit_b16", method="vqt", last_k=0, query_layers=12, query_tokens=1, frozen_bytes=342_880_695,
         head_bytes=283_794_435, ckpt_bytes=283_958_448, trainable_bytes=436_264, pixels_per_sample=602_112,
         feed_per_sample=14_527_488, cache_per_sample=7_265_280, layer_work=4_888_752, query_path_per_sample=816_768,
+        largest_weight_bytes=9_437_184, step_bytes=283_871_223, model_bytes=343_723_514,
     )
 
 
@@ -79,6 +81,31 @@ def test_choose_prefers_ram_then_largest_micro_batch_and_names_the_smallest_budg
         choose(fp, need - 1, images=64, batch_size=32)
     with pytest.raises(NoPlan, match="--kv stream"):  # a user's choice is kept, and must fit
         choose(fp, tight.needs_mb, images=64, batch_size=32, kv="stream", micro_batch=32)
+
+
+def test_planner_takes_the_portable_backend_where_ort_training_cannot_fit():
+    """ViT-B/16, 64 images, batch 32 (docs/design.md section 6): the ORT checkpoint (frozen query-path
+    weights, loaded at twice its size and re-serialized at each save) sets ort-training's floor at
+    865 MiB; the portable backend fits 512 MiB with a small micro-batch and frozen-pass batch."""
+    fp = _vitb_like()
+    both = ("ort-training", "portable")
+    with pytest.raises(NoPlan, match="smallest budget that fits is 865 MiB"):
+        choose(fp, 512, images=64, batch_size=32, backends=("ort-training",))
+    tight = choose(fp, 512, images=64, batch_size=32, backends=both)
+    assert (tight.backend, tight.kv) == ("portable", "disk") and tight.micro_batch <= 4 and tight.frozen_batch <= 2
+    assert tight.frozen_batch <= tight.micro_batch
+    roomy = choose(fp, 2000, images=64, batch_size=32, backends=both)  # the preferred backend whenever it fits
+    assert (roomy.backend, roomy.kv, roomy.micro_batch, roomy.frozen_batch) == ("ort-training", "ram", 32, 8)
+    # The step graph is counted by its real size (a quantized step.onnx is smaller): 100 MiB less
+    # of it lowers the portable training phase by STEP_RESIDENT * 100 MiB.
+    small = dataclasses.replace(fp, step_bytes=fp.step_bytes - 100 * 2**20)
+    kw = dict(images=64, batch_size=32, micro_batch=4, kv="disk", backend="portable")
+    drop = predict_peak(fp, **kw).phases["train"] - predict_peak(small, **kw).phases["train"]
+    assert drop == pytest.approx(100 * memory.STEP_RESIDENT)
+    # The test pass runs model.onnx at the frozen-pass batch, counted by model.onnx's size.
+    test = choose(fp, 1000, images=64, batch_size=32, backends=both, test=True)
+    assert test.phases["test"] == pytest.approx(predict_peak(fp, **{**kw, "backend": test.backend, "kv": test.kv,
+                                                "micro_batch": test.micro_batch}, test_batch=test.frozen_batch).phases["test"])
 
 
 def test_plan_picks_a_config_for_the_tiny_bundle(tiny_bundle):

@@ -121,13 +121,6 @@ def test_tampered_step_graph_is_refused(tmp_path, tiny_bundle, task):
         path.write_bytes(original)
 
 
-def test_memory_budget_is_refused_on_the_portable_backend_until_measured(tmp_path, tiny_bundle, task):
-    """A budget is a promise; the memory model has no portable terms yet, so it is not made."""
-    out = run_cli("train", "--bundle", tiny_bundle, "--data", task["train"], "--run", tmp_path / "run", "--epochs", 1,
-                  "--backend", "portable", "--memory-budget", "4GB")
-    assert out.returncode == 2 and "memory model" in out.stderr and "Traceback" not in out.stderr, out.stderr
-
-
 def test_quantized_bundle_trains_on_the_portable_backend_with_this_onnxruntime(tmp_path, tiny_int4_bundle, task):
     """An int4 bundle trains and evaluates with the portable backend on whichever onnxruntime runs
     the tests (`make test`: the training build, then stock onnxruntime; exporters/quantize_step.py)."""

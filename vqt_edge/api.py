@@ -142,7 +142,8 @@ def train(
                            Path(data) if data is not None else None, Path(val) if val is not None else None, resume,
                            echo=echo, with_test=test is not None, process_wide=process_wide, progress=on_progress)
     if test is not None:
-        result = run_evaluate(FinishedRun.open(run, cfg.device), Path(test), summary.get("micro_batch") or cfg.batch_size)
+        # at the frozen-pass batch: what the memory plan counted (vqt_edge/memory.py), as fast per image as larger ones
+        result = run_evaluate(FinishedRun.open(run, cfg.device), Path(test), summary["memory_plan"]["frozen_batch"])
         summary = RunFolder(run).update_summary({"test_accuracy": result["accuracy"], "test_images": result["images"]})
         echo(f"test accuracy {result['accuracy']:.4f} on {result['images']} images")
         enforce_budget(run, summary)  # the test pass ran in this process too

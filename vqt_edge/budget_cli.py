@@ -31,16 +31,20 @@ def _count_images(data: Path) -> int:
 @click.option("--kv", type=click.Choice(KV_MODES), help="Keep this K/V mode (default: the planner chooses).")
 @click.option("--micro-batch", type=int, help="Keep this micro-batch (default: the planner chooses).")
 @click.option("--test", "with_test", is_flag=True, help="The run will also evaluate a --test set in the same process.")
+@click.option("--backend", type=click.Choice(["auto", "portable", "ort-training"]), default="auto", show_default=True,
+              help="Training backend; auto: the default where a plan of it fits, else the other one (as train does).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as one JSON object.")
-def plan(bundle, memory_budget, images, data, batch_size, kv, micro_batch, with_test, as_json) -> None:
+def plan(bundle, memory_budget, images, data, batch_size, kv, micro_batch, with_test, backend, as_json) -> None:
     """The configuration `train --memory-budget` would choose, and its predicted peak.
 
-    Prefers K/V in RAM over a disk cache over recomputing them every step, then the largest
-    micro-batch. Exits 2, naming the smallest budget that would fit, when nothing fits.
+    Prefers the default backend, then K/V in RAM over a disk cache over recomputing them every
+    step, then the largest micro-batch and frozen-pass batch. Exits 2, naming the smallest budget
+    that would fit, when nothing fits.
     """
-    from device_runner import ort
+    from device_runner import backends, ort
 
     ort.block_torch()
+    from vqt_edge import manifest as mf
     from vqt_edge.memory import BundleFootprint, NoPlan, choose, parse_size_mb
 
     budget = parse_size_mb(memory_budget)
@@ -51,8 +55,10 @@ def plan(bundle, memory_budget, images, data, batch_size, kv, micro_batch, with_
     if images < 1:
         raise UserError("--images must be at least 1")
     fp = BundleFootprint.from_bundle(bundle)
+    choices = backends.candidates(backend, mf.read_manifest(bundle, verify=False))
     try:
-        chosen = choose(fp, budget, images=images, batch_size=batch_size, kv=kv, micro_batch=micro_batch, test=with_test)
+        chosen = choose(fp, budget, images=images, batch_size=batch_size, kv=kv, micro_batch=micro_batch, test=with_test,
+                        backends=choices)
     except NoPlan as e:
         if as_json:
             click.echo(json.dumps({"fits": False, "budget_mb": budget, "smallest_budget_mb": e.needs_mb, "best": e.best.to_dict()}))
@@ -61,7 +67,8 @@ def plan(bundle, memory_budget, images, data, batch_size, kv, micro_batch, with_
         click.echo(json.dumps({"fits": True, "budget_mb": budget, **chosen.to_dict()}))
         return
     click.echo(f"{images} images, batch {batch_size}, budget {budget:.0f} MiB")
-    click.echo(f"plan: --kv {chosen.kv} --micro-batch {chosen.micro_batch}")
+    click.echo(f"plan: --backend {chosen.backend} --kv {chosen.kv} --micro-batch {chosen.micro_batch} "
+               f"(frozen pass {chosen.frozen_batch} images at a time)")
     click.echo(f"predicted peak {chosen.peak_mb:.0f} MiB (fits with a {100 * (budget / chosen.peak_mb - 1):.0f}% margin; "
                f"needs {chosen.needs_mb:.0f} MiB)")
     for name, mb in chosen.phases.items():

@@ -208,6 +208,49 @@ phase measured 142.4 MiB against 136.2 predicted without this term: 1.2 MiB per 
 units). 1.0 sits between the two; with it the same run predicts 140.7 and measured 141.6 MiB."""
 OPTIMIZER_COPIES = 3
 """Per byte of trainable parameters: the gradient buffer and AdamW's two moments."""
+
+# The portable backend (device_runner/backends.py PortableBackend: train/step.onnx on an
+# InferenceSession, AdamW in numpy). Measured with bench/calibrate_memory.py's `portable` child on
+# ViT-B/16 (random init, T=1, all 12 layers: step.onnx 270.8 MiB, 1 thread, 2026-11-30): each
+# micro-batch size in a fresh process, the first steps at that size (which grow the memory arena).
+STEP_LOAD = 1.40
+"""Peak while the step session loads train/step.onnx, per byte of the file, beyond SESSION_MB
+[388 MiB for 270.8]: the file is parsed, then its initializers are copied into the session."""
+STEP_RESIDENT = 1.005
+"""Resident after that load, per byte of step.onnx, beyond SESSION_MB [281 MiB]. The frozen
+query-path weights are graph initializers, read once; constant folding is off, so no transposed
+copies are stored (backends.py). Derived from the file's real size, so a smaller (quantized) step
+graph is counted by its size; not yet measured on one."""
+STEP_WORK = 1.6
+"""Portable training step, per sample, beyond the fed rows themselves (fp16 K/V as cached, fp32
+CLS: `cache_per_sample`, a plain copy per micro-batch): in units of the fp32 feed
+(`feed_per_sample`). Inside the graph the fp16 K/V are cast to fp32 and transposed for Q K^T and
+the attention backward [peak of the first step 29.2 / 113 / 241 / 464 / 926 MiB at micro-batch
+1 / 4 / 8 / 16 / 32: 28.9 MiB per sample = 6.9 fed + 1.59 * 13.9; with the arena off 1.51, i.e.
+the arena (kept for speed: a step twice as fast) costs 3.5% of the step at micro-batch 32 and
+nothing measurable at 4]. The optimizer's tensors (parameters, gradients, both moments and one
+update's temporaries) add PORTABLE_OPTIMIZER_COPIES * trainable bytes; its checkpoint (trainable
+tensors and moments, 1.25 MiB for ViT-B/16, saved in milliseconds) adds 3 * trainable bytes while
+it is written."""
+QUANTIZED_STEP_EXTRA_MB = 43.0
+"""A quantized step graph (MatMulNBits weights, from a quantized bundle) needs this much more per
+step, whatever the micro-batch: its weights are unpacked for the step's products. Measured on a
+ViT-B/16 int4 bundle whose step.onnx is 51.1 MiB (bench/calibrate_memory.py, 2026-11-30): first step
+72.5 / 158.4 / 273.9 MiB at micro-batch 1 / 4 / 8, the fp32 graph's 29.2 / 113.1 / 240.7 plus 43
+(the same 28.8 MiB per sample); load 65.8 MiB, under STEP_LOAD's count. Added for every quantized
+bundle (one whose step.onnx is still fp32 is then over-counted by it). Without it the int4 bundle's
+256 MB run was predicted at 218 MiB and measured at 234 (time -v)."""
+PORTABLE_OPTIMIZER_COPIES = 5
+"""Per byte of trainable parameters on the portable backend: the parameters (numpy, not in an ORT
+checkpoint), their gradients, two moments, and the new arrays one AdamW update allocates."""
+MODEL_WORK = 5.0
+"""`eval` / `train --test` on model.onnx (prepacking off, device_runner/evaluate.py), per image of a
+batch beyond its fp32 pixels, in layer-work units [23.7 MiB per image on ViT-B/16: 24.8 / 190.5 /
+758.3 MiB at batch 1 / 8 / 32, bench/calibrate_memory.py's `model` child; = 0.57 pixels + 5.0 *
+4.66]. Its session loads as frozen.onnx does, per byte of model.onnx [348 MiB load peak, 339
+resident for 327.7 MiB]. These hold with lean_malloc (which `eval` and `predict` now set too):
+without it the same `eval` at batch 32 peaked at 1982 MiB (`/usr/bin/time -v`), the 2050 MiB
+reported against the old prediction of 1717."""
 FINISH_MB = 4.0
 """End of the run: model.onnx streamed from frozen.onnx and head.onnx (device_runner/onnx_stream.py)
 with its 1 MiB copy buffer and the learned tensors [+2 MiB for ViT-B/16; the onnx.compose merge it
@@ -243,6 +286,8 @@ class BundleFootprint:
     frozen_taps_per_sample: int = 0  # head2toe: its frozen pass's unpooled taps, 4 * N * (3D + mlp) * depth
     largest_weight_bytes: int = 0  # the backbone's largest weight matrix (qkv or MLP)
     quantize: str = "none"  # the manifest's quantize: how frozen.onnx and head.onnx hold their weights
+    step_bytes: int = 0  # train/step.onnx, the portable backend's step graph (0: the bundle has none)
+    model_bytes: int = 0  # model.onnx as the run will write it: frozen.onnx + the head's unshared part
 
     @classmethod
     def from_bundle(cls, bundle: Path) -> "BundleFootprint":
@@ -262,13 +307,19 @@ class BundleFootprint:
         lq, t = len(spec.query_layers), spec.query_tokens
         query_path = 4 * lq * t * (8 * a.dim + 2 * a.mlp_dim + 2 * a.heads * n)
         taps = 4 * n * (3 * a.dim + a.mlp_dim) * a.depth if spec.method == "head2toe" else 0
+        frozen, head = _size(bundle / mf.FROZEN), _size(bundle / mf.HEAD_MODEL)
+        # model.onnx reads the query path's frozen weights (Wq, Wo, fc1, fc2 per query layer) from
+        # frozen.onnx's initializers (device_runner/onnx_share.py): only fp32 weights match by value.
+        shared = 4 * lq * 2 * a.dim * (a.dim + a.mlp_dim) if m.quantize == "none" and spec.method.startswith("vqt") else 0
+        step = bundle / mf.STEP_MODEL
         return cls(
             name=str(bundle), method=spec.method, last_k=spec.last_k, query_layers=lq,
-            query_tokens=t, frozen_bytes=_size(bundle / mf.FROZEN), head_bytes=_size(bundle / mf.HEAD_MODEL),
+            query_tokens=t, frozen_bytes=frozen, head_bytes=head,
             ckpt_bytes=_size(bundle / mf.CHECKPOINT), trainable_bytes=_trainable_bytes(bundle / mf.TRAINING_MODEL),
             pixels_per_sample=4 * a.channels * a.image_size**2, feed_per_sample=feed, cache_per_sample=cache,
             layer_work=work, query_path_per_sample=query_path, frozen_taps_per_sample=taps,
             largest_weight_bytes=4 * a.dim * max(3 * a.dim, a.mlp_dim), quantize=m.quantize,
+            step_bytes=step.stat().st_size if step.exists() else 0, model_bytes=frozen + max(0, head - shared),
         )
 
 
@@ -298,6 +349,17 @@ def _trainable_bytes(training_model: Path) -> int:
     return total
 
 
+FROZEN_BATCH_MAX = 8
+"""Most images per frozen-pass call. Larger calls are no faster on a CPU and cost 32 MiB per image
+on ViT-B/16 (FROZEN_WORK): 1 thread, frozen.onnx of ViT-B/16, 32 random images, two rounds
+(measured with onnxruntime directly, 2026-11-24): 0.55 / 0.51 s per image at batch 8, 0.92 / 0.64
+at batch 32, 0.47 / 0.50 at batch 4. At batch 32 the frozen pass (1.4 GiB) used to set the peak of a whole
+VQT run whose training step needs half that."""
+
+
+BACKENDS = ("ort-training", "portable")  # device_runner/backends.py; the model has terms for both
+
+
 @dataclass
 class Plan:
     """A training configuration with its predicted peak (MiB) and the phase that sets it."""
@@ -308,10 +370,8 @@ class Plan:
     images: int
     peak_mb: float
     phases: dict[str, float]
-
-    @property
-    def frozen_batch(self) -> int:
-        return frozen_batch(self.batch_size, self.micro_batch)
+    backend: str = "ort-training"
+    frozen_batch: int = FROZEN_BATCH_MAX  # images per frozen-pass call (and per test batch)
 
     @property
     def needs_mb(self) -> float:
@@ -324,52 +384,48 @@ class Plan:
     def describe(self) -> str:
         top = max(self.phases, key=self.phases.get)
         return (f"kv {self.kv}, micro-batch {self.micro_batch} (batch {self.batch_size}, frozen pass {self.frozen_batch} "
-                f"images at a time): predicted peak {self.peak_mb:.0f} MiB, set by the {top} phase")
+                f"images at a time), backend {self.backend}: predicted peak {self.peak_mb:.0f} MiB, set by the {top} phase")
 
     def to_dict(self) -> dict:
-        return {"kv": self.kv, "micro_batch": self.micro_batch, "batch_size": self.batch_size, "images": self.images,
-                "predicted_peak_mb": round(self.peak_mb, 1), "needs_mb": self.needs_mb,
-                "phases_mb": {k: round(v, 1) for k, v in self.phases.items()}}
-
-
-FROZEN_BATCH_MAX = 8
-"""Most images per frozen-pass call. Larger calls are no faster on a CPU and cost 32 MiB per image
-on ViT-B/16 (FROZEN_WORK): 1 thread, frozen.onnx of ViT-B/16, 32 random images, two rounds
-(measured with onnxruntime directly, 2026-11-24): 0.55 / 0.51 s per image at batch 8, 0.92 / 0.64
-at batch 32, 0.47 / 0.50 at batch 4. At batch 32 the frozen pass (1.4 GiB) used to set the peak of a whole
-VQT run whose training step needs half that."""
+        return {"backend": self.backend, "kv": self.kv, "micro_batch": self.micro_batch, "batch_size": self.batch_size,
+                "frozen_batch": self.frozen_batch, "images": self.images, "predicted_peak_mb": round(self.peak_mb, 1),
+                "needs_mb": self.needs_mb, "phases_mb": {k: round(v, 1) for k, v in self.phases.items()}}
 
 
 def frozen_batch(batch_size: int, micro_batch: int | None) -> int:
-    """Images per frozen-pass call: the micro-batch (so a budget bounds both passes), at most
-    FROZEN_BATCH_MAX."""
+    """Images per frozen-pass call without a budget: the micro-batch, at most FROZEN_BATCH_MAX."""
     return max(1, min(micro_batch or batch_size, FROZEN_BATCH_MAX))
 
 
 def predict_peak(fp: BundleFootprint, *, images: int, batch_size: int, micro_batch: int | None, kv: str,
-                 test_batch: int | None = None) -> Plan:
+                 test_batch: int | None = None, backend: str = "ort-training", frozen_batch_size: int | None = None) -> Plan:
     """Predicted VmHWM (MiB) of `vqt-edge train` on `images` images (train + validation).
 
     peak = BASE_MB + max over the phases the run goes through, each in MiB above the baseline:
 
     - frozen (kv ram/disk: frozen.onnx runs once per image, then its session is freed):
       SESSION_MB + max(FROZEN_LOAD * frozen file, FROZEN_RESIDENT * frozen file + act_frozen(fb)
-      + store), with fb = frozen_batch(), act_frozen(b) = b * (fp32 input + fp32 outputs +
-      FROZEN_WORK * layer work + H2T_TAPS * head2toe's taps), and store = images * cache row (fp16
-      K/V) in ram mode; in disk mode one batch of rows, as the fill unmaps the pages it wrote after every batch.
-      A quantized frozen.onnx (and model.onnx) loads at file + QUANTIZED_LOAD_EXTRA_MB and stays resident at
-      file + QUANTIZED_RESIDENT_EXTRA_MB instead.
-    - train: 2 * SESSION_MB + store + max(CKPT_LOAD * checkpoint, module + max(step, save)), with
-      module = CKPT_RESIDENT * checkpoint + OPTIMIZER_COPIES * trainable bytes, step = micro *
-      (FEED * fp32 feed + query path activations + adapted layers' activations, ADAPTED_WORK), save =
-      CKPT_SAVE * (checkpoint + Adam moments). The store is the RAM cache (ram) or nothing (disk:
-      the trainer unmaps the cache pages after every read). In stream mode the frozen session stays
-      resident for the whole run (FROZEN_RESIDENT * frozen file) and each step adds act_frozen(micro).
+      + store), with fb = `frozen_batch_size` (default frozen_batch()), act_frozen(b) = b * (fp32
+      input + fp32 outputs + FROZEN_WORK * layer work + H2T_TAPS * head2toe's taps), and store =
+      images * cache row (fp16 K/V) in ram mode; in disk mode one batch of rows, as the fill
+      unmaps the pages it wrote after every batch. A quantized frozen.onnx (and model.onnx) loads
+      at file + QUANTIZED_LOAD_EXTRA_MB and stays resident at file + QUANTIZED_RESIDENT_EXTRA_MB.
+    - train, backend ort-training: 2 * SESSION_MB + store + max(CKPT_LOAD * checkpoint, module +
+      max(step, save)), with module = CKPT_RESIDENT * checkpoint + OPTIMIZER_COPIES * trainable
+      bytes, step = micro * (FEED * fp32 feed + query path activations + adapted layers'
+      activations, ADAPTED_WORK), save = CKPT_SAVE * (checkpoint + Adam moments). The store is the
+      RAM cache (ram) or nothing (disk: the trainer unmaps the cache pages after every read). In
+      stream mode the frozen session stays resident for the whole run (FROZEN_RESIDENT * frozen
+      file) and each step adds act_frozen(micro).
+    - train, backend portable: the same with the step session in place of the ORT checkpoint and
+      module: load = STEP_LOAD * step file, module = STEP_RESIDENT * step file +
+      PORTABLE_OPTIMIZER_COPIES * trainable bytes, step = micro * (cached row + STEP_WORK * fp32
+      feed + adapted layers' activations) (+ QUANTIZED_STEP_EXTRA_MB for a quantized bundle),
+      save = 3 * trainable bytes.
     - finish: 2 * SESSION_MB + 2 * trainable bytes (the adapter) + FINISH_MB + the largest weight
-      (streamed model.onnx);
-      the module and checkpoint state are freed before it.
-    - test (only with `test_batch`, i.e. `train --test`): model.onnx (frozen + head files) loaded as
-      the frozen graph is, plus act_frozen(test_batch).
+      (streamed model.onnx); the module and checkpoint state are freed before it.
+    - test (only with `test_batch`, i.e. `train --test`): model.onnx (`model_bytes`) loaded as the
+      frozen graph is, plus test_batch * (fp32 pixels + MODEL_WORK * layer work).
 
     Phases run one after the other and free what they used (lean_malloc), so the peak is their
     max; in stream mode the frozen session and the training module are resident together, so
@@ -377,7 +433,10 @@ def predict_peak(fp: BundleFootprint, *, images: int, batch_size: int, micro_bat
     """
     if kv not in KV_MODES:
         raise ValueError(kv)
+    if backend not in BACKENDS:
+        raise ValueError(backend)
     micro = micro_batch or batch_size
+    fb = frozen_batch_size or frozen_batch(batch_size, micro)
     mb = 1 / MiB
 
     def act_frozen(b: int) -> float:
@@ -392,28 +451,37 @@ def predict_peak(fp: BundleFootprint, *, images: int, batch_size: int, micro_bat
 
     frozen_load, frozen_res = loaded(fp.frozen_bytes * mb)
     cache = images * fp.cache_per_sample * mb
-    ckpt = fp.ckpt_bytes * mb
-    optimizer = OPTIMIZER_COPIES * fp.trainable_bytes * mb
-    module = CKPT_RESIDENT * ckpt + optimizer
-    save = CKPT_SAVE * (ckpt + 2 * fp.trainable_bytes * mb)
+    trainable = fp.trainable_bytes * mb
     fixed, per_layer = ADAPTED_WORK.get(fp.method.split("+")[-1], (2.0, 3.8))
     adapted = (fixed + per_layer * fp.last_k) * fp.layer_work if fp.last_k else 0.0
-    step = micro * (FEED * fp.feed_per_sample + fp.query_path_per_sample + adapted) * mb
+    if backend == "ort-training":
+        ckpt = fp.ckpt_bytes * mb
+        load = CKPT_LOAD * ckpt
+        module = CKPT_RESIDENT * ckpt + OPTIMIZER_COPIES * trainable
+        save = CKPT_SAVE * (ckpt + 2 * trainable)
+        step = micro * (FEED * fp.feed_per_sample + fp.query_path_per_sample + adapted) * mb
+    else:
+        load = STEP_LOAD * fp.step_bytes * mb
+        module = STEP_RESIDENT * fp.step_bytes * mb + PORTABLE_OPTIMIZER_COPIES * trainable
+        save = 3 * trainable
+        step = micro * (fp.cache_per_sample + STEP_WORK * fp.feed_per_sample + adapted) * mb
+        step += QUANTIZED_STEP_EXTRA_MB if fp.quantize != "none" else 0.0
     phases: dict[str, float] = {}
     if kv in CACHED_KV_MODES:
-        fb = frozen_batch(batch_size, micro)
         store = cache if kv == "ram" else fb * fp.cache_per_sample * mb  # disk: one batch's pages at a time
         phases["frozen"] = SESSION_MB + max(frozen_load, frozen_res + act_frozen(fb) + store)
         store = cache if kv == "ram" else 0.0
-        phases["train"] = 2 * SESSION_MB + store + max(CKPT_LOAD * ckpt, module + max(step, save))
+        phases["train"] = 2 * SESSION_MB + store + max(load, module + max(step, save))
     else:
-        phases["train"] = 2 * SESSION_MB + max(
-            frozen_load, frozen_res + max(CKPT_LOAD * ckpt, module + max(step + act_frozen(micro), save)))
-    phases["finish"] = 2 * SESSION_MB + 2 * fp.trainable_bytes * mb + FINISH_MB + fp.largest_weight_bytes * mb
+        phases["train"] = 2 * SESSION_MB + max(frozen_load, frozen_res + max(load, module + max(step + act_frozen(micro), save)))
+    phases["finish"] = 2 * SESSION_MB + 2 * trainable + FINISH_MB + fp.largest_weight_bytes * mb
     if test_batch:
-        model_load, model_res = loaded((fp.frozen_bytes + fp.head_bytes) * mb)
-        phases["test"] = 3 * SESSION_MB + max(model_load, model_res + act_frozen(test_batch))
-    return Plan(kv, micro, batch_size, images, BASE_MB + max(phases.values()), phases)
+        model_load, model_res = loaded((fp.model_bytes or fp.frozen_bytes + fp.head_bytes) * mb)
+        work = test_batch * (fp.pixels_per_sample + MODEL_WORK * fp.layer_work) * mb
+        # 2, not 3, sessions' fixed costs: a tiny-model `train --test` peaked 11 MiB under the 3 (80.4 MiB
+        # measured), within 2.3 MiB of 2; the third session reuses what the first two left.
+        phases["test"] = 2 * SESSION_MB + max(model_load, model_res + work)
+    return Plan(kv, micro, batch_size, images, BASE_MB + max(phases.values()), phases, backend, fb)
 
 
 def micro_batches(batch_size: int) -> list[int]:
@@ -434,22 +502,31 @@ class NoPlan(UserError):
 
 
 def choose(fp: BundleFootprint, budget_mb: float, *, images: int, batch_size: int, kv: str | None = None,
-           micro_batch: int | None = None, test: bool = False) -> Plan:
-    """The fastest configuration whose predicted peak fits `budget_mb`: K/V in RAM before disk before
-    streaming, then the largest micro-batch. `kv` / `micro_batch` given by the user are kept (and
-    must fit). Raises NoPlan (a UserError, exit 2) naming the smallest budget that would fit."""
+           micro_batch: int | None = None, test: bool = False, backends: tuple[str, ...] = ("ort-training",),
+           smaller_frozen_batches: bool = True) -> Plan:
+    """The fastest configuration whose predicted peak fits `budget_mb`: the backends in the order
+    given (the caller's preference among those that can run here: another one only where none of
+    the first one's configurations fits), then K/V in RAM before disk before streaming, then the
+    largest micro-batch, then the largest frozen-pass batch (at most the micro-batch;
+    docs/design.md section 6). A test set is evaluated at the frozen-pass batch.
+    `kv` / `micro_batch` given by the user are kept (and must fit); without
+    `smaller_frozen_batches`, the frozen pass keeps frozen_batch(). Raises NoPlan (a UserError,
+    exit 2) naming the smallest budget that would fit."""
     kvs = [kv] if kv else list(KV_MODES)
     micros = [micro_batch] if micro_batch else micro_batches(batch_size)
-    plans = [predict_peak(fp, images=images, batch_size=batch_size, micro_batch=m, kv=k,
-                          test_batch=(m if test else None)) for k in kvs for m in micros]
+    plans = [predict_peak(fp, images=images, batch_size=batch_size, micro_batch=m, kv=k, backend=b,
+                          frozen_batch_size=f, test_batch=f if test else None)
+             for b in backends for k in kvs for m in micros
+             for f in (micro_batches(frozen_batch(batch_size, m)) if smaller_frozen_batches else [frozen_batch(batch_size, m)])]
     for p in plans:
         if p.fits(budget_mb):
             return p
     best = min(plans, key=lambda p: (p.peak_mb, KV_MODES.index(p.kv), -p.micro_batch))
     fixed = " with " + ", ".join(f for f in (f"--kv {kv}" if kv else "", f"--micro-batch {micro_batch}" if micro_batch else "") if f) \
         if (kv or micro_batch) else ""
+    on = f" on the {backends[0]} backend" if len(backends) == 1 else ""
     raise NoPlan(
-        f"no configuration fits a memory budget of {budget_mb:.0f} MiB{fixed}; the smallest budget that "
+        f"no configuration fits a memory budget of {budget_mb:.0f} MiB{fixed}{on}; the smallest budget that "
         f"fits is {best.needs_mb:.0f} MiB ({best.describe()})", best.needs_mb, best,
     )
 
@@ -461,7 +538,7 @@ for the same RAM."""
 
 
 def default_kv(fp: BundleFootprint, *, images: int, batch_size: int, micro_batch: int | None, available: float | None,
-               test: bool = False) -> Plan:
+               test: bool = False, backend: str = "ort-training") -> Plan:
     """Where K/V live when the user chose neither --kv nor --memory-budget (docs/design.md section
     6): the fastest mode (KV_MODES) whose predicted peak fits AVAILABLE_SHARE of `available`
     MiB, at the user's batch and micro-batch. RAM only if the cache fits; if no mode fits, the one with the smallest predicted
@@ -469,9 +546,10 @@ def default_kv(fp: BundleFootprint, *, images: int, batch_size: int, micro_batch
     `available` (None): RAM, as before this default existed."""
     micro = micro_batch or batch_size
     if available is None:
-        return predict_peak(fp, images=images, batch_size=batch_size, micro_batch=micro, kv="ram",
-                            test_batch=micro if test else None)
+        return predict_peak(fp, images=images, batch_size=batch_size, micro_batch=micro, kv="ram", backend=backend,
+                            test_batch=frozen_batch(batch_size, micro) if test else None)
     try:
-        return choose(fp, AVAILABLE_SHARE * available, images=images, batch_size=batch_size, micro_batch=micro, test=test)
+        return choose(fp, AVAILABLE_SHARE * available, images=images, batch_size=batch_size, micro_batch=micro, test=test,
+                      backends=(backend,), smaller_frozen_batches=False)
     except NoPlan as e:
         return e.best

@@ -1,0 +1,49 @@
+"""`--memory-budget` on the portable backend: the memory model's portable terms (vqt_edge/memory.py,
+docs/design.md section 6) against the VmHWM of real `vqt-edge train` processes on the tiny ViT.
+Torch-free: `make test` runs it in the stock-onnxruntime environment too, where the portable
+backend is the only one."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import run_cli
+from vqt_edge.memory import BASE_MB, MARGIN
+
+
+@pytest.fixture(scope="module")
+def portable_budget_run(tmp_path_factory, tiny_bundle, task):
+    run = tmp_path_factory.mktemp("portable_budget") / "run"
+    out = run_cli("train", "--bundle", tiny_bundle, "--data", task["train"], "--run", run, "--epochs", 2,
+                  "--batch-size", 16, "--backend", "portable", "--memory-budget", "300MB", "--test", task["test"])
+    assert out.returncode == 0, out.stderr + out.stdout
+    return out, json.loads((run / "summary.json").read_text())
+
+
+def test_memory_budget_is_accepted_with_the_portable_backend(portable_budget_run):
+    out, summary = portable_budget_run
+    assert "memory budget 300 MiB: kv ram" in out.stdout and "backend portable" in out.stdout
+    assert summary["backend"] == summary["memory_plan"]["backend"] == "portable"
+    assert summary["memory_budget_mb"] == 300 and summary["budget_exceeded"] is False
+    assert summary["test_images"] == 60  # the test pass ran in the same process, inside the promise
+
+
+def test_portable_prediction_is_within_the_planners_margin_of_the_measured_peak(portable_budget_run):
+    """The whole run (frozen pass, portable training, model.onnx, test pass) and the training phase
+    alone: VmHWM after training against BASE_MB + the larger of the frozen and train phases."""
+    _, summary = portable_budget_run
+    measured, predicted = summary["peak_rss_mb"], summary["predicted_peak_mb"]
+    assert abs(predicted - measured) <= MARGIN * measured, (predicted, measured)
+    phases = summary["memory_plan"]["phases_mb"]
+    after_training = summary["peak_rss_mb_after"]["train"]
+    until_training = BASE_MB + max(phases["frozen"], phases["train"])
+    assert abs(until_training - after_training) <= MARGIN * after_training, (until_training, after_training)
+
+
+def test_plan_names_the_backend_it_planned_for(tiny_bundle):
+    out = run_cli("plan", "--bundle", tiny_bundle, "--memory-budget", "300MB", "--images", 40, "--backend", "portable", "--json")
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    assert plan["fits"] and plan["backend"] == "portable" and 1 <= plan["frozen_batch"] <= plan["micro_batch"]
