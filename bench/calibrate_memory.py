@@ -292,7 +292,7 @@ def constants(records: list[dict], files: dict[str, int]) -> dict:
             for r in rows:
                 r["work"] = r["step_peak"] - r["feed_cached"]
             out[f"STEP_WORK{tag}"] = slope(rows, "work", "feed_fp32")
-            # what a step costs at any micro-batch: QUANTIZED_STEP_EXTRA_MB for a quantized step graph (~0 for fp32)
+            # what a step costs at any micro-batch: QUANTIZED_STEP_DEQUANT x its largest dequantized weight for a quantized step graph (~0 for fp32)
             lo, hi = sorted(rows, key=lambda r: int(r["value"]))[0], sorted(rows, key=lambda r: int(r["value"]))[-1]
             if int(hi["value"]) > int(lo["value"]):
                 per = (hi["step_peak"] - lo["step_peak"]) / (int(hi["value"]) - int(lo["value"]))

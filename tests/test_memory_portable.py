@@ -10,13 +10,16 @@ import json
 import pytest
 
 from tests.conftest import run_cli
-from vqt_edge.memory import BASE_MB, MARGIN
+from vqt_edge.memory import BASE_MB, MARGIN, QUANTIZED_LOAD_EXTRA_MB
 
 
-@pytest.fixture(scope="module")
-def portable_budget_run(tmp_path_factory, tiny_bundle, task):
+@pytest.fixture(scope="module", params=["tiny_bundle", "tiny_int4_bundle"])
+def portable_budget_run(request, tmp_path_factory, task):
+    """The fp32 bundle and an int4 one (its step graph reads quantized weights: the model's
+    QUANTIZED_STEP_DEQUANT term, scaled by the bundle's own largest dequantized weight)."""
+    bundle = request.getfixturevalue(request.param)
     run = tmp_path_factory.mktemp("portable_budget") / "run"
-    out = run_cli("train", "--bundle", tiny_bundle, "--data", task["train"], "--run", run, "--epochs", 2,
+    out = run_cli("train", "--bundle", bundle, "--data", task["train"], "--run", run, "--epochs", 2,
                   "--batch-size", 16, "--backend", "portable", "--memory-budget", "300MB", "--test", task["test"])
     assert out.returncode == 0, out.stderr + out.stdout
     return out, json.loads((run / "summary.json").read_text())
@@ -30,11 +33,17 @@ def test_memory_budget_is_accepted_with_the_portable_backend(portable_budget_run
     assert summary["test_images"] == 60  # the test pass ran in the same process, inside the promise
 
 
-def test_portable_prediction_is_within_the_planners_margin_of_the_measured_peak(portable_budget_run):
+def test_portable_prediction_is_within_the_planners_margin_of_the_measured_peak(portable_budget_run, request):
     """The whole run (frozen pass, portable training, model.onnx, test pass) and the training phase
     alone: VmHWM after training against BASE_MB + the larger of the frozen and train phases."""
     _, summary = portable_budget_run
     measured, predicted = summary["peak_rss_mb"], summary["predicted_peak_mb"]
+    if request.node.callspec.params["portable_budget_run"] == "tiny_int4_bundle":
+        # A quantized session's fixed load cost (QUANTIZED_LOAD_EXTRA_MB, measured on ViT-B/16) is
+        # charged in full: on the tiny model it is most of the gap (predicted 93 vs measured 81 MiB).
+        # Safe side only, plus that fixed term; ViT-B/16's int4 run is checked in bench/results.
+        assert measured <= predicted <= measured * (1 + MARGIN) + QUANTIZED_LOAD_EXTRA_MB, (predicted, measured)
+        return
     assert abs(predicted - measured) <= MARGIN * measured, (predicted, measured)
     phases = summary["memory_plan"]["phases_mb"]
     after_training = summary["peak_rss_mb_after"]["train"]

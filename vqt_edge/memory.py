@@ -232,14 +232,17 @@ nothing measurable at 4]. The optimizer's tensors (parameters, gradients, both m
 update's temporaries) add PORTABLE_OPTIMIZER_COPIES * trainable bytes; its checkpoint (trainable
 tensors and moments, 1.25 MiB for ViT-B/16, saved in milliseconds) adds 3 * trainable bytes while
 it is written."""
-QUANTIZED_STEP_EXTRA_MB = 43.0
-"""A quantized step graph (MatMulNBits weights, from a quantized bundle) needs this much more per
-step, whatever the micro-batch: its weights are unpacked for the step's products. Measured on a
-ViT-B/16 int4 bundle whose step.onnx is 51.1 MiB (bench/calibrate_memory.py, 2026-11-30): first step
-72.5 / 158.4 / 273.9 MiB at micro-batch 1 / 4 / 8, the fp32 graph's 29.2 / 113.1 / 240.7 plus 43
-(the same 28.8 MiB per sample); load 65.8 MiB, under STEP_LOAD's count. Added for every quantized
-bundle (one whose step.onnx is still fp32 is then over-counted by it). Without it the int4 bundle's
-256 MB run was predicted at 218 MiB and measured at 234 (time -v)."""
+QUANTIZED_STEP_DEQUANT = 4.8
+"""A quantized step graph (train/step.onnx reading head.onnx's quantized tensors through
+DequantizeLinear chains, exporters/quantize_step.py) needs this many times its largest dequantized
+weight (the manifest's `largest_dequantized_bytes`) more per step, whatever the micro-batch: each
+chain's temporaries (dequantized, zero-shifted, scaled) are alive while one product runs. Measured on
+a ViT-B/16 int4 bundle (step.onnx 51.1 MiB, largest dequantized weight 9.0 MiB, bench/calibrate_memory.py,
+2026-11-30): first step 72.5 / 158.4 / 273.9 MiB at micro-batch 1 / 4 / 8, the fp32 graph's
+29.2 / 113.1 / 240.7 plus 43 (= 4.8 x 9.0; the same 28.8 MiB per sample); load 65.8 MiB, under
+STEP_LOAD's count. Without it the int4 bundle's 256 MB run was predicted at 218 MiB and measured at
+234 (time -v). Scaled by the bundle's own largest weight, so a small quantized model is not charged
+ViT-B/16's 43 MiB."""
 PORTABLE_OPTIMIZER_COPIES = 5
 """Per byte of trainable parameters on the portable backend: the parameters (numpy, not in an ORT
 checkpoint), their gradients, two moments, and the new arrays one AdamW update allocates."""
@@ -287,6 +290,7 @@ class BundleFootprint:
     largest_weight_bytes: int = 0  # the backbone's largest weight matrix (qkv or MLP)
     quantize: str = "none"  # the manifest's quantize: how frozen.onnx and head.onnx hold their weights
     step_bytes: int = 0  # train/step.onnx, the portable backend's step graph (0: the bundle has none)
+    step_dequantized_bytes: int = 0  # a quantized step graph's largest dequantized weight (0: fp32 step)
     model_bytes: int = 0  # model.onnx as the run will write it: frozen.onnx + the head's unshared part
 
     @classmethod
@@ -320,6 +324,7 @@ class BundleFootprint:
             layer_work=work, query_path_per_sample=query_path, frozen_taps_per_sample=taps,
             largest_weight_bytes=4 * a.dim * max(3 * a.dim, a.mlp_dim), quantize=m.quantize,
             step_bytes=step.stat().st_size if step.exists() else 0, model_bytes=frozen + max(0, head - shared),
+            step_dequantized_bytes=int((m.quantization or {}).get(mf.STEP_MODEL, {}).get("largest_dequantized_bytes", 0)),
         )
 
 
@@ -420,7 +425,7 @@ def predict_peak(fp: BundleFootprint, *, images: int, batch_size: int, micro_bat
     - train, backend portable: the same with the step session in place of the ORT checkpoint and
       module: load = STEP_LOAD * step file, module = STEP_RESIDENT * step file +
       PORTABLE_OPTIMIZER_COPIES * trainable bytes, step = micro * (cached row + STEP_WORK * fp32
-      feed + adapted layers' activations) (+ QUANTIZED_STEP_EXTRA_MB for a quantized bundle),
+      feed + adapted layers' activations) (+ QUANTIZED_STEP_DEQUANT * largest dequantized weight for a quantized step graph),
       save = 3 * trainable bytes.
     - finish: 2 * SESSION_MB + 2 * trainable bytes (the adapter) + FINISH_MB + the largest weight
       (streamed model.onnx); the module and checkpoint state are freed before it.
@@ -465,7 +470,7 @@ def predict_peak(fp: BundleFootprint, *, images: int, batch_size: int, micro_bat
         module = STEP_RESIDENT * fp.step_bytes * mb + PORTABLE_OPTIMIZER_COPIES * trainable
         save = 3 * trainable
         step = micro * (fp.cache_per_sample + STEP_WORK * fp.feed_per_sample + adapted) * mb
-        step += QUANTIZED_STEP_EXTRA_MB if fp.quantize != "none" else 0.0
+        step += QUANTIZED_STEP_DEQUANT * fp.step_dequantized_bytes * mb
     phases: dict[str, float] = {}
     if kv in CACHED_KV_MODES:
         store = cache if kv == "ram" else fb * fp.cache_per_sample * mb  # disk: one batch's pages at a time
