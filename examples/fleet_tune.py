@@ -171,7 +171,8 @@ def summary(path: Path) -> str:
         where = f"{len(records)} folds of train1000" if folds else f"val200, seed {records[0]['seed']}"
         rounds = np.mean([r["val_acc"] for r in records], axis=0) if len({len(r["val_acc"]) for r in records}) == 1 else []
         lines.append(f"| {name.removesuffix(' (folds)')} | {where} | {accs.mean():.1f}" + (f" ± {accs.std():.1f}" if len(accs) > 1 else "")
-                     + f" | {' '.join(f'{100 * a:.0f}' for a in rounds)} |")
+                     + f" | {' '.join(f'{100 * a:.0f}' for a in rounds)}"
+                     + (" (last: after --calibrate-head)" if records[0].get("calibrate_head") else "") + " |")
     return "\n".join(lines) + "\n"
 
 
