@@ -14,6 +14,10 @@ already does exactly, and a fresh state every round would warm Adam's moments up
 The server trains every client every round; a client that missed a round (it failed, or joined
 late) trains the epochs it missed in its next round, since its run continues from its checkpoint.
 
+With --calibrate-head the server sends one more message after the last round, a query: the client
+returns per-class statistics of its head inputs under the final tensors (`feature_stats`; CCVR,
+vqt_edge/fleet/calibrate.py), never the features themselves.
+
 Torch-free, like all of device_runner; the Flower import is confined to this module.
 """
 

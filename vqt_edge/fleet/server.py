@@ -7,6 +7,8 @@ Aggregation is Flower's own FedAvg: each client's tensors weighted by its number
 After every round the server writes the aggregated adapter (`rounds/round_R.safetensors`), tests it
 on --test if given, and appends one line to `metrics.jsonl` with what each client reported and the
 bytes each one received and sent (the serialized tensors of the message, without gRPC framing).
+With --calibrate-head, after the last round the head is refitted on the clients' feature statistics
+(`_calibrate`, vqt_edge/fleet/calibrate.py) before the run folder is written.
 """
 
 from __future__ import annotations
