@@ -209,6 +209,9 @@ def test_calibration_pools_client_stats_exactly_and_refits_a_separating_head():
         np.testing.assert_allclose(cov[c], np.cov(x[y == c].T, bias=True), atol=1e-4)
     assert stats_bytes(stats[0]) == 4 * (classes + classes * f + classes * f * (f + 1) // 2)
     assert stats[0][COV].shape == (classes, f * (f + 1) // 2)  # the symmetric matrix's upper triangle
+    diagonal = pool([class_stats(x[first], y[first], classes, diagonal=True),
+                     class_stats(x[~first], y[~first], classes, diagonal=True)])[2]
+    np.testing.assert_allclose(diagonal, np.stack([x[y == c].var(0) for c in range(classes)]), atol=1e-4)
 
     start = {"head.weight": np.zeros((classes, f), np.float32), "head.bias": np.array([5, 0, 0], np.float32),
              "query": np.ones(4, np.float32)}
