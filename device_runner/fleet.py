@@ -14,6 +14,10 @@ already does exactly, and a fresh state every round would warm Adam's moments up
 The server trains every client every round; a client that missed a round (it failed, or joined
 late) trains the epochs it missed in its next round, since its run continues from its checkpoint.
 
+With --calibrate-head the server sends one more message after the last round, a query: the client
+returns per-class statistics of its head inputs under the final tensors (`feature_stats`; CCVR,
+vqt_edge/fleet/calibrate.py), never the features themselves.
+
 Torch-free, like all of device_runner; the Flower import is confined to this module.
 """
 
@@ -27,10 +31,14 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from device_runner import ort
+from device_runner.data import drop_unreadable, load_dataset
 from device_runner.deploy import save_adapter
+from device_runner.features import DiskCache, FrozenBackbone, image_sha256
+from device_runner.selection import compute_features, feature_source
 from device_runner.trainer import Trainer, TrainConfig
 from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
+from vqt_edge.fleet.calibrate import class_stats
 from vqt_edge.memory import lean_malloc, peak_rss_mb
 from vqt_edge.run_folder import RunFolder
 
@@ -40,6 +48,8 @@ CLIENT_RUN, ROUNDS = "run", "rounds"
 HEAD_BIAS = "head.bias"  # the classifier's bias in every method's trainable set (logit adjustment shifts it)
 HEAD_ROWS = ("head.weight", HEAD_BIAS)  # one row per class: what --class-weighted-head averages per class
 CLASS_COUNTS = "class-counts"  # a client's training images per class, sent only when the server asks
+CALIBRATE = "calibrate-head"  # the server's round config: "", "diagonal" or "full" (vqt_edge/fleet/calibrate.py)
+FEATURE_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -149,6 +159,25 @@ def train_round(state: Path, bundle: Path, data: Path, tensors: dict[str, np.nda
     return out, metrics
 
 
+def feature_stats(state: Path, bundle: Path, data: Path, tensors: dict[str, np.ndarray], classes: list[str],
+                  diagonal: bool, threads: int | None = None) -> dict[str, np.ndarray]:
+    """Per-class count, mean and covariance (or variance) of this device's head input features under
+    the server's final `tensors` (CCVR, vqt_edge/fleet/calibrate.py). The frozen outputs come from the
+    client run's K/V disk cache, filled in the rounds (any image missing from it is run once now)."""
+    manifest = mf.read_manifest(bundle)
+    dataset, _ = drop_unreadable(load_dataset(data, classes=classes), manifest.spec.arch.image_size)
+    paths = [p for p, _ in dataset.samples]
+    labels = np.array([y for _, y in dataset.samples], np.int64)
+    cache = DiskCache.for_bundle(state / CLIENT_RUN, manifest)
+    hashes = [image_sha256(p) for p in paths]
+    cache.fill(lambda: FrozenBackbone(bundle, manifest, "cpu", threads), paths, hashes, manifest, FEATURE_BATCH,
+               lambda _: None)
+    store = cache.store(hashes)
+    source = feature_source(bundle, manifest, tensors, lambda rows: store.gather(rows), threads=threads)
+    x = compute_features(source, len(paths), FEATURE_BATCH)
+    return class_stats(x, labels, len(classes), diagonal)
+
+
 app = ClientApp()
 
 
@@ -185,5 +214,22 @@ def train(msg: Message, context: Context) -> Message:
         ARRAYS: ArrayRecord({name: Array(value) for name, value in out.items()}),
         METRICS_KEY: MetricRecord(metrics),
     })
+    return Message(content=content, reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Flower's query handler: after the last round, this device's feature statistics under the
+    final global tensors (--calibrate-head); only per-class counts and moments are sent."""
+    ort.block_torch()
+    lean_malloc()
+    node = context.node_config
+    config = msg.content[CONFIG]
+    bundle, data, state = Path(str(node["bundle"])), Path(str(node["data"])), Path(str(node["state"]))
+    tensors = {name: array.numpy() for name, array in msg.content[ARRAYS].items()}
+    stats = feature_stats(state, bundle, data, tensors, [str(c) for c in config["classes"]],
+                          str(config[CALIBRATE]) == "diagonal", int(node["threads"]) if "threads" in node else None)
+    content = RecordDict({ARRAYS: ArrayRecord({name: Array(value) for name, value in stats.items()}),
+                          METRICS_KEY: MetricRecord({"peak_rss_mb": float(peak_rss_mb())})})
     return Message(content=content, reply_to=msg)
 

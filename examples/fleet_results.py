@@ -84,6 +84,8 @@ def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--logit-adjust", type=float, default=0.0)
     parser.add_argument("--proximal-mu", type=float, default=0.0)
     parser.add_argument("--class-weighted-head", action="store_true")
+    parser.add_argument("--calibrate-head", choices=["diagonal", "full"],
+                        help="CCVR after the last round (vqt_edge/fleet/calibrate.py).")
 
 
 def main() -> None:
@@ -115,7 +117,8 @@ def main() -> None:
 
     rule = (f"_logit_adjust_{args.logit_adjust:g}" if args.logit_adjust else "") + \
         (f"_proximal_{args.proximal_mu:g}" if args.proximal_mu else "") + \
-        ("_class_weighted_head" if args.class_weighted_head else "")
+        ("_class_weighted_head" if args.class_weighted_head else "") + \
+        (f"_calibrate_head_{args.calibrate_head}" if args.calibrate_head else "")
     key = "federated" + rule  # plain FedAvg is "federated"; each client rule its own row
     fed = out / key
     if key not in results:
@@ -124,13 +127,16 @@ def main() -> None:
                          "--local-epochs", str(args.local_epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
                          "--logit-adjust", str(args.logit_adjust), "--proximal-mu", str(args.proximal_mu),
                          "--backend", args.backend, "--threads", "1", "--test", str(data / "test")]
-             + (["--class-weighted-head"] if args.class_weighted_head else []), out / "logs" / f"{key}.log")
+             + (["--class-weighted-head"] if args.class_weighted_head else [])
+             + (["--calibrate-head", args.calibrate_head] if args.calibrate_head else []), out / "logs" / f"{key}.log")
         rounds = [json.loads(line) for line in (fed / "metrics.jsonl").read_text().splitlines()]
+        summary = json.loads((fed / "summary.json").read_text())
         results[key] = {
-            "test_accuracy": rounds[-1]["test_acc"], "rounds": args.rounds, "local_epochs": args.local_epochs,
+            "test_accuracy": summary["test_accuracy"], "rounds": args.rounds, "local_epochs": args.local_epochs,
             "batch_size": args.batch_size, "lr": args.lr, "split": args.split, "clients": args.clients,
             "logit_adjust": args.logit_adjust, "proximal_mu": args.proximal_mu, "backend": args.backend,
-            "class_weighted_head": args.class_weighted_head,
+            "class_weighted_head": args.class_weighted_head, "calibrate_head": args.calibrate_head,
+            "calibration": summary.get("calibration"),
             "per_round": [{"round": r["round"], "test_acc": r.get("test_acc"), "bytes_down": r.get("bytes_down"),
                            "bytes_up": max((c["bytes_up"] for c in r.get("clients", [])), default=None),
                            "round_seconds": r.get("round_seconds")} for r in rounds],
@@ -155,6 +161,7 @@ def _label(f: dict) -> str:
     rule = [f"logit adjustment tau={f['logit_adjust']:g}"] if f.get("logit_adjust") else []
     rule += [f"FedProx mu={f['proximal_mu']:g}"] if f.get("proximal_mu") else []
     rule += ["class-weighted head"] if f.get("class_weighted_head") else []
+    rule += [f"head calibrated on virtual features ({f['calibrate_head']} covariance)"] if f.get("calibrate_head") else []
     return (f"federated VQT, {f['clients']} clients, {f['split']}, {f['rounds']} rounds x {f['local_epochs']} local epochs, "
             f"lr {f['lr']:g}, " + (", ".join(rule) or "plain FedAvg"))
 

@@ -58,6 +58,8 @@ def main() -> None:
     from device_runner.fleet import LocalRule, train_round
     from device_runner.trainer import TrainConfig
     from vqt_edge import manifest as mf
+    from device_runner.fleet import feature_stats
+    from vqt_edge.fleet.calibrate import calibrate_head, stats_bytes
     from vqt_edge.fleet.server import TestSet, class_weighted_rows, initial_tensors
     from vqt_edge.fleet.split import assign, parse_split
 
@@ -136,8 +138,18 @@ def main() -> None:
             current = mean
             accs.append(score(current))
             print(f"{args.name} round {r}: val {100 * accs[-1]:.1f}", flush=True)
+        if args.calibrate_head:  # as the fleet server's --calibrate-head, after the last round
+            stats = [feature_stats(work / f"state_{k}", bundle, shard, current, classes, args.calibrate_head == "diagonal",
+                                   threads=1) for k, shard in enumerate(shards) if len(parts[k])]
+            calib_bytes = max(stats_bytes(s) for s in stats)
+            uncalibrated = accs[-1]
+            current = calibrate_head(current, stats, args.seed)
+            accs.append(score(current))
+            print(f"{args.name} calibrated: val {100 * accs[-1]:.1f} (before {100 * uncalibrated:.1f}; "
+                  f"{calib_bytes} bytes from each client)", flush=True)
     record = {"name": args.name, **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
-              "val_acc": accs, "final_val_acc": accs[-1], "cpu_seconds": round(time.process_time() - t0, 1)}
+              "val_acc": accs, "final_val_acc": accs[-1],
+              **({"calibration_bytes_per_client": calib_bytes} if args.calibrate_head and not args.centralized else {}), "cpu_seconds": round(time.process_time() - t0, 1)}
     with open(out / "tune.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     print(json.dumps({k: record[k] for k in ("name", "final_val_acc", "cpu_seconds")}))
@@ -159,7 +171,8 @@ def summary(path: Path) -> str:
         where = f"{len(records)} folds of train1000" if folds else f"val200, seed {records[0]['seed']}"
         rounds = np.mean([r["val_acc"] for r in records], axis=0) if len({len(r["val_acc"]) for r in records}) == 1 else []
         lines.append(f"| {name.removesuffix(' (folds)')} | {where} | {accs.mean():.1f}" + (f" ± {accs.std():.1f}" if len(accs) > 1 else "")
-                     + f" | {' '.join(f'{100 * a:.0f}' for a in rounds)} |")
+                     + f" | {' '.join(f'{100 * a:.0f}' for a in rounds)}"
+                     + (" (last: after --calibrate-head)" if records[0].get("calibrate_head") else "") + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -184,6 +184,48 @@ def test_class_weighted_rows_average_each_class_over_the_clients_that_have_it():
     assert out["q"] is fedavg["q"]  # not a head row: FedAvg's
 
 
+def test_calibration_pools_client_stats_exactly_and_refits_a_separating_head():
+    """CCVR (vqt_edge/fleet/calibrate.py): two skewed clients' statistics pool to the statistics of
+    all their features at once, and a head that first calls everything class 0 is refitted on
+    virtual features to separate fresh draws of three correlated Gaussians."""
+    from vqt_edge.fleet.calibrate import COV, calibrate_head, class_stats, pool, stats_bytes
+
+    rng = np.random.default_rng(0)
+    f, classes = 6, 3
+    means = 2.0 * rng.standard_normal((classes, f))
+    roots = [0.7 * rng.standard_normal((f, f)) for _ in range(classes)]  # correlated: a diagonal misses this
+
+    def draw(n: int, c: int) -> np.ndarray:
+        return means[c] + rng.standard_normal((n, f)) @ roots[c].T
+
+    y = np.repeat(np.arange(classes), [300, 40, 200])
+    x = np.concatenate([draw(n, c) for c, n in enumerate([300, 40, 200])])
+    first = (y == 0) | ((y == 1) & (np.arange(len(y)) % 2 == 0))  # client 0: all of class 0, half of 1
+    stats = [class_stats(x[first], y[first], classes, diagonal=False), class_stats(x[~first], y[~first], classes, diagonal=False)]
+    assert stats[1]["calib.count"][0] == 0 and stats[0]["calib.count"][2] == 0
+    count, mean, cov = pool(stats)
+    for c in range(classes):
+        np.testing.assert_allclose(mean[c], x[y == c].mean(0), atol=1e-5)
+        np.testing.assert_allclose(cov[c], np.cov(x[y == c].T, bias=True), atol=1e-4)
+    assert stats_bytes(stats[0]) == 4 * (classes + classes * f + classes * f * (f + 1) // 2)
+    assert stats[0][COV].shape == (classes, f * (f + 1) // 2)  # the symmetric matrix's upper triangle
+    diagonal = pool([class_stats(x[first], y[first], classes, diagonal=True),
+                     class_stats(x[~first], y[~first], classes, diagonal=True)])[2]
+    np.testing.assert_allclose(diagonal, np.stack([x[y == c].var(0) for c in range(classes)]), atol=1e-4)
+
+    start = {"head.weight": np.zeros((classes, f), np.float32), "head.bias": np.array([5, 0, 0], np.float32),
+             "query": np.ones(4, np.float32)}
+    out = calibrate_head(start, stats, seed=0)
+    fresh_y = np.repeat(np.arange(classes), 500)
+    fresh = np.concatenate([draw(500, c) for c in range(classes)])
+    before = ((fresh @ start["head.weight"].T + start["head.bias"]).argmax(1) == fresh_y).mean()
+    after = ((fresh @ out["head.weight"].T + out["head.bias"]).argmax(1) == fresh_y).mean()
+    assert before == pytest.approx(1 / 3) and after > 0.95, after
+    assert out["query"] is start["query"]  # only the head is refitted
+    again = calibrate_head(start, stats, seed=0)  # seeded: the same head again
+    assert np.array_equal(again["head.weight"], out["head.weight"])
+
+
 # -- real Flower processes -------------------------------------------------------------------------
 def _ours(marker: Path) -> list[int]:
     """Live processes (not zombies) whose environment or command line names `marker`: those a fleet
@@ -268,7 +310,8 @@ def test_server_and_two_clients_as_separate_commands(method_bundles, task, reape
     vqt = [sys.executable, "-m", "vqt_edge.cli"]
     server = subprocess.Popen([*vqt, "fleet", "server", "--bundle", bundle, "--run", run, "--clients", "2", "--rounds", "2",
                                "--classes", "blue,green,red", "--host", "127.0.0.1", "--port", str(port),
-                               "--test", task["test"], "--batch-size", "16", "--class-weighted-head"],
+                               "--test", task["test"], "--batch-size", "16", "--class-weighted-head",
+                               "--calibrate-head", "full"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
     clients = []
     try:
@@ -282,7 +325,6 @@ def test_server_and_two_clients_as_separate_commands(method_bundles, task, reape
         out, _ = server.communicate(timeout=FLEET_TIMEOUT)
         assert server.returncode == 0, out
         assert (run / "model.onnx").exists() and json.loads((run / "summary.json").read_text())["rounds"] == 2
-        assert run_cli("eval", "--run", run, "--data", task["test"]).returncode == 0
         for k, backend in enumerate(backends):  # one fleet, each device on the backend it chose
             assert json.loads((reaper / f"state_{k}" / "run" / "run.json").read_text())["config"]["backend"] == backend
         # --class-weighted-head: blue's row is client 0's, red's client 1's, green's their mean by green images;
@@ -299,6 +341,30 @@ def test_server_and_two_clients_as_separate_commands(method_bundles, task, reape
                                            rtol=1e-5, atol=1e-6)
             else:
                 np.testing.assert_allclose(value, _weighted_mean(sent, sizes)[name], rtol=1e-5, atol=1e-6)
+        # --calibrate-head: after round 2 each client sent its feature statistics under the round's
+        # tensors; the head is refitted on them, everything else stays round 2's.
+        from device_runner.fleet import feature_stats
+        from vqt_edge.fleet.calibrate import calibrate_head, stats_bytes
+
+        final = load_file(str(run / "adapter.safetensors"))
+        stats = [feature_stats(reaper / f"state_{k}", bundle, reaper / f"data_{k}.txt", aggregated,
+                               ["blue", "green", "red"], diagonal=False) for k in (0, 1)]
+        expected = calibrate_head(aggregated, stats, seed=0)
+        for name, value in final.items():
+            np.testing.assert_allclose(value, expected[name], rtol=1e-4, atol=1e-5)
+            assert name.startswith("head.") or np.array_equal(value, aggregated[name])
+        assert not np.allclose(final["head.weight"], aggregated["head.weight"])
+        summary = json.loads((run / "summary.json").read_text())
+        calibration = summary["calibration"]
+        assert calibration["clients"] == 2  # the bytes: the statistics' float32 data plus each array's header
+        assert stats_bytes(stats[0]) <= calibration["bytes_up_per_client"] < stats_bytes(stats[0]) + 1024
+        assert summary["test_accuracy"] == calibration["test_acc"]
+        ev = run_cli("eval", "--run", run, "--data", task["test"], "--json")
+        assert ev.returncode == 0 and json.loads(ev.stdout)["accuracy"] == pytest.approx(calibration["test_acc"])
+        image = next((task["test"] / "red").iterdir())
+        pr = run_cli("predict", "--run", run, image)
+        assert pr.returncode == 0 and str(image) in pr.stdout, pr.stderr
+        assert "head calibrated (full)" in out
         for c in clients:
             c.send_signal(signal.SIGTERM)
         for c in clients:

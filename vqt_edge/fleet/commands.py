@@ -50,6 +50,10 @@ def _common(command):
         click.option("--class-weighted-head", is_flag=True,
                      help="Average each class's head row over the clients weighted by their images of that class "
                      "(clients then send their per-class image counts)."),
+        click.option("--calibrate-head", type=click.Choice(["diagonal", "full"]),
+                     help="After the last round, refit the head on virtual features drawn from the clients' per-class "
+                     "feature means and covariances (full) or variances (diagonal): CCVR. Clients send only these "
+                     "statistics (full: about C x F^2 / 2 floats)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -179,6 +183,10 @@ def _follow(run_dir: Path, submit: subprocess.Popen, timeout: float | None, logs
         raise click.ClickException(f"the fleet run failed ({errors[-1] if errors else 'no result'}); logs in {logs}")
     summary = folder.summary()
     acc = summary.get("test_accuracy")
+    if summary.get("calibration"):
+        c = summary["calibration"]
+        click.echo(f"head calibrated ({c['covariance']}): {c['clients']} clients sent {c['bytes_up_per_client']} bytes "
+                   f"of feature statistics each, {c['seconds']:.1f} s")
     click.echo(f"done in {summary['seconds']:.1f} s" + (f": test accuracy {acc:.4f}" if acc is not None else "")
                + f"; wrote {run_dir}/adapter.safetensors, {run_dir}/model.onnx")
 
@@ -208,7 +216,7 @@ def fleet() -> None:
 @click.option("--timeout", type=float, help="Give up (and stop every process) after this many seconds.")
 @_client_options
 def simulate(bundle, run_dir, rounds, local_epochs, test, batch_size, lr, weight_decay, warmup_epochs, seed, round_timeout,
-             logit_adjust, proximal_mu, class_weighted_head, data, clients, split_text, timeout, threads, kv, memory_budget,
+             logit_adjust, proximal_mu, class_weighted_head, calibrate_head, data, clients, split_text, timeout, threads, kv, memory_budget,
              backend) -> None:
     """Simulate a fleet on this machine: every client a real Flower SuperNode process with its own shard."""
     import numpy as np
@@ -226,7 +234,7 @@ def simulate(bundle, run_dir, rounds, local_epochs, test, batch_size, lr, weight
     settings = _settings(bundle, run_dir, clients, dataset.classes, rounds=rounds, local_epochs=local_epochs, test=test,
                          batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed,
                          round_timeout=round_timeout, logit_adjust=logit_adjust, proximal_mu=proximal_mu,
-                         class_weighted_head=class_weighted_head,
+                         class_weighted_head=class_weighted_head, calibrate_head=calibrate_head,
                          extra={"split": str(split), "data": str(data.resolve())})
     parts = assign(np.array([label for _, label in dataset.samples]), clients, split, seed)
     path = _write_settings(run_dir, settings)
@@ -253,7 +261,7 @@ def simulate(bundle, run_dir, rounds, local_epochs, test, batch_size, lr, weight
 @click.option("--host", default="0.0.0.0", show_default=True, help="Address the SuperLink listens on.")
 @click.option("--port", type=int, default=9091, show_default=True, help="The SuperLink's port (clients connect here).")
 def server(bundle, run_dir, rounds, local_epochs, test, batch_size, lr, weight_decay, warmup_epochs, seed, round_timeout,
-           logit_adjust, proximal_mu, class_weighted_head, clients, class_list, host, port) -> None:
+           logit_adjust, proximal_mu, class_weighted_head, calibrate_head, clients, class_list, host, port) -> None:
     """Run the fleet's server: a Flower SuperLink, then the FedAvg ServerApp once --clients have connected.
 
     Insecure (no TLS): for a trusted network. Ends when the last round is written.
@@ -272,7 +280,7 @@ def server(bundle, run_dir, rounds, local_epochs, test, batch_size, lr, weight_d
     settings = _settings(bundle, run_dir, clients, classes, rounds=rounds, local_epochs=local_epochs, test=test,
                          batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed,
                          round_timeout=round_timeout, logit_adjust=logit_adjust, proximal_mu=proximal_mu,
-                         class_weighted_head=class_weighted_head)
+                         class_weighted_head=class_weighted_head, calibrate_head=calibrate_head)
     path = _write_settings(run_dir, settings)
     with Federation(run_dir / FLEET_DIR) as fed:
         fed.superlink(host=host, port=port)

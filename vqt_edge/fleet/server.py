@@ -7,6 +7,8 @@ Aggregation is Flower's own FedAvg: each client's tensors weighted by its number
 After every round the server writes the aggregated adapter (`rounds/round_R.safetensors`), tests it
 on --test if given, and appends one line to `metrics.jsonl` with what each client reported and the
 bytes each one received and sent (the serialized tensors of the message, without gRPC framing).
+With --calibrate-head, after the last round the head is refitted on the clients' feature statistics
+(`_calibrate`, vqt_edge/fleet/calibrate.py) before the run folder is written.
 """
 
 from __future__ import annotations
@@ -17,16 +19,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from device_runner import ort
 from device_runner.data import Sample, drop_unreadable, iter_batches, load_dataset
 from device_runner.deploy import build_model, save_adapter
-from device_runner.fleet import ARRAYS, CLASS_COUNTS, CONFIG, HEAD_ROWS, METRICS_KEY, NUM_EXAMPLES
+from device_runner.fleet import ARRAYS, CALIBRATE, CLASS_COUNTS, CONFIG, HEAD_ROWS, METRICS_KEY, NUM_EXAMPLES
 from vqt_edge import adapter_config
 from vqt_edge import manifest as mf
+from vqt_edge.fleet.calibrate import calibrate_head
 from vqt_edge.manifest import Manifest
 from vqt_edge.memory import peak_rss_mb
 from vqt_edge.run_folder import MODEL, RunFolder
@@ -56,6 +59,7 @@ class FleetSettings:
     logit_adjust: float = 0.0  # device_runner/fleet.py LocalRule: how each client trains under label skew
     proximal_mu: float = 0.0
     class_weighted_head: bool = False  # average head row c by each client's images of class c (class_weighted_rows)
+    calibrate_head: str | None = None  # "diagonal" | "full": CCVR after the last round (vqt_edge/fleet/calibrate.py)
     extra: dict = field(default_factory=dict)  # recorded in summary.json as given (e.g. the split)
 
     def round_config(self, bundle_sha256: str) -> ConfigRecord:
@@ -65,7 +69,7 @@ class FleetSettings:
             "weight-decay": self.weight_decay, "seed": self.seed, "classes": list(self.classes),
             "warmup-epochs": float(self.warmup_epochs if self.warmup_epochs is not None else 0.1 * epochs),
             "bundle-sha256": bundle_sha256, "logit-adjust": self.logit_adjust, "proximal-mu": self.proximal_mu,
-            "class-weighted-head": self.class_weighted_head,
+            "class-weighted-head": self.class_weighted_head, CALIBRATE: self.calibrate_head or "",
         })
 
 
@@ -195,11 +199,42 @@ def run_fleet(grid: Grid, settings: FleetSettings) -> dict:
         evaluate_fn=after_round,
     )
     final = {name: array.numpy() for name, array in result.arrays.items()}
-    return _finish(run, bundle, manifest, settings, final, time.perf_counter() - t0)
+    calibration = None
+    if settings.calibrate_head:
+        final, calibration = _calibrate(grid, settings, final, mf.sha256_file(bundle / mf.MANIFEST))
+        save_adapter(run / ROUNDS / "calibrated.safetensors", final, manifest)
+        if test is not None:
+            build_model(bundle, manifest, final, run / ROUNDS / MODEL)
+            calibration["test_acc"] = test.accuracy(run / ROUNDS / MODEL)
+    return _finish(run, bundle, manifest, settings, final, time.perf_counter() - t0, calibration)
+
+
+def _calibrate(grid: Grid, settings: FleetSettings, tensors: dict[str, np.ndarray],
+               bundle_sha256: str) -> tuple[dict[str, np.ndarray], dict]:
+    """One query message to every client with the final tensors; their per-class feature statistics
+    back; the head refitted on virtual features (vqt_edge/fleet/calibrate.py)."""
+    t0 = time.perf_counter()
+    content = RecordDict({ARRAYS: ArrayRecord({k: Array(v) for k, v in tensors.items()}),
+                          CONFIG: settings.round_config(bundle_sha256)})
+    messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=node) for node in grid.get_node_ids()]
+    replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
+    ok = [msg for msg in replies if not msg.has_error()]
+    failures = [{"node": int(msg.metadata.src_node_id), "error": str(msg.error.reason)} for msg in replies if msg.has_error()]
+    if not ok:
+        raise RuntimeError(f"calibration: every client failed: {failures}")
+    stats = [{name: array.numpy() for name, array in msg.content[ARRAYS].items()} for msg in ok]
+    calibrated = calibrate_head(tensors, stats, settings.seed)
+    return calibrated, {
+        "covariance": settings.calibrate_head, "clients": len(ok), "failures": failures,
+        "bytes_down_per_client": array_bytes(content[ARRAYS]),
+        "bytes_up_per_client": max(array_bytes(msg.content[ARRAYS]) for msg in ok),
+        "client_peak_rss_mb": max(float(msg.content[METRICS_KEY]["peak_rss_mb"]) for msg in ok),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
 
 
 def _finish(run: Path, bundle: Path, manifest: Manifest, settings: FleetSettings, tensors: dict[str, np.ndarray],
-            seconds: float) -> dict:
+            seconds: float, calibration: dict | None = None) -> dict:
     """The ordinary run folder (vqt_edge/run_folder.py): adapter, model.onnx, run.json, summary.json."""
     (run / ROUNDS / MODEL).unlink(missing_ok=True)
     folder = RunFolder(run)
@@ -213,7 +248,8 @@ def _finish(run: Path, bundle: Path, manifest: Manifest, settings: FleetSettings
     summary = {
         "fleet": True, "rounds": settings.rounds, "clients": settings.clients, "local_epochs": settings.local_epochs,
         "train_images": max((sum(c[NUM_EXAMPLES] for c in r["clients"]) for r in rounds if r.get("clients")), default=0),
-        "test_accuracy": rounds[-1].get("test_acc") if rounds else None,
+        "test_accuracy": (calibration or {}).get("test_acc", rounds[-1].get("test_acc") if rounds else None),
+        "calibration": calibration,  # the head refitted after the last round; the rounds' test_acc are before it
         "final": rounds[-1] if rounds else None,
         "bytes_down_per_client_per_round": rounds[-1].get("bytes_down") if rounds else None,
         "bytes_up_per_client_per_round": max((c["bytes_up"] for c in clients), default=None),
