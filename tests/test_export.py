@@ -48,7 +48,7 @@ def test_manifest_and_outputs_follow_the_contract(tiny_bundle):
     data = json.loads((tiny_bundle / mf.MANIFEST).read_text())
     for key in ("format", "arch", "method", "query_layers", "query_tokens", "num_classes", "mean", "std", "feature_norm", "files"):
         assert key in data
-    assert data["format"] == "vqt-edge/1" and data["query_layers"] == [0, 1, 2] and data["query_tokens"] == 2
+    assert data["format"] == "vqt-edge/2" and data["query_layers"] == [0, 1, 2] and data["query_tokens"] == 2
     for name, digest in data["files"].items():
         assert mf.sha256_file(tiny_bundle / name) == digest
     sess = onnxruntime.InferenceSession(str(tiny_bundle / mf.FROZEN), providers=["CPUExecutionProvider"])

@@ -132,8 +132,8 @@ def _escape_symlink(b: Path, other: Path) -> str:
 
 
 def _unknown_format(b: Path, other: Path) -> str:
-    _edit_manifest(b, lambda d: d.update(format="vqt-edge/2"))
-    return "unknown bundle format 'vqt-edge/2'"
+    _edit_manifest(b, lambda d: d.update(format="vqt-edge/99"))
+    return "unknown bundle format 'vqt-edge/99'"
 
 
 def _garbage_manifest(b: Path, other: Path) -> str:
@@ -462,3 +462,19 @@ def test_hf_folder_with_only_a_pickle_is_refused_without_unpickling(tmp_path, ti
     with pytest.raises(UserError, match="config.json and model.safetensors"):
         detect_format(folder)
     assert not marker.exists()
+
+
+def test_bundle_of_the_retired_format_is_refused_with_a_re_export_hint(tmp_path, tiny_bundle, task):
+    """A vqt-edge/1 bundle (before the adapter spec) names its trained tensors otherwise in its
+    graphs: training it used to crash mid-run (KeyError from onnxruntime-training, or a failed
+    model.onnx merge on the portable backend). Now every command refuses it up front, exit 2."""
+    bundle = tmp_path / "old"
+    shutil.copytree(tiny_bundle, bundle)
+    manifest = json.loads((bundle / mf.MANIFEST).read_text())
+    manifest["format"] = "vqt-edge/1"
+    (bundle / mf.MANIFEST).write_text(json.dumps(manifest))
+    for args in (["train", "--bundle", bundle, "--data", task["train"], "--run", tmp_path / "run", "--epochs", 1],
+                 ["plan", "--bundle", bundle, "--images", 10, "--memory-budget", "1GB"]):
+        out = run_cli(*args)
+        assert out.returncode == 2 and "re-export the bundle" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert not (tmp_path / "run" / "run.json").exists()  # refused before the run started

@@ -111,7 +111,7 @@ def test_two_identical_runs_write_identical_adapter_bytes(tmp_path, tiny_bundle,
         files.append(tmp_path / name / "adapter.safetensors")
     assert files[0].read_bytes() == files[1].read_bytes()
     with safe_open(str(files[0]), framework="numpy") as f:  # still a valid safetensors file
-        assert f.metadata()["format"] == "vqt-edge/1" and set(f.keys()) == {"query_tokens", "head.weight", "head.bias"}
+        assert f.metadata()["format"] == "vqt-edge/2" and set(f.keys()) == {"query_tokens", "head.weight", "head.bias"}
     size = int.from_bytes(files[0].read_bytes()[:8], "little")
     header = json.loads(files[0].read_bytes()[8 : 8 + size])
     assert list(header) == sorted(header) and list(header["__metadata__"]) == sorted(header["__metadata__"])

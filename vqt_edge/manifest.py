@@ -16,7 +16,11 @@ from vqt_edge.errors import UserError
 from vqt_edge.fileio import atomic_write_text
 from vqt_edge.spec import AdapterSpec
 
-FORMAT = "vqt-edge/1"
+FORMAT = "vqt-edge/2"
+"""Bumped from vqt-edge/1 when the adapter spec gave the trained tensors one name from the torch module
+to the adapter (graph names such as `query_path.query_tokens` became `query_tokens`): a /1 bundle's
+graphs name them otherwise, so it is refused with a re-export hint instead of failing mid-run."""
+RETIRED_FORMATS = ("vqt-edge/1",)
 MANIFEST = "manifest.json"
 
 # Bundle-relative paths of the files the contract names (docs/design.md section 2).
@@ -74,6 +78,9 @@ class Manifest:
     def from_dict(cls, d: dict, source: str = MANIFEST) -> "Manifest":
         if not isinstance(d, dict):
             raise UserError(f"{source}: not a JSON object")
+        if d.get("format") in RETIRED_FORMATS:
+            raise UserError(f"{source}: exported by an older vqt-edge (format {d['format']!r}; this one reads {FORMAT!r}): "
+                            "re-export the bundle with `vqt-edge export`")
         if d.get("format") != FORMAT:
             raise UserError(f"{source}: unknown bundle format {d.get('format')!r} (this vqt-edge reads {FORMAT!r})")
         check_field_types(d, source)  # a manifest is input: types first, so nothing below can crash on it
