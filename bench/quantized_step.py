@@ -35,7 +35,7 @@ def _status(key: str) -> float:
 def child(bundle: Path, threads: int, batch: int, warmup: int, steps: int) -> dict:
     import numpy as np
 
-    from bench.step_bench import LR, WD, _cache, _timed
+    from bench.step_bench import _cache, _timed, backend_step
     from device_runner import backends, ort
     from vqt_edge import manifest as mf
 
@@ -49,13 +49,7 @@ def child(bundle: Path, threads: int, batch: int, warmup: int, steps: int) -> di
     loaded = _status("VmRSS")
     hwm_load = _status("VmHWM")
 
-    def step() -> None:
-        feed = store.gather(rows, backend.input_dtypes)
-        feed["targets"], feed["query_keep"] = targets, keep
-        backend.forward(feed)
-        backend.step(LR, WD)
-
-    result = _timed(step, warmup, steps)
+    result = _timed(backend_step(backend, store, rows, targets, keep), warmup, steps)
     return {"quantize": manifest.quantize, "step_file_mib": round((bundle / mf.STEP_MODEL).stat().st_size / 2**20, 1),
             "rss_before_session_mib": round(before, 1), "session_resident_mib": round(loaded - before, 1),
             "peak_after_load_mib": round(hwm_load, 1), "rss_after_steps_mib": round(_status("VmRSS"), 1), **result}

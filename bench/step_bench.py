@@ -84,6 +84,19 @@ def _timed(step, warmup: int, steps: int) -> dict:
             "wall_seconds_per_step": round(statistics.median(wall[warmup:]), 4), "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 
+def backend_step(backend, store, rows, targets, keep):
+    """One training step of a vqt-edge backend on cached rows, as `_timed` calls it (also
+    bench/quantized_step.py's): gather the fp16 feed, forward + backward, AdamW."""
+
+    def step() -> None:
+        feed = store.gather(rows, backend.input_dtypes)
+        feed["targets"], feed["query_keep"] = targets, keep
+        backend.forward(feed)
+        backend.step(LR, WD)
+
+    return step
+
+
 def child(runner: str, bundle: Path, threads: int, warmup: int, steps: int) -> dict:
     import numpy as np
 
@@ -102,13 +115,7 @@ def child(runner: str, bundle: Path, threads: int, warmup: int, steps: int) -> d
     ort.block_torch()
     backend = backends.open_backend(runner, bundle, manifest, "cpu", threads, None)
 
-    def step() -> None:
-        feed = store.gather(rows, backend.input_dtypes)
-        feed["targets"], feed["query_keep"] = targets, keep
-        backend.forward(feed)
-        backend.step(LR, WD)
-
-    result = _timed(step, warmup, steps)
+    result = _timed(backend_step(backend, store, rows, targets, keep), warmup, steps)
     with tempfile.TemporaryDirectory(dir=bundle.parent) as tmp:  # the run folder's file system
         t0 = time.perf_counter()
         path = RunFolder(tmp).checkpoint(runner)
