@@ -32,8 +32,8 @@ from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
 from vqt_edge.fileio import atomic_write_bytes, fsync_file
 from vqt_edge.manifest import Manifest
+from vqt_edge.spec import BACKENDS
 
-BACKENDS = ("portable", "ort-training")
 DEFAULT = "ort-training"  # the leaner of the two on vit_b16 where both run; portable is faster (bench/step_bench.py; README)
 Position = dict[str, float | int]  # epoch, step, loss_sum, correct, seen
 

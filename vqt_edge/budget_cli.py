@@ -13,7 +13,7 @@ import click
 
 from vqt_edge.cli_options import arch_size_options
 from vqt_edge.errors import UserError
-from vqt_edge.spec import KV_MODES
+from vqt_edge.spec import BACKENDS, KV_MODES
 
 
 def _count_images(data: Path) -> int:
@@ -31,7 +31,7 @@ def _count_images(data: Path) -> int:
 @click.option("--kv", type=click.Choice(KV_MODES), help="Keep this K/V mode (default: the planner chooses).")
 @click.option("--micro-batch", type=int, help="Keep this micro-batch (default: the planner chooses).")
 @click.option("--test", "with_test", is_flag=True, help="The run will also evaluate a --test set in the same process.")
-@click.option("--backend", type=click.Choice(["auto", "portable", "ort-training"]), default="auto", show_default=True,
+@click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default="auto", show_default=True,
               help="Training backend; auto: the default where a plan of it fits, else the other one (as train does).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as one JSON object.")
 def plan(bundle, memory_budget, images, data, batch_size, kv, micro_batch, with_test, backend, as_json) -> None:

@@ -18,7 +18,7 @@ from vqt_edge.cli_options import arch_size_options
 from vqt_edge.errors import UserError
 from vqt_edge.head2toe import DEFAULT_TARGET as H2T_DEFAULT_TARGET
 from vqt_edge.manifest import QUANTIZE_MODES
-from vqt_edge.spec import AGGREGATES, FEATURE_NORMS, KV_MODES, METHODS
+from vqt_edge.spec import AGGREGATES, BACKENDS, FEATURE_NORMS, KV_MODES, METHODS
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 
@@ -146,7 +146,7 @@ def export(model_name, weights, random_init, num_classes, classes, out, method, 
 @click.option("--threads", type=int, help="Threads for the frozen pass and training [default: all cores].")
 @click.option("--checkpoint-every", type=int, default=0, show_default=True, help="Also checkpoint every N steps (0: at the end of every epoch only).")
 @click.option("--resume", is_flag=True, help="Continue the run in --run from its last checkpoint, with its saved settings.")
-@click.option("--backend", type=click.Choice(["auto", "portable", "ort-training"]), default="auto", show_default=True,
+@click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default="auto", show_default=True,
               help="Training step: portable (any onnxruntime) or ort-training (the onnxruntime-training build); "
               "auto: the faster one (README, 'Backends') where it can run here, else the other.")
 @click.option("--memory-budget", help="Peak memory (RSS) the run must stay within, e.g. 600MB: chooses --kv and --micro-batch "

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vqt_edge.errors import UserError
-from vqt_edge.spec import CACHED_KV_MODES, KV_MODES
+from vqt_edge.spec import BACKENDS, CACHED_KV_MODES, KV_MODES
 
 _UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "KIB": 2**10, "M": 2**20, "MB": 2**20, "MIB": 2**20, "G": 2**30, "GB": 2**30, "GIB": 2**30}
 
@@ -360,9 +360,6 @@ on ViT-B/16 (FROZEN_WORK): 1 thread, frozen.onnx of ViT-B/16, 32 random images, 
 (measured with onnxruntime directly, 2026-11-24): 0.55 / 0.51 s per image at batch 8, 0.92 / 0.64
 at batch 32, 0.47 / 0.50 at batch 4. At batch 32 the frozen pass (1.4 GiB) used to set the peak of a whole
 VQT run whose training step needs half that."""
-
-
-BACKENDS = ("ort-training", "portable")  # device_runner/backends.py; the model has terms for both
 
 
 @dataclass

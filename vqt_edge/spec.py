@@ -38,6 +38,9 @@ AGGREGATES = ("concat", "mean", "wsum")
 # RAM, cached on disk, recomputed every epoch. `tune` needs one of the cached modes.
 CACHED_KV_MODES = ("ram", "disk")
 KV_MODES = CACHED_KV_MODES + ("stream",)
+# The training backends (device_runner/backends.py; docs/design.md section 9): the portable step
+# graph on any onnxruntime, or onnxruntime-training's artifacts. `--backend auto` picks one.
+BACKENDS = ("portable", "ort-training")
 
 #: The trained query tokens' one name: the torch parameter, the graphs' initializer, the step
 #: graph's input, the adapter file's tensor (and `head/query_tokens` in model.onnx).

@@ -19,6 +19,7 @@ from pathlib import Path
 import click
 
 from vqt_edge.errors import UserError
+from vqt_edge.spec import BACKENDS
 
 FLEET_DIR = "fleet"  # inside the run folder: settings, logs, Flower's state, the simulated clients
 POLL_SECONDS = 0.5
@@ -67,7 +68,7 @@ def _client_options(command):
         click.option("--kv", type=click.Choice(["disk", "ram", "stream"]), default="disk", show_default=True,
                      help="K/V of the frozen backbone: disk caches them once for all rounds (each round is a new process)."),
         click.option("--memory-budget", help="Peak memory each client's training must stay within, e.g. 600MB."),
-        click.option("--backend", type=click.Choice(["auto", "portable", "ort-training"]), default="auto", show_default=True,
+        click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default="auto", show_default=True,
                      help="Each client's training step, as `train --backend`; auto also picks portable when "
                      "--proximal-mu needs it."),
     ]
