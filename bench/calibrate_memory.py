@@ -170,7 +170,9 @@ def child(args) -> None:
             peaks.append(status()["VmHWM"] - before)
         rec["step_peak"] = max(peaks)
         rec["resident_after_steps"] = status()["VmRSS"] - base
-        rec["feed_cached"] = mb * sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in m.spec.frozen_output_specs.values()) / 2**20
+        from vqt_edge.memory import BundleFootprint
+
+        rec["step_fed"] = mb * BundleFootprint.from_bundle(bundle).step_fed_per_sample / 2**20  # fed rows (+ a Cast's copy)
         rec["feed_fp32"] = mb * sum(int(np.prod(s)) * 4 for s, _ in m.spec.frozen_output_specs.values()) / 2**20
         import tempfile
 
@@ -288,9 +290,9 @@ def constants(records: list[dict], files: dict[str, int]) -> dict:
             tag = "" if ar else "_NO_ARENA"
             out["STEP_LOAD"] = ratio(max(r["load_peak"] for r in rows), "train/step.onnx")
             out["STEP_RESIDENT"] = ratio(max(r["load_resident"] for r in rows), "train/step.onnx")
-            # the step's peak beyond the cached feed, per sample, in units of the fp32 feed
+            # the step's peak beyond its fed rows, per sample, in units of the fp32 feed
             for r in rows:
-                r["work"] = r["step_peak"] - r["feed_cached"]
+                r["work"] = r["step_peak"] - r["step_fed"]
             out[f"STEP_WORK{tag}"] = slope(rows, "work", "feed_fp32")
             # what a step costs at any micro-batch: QUANTIZED_STEP_DEQUANT x its largest dequantized weight for a quantized step graph (~0 for fp32)
             lo, hi = sorted(rows, key=lambda r: int(r["value"]))[0], sorted(rows, key=lambda r: int(r["value"]))[-1]

@@ -24,6 +24,7 @@ import numpy as np
 
 from device_runner import ort
 from device_runner.data import iter_batches
+from device_runner.fp16 import fp16_to_fp32
 from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
 from vqt_edge.fileio import DISK_FULL, atomic_write_text
@@ -70,28 +71,43 @@ class FeatureStore:
     def __init__(self, arrays: Features) -> None:
         self.arrays = arrays
 
-    def gather(self, rows: np.ndarray, dtypes: dict[str, np.dtype] | None = None) -> Features:
+    def gather(self, rows: np.ndarray, dtypes: dict[str, np.dtype] | None = None, out: Features | None = None) -> Features:
         """Copies of the asked rows, in the asked order, as `dtypes[name]` (fp32 by default).
 
-        The portable step graph takes the fp16 rows as they are cached (a plain copy, ~6x cheaper
-        than converting; docs/design.md section 10); onnxruntime-training's graph takes fp32.
+        `out`: arrays of an earlier gather to write into (their first len(rows) rows) where dtype and
+        row shape match and they are long enough; anything the caller still reads from them is
+        overwritten. The training loop passes its last feed: a fresh 464 MB array per vit_b16 step is
+        page-faulted in again every time (0.034 CPU s of a 0.28 s step; docs/design.md section 10).
+
+        Both step graphs take fp32; fp16 rows are converted by `fp16_to_fp32` (3x numpy's cast,
+        1.8x onnxruntime 1.19.2's Cast inside a graph; docs/design.md section 10). A bundle whose
+        step graph takes fp16 (exported before 2026-11-30) gets plain copies.
         Row by row into one preallocated array: the peak is the feed plus one row.
         (`a[rows].astype(np.float32)` also holds the fp16 gather and, reordered, a second fp32
         copy: 1.5x the feed at the peak.) Rows are read in sorted order, which is kinder to a
         memmap. From a memory-mapped cache, each row's pages are dropped once copied and the whole
         mapping after each output (see `drop_mapped_pages`), so the read leaves nothing resident
         and adds little beyond the fp32 copy at its peak; for in-memory arrays that is a no-op."""
-        out: Features = {}
+        gathered: Features = {}
         order = np.argsort(rows, kind="stable")
         for name, a in self.arrays.items():
-            dst = np.empty((len(rows), *a.shape[1:]), (dtypes or {}).get(name, np.float32))
+            dtype = np.dtype((dtypes or {}).get(name, np.float32))
+            reuse = (out or {}).get(name)
+            if reuse is not None and reuse.dtype == dtype and reuse.shape[1:] == a.shape[1:] and len(reuse) >= len(rows):
+                dst = reuse[: len(rows)]
+            else:
+                dst = np.empty((len(rows), *a.shape[1:]), dtype)
+            convert = a.dtype == np.float16 and dst.dtype == np.float32
             for i in order:
-                dst[i] = a[rows[i]]
+                if convert:
+                    fp16_to_fp32(a[rows[i]], dst[i])
+                else:
+                    dst[i] = a[rows[i]]
                 _drop_row_pages(a, int(rows[i]))
             # A fault also maps neighbouring cached pages ("fault-around"): drop what is left.
             drop_mapped_pages({name: a})
-            out[name] = dst
-        return out
+            gathered[name] = dst
+        return gathered
 
 
 def _run_backbone(
@@ -288,5 +304,5 @@ class _RowMapped(FeatureStore):
         super().__init__(arrays)
         self.rows = rows
 
-    def gather(self, rows: np.ndarray, dtypes: dict[str, np.dtype] | None = None) -> Features:
-        return super().gather(self.rows[rows], dtypes)
+    def gather(self, rows: np.ndarray, dtypes: dict[str, np.dtype] | None = None, out: Features | None = None) -> Features:
+        return super().gather(self.rows[rows], dtypes, out)

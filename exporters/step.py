@@ -11,8 +11,9 @@ its backward pass, generated from the torch `MethodHead` (never hand-written) by
 3. the traced module wrapped in an `nn.Module` and exported with `torch.onnx.export(dynamo=True)`.
 
 Inputs (in this order): every trainable tensor, by its one name (the adapter spec's
-`trainable_shapes`), then the frozen outputs the method reads (large ones as fp16, the K/V cache's
-dtype, cast to fp32 inside the graph), `query_keep` (methods with query tokens) and `targets`. Outputs: `loss`,
+`trainable_shapes`), then the frozen outputs the method reads (fp32: the runner converts the fp16
+cache rows faster than a Cast node would, device_runner/fp16.py), `query_keep` (methods with query
+tokens) and `targets`. Outputs: `loss`,
 `logits`, then `grad.<name>` for every trainable tensor. The frozen weights are initializers.
 The same graph serves evaluation (all-ones `query_keep`, zero `targets`): a second graph would
 hold a second copy of the frozen weights.
@@ -36,7 +37,6 @@ from exporters.methods import MethodHead
 
 STEP_OPSET = 18  # the dynamo exporter's lowest
 MAX_IR_VERSION = 10  # onnxruntime-training 1.19 (the other backend, same environments) reads IR <= 10
-HALF_INPUTS = ("keys", "values", "hidden")  # fed as the K/V cache stores them (device_runner/features.py)
 
 
 def grad_name(name: str) -> str:
@@ -87,7 +87,7 @@ def _distinct_batch(tensors: list[torch.Tensor], sizes: set[int]) -> int:
 
 def export_step(head: MethodHead, frozen_example: tuple[torch.Tensor, ...], path: Path) -> None:
     """Write the step graph of `head` to `path`. `frozen_example`: the frozen outputs for a batch
-    of 2 (fp32; cast to fp16 here for the inputs the cache stores as fp16)."""
+    of 2 (fp32, as the graph takes them)."""
     trainable = head.trainable()  # parameter names = adapter names
     params = dict(head.named_parameters())
     frozen = {n: p.detach() for n, p in params.items() if n not in trainable}
@@ -97,8 +97,6 @@ def export_step(head: MethodHead, frozen_example: tuple[torch.Tensor, ...], path
     input_names = list(head.input_names)
 
     def loss_fn(weights: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor], *inputs: torch.Tensor):
-        # fp16 cache rows become fp32 here, inside the graph: no conversion pass on the device.
-        inputs = tuple(x.float() if name in HALF_INPUTS else x for name, x in zip(input_names, inputs))
         loss, logits = torch.func.functional_call(head, {**fixed, **weights}, inputs)
         return loss, logits
 
@@ -118,7 +116,7 @@ def export_step(head: MethodHead, frozen_example: tuple[torch.Tensor, ...], path
     b = _distinct_batch([*example, *weights, *(x[0] for x in frozen_example)], sizes)
     for name, x in zip(input_names, frozen_example):
         x = x.detach()[torch.arange(b) % x.shape[0]]
-        example.append(x.half() if name in HALF_INPUTS else x)
+        example.append(x)
     if head.spec.has_query_tokens:
         example.append(torch.ones(b, *head.spec.query_keep_shape))
     example.append(torch.full((b, head.head.out_features), 1.0 / b))

@@ -97,11 +97,15 @@ def test_planner_takes_the_portable_backend_where_ort_training_cannot_fit():
     roomy = choose(fp, 2000, images=64, batch_size=32, backends=both)  # the preferred backend whenever it fits
     assert (roomy.backend, roomy.kv, roomy.micro_batch, roomy.frozen_batch) == ("ort-training", "ram", 32, 8)
     # The step graph is counted by its real size (a quantized step.onnx is smaller): 100 MiB less
-    # of it lowers the portable training phase by STEP_RESIDENT * 100 MiB.
+    # of it lowers the portable training phase by STEP_RESIDENT * 100 MiB where the step, not the
+    # session's load, sets that phase's peak (micro-batch 32; at 4 the load does, STEP_LOAD * 100).
     small = dataclasses.replace(fp, step_bytes=fp.step_bytes - 100 * 2**20)
-    kw = dict(images=64, batch_size=32, micro_batch=4, kv="disk", backend="portable")
+    kw = dict(images=64, batch_size=32, micro_batch=32, kv="disk", backend="portable")
     drop = predict_peak(fp, **kw).phases["train"] - predict_peak(small, **kw).phases["train"]
     assert drop == pytest.approx(100 * memory.STEP_RESIDENT)
+    kw4 = {**kw, "micro_batch": 4}
+    drop = predict_peak(fp, **kw4).phases["train"] - predict_peak(small, **kw4).phases["train"]
+    assert drop == pytest.approx(100 * memory.STEP_LOAD)
     # The test pass runs model.onnx at the frozen-pass batch, counted by model.onnx's size.
     test = choose(fp, 1000, images=64, batch_size=32, backends=both, test=True)
     assert test.phases["test"] == pytest.approx(predict_peak(fp, **{**kw, "backend": test.backend, "kv": test.kv,

@@ -252,7 +252,7 @@ def _step_against_torch(bundle, backbone, session_options=None) -> dict[str, flo
     trainable = {n: v + 0.05 * rng.standard_normal(v.shape).astype(np.float32) for n, v in trainable.items()}
     head = _torch_vqt_head(backbone, manifest, values, trainable)
     cls, keys, values_ = _frozen_outputs(bundle, 5, seed=4)
-    keys, values_ = keys.astype(np.float16), values_.astype(np.float16)
+    keys, values_ = (x.astype(np.float16).astype(np.float32) for x in (keys, values_))  # as cached, as fed
     keep = (rng.random((5, *manifest.spec.query_keep_shape)) >= 0.1).astype(np.float32) / 0.9
     targets = np.eye(manifest.spec.num_classes, dtype=np.float32)[[0, 1, 2, 0, 1]] / 5
     sess = onnxruntime.InferenceSession(str(bundle / mf.STEP_MODEL), session_options, providers=["CPUExecutionProvider"])

@@ -3,7 +3,8 @@
 For every method the bundle format knows, exporters/step.py's graph, run by a plain onnxruntime
 InferenceSession, must give the loss, logits and gradient of every trainable tensor that
 `loss.backward()` gives on the same method head (exporters/methods/) (docs/design.md section 9), within 1e-5 of the
-largest value. K/V and hidden go in as fp16 (as cached); torch gets the same fp16 values.
+largest value. K/V and hidden are rounded to fp16 as the cache stores them and go in as fp32, as the
+runner converts them; torch gets the same values.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import torch
 
 from device_runner.backends import STEP_DISABLED_OPTIMIZERS
 from exporters.methods import build_frozen, build_head
-from exporters.step import HALF_INPUTS, MAX_IR_VERSION, export_step, grad_name
+from exporters.step import MAX_IR_VERSION, export_step, grad_name
 from exporters.vit import VisionTransformer
 from vqt_edge.arch import PRESETS
-from vqt_edge.spec import AdapterSpec
+from vqt_edge.spec import CACHE_DTYPES, AdapterSpec
 
 RTOL = 1e-5  # relative to the largest magnitude of each compared tensor
 
@@ -59,7 +60,7 @@ def _check(backbone: VisionTransformer, method: str, last_k: int, tokens: int, t
         example = frozen(torch.randn(2, 3, arch.image_size, arch.image_size, generator=gen))
         feats = frozen(torch.randn(batch, 3, arch.image_size, arch.image_size, generator=gen))
     export_step(head, example, tmp_path / "step.onnx")
-    feats = [f.half() if name in HALF_INPUTS else f for name, f in zip(outputs, feats)]
+    feats = [f.half().float() if CACHE_DTYPES[name] == "float16" else f for name, f in zip(outputs, feats)]
     extra = []
     if spec.has_query_tokens:
         extra.append((torch.rand(batch, *spec.query_keep_shape, generator=gen) >= 0.1).float() / 0.9)
@@ -83,7 +84,7 @@ def _check(backbone: VisionTransformer, method: str, last_k: int, tokens: int, t
 
     head.train()
     head.zero_grad()
-    inputs = [f.float() for f in feats] + extra
+    inputs = [*feats, *extra]
     loss, logits = head(*inputs)
     loss.backward()
     assert _relative_error(got["loss"], loss.detach().numpy()) <= RTOL

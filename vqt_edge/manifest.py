@@ -21,6 +21,7 @@ FORMAT = "vqt-edge/2"
 to the adapter (graph names such as `query_path.query_tokens` became `query_tokens`): a /1 bundle's
 graphs name them otherwise, so it is refused with a re-export hint instead of failing mid-run."""
 RETIRED_FORMATS = ("vqt-edge/1",)
+STEP_FEEDS = ("float32", "float16")  # Manifest.step_feed
 MANIFEST = "manifest.json"
 
 # Bundle-relative paths of the files the contract names (docs/design.md section 2).
@@ -64,6 +65,11 @@ class Manifest:
     # "none", "int8" or "int4", and what exporters/quantize.py did to each file (docs/design.md section 6).
     quantize: str = "none"
     quantization: dict = field(default_factory=dict)
+    # The dtype train/step.onnx takes the cached K/V (and hidden) in: "float32" since the runner
+    # converts the fp16 cache rows itself (device_runner/fp16.py, faster than a Cast node); bundles
+    # exported before that (no such field) take "float16" and cast inside the graph. The memory
+    # planner counts the fed rows by it (vqt_edge/memory.py); the runner reads the graph's own inputs.
+    step_feed: str = "float32"
     files: dict[str, str] = field(default_factory=dict)
     format: str = FORMAT
 
@@ -90,6 +96,7 @@ class Manifest:
             raise UserError(f"{source}: {e}") from None
         try:
             kwargs = {k: v for k, v in d.items() if k in cls.__dataclass_fields__ and k != "spec"}
+            kwargs.setdefault("step_feed", "float16")  # written since 2026-11-30; before, the graph cast fp16
             m = cls(spec=spec, **kwargs)
         except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise UserError(f"{source}: missing or malformed field: {e}") from None
@@ -108,6 +115,8 @@ class Manifest:
 
         if self.quantize not in QUANTIZE_MODES:
             raise bad(f"quantize must be one of {QUANTIZE_MODES}, not {self.quantize!r}")
+        if self.step_feed not in STEP_FEEDS:
+            raise bad(f"step_feed must be one of {STEP_FEEDS}, not {self.step_feed!r}")
         channels = self.spec.arch.channels
         for name, v in (("mean", self.mean), ("std", self.std)):
             if not isinstance(v, list) or len(v) != channels or not all(isinstance(x, (int, float)) for x in v):
@@ -205,7 +214,7 @@ def check_field_types(d: dict, source: str) -> None:
         return UserError(f"{source}: {msg}")
 
     # The adapter spec's fields are checked by AdapterSpec.from_dict (vqt_edge/spec.py).
-    for key in ("model", "quantize"):
+    for key in ("model", "quantize", "step_feed"):
         if key in d and not isinstance(d[key], str):
             raise bad(f"{key} must be a string, not {d[key]!r}")
     for key in ("mean", "std"):

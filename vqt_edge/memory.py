@@ -221,17 +221,19 @@ STEP_RESIDENT = 1.005
 query-path weights are graph initializers, read once; constant folding is off, so no transposed
 copies are stored (backends.py). Derived from the file's real size, so a smaller (quantized) step
 graph is counted by its size; not yet measured on one."""
-STEP_WORK = 1.6
-"""Portable training step, per sample, beyond the fed rows themselves (fp16 K/V as cached, fp32
-CLS: `cache_per_sample`, a plain copy per micro-batch): in units of the fp32 feed
-(`feed_per_sample`). Inside the graph the fp16 K/V are cast to fp32 and transposed for Q K^T and
-the attention backward [peak of the first step 29.2 / 113 / 241 / 464 / 926 MiB at micro-batch
-1 / 4 / 8 / 16 / 32: 28.9 MiB per sample = 6.9 fed + 1.59 * 13.9; with the arena off 1.51, i.e.
-the arena (kept for speed: a step twice as fast) costs 3.5% of the step at micro-batch 32 and
-nothing measurable at 4]. The optimizer's tensors (parameters, gradients, both moments and one
+STEP_WORK = 0.15
+"""Portable training step, per sample, beyond its fed rows (`step_fed_per_sample`: the fp32 feed,
+converted from the fp16 cache by the runner into the last step's arrays), in units of the fp32 feed
+(`feed_per_sample`): the query path's activations and the attention's scores and gradients [peak of
+the first step 16.9 / 62.6 / 123.6 / 496.6 MiB at micro-batch 1 / 4 / 8 / 32 for feeds of 13.9 /
+55.4 / 110.8 / 443.3 MiB: 0.117 units; 0.09 with the arena off, kept on for speed;
+bench/calibrate_memory.py, 2026-11-30; 0.15 keeps a margin]. A step graph taking fp16 K/V (older
+bundles) also holds those rows and its Cast's fp32 copy: `step_fed_per_sample` counts both (measured
+29.2 / 113 / 241 / 926 MiB at 1 / 4 / 8 / 32 for such a graph before the K transpose went away,
+docs/design.md section 10). The optimizer's tensors (parameters, gradients, both moments and one
 update's temporaries) add PORTABLE_OPTIMIZER_COPIES * trainable bytes; its checkpoint (trainable
 tensors and moments, 1.25 MiB for ViT-B/16, saved in milliseconds) adds 3 * trainable bytes while
-it is written."""
+it is written. The feed arrays are let go before a checkpoint is saved (device_runner/trainer.py)."""
 QUANTIZED_STEP_DEQUANT = 4.8
 """A quantized step graph (train/step.onnx reading head.onnx's quantized tensors through
 DequantizeLinear chains, exporters/quantize_step.py) needs this many times its largest dequantized
@@ -292,6 +294,9 @@ class BundleFootprint:
     step_bytes: int = 0  # train/step.onnx, the portable backend's step graph (0: the bundle has none)
     step_dequantized_bytes: int = 0  # a quantized step graph's largest dequantized weight (0: fp32 step)
     model_bytes: int = 0  # model.onnx as the run will write it: frozen.onnx + the head's unshared part
+    # The portable step's fed rows per sample: the fp32 feed (None: that); for a step graph taking
+    # fp16 K/V (manifest step_feed "float16", older bundles) those rows plus the fp32 copy its Cast makes.
+    step_fed_per_sample: int | None = None
 
     @classmethod
     def from_bundle(cls, bundle: Path) -> "BundleFootprint":
@@ -325,6 +330,7 @@ class BundleFootprint:
             largest_weight_bytes=4 * a.dim * max(3 * a.dim, a.mlp_dim), quantize=m.quantize,
             step_bytes=step.stat().st_size if step.exists() else 0, model_bytes=frozen + max(0, head - shared),
             step_dequantized_bytes=int((m.quantization or {}).get(mf.STEP_MODEL, {}).get("largest_dequantized_bytes", 0)),
+            step_fed_per_sample=feed if m.step_feed == "float32" else cache + feed,
         )
 
 
@@ -421,7 +427,7 @@ def predict_peak(fp: BundleFootprint, *, images: int, batch_size: int, micro_bat
       file) and each step adds act_frozen(micro).
     - train, backend portable: the same with the step session in place of the ORT checkpoint and
       module: load = STEP_LOAD * step file, module = STEP_RESIDENT * step file +
-      PORTABLE_OPTIMIZER_COPIES * trainable bytes, step = micro * (cached row + STEP_WORK * fp32
+      PORTABLE_OPTIMIZER_COPIES * trainable bytes, step = micro * (fed rows + STEP_WORK * fp32
       feed + adapted layers' activations) (+ QUANTIZED_STEP_DEQUANT * largest dequantized weight for a quantized step graph),
       save = 3 * trainable bytes.
     - finish: 2 * SESSION_MB + 2 * trainable bytes (the adapter) + FINISH_MB + the largest weight
@@ -466,7 +472,8 @@ def predict_peak(fp: BundleFootprint, *, images: int, batch_size: int, micro_bat
         load = STEP_LOAD * fp.step_bytes * mb
         module = STEP_RESIDENT * fp.step_bytes * mb + PORTABLE_OPTIMIZER_COPIES * trainable
         save = 3 * trainable
-        step = micro * (fp.cache_per_sample + STEP_WORK * fp.feed_per_sample + adapted) * mb
+        fed = fp.feed_per_sample if fp.step_fed_per_sample is None else fp.step_fed_per_sample
+        step = micro * (fed + STEP_WORK * fp.feed_per_sample + adapted) * mb
         step += QUANTIZED_STEP_DEQUANT * fp.step_dequantized_bytes * mb
     phases: dict[str, float] = {}
     if kv in CACHED_KV_MODES:
