@@ -5,12 +5,12 @@ batch of cached K/V (random fp16 rows, as the disk/RAM cache holds them), and in
 own each:
 
 - portable      device_runner's portable backend: the step graph (train/step.onnx) on a plain
-                InferenceSession, AdamW in numpy, the feed gathered from the fp16 cache as is
-- ort-training  device_runner's onnxruntime-training backend: Module/Optimizer, the feed
-                gathered from the same cache and converted to fp32 (what its graph takes)
+                InferenceSession, AdamW in numpy; the fp16 cache rows converted to fp32
+                (device_runner/fp16.py) into the previous step's arrays, as the trainer does
+- ort-training  device_runner's onnxruntime-training backend: Module/Optimizer, the same feed
 - torch         what a user could write instead: the same query path + head written plainly in
-                eager PyTorch (a loop over the layers) on the same cached K/V (converted to fp32),
-                cross-entropy, backward, torch.optim.AdamW
+                eager PyTorch (a loop over the layers) on the same cached K/V (converted to fp32
+                into fresh arrays), cross-entropy, backward, torch.optim.AdamW
 
 and, with `--stock-python PY` (an interpreter whose onnxruntime is a stock release, no training
 build, e.g. make test's .venv-stock), `portable` once more there (`portable-stock`).
@@ -86,10 +86,13 @@ def _timed(step, warmup: int, steps: int) -> dict:
 
 def backend_step(backend, store, rows, targets, keep):
     """One training step of a vqt-edge backend on cached rows, as `_timed` calls it (also
-    bench/quantized_step.py's): gather the fp16 feed, forward + backward, AdamW."""
+    bench/quantized_step.py's): gather the feed (fp16 rows converted into the last step's arrays,
+    as the trainer does), forward + backward, AdamW."""
+    buffers: dict = {}
 
     def step() -> None:
-        feed = store.gather(rows, backend.input_dtypes)
+        feed = store.gather(rows, backend.input_dtypes, buffers)
+        buffers.update(feed)
         feed["targets"], feed["query_keep"] = targets, keep
         backend.forward(feed)
         backend.step(LR, WD)
@@ -223,7 +226,10 @@ def _torch_child(manifest, store, rows, targets, keep, threads, warmup, steps) -
         return model.head(head_features([cls] + [z.flatten(1) for z in zs], manifest.spec.feature_norm))
 
     def step() -> None:
-        feed = store.gather(rows)  # fp32, as a PyTorch user would convert the fp16 cache
+        # fp32 in fresh arrays, as a plain PyTorch step allocates them, converted by vqt-edge's
+        # fp16_to_fp32 (0.045 CPU s per vit_b16 tensor at batch 32 when page-faulted in; torch's
+        # own `.float()` of the fp16 rows takes 0.108 s on the reference machine).
+        feed = store.gather(rows)
         logits = forward(*(torch.from_numpy(feed[n]) for n in ("cls", "keys", "values")))
         loss = -(torch.log_softmax(logits, -1) * t_targets).sum()
         optimizer.zero_grad()

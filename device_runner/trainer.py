@@ -203,6 +203,7 @@ class Trainer:
             raise UserError("--data is required")
         self.data = _load_data(self.manifest, data, val, cfg, echo, classes)
         self.plan = self._plan_memory(with_test)  # before any work, and before run.json saves the choice
+        self.feed_buffers: dict[str, np.ndarray] | None = None  # the last training feed, reused (_features)
         self.image_hashes: dict[Path, str] = {}  # each image's bytes hashed once: identity, then disk-cache key
         samples_sha = samples_sha256([(self.data.train, data), (self.data.val, val or data)], self.image_hashes)
         if resume and saved.get("samples_sha256") != samples_sha:
@@ -273,15 +274,24 @@ class Trainer:
         self.backbone = None
 
     def _features(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """The frozen outputs of these rows, in the dtypes the backend's graph takes (the portable
-        step takes fp16 K/V as cached and casts inside the graph; docs/design.md section 10); fp32
-        once the backend is closed (feature selection reads them after training)."""
-        dtypes = self.backend.input_dtypes if self.backend is not None else {}
+        """The frozen outputs of these rows, in the dtypes the backend's graph takes (fp32; a bundle
+        exported before 2026-11-30 has a portable step taking fp16 K/V; docs/design.md section 10);
+        fp32 once the backend is closed (feature selection reads them after training)."""
+        if self.backend is None:  # the caller keeps what it gathers: fresh arrays
+            return self.store.gather(rows) if self.store is not None else self._backbone_features(rows, {})
         if self.store is not None:
-            return self.store.gather(rows, dtypes)
+            # Written into the last feed's arrays: it has been consumed (FeatureStore.gather).
+            feed = self.store.gather(rows, self.backend.input_dtypes, self.feed_buffers)
+            if not self.feed_buffers or len(rows) > len(next(iter(self.feed_buffers.values()))):
+                self.feed_buffers = dict(feed)
+            return feed
+        return self._backbone_features(rows, self.backend.input_dtypes)
+
+    def _backbone_features(self, rows: np.ndarray, dtypes: dict[str, np.dtype]) -> dict[str, np.ndarray]:
+        """--kv none: the frozen pass on these rows' images, every step."""
         m = self.manifest
         pixels = next(iter_batches([(self.paths[r], 0) for r in rows], len(rows), m.spec.arch.image_size, m.mean, m.std))[0]
-        return {name: value.astype(dtypes[name], copy=False) for name, value in self.backbone(pixels).items()}
+        return {name: value.astype(dtypes.get(name, np.float32), copy=False) for name, value in self.backbone(pixels).items()}
 
     def _run_module(self, rows: np.ndarray, keep: np.ndarray | None, targets: np.ndarray) -> tuple[float, np.ndarray]:
         """One forward (and, in train mode, backward) call, feeding the graph's inputs by name."""
@@ -308,6 +318,7 @@ class Trainer:
         self.backend = backends.open_backend(name, self.bundle, self.manifest, self.cfg.device, self.cfg.threads, ckpt)
 
     def _save_checkpoint(self, position: dict) -> None:
+        self.feed_buffers = None  # not held through the save's own transient (vqt_edge/memory.py)
         try:
             self.backend.save(self.folder.checkpoint(self.cfg.backend), position)
         except Exception as e:  # a full disk: OSError here, a RuntimeError from ORT
@@ -427,14 +438,14 @@ class Trainer:
         m = self.manifest
         adapter, selection = self.adapter_tensors(), None
         if self.cfg.keep_fraction < 1:
-            self.backend = None  # the selection loads the head graph instead
+            self.backend = self.feed_buffers = None  # the selection loads the head graph instead
             trim_malloc()
             adapter, selection = compress_adapter(self.bundle, m, adapter, self._features, self.labels, self.n_train, self.cfg)
             self.echo(f"feature selection: kept {selection['features_kept']} of {selection['features_in']} head inputs")
             self.peaks["selection"] = round(peak_rss_mb(), 1)  # not in the memory plan (vqt_edge/memory.py)
 
         def write_model(path: Path) -> None:
-            self.backend = self.store = self.backbone = None  # free before merging the model
+            self.backend = self.store = self.backbone = self.feed_buffers = None  # free before merging the model
             trim_malloc()
             build_model(self.bundle, m, adapter, path)
 
