@@ -5,7 +5,7 @@ Each configuration is one real `vqt-edge train` process (one epoch, --threads 1)
 plan the run chose and its predicted peak. Writes bench/results/memory_budget.json and .md.
 
     .venv/bin/python bench/memory_budget.py --bundle B16_BUNDLE [--images 64] [--budgets 512MB,1000MB,2000MB]
-        [--backends auto,portable] [--test]
+        [--backends auto,ort-training] [--test]
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--budgets", default="512MB,1000MB,2000MB")
-    p.add_argument("--backends", default="auto,portable")
+    p.add_argument("--backends", default="auto,ort-training")
     p.add_argument("--test", action="store_true", help="also one run per backend with --test at the middle budget")
     args = p.parse_args()
     from vqt_edge.manifest import read_manifest

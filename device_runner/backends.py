@@ -34,7 +34,10 @@ from vqt_edge.fileio import atomic_write_bytes, fsync_file
 from vqt_edge.manifest import Manifest
 from vqt_edge.spec import BACKENDS
 
-DEFAULT = "ort-training"  # the leaner of the two on vit_b16 where both run; portable is faster (bench/step_bench.py; README)
+# Where both run: as fast (vit_b16 step 0.245 vs 0.250 CPU s) and as lean at a full batch (1079 vs
+# 1065 MiB), a 1.25 MiB checkpoint saved in ms instead of 272 MiB in 0.5 s, a far lower memory
+# floor under --memory-budget, and the same backend on every onnxruntime (bench/step_bench.py; README).
+DEFAULT = "portable"
 Position = dict[str, float | int]  # epoch, step, loss_sum, correct, seen
 
 # ORT's AdamW as the ORT-training artifacts are generated (exporters/export.py: OptimType.AdamW):

@@ -23,9 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from tests.conftest import REPO, run_cli
+from vqt_edge.run_folder import CHECKPOINTS
 
 CLI = "import sys; sys.modules['torch'] = None; from vqt_edge.cli import main; sys.argv = ['vqt-edge'] + sys.argv[1:]; main()"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -90,8 +92,18 @@ def interrupt_mid_run(run: Path, *args) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+def checkpoint_of(run: Path) -> Path:
+    """The run's checkpoint file: that of the backend its run.json names."""
+    return run / CHECKPOINTS[json.loads((run / "run.json").read_text())["config"]["backend"]]
+
+
 def load_checkpoint(path: Path) -> dict:
-    """The position a checkpoint holds, read back with onnxruntime (so it is a valid checkpoint)."""
+    """The position a checkpoint holds, read back as its backend reads it (so it is a valid one):
+    safetensors metadata (portable) or onnxruntime-training's CheckpointState."""
+    if path.name == CHECKPOINTS["portable"]:
+        with safe_open(str(path), framework="np") as f:
+            meta = f.metadata()
+        return {k: int(meta[k]) for k in ("epoch", "step")}
     from device_runner import ort
 
     state = ort.training_api().CheckpointState.load_checkpoint(str(path))
@@ -120,11 +132,28 @@ def assert_same_adapter(run: Path, reference: Path) -> None:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_bundle, task) -> Path:
-    """The uninterrupted run every interrupted one must end up equal to."""
+    """The uninterrupted run every interrupted one must end up equal to (the default backend)."""
     run = tmp_path_factory.mktemp("reference") / "run"
     out = run_cli("train", "--bundle", tiny_bundle, "--data", task["train"], "--run", run, *TRAIN)
     assert out.returncode == 0, out.stderr
     return run
+
+
+@pytest.fixture(scope="module")
+def reference_ort(tmp_path_factory, tiny_bundle, task) -> Path:
+    """The same on the onnxruntime-training backend (its checkpoint is ORT's own format)."""
+    if not ort_training():
+        pytest.skip("no onnxruntime-training here")
+    run = tmp_path_factory.mktemp("reference_ort") / "run"
+    out = run_cli("train", "--bundle", tiny_bundle, "--data", task["train"], "--run", run, *TRAIN, "--backend", "ort-training")
+    assert out.returncode == 0, out.stderr
+    return run
+
+
+def ort_training() -> bool:
+    from device_runner import ort
+
+    return ort.has_training_api()
 
 
 # -- a small file system ---------------------------------------------------------------------------
@@ -183,7 +212,7 @@ def test_disk_full_while_writing_the_kv_cache(how, request, tmp_path, tiny_bundl
         run, kw = tmp_path / "run", {"preexec_fn": file_size_limit(64 << 10)}
     out = run_cli("train", "--run", run, *args, **kw)
     assert_clean_error(out, "disk full while writing the K/V cache", "--resume")
-    assert not (run / "checkpoint").exists()
+    assert not any((run / name).exists() for name in CHECKPOINTS.values())
     cache = next((run / "kv_cache").iterdir())
     assert not (cache / "index.json").exists()
     assert all(f.stat().st_size == 0 for f in cache.iterdir()), "the failed fill was not rolled back"
@@ -195,20 +224,23 @@ def test_disk_full_while_writing_the_kv_cache(how, request, tmp_path, tiny_bundl
     assert metrics_lines(run) == 2 and (run / "model.onnx").is_file()
 
 
-@pytest.mark.parametrize("how", ["tmpfs", "rlimit"])
-def test_disk_full_while_writing_a_checkpoint(how, request, tmp_path, tiny_bundle, task, reference):
+@pytest.mark.parametrize("how,backend", [("tmpfs", "ort-training"), ("rlimit", "ort-training"), ("rlimit", "portable")])
+def test_disk_full_while_writing_a_checkpoint(how, backend, request, tmp_path, tiny_bundle, task):
     """A run with a checkpoint meets a full disk at its next one: exit 2, the old checkpoint intact
     and loadable, and --resume (with space back) ends exactly where an uninterrupted run does."""
+    reference = request.getfixturevalue("reference_ort" if backend == "ort-training" else "reference")
+    size = checkpoint_of(reference).stat().st_size  # ort-training ~80 KB, portable ~11 KB
     if how == "tmpfs":
         disk = request.getfixturevalue("small_disk")
         disk.resize("8m")
         run, kw = disk.path / "run", {}
-    else:
-        run, kw = tmp_path / "run", {"preexec_fn": file_size_limit(32 << 10)}  # the checkpoint is ~90 KB
-    first = interrupt_mid_run(run, "--bundle", tiny_bundle, "--data", task["train"], *TRAIN)
+    else:  # room for every other file of the run (each a few KB), not for the checkpoint
+        run, kw = tmp_path / "run", {"preexec_fn": file_size_limit(min(32 << 10, size // 2))}
+    first = interrupt_mid_run(run, "--bundle", tiny_bundle, "--data", task["train"], *TRAIN, "--backend", backend)
     assert first.returncode == 130, first.stderr
-    good = (run / "checkpoint").read_bytes()
-    position = load_checkpoint(run / "checkpoint")
+    ckpt = checkpoint_of(run)
+    good = ckpt.read_bytes()
+    position = load_checkpoint(ckpt)
     metrics = (run / "metrics.jsonl").read_text()
 
     if how == "tmpfs":
@@ -216,9 +248,9 @@ def test_disk_full_while_writing_a_checkpoint(how, request, tmp_path, tiny_bundl
     out = run_cli("train", "--run", run, "--resume", **kw)
     assert_clean_error(out, "could not write checkpoint", "the previous checkpoint is intact")
     assert ("No space left on device" if how == "tmpfs" else "File too large") in out.stderr
-    assert (run / "checkpoint").read_bytes() == good
-    assert load_checkpoint(run / "checkpoint") == position
-    assert not (run / "checkpoint.tmp").exists()
+    assert ckpt.read_bytes() == good
+    assert load_checkpoint(ckpt) == position
+    assert not ckpt.with_name(ckpt.name + ".tmp").exists()
     # The failed epoch's metrics line may have been written (metrics go first); --resume trims it.
     assert (run / "metrics.jsonl").read_text().startswith(metrics)
 
@@ -234,7 +266,7 @@ def test_disk_full_while_writing_model_onnx(tmp_path, tiny_bundle, task):
     # 150 KB: every checkpoint (~90 KB) fits, model.onnx (~260 KB) does not.
     out = run_cli("train", "--run", run, "--bundle", tiny_bundle, "--data", task["train"], "--epochs", 1,
                   preexec_fn=file_size_limit(150 << 10))
-    assert (run / "checkpoint").is_file()
+    assert checkpoint_of(run).is_file()
     assert_clean_error(out, "model.onnx")
     assert not (run / "model.onnx.tmp").exists()  # the partial file would keep the disk full
     out = run_cli("train", "--run", run, "--resume")
@@ -245,8 +277,8 @@ def test_damaged_run_checkpoint_is_reported_on_resume(tmp_path, reference):
     """What a power cut can leave (the checkpoint is renamed into place without fsync)."""
     run = tmp_path / "run"
     shutil.copytree(reference, run)
-    (run / "checkpoint").write_bytes((reference / "checkpoint").read_bytes()[:1000])
-    assert_clean_error(run_cli("train", "--run", run, "--resume"), str(run / "checkpoint"))
+    checkpoint_of(run).write_bytes(checkpoint_of(reference).read_bytes()[:1000])
+    assert_clean_error(run_cli("train", "--run", run, "--resume"), str(checkpoint_of(run)))
 
 
 # -- two trainers, Ctrl-C --------------------------------------------------------------------------
@@ -270,7 +302,7 @@ def test_second_trainer_is_refused_and_sigint_checkpoints_then_resume_completes(
     _, err = first.communicate(timeout=120)
     assert first.returncode == 130, err[-3000:]
     assert "Traceback" not in err and "--resume" in err.splitlines()[-1], err[-3000:]
-    position = load_checkpoint(run / "checkpoint")
+    position = load_checkpoint(checkpoint_of(run))
     assert position["step"] > 0, (position, err[-3000:])  # the step in progress was finished and saved mid-epoch
     assert not (run / "model.onnx").exists()
 

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from device_runner.data import load_dataset, split
 from device_runner.identity import samples_sha256
 from tests.conftest import cli_command, cli_env, run_cli
-from tests.test_faults import assert_clean_error, assert_same_adapter, load_checkpoint, stop, wait_for
+from tests.test_faults import assert_clean_error, assert_same_adapter, checkpoint_of, load_checkpoint, stop, wait_for
 from vqt_edge.errors import UserError
 
 # 120 images, batch 8: 15 steps per epoch, a checkpoint every 4 steps, so that a kill can land
@@ -53,7 +53,8 @@ def kill_mid_epoch(proc: subprocess.Popen, run: Path) -> dict:
 
     Each new checkpoint is looked at with the process stopped (SIGSTOP), so the one read is the
     one that resume will find; an end-of-epoch one (step 0) lets it run on to the next."""
-    ckpt, seen = run / "checkpoint", None
+    wait_for(lambda: (run / "run.json").exists(), proc)
+    ckpt, seen = checkpoint_of(run), None
 
     def version() -> tuple[int, int] | None:  # each checkpoint is a new file renamed into place
         try:
