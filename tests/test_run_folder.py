@@ -55,3 +55,24 @@ def test_disk_full_while_writing_model_leaves_no_partial_file(tmp_path):
         run.write_outputs(lambda p: p.write_bytes(b"adapter"), CONFIG, full_disk, "free space and resume")
     assert not (run.path / (MODEL + ".tmp")).exists() and not (run.path / MODEL).exists()
     assert not run.is_finished()
+
+
+def test_a_refused_run_leaves_no_folder_and_no_lock_file(tmp_path):
+    """The lock is taken before the bundle and data are checked; a refusal removes what it made."""
+    fresh = RunFolder(tmp_path / "new" / "run")
+    with pytest.raises(UserError), fresh.lock():
+        raise UserError("refused")
+    assert not fresh.path.exists()
+    kept = RunFolder(tmp_path / "mine")
+    kept.path.mkdir()
+    (kept.path / "notes.txt").write_text("the user's")
+    with pytest.raises(UserError), kept.lock():
+        raise UserError("refused")
+    assert sorted(p.name for p in kept.path.iterdir()) == ["notes.txt"]
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / mf.MANIFEST).write_text("{}")
+    started = RunFolder(tmp_path / "started")
+    with started.lock():
+        started.start(bundle, ["a", "b"], config={})
+    assert started.is_run() and (started.path / ".lock").exists()  # a run that began keeps its folder

@@ -64,8 +64,13 @@ class RunFolder:
 
     @contextmanager
     def lock(self) -> Iterator[None]:
-        """One training process per run folder: a second one is refused, not interleaved."""
+        """One training process per run folder: a second one is refused, not interleaved. A folder
+        made here for a run that never started (a refused bundle, bad data, a budget that does not
+        fit) is removed again, and so is the lock file in a folder that was there: nothing is left
+        behind by a refusal."""
+        created = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
+        lock_created = not (self.path / LOCK).exists()
         fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
@@ -74,6 +79,13 @@ class RunFolder:
                 raise UserError(f"{self.path}: another vqt-edge process is training in this run folder") from None
             yield
         finally:
+            if lock_created and not self.is_run():
+                (self.path / LOCK).unlink(missing_ok=True)
+                if created:
+                    try:
+                        self.path.rmdir()  # only if nothing else was written
+                    except OSError:
+                        pass
             os.close(fd)
 
     def start(self, bundle: Path, classes: list[str], **fields) -> None:
