@@ -84,7 +84,12 @@ def split_stacked_matmuls(model: onnx.ModelProto, keep: Iterable[str] = ()) -> d
     """Rewrite, in place, each MatMul with a stacked constant weight W[L,K,N] (and an input of rank
     >= 3 whose axis -3 is the stack) into Split -> L MatMuls on W[l] -> Concat, W[l] being new
     initializers `W/slice{l}`. Returns, for every constant-weight MatMul left (2-D weights), the
-    original weight name -> [(activation input, output)] of its MatMuls, in slice order."""
+    original weight name -> [(activation input, output)] of its MatMuls, in slice order.
+
+    A stacked weight read as the first operand, `MatMul(W, X)` (the portable step's backward,
+    exporters/vit.py `_FrozenMatmul`), is split the same way onto the same slices. Only step graphs
+    have such MatMuls (exporters/quantize_step.py rewires every reader of a slice by name); the
+    graphs the quantizers quantize read weights as B only."""
     keep = set(keep)
     inits = {t.name: t for t in model.graph.initializer}
     ranks = _ranks(model)
@@ -92,7 +97,8 @@ def split_stacked_matmuls(model: onnx.ModelProto, keep: Iterable[str] = ()) -> d
     plan: dict[str, list[tuple[str, str]]] = {}
     nodes, dropped = [], set()
     for node in model.graph.node:
-        w = node.input[1] if node.op_type == "MatMul" else None
+        first = node.op_type == "MatMul" and _stacked(inits.get(node.input[0])) and node.input[0] not in keep
+        w = node.input[int(not first)] if node.op_type == "MatMul" else None
         if w not in inits or w in keep or inits[w].data_type != onnx.TensorProto.FLOAT:
             nodes.append(node)
             continue
@@ -101,7 +107,8 @@ def split_stacked_matmuls(model: onnx.ModelProto, keep: Iterable[str] = ()) -> d
             plan.setdefault(w, []).append((node.input[0], node.output[0]))
             nodes.append(node)
             continue
-        if len(dims) != 3 or ranks.get(node.input[0], 0) < 3:
+        x = node.input[int(first)]  # the activation
+        if len(dims) != 3 or ranks.get(x, 0) < 3:
             nodes.append(node)  # not a layout we can slice; the quantizers skip it too
             continue
         stack = numpy_helper.to_array(inits[w])
@@ -111,14 +118,15 @@ def split_stacked_matmuls(model: onnx.ModelProto, keep: Iterable[str] = ()) -> d
         outs = [f"{base}{_SLICE.format(i)}" for i in range(len(stack))]
         split_sizes = f"{base}/split_sizes"
         model.graph.initializer.append(numpy_helper.from_array(np.ones(len(stack), np.int64), split_sizes))
-        nodes.append(helper.make_node("Split", [node.input[0], split_sizes], pieces, name=f"{label}/split", axis=-3)
+        nodes.append(helper.make_node("Split", [x, split_sizes], pieces, name=f"{label}/split", axis=-3)
                      if opset >= 13 else
-                     helper.make_node("Split", [node.input[0]], pieces, name=f"{label}/split", axis=-3, split=[1] * len(stack)))
+                     helper.make_node("Split", [x], pieces, name=f"{label}/split", axis=-3, split=[1] * len(stack)))
         for i, w_l in enumerate(stack):
             name = f"{w}{_SLICE.format(i)}"
             if w not in dropped:  # a weight read by several MatMuls is sliced once
                 model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w_l), name))
-            nodes.append(helper.make_node("MatMul", [pieces[i], name], [outs[i]], name=f"{label}{_SLICE.format(i)}"))
+            operands = [name, pieces[i]] if first else [pieces[i], name]
+            nodes.append(helper.make_node("MatMul", operands, [outs[i]], name=f"{label}{_SLICE.format(i)}"))
             plan.setdefault(w, []).append((pieces[i], outs[i]))
         nodes.append(helper.make_node("Concat", outs, [base], name=f"{label}/concat", axis=-3))
         dropped.add(w)
@@ -129,6 +137,11 @@ def split_stacked_matmuls(model: onnx.ModelProto, keep: Iterable[str] = ()) -> d
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)
     return plan
+
+
+def _stacked(t: onnx.TensorProto | None) -> bool:
+    """A stacked fp32 weight [L, K, N] (a 2-D first operand is left alone: nothing exports one)."""
+    return t is not None and len(t.dims) == 3 and t.data_type == onnx.TensorProto.FLOAT
 
 
 def _ranks(model: onnx.ModelProto) -> dict[str, int]:

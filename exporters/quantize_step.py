@@ -1,10 +1,11 @@
 """The portable training step of a quantized bundle: train/step.onnx reading the quantized weights of
 train/head.onnx (docs/design.md sections 6, 9 and 10).
 
-The step graph (exporters/step.py) multiplies by every frozen query-path weight twice: forward,
-`x @ W` with W stacked over the query layers `[L, K, N]`, and in the backward pass `dY @ W^T`, for
-which the exporter stores the transpose `[L, N, K]` as a second initializer (small models) or keeps
-a Transpose node (ViT-B/16). Quantizing the two
+The step graph (exporters/step.py) multiplies by every frozen weight twice: forward, `x @ W` (the
+query path's W stacked over the query layers `[L, K, N]`), and in the backward pass either
+`(W dY^T)^T`, reading W as stored as the first operand (the query path, exporters/vit.py
+`_FrozenMatmul`), or `dY @ W^T`, for which the exporter stores the transpose as a second
+initializer (small models) or keeps a Transpose node (large ones). Quantizing the two
 separately would give a backward pass that is not the gradient of the forward one (a blockwise
 quantization of W^T is not the transpose of that of W). So nothing is quantized here: both
 initializers are replaced by the tensors onnxruntime's quantizer already wrote into head.onnx

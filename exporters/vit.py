@@ -154,6 +154,36 @@ class _QueryKeyScores(torch.autograd.Function):
         return grad_q, grad_keys
 
 
+class _FrozenMatmul(torch.autograd.Function):
+    """x @ w for a frozen stacked weight w [Lq, K, N], whose backward reads w as stored: dx = (w dy^T)^T.
+
+    Written with autograd, the backward is dy @ w^T, which onnxruntime runs as a MatMul with w as its
+    B operand (FusedMatMul, transB); MLAS packs the B operand on every call, here the whole weight
+    (9.4 MB per layer of fc1 / fc2 on vit_b16). With w as the A operand it is read in place and only
+    the small dy^T is packed. onnxruntime 1.19.2, 1 thread, 12 layers of 768 x 3072 against 32 rows
+    (bench/frozen_matmul.py): 0.028 s as dy w^T, 0.019 s as (w dy^T)^T; the vit_b16 portable step
+    0.334 -> 0.310 CPU s (docs/design.md section 10). Same math up to float reassociation (3e-6).
+    dw only when w requires a gradient (never for QueryPath's frozen weights). The exports through
+    onnxruntime-training and model.onnx see only the forward, `x @ w`.
+    """
+
+    @staticmethod
+    def forward(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return x @ w
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, w = ctx.saved_tensors
+        # bmm, not @: matmul's decomposition reshapes w first, a second copy of it in small graphs.
+        grad_x = torch.bmm(w, grad.transpose(1, 2)).transpose(1, 2) if ctx.needs_input_grad[0] else None
+        grad_w = torch.bmm(x.transpose(1, 2), grad) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w
+
+
 class QueryPath(nn.Module):
     """VQT's query tokens for all query layers, run on stacked frozen weights of those layers.
 
@@ -213,11 +243,12 @@ class QueryPath(nn.Module):
             p = p * query_keep.transpose(0, 1)  # [Lq, B, T, D]
         p = p.expand(lq, b, t, d).reshape(lq, b * t, d)  # layer-major rows: (image, token)
         eps = self.arch.eps
-        q = _layer_norm(p, self.ln1_w[:, None], self.ln1_b[:, None], eps) @ self.wq + self.bq[:, None]
+        mm = _FrozenMatmul.apply  # x @ w, backward with w as the A operand (docs/design.md section 10)
+        q = mm(_layer_norm(p, self.ln1_w[:, None], self.ln1_b[:, None], eps), self.wq) + self.bq[:, None]
         q = q.reshape(lq, b, t, h, dh).permute(1, 0, 3, 2, 4)  # [B, Lq, H, T, dh], as keys
         attn = torch.softmax(_QueryKeyScores.apply(q, keys) * dh**-0.5, dim=-1)  # [B, Lq, H, T, N]
         out = (attn @ values).permute(1, 0, 3, 2, 4).reshape(lq, b * t, d)  # [Lq, B*T, D]
-        z = p + out @ self.wo + self.bo[:, None]
-        hid = F.gelu(_layer_norm(z, self.ln2_w[:, None], self.ln2_b[:, None], eps) @ self.w1 + self.b1[:, None])
-        z = z + hid @ self.w2 + self.b2[:, None]
+        z = p + mm(out, self.wo) + self.bo[:, None]
+        hid = F.gelu(mm(_layer_norm(z, self.ln2_w[:, None], self.ln2_b[:, None], eps), self.w1) + self.b1[:, None])
+        z = z + mm(hid, self.w2) + self.b2[:, None]
         return z.reshape(lq, b, t, d).transpose(0, 1)  # [B, Lq, T, D]

@@ -272,7 +272,9 @@ def _step_against_torch(bundle, backbone, session_options=None) -> dict[str, flo
 def test_quantized_step_equals_torch_on_the_dequantized_weights(quant_bundle, tiny_backbone):
     manifest = mf.read_manifest(quant_bundle)
     record = manifest.quantization[mf.STEP_MODEL]
-    assert record["weights"] == 8 and record["transposed"] == 4  # Wq, Wo, fc1, fc2 and their stored transposes
+    # Wq, Wo, fc1, fc2, each stored twice by the exporter (a reshaped copy for the forward) and
+    # never transposed: the backward reads W as stored (exporters/vit.py _FrozenMatmul)
+    assert record["weights"] == 8 and record["transposed"] == 0
     model = onnx.load(str(quant_bundle / mf.STEP_MODEL))
     floats = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) >= 2]
     assert max(int(np.prod(t.dims)) for t in floats) < TINY.dim * TINY.dim  # no fp32 weight matrix left
@@ -358,12 +360,12 @@ def test_other_methods_export_and_train_quantized(method, last_k, mode, tiny_bac
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_step_rewrite_reads_one_quantization_for_forward_stored_and_transposed_uses(mode, tmp_path):
-    """The three ways a step graph multiplies by a frozen weight: `x @ W`, `dy @ W_t` with W^T stored
-    as an initializer (small models) and `dy @ Transpose(W)` (ViT-B/16, whose transposes the exporter
-    does not fold). All three read head.onnx's quantized tensors, no fp32 copy is left, and the
-    graph equals numpy on onnxruntime's dequantized weight (1e-6 relative): forward and backward
-    use the same values."""
+def test_step_rewrite_reads_one_quantization_for_forward_stored_transposed_and_first_operand_uses(mode, tmp_path):
+    """The four ways a step graph multiplies by a frozen weight: `x @ W`, `dy @ W_t` with W^T stored
+    as an initializer (small models), `dy @ Transpose(W)` (ViT-B/16, whose transposes the exporter
+    does not fold) and `W @ dy^T` (the query path's backward, exporters/vit.py _FrozenMatmul). All
+    read head.onnx's quantized tensors, no fp32 copy is left, and the graph equals numpy on
+    onnxruntime's dequantized weight (1e-6 relative): forward and backward use the same values."""
     from onnx import TensorProto, helper
 
     from exporters.quantize_step import quantize_step_graph
@@ -385,18 +387,21 @@ def test_step_rewrite_reads_one_quantization_for_forward_stored_and_transposed_u
     nodes = [helper.make_node("MatMul", ["x", "W"], ["y"]),
              helper.make_node("MatMul", ["dy", "W_t"], ["dx1"]),
              helper.make_node("Transpose", ["W"], ["W_T"], perm=[0, 2, 1]),
-             helper.make_node("MatMul", ["dy", "W_T"], ["dx2"])]
+             helper.make_node("MatMul", ["dy", "W_T"], ["dx2"]),
+             helper.make_node("Transpose", ["dy"], ["dy_T"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["W", "dy_T"], ["dx3_T"])]
     step = graph(nodes, [("x", [L, "m", K]), ("dy", [L, "m", N])],
-                 [("y", [L, "m", N]), ("dx1", [L, "m", K]), ("dx2", [L, "m", K])],
+                 [("y", [L, "m", N]), ("dx1", [L, "m", K]), ("dx2", [L, "m", K]), ("dx3_T", [L, K, "m"])],
                  [numpy_helper.from_array(deq, "W"), numpy_helper.from_array(np.ascontiguousarray(deq.transpose(0, 2, 1)), "W_t")])
     onnx.save(step, str(tmp_path / "step.onnx"))
     record = quantize_step_graph(tmp_path / "step.onnx", tmp_path / "head_q.onnx", {"w": deq}, mode)
-    assert record["weights"] == 3 and record["transposed"] == 2 and record["matmuls"] == 3 * L
+    assert record["weights"] == 3 and record["transposed"] == 2 and record["matmuls"] == 4 * L
     rewritten = onnx.load(str(tmp_path / "step.onnx"))
     floats = [t for t in rewritten.graph.initializer if t.data_type == TensorProto.FLOAT]
     assert max(int(np.prod(t.dims)) for t in floats) <= K * N // 32  # int4's scales and zero points, no weight
     x, dy = rng.standard_normal((L, M, K)).astype(np.float32), rng.standard_normal((L, M, N)).astype(np.float32)
-    y, dx1, dx2 = onnxruntime.InferenceSession(str(tmp_path / "step.onnx"), providers=["CPUExecutionProvider"]).run(
+    y, dx1, dx2, dx3_t = onnxruntime.InferenceSession(str(tmp_path / "step.onnx"), providers=["CPUExecutionProvider"]).run(
         None, {"x": x, "dy": dy})
-    for got, want in ((y, x @ deq), (dx1, dy @ deq.transpose(0, 2, 1)), (dx2, dy @ deq.transpose(0, 2, 1))):
+    for got, want in ((y, x @ deq), (dx1, dy @ deq.transpose(0, 2, 1)), (dx2, dy @ deq.transpose(0, 2, 1)),
+                      (dx3_t, deq @ dy.transpose(0, 2, 1))):
         assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()

@@ -43,6 +43,37 @@ def _transposes_reading(model: onnx.ModelProto, inputs: set[str]) -> list[str]:
     return found
 
 
+def _weight_operands(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> dict[str, set[tuple[int, bool]]]:
+    """How the MatMuls of `model` read each frozen weight: {(operand 0 = A / 1 = B, transposed?)}.
+
+    Weights are found by value (the exporter may store a reshaped or transposed copy under a new
+    name), through Transpose nodes and FusedMatMul's transA/transB."""
+    known = {}
+    for name, w in weights.items():
+        known[(w.shape, w.tobytes())] = (name, False)
+        t = np.ascontiguousarray(np.swapaxes(w, -1, -2))
+        known.setdefault((t.shape, t.tobytes()), (name, True))
+    read = {}
+    for t in model.graph.initializer:
+        a = onnx.numpy_helper.to_array(t)
+        if (a.shape, a.tobytes()) in known:
+            read[t.name] = known[(a.shape, a.tobytes())]
+    uses: dict[str, set[tuple[int, bool]]] = {name: set() for name in weights}
+    for node in model.graph.node:  # topologically sorted
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        for pos, x in enumerate(node.input):
+            if x not in read:
+                continue
+            name, transposed = read[x]
+            if node.op_type == "Transpose" and list(attrs["perm"][-2:]) == [len(attrs["perm"]) - 1, len(attrs["perm"]) - 2]:
+                read[node.output[0]] = (name, not transposed)
+            elif node.op_type in ("MatMul", "FusedMatMul"):
+                uses[name].add((pos, transposed != bool(attrs.get("transB" if pos else "transA", 0))))
+            else:
+                uses[name].add((pos, None))  # any other reader is unexpected
+    return uses
+
+
 def _check(backbone: VisionTransformer, method: str, last_k: int, tokens: int, tmp_path, batch: int = 5) -> None:
     arch = backbone.arch
     spec = AdapterSpec.create(arch, method, 4, last_k=last_k or None, query_tokens=tokens)
@@ -74,8 +105,13 @@ def _check(backbone: VisionTransformer, method: str, last_k: int, tokens: int, t
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")  # the graph onnxruntime runs
     session = onnxruntime.InferenceSession(str(tmp_path / "step.onnx"), options, providers=["CPUExecutionProvider"],
                                            disabled_optimizers=STEP_DISABLED_OPTIMIZERS)
-    copies = _transposes_reading(onnx.load(str(tmp_path / "optimized.onnx")), {"keys", "values"})
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"))
+    copies = _transposes_reading(optimized, {"keys", "values"})
     assert not copies, f"the step copies K/V through {copies} (docs/design.md section 10)"
+    if spec.has_query_tokens:  # the backward reads the frozen weights as MLAS's A operand (exporters/vit.py _FrozenMatmul)
+        frozen_weights = {n: params[f"query_path.{n}"].detach().numpy() for n in ("wq", "wo", "w1", "w2")}
+        uses = _weight_operands(optimized, frozen_weights)
+        assert uses == dict.fromkeys(frozen_weights, {(1, False), (0, False)}), f"{uses} (docs/design.md section 10)"
     names = [i.name for i in session.get_inputs()]
     assert set(names[: len(trainable)]) == set(trainable)
     feed = {n: params[n].detach().numpy() for n in trainable}
