@@ -82,7 +82,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="memory_budget_"))
     try:
         m = read_manifest(args.bundle, verify=False)
-        data = random_images(work / "images", args.images, m.arch.image_size, m.num_classes)
+        data = random_images(work / "images", args.images, m.spec.arch.image_size, m.spec.num_classes)
         todo = [(b, be, False) for be in args.backends.split(",") for b in args.budgets.split(",")]
         if args.test:
             todo += [(args.budgets.split(",")[len(args.budgets.split(",")) // 2], be, True) for be in args.backends.split(",")]
