@@ -3,9 +3,9 @@
 The K/V cache stores fp16; every training step reads its rows as fp32 (docs/design.md section 10).
 numpy's wheels convert float16 one element at a time (no F16C path): 0.096 CPU s per vit_b16 K (or
 V) tensor at batch 32 on the reference machine, 0.19 s of every step. onnxruntime 1.19.2's Cast is
-0.051 s (1.32's 0.018, but a Cast inside the graph holds the fp16 rows next to the copy). Integer and float ufuncs are vectorized in every numpy wheel, so the
-conversion is done with them, chunk by chunk while the chunk sits in the L2 cache: 0.028 s
-(bench/fp16_convert.py). On the 16-bit pattern h read as a signed integer and widened to int32:
+0.051 s (1.32's 0.018, but a Cast inside the graph holds the fp16 rows next to their copy). Integer
+and float ufuncs are vectorized in every numpy wheel, so the conversion is done with them, chunk by
+chunk while the chunk sits in the L2 cache: 0.028 s (bench/fp16_convert.py). On the 16-bit pattern h read as a signed integer and widened to int32:
 
     y = h << 13           exponent and mantissa land in the fp32 fields (bits 13-27); a negative
                           h sign-extends, so bits 28-31 are all its sign
