@@ -170,7 +170,7 @@ def run_vqt_edge(name: str, method: str, args, work: Path, data: Path, extra_tra
     out = {"name": name, "status": "ok", "peak_mb": s["peak_rss_mb"], "time_v_peak_mb": round(time_peak, 1) if time_peak else None,
            "predicted_peak_mb": s.get("predicted_peak_mb"), "kv": s.get("kv"), "micro_batch": s.get("micro_batch") or args.batch_size,
            "seconds_per_step": s.get("seconds_per_step") or round(s["seconds_per_epoch"] / steps, 2), "wall_s": round(wall, 1),
-           "peak_by_phase": s.get("peak_rss_mb_after")}
+           "peak_by_phase": s.get("peak_rss_mb_after"), "backend": s.get("backend")}
     print(f"{name}: peak {out['peak_mb']:.0f} MiB (time -v {out['time_v_peak_mb']}), {out['seconds_per_step']} s/step", flush=True)
     return out
 
@@ -268,12 +268,12 @@ RATIO_TO = ("vqt", "vqt_disk", "vqt_planned")
 """The VQT rows every peak is divided by. `vqt_disk` is the like-for-like one: the same batch and no
 micro-batches, like the baselines, and no K/V cache in RAM, whose size grows with the data set
 (the baselines at k = 12 cache only the patch embeddings)."""
-LABELS = {
-    "vqt": "VQT, vqt-edge (ORT, K/V in RAM, no micro-batches)",
-    "vqt_disk": "VQT, vqt-edge (ORT, K/V from the disk cache, no micro-batches)",
-    "vqt_planned": "VQT, vqt-edge under the smallest --memory-budget the planner accepts",
-    "vpt": "VPT-Deep, all layers, vqt-edge (ORT)",
-    "adaptformer": "AdaptFormer, all layers, vqt-edge (ORT)",
+LABELS = {  # {backend}: the backend the run used (its summary.json); ort-training in runs that predate the field
+    "vqt": "VQT, vqt-edge ({backend}, K/V in RAM, no micro-batches)",
+    "vqt_disk": "VQT, vqt-edge ({backend}, K/V from the disk cache, no micro-batches)",
+    "vqt_planned": "VQT, vqt-edge ({backend}) under the smallest --memory-budget the planner accepts",
+    "vpt": "VPT-Deep, all layers, vqt-edge ({backend})",
+    "adaptformer": "AdaptFormer, all layers, vqt-edge ({backend})",
     "torch_official": "VQT in PyTorch, official style (autograd through the backbone)",
     "torch_nograd": "VQT in PyTorch, backbone under no_grad",
 }
@@ -289,7 +289,7 @@ def markdown(record: dict) -> str:
              "| configuration | peak MiB | predicted MiB | x VQT RAM | x VQT disk | x VQT planned | s/step |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in record["results"]:
-        label = LABELS.get(r["name"], r["name"])
+        label = LABELS.get(r["name"], r["name"]).format(backend=r.get("backend") or "ort-training")
         if r["name"] == "vqt_planned" and r.get("memory_budget_mb"):
             label += f" ({r['memory_budget_mb']:.0f} MiB; kv {r.get('kv')}, micro-batch {r.get('micro_batch')})"
         if r.get("status") != "ok":
