@@ -284,6 +284,11 @@ class OrtTrainingBackend:
         options = ort.onnxruntime().SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        # Arena off: with it the Module grew at its second train step and stayed there (vit_b16 VPT
+        # k=4, batch 32: 2376 MiB after one step, 3309 after two or three; 2042 flat without), past
+        # the memory model, whose terms come from first steps. The VQT step is as fast either way
+        # (0.245 vs 0.248 CPU s, bench/step_bench.py) and peaks 16 MiB higher (1081 MiB).
+        options.enable_cpu_mem_arena = False
         self.module = api.Module(str(bundle / mf.TRAINING_MODEL), self.state, str(bundle / mf.EVAL_MODEL),
                                  device=device, session_options=options)
         self.optimizer = api.Optimizer(str(bundle / mf.OPTIMIZER_MODEL), self.module)
