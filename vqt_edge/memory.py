@@ -196,7 +196,10 @@ fine-tuning 5.2 / 40.1; fine-tuning's extra fixed part is the weight-gradient wo
 norm and head path). Checked on the ViT-B/16 sweep over k = 1, 2, 4, 8, 12 at batch 32
 (bench/results/sweep_vit_b16): VPT and AdaptFormer over-predicted by 1-26%; fine-tuning's per-layer
 3.2 under-predicted k = 8 and 12 by 7% (5445 and 7968 MiB measured), hence 3.5 (+0.3 unit per layer,
-the gap at both k)."""
+the gap at both k). On the portable backend (2026-11-30, vit_b16, batch 32, 64 images, --kv disk, one epoch,
+time -v) the same terms over-predict: VPT k=4 1925 MiB measured / 2510 predicted, AdaptFormer k=4
+1552 / 2197, fine-tuning k=2 1450 / 1717; on ort-training, after its arena was turned off, 2042 /
+2511, 1621 / 2196, 1301 / 1662 (with the arena VPT k=4 grew to 3309 MiB from its second step)."""
 H2T_TAPS = 1.0
 """Head2Toe's frozen pass (exporters/methods/head2toe.py), per image, beyond FROZEN_WORK: in units of its
 unpooled taps, 4 bytes * N * (3D + mlp) per layer [1.07 MiB for vit_fmnist]. Measured with
