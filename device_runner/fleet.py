@@ -173,7 +173,7 @@ def feature_stats(state: Path, bundle: Path, data: Path, tensors: dict[str, np.n
     cache.fill(lambda: FrozenBackbone(bundle, manifest, "cpu", threads), paths, hashes, manifest, FEATURE_BATCH,
                lambda _: None)
     store = cache.store(hashes)
-    source = feature_source(bundle, manifest, tensors, lambda rows: store.gather(rows), threads=threads)
+    source = feature_source(bundle, manifest, tensors, lambda rows: store.gather(rows), threads=threads, scratch=state)
     x = compute_features(source, len(paths), FEATURE_BATCH)
     return class_stats(x, labels, len(classes), diagonal)
 

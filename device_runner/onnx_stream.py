@@ -290,3 +290,71 @@ def _tensor_name(f: BinaryIO, start: int, end: int) -> str:
         if field == 8:
             return _read(f, b, e).decode()
     return ""
+
+
+def rewrite_streaming(
+    src: Path, out: Path, *, replace: dict[str, np.ndarray] | None = None, add: list[onnx.TensorProto] = (),
+    edit_nodes=None, outputs: list[onnx.ValueInfoProto] | None = None,
+) -> None:
+    """Write `out` = the model `src` with the initializers named in `replace` given those values
+    (their shapes may change), `add` appended, its node list passed through `edit_nodes` (nodes
+    are small; none holds a weight) and, if given, `outputs` as the graph's outputs. Every other
+    initializer is copied through in chunks, never parsed: rewriting head.onnx of ViT-B/16 (271 MiB)
+    costs a few MiB, where `onnx.load` + edit + `onnx.save` held it three times (docs/design.md
+    section 6: the feature-selection phase of a run under --memory-budget)."""
+    replace = replace or {}
+    size = Path(src).stat().st_size
+    try:
+        with open(src, "rb") as f:
+            g0, g1 = _graph_span(f, size)
+            pieces: list[tuple[int, int] | bytes] = []
+            nodes, found = [], set()
+            for field, s, b, e in _fields(f, g0, g1):
+                if field == _GRAPH_NODE:
+                    node = onnx.NodeProto.FromString(_read(f, b, e))
+                    _check_no_subgraphs(node)
+                    nodes.append(node)
+                elif field == _GRAPH_INIT and _tensor_name(f, b, e) in replace:
+                    name = _tensor_name(f, b, e)
+                    dtype = onnx.helper.tensor_dtype_to_np_dtype(onnx.TensorProto.FromString(_read(f, b, e)).data_type)
+                    found.add(name)
+                    data = numpy_helper.from_array(np.asarray(replace[name]).astype(dtype), name).SerializeToString()
+                    pieces.append(_key(_GRAPH_INIT, len(data)) + data)
+                elif field == _GRAPH_OUTPUT and outputs is not None:
+                    continue
+                else:
+                    pieces.append((s, e))
+            if set(replace) - found:
+                raise ValueError(f"no initializers {sorted(set(replace) - found)}")
+            for message, field in ([(n, _GRAPH_NODE) for n in (edit_nodes(nodes) if edit_nodes else nodes)]
+                                   + [(t, _GRAPH_INIT) for t in add] + [(o, _GRAPH_OUTPUT) for o in outputs or ()]):
+                data = message.SerializeToString()
+                pieces.append(_key(field, len(data)) + data)
+            length = sum(len(p) if isinstance(p, bytes) else p[1] - p[0] for p in pieces)
+            with open(out, "wb") as o:
+                for field, s, _, e in _fields(f, 0, size):
+                    if field != _MODEL_GRAPH:
+                        _copy(f, s, e, o)
+                        continue
+                    o.write(_key(_MODEL_GRAPH, length))
+                    for p in pieces:
+                        if isinstance(p, bytes):
+                            o.write(p)
+                        else:
+                            _copy(f, p[0], p[1], o)
+    except ValueError as e:
+        raise UserError(f"cannot rewrite {src} into {out}: {e}") from None
+
+
+def read_graph_skeleton(path: Path) -> tuple[list[onnx.NodeProto], list[str]]:
+    """The nodes and input names of a model's graph, without reading its initializers."""
+    size = Path(path).stat().st_size
+    nodes, inputs = [], []
+    with open(path, "rb") as f:
+        g0, g1 = _graph_span(f, size)
+        for field, _, b, e in _fields(f, g0, g1):
+            if field == _GRAPH_NODE:
+                nodes.append(onnx.NodeProto.FromString(_read(f, b, e)))
+            elif field == _GRAPH_INPUT:
+                inputs.append(onnx.ValueInfoProto.FromString(_read(f, b, e)).name)
+    return nodes, inputs

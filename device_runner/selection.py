@@ -29,13 +29,14 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from device_runner import ort
+from device_runner.onnx_stream import read_graph_skeleton, rewrite_streaming
 from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
 from vqt_edge.manifest import Manifest
@@ -49,23 +50,19 @@ BETAS, EPS = (0.9, 0.999), 1e-6  # the ORT AdamW of the training artifacts (test
 
 
 # -- the head's input features, from the bundle's head graph ------------------------------------------
-def head_gemm(graph: onnx.GraphProto, manifest: Manifest) -> onnx.NodeProto:
+def head_gemm(nodes: Iterable[onnx.NodeProto], manifest: Manifest) -> onnx.NodeProto:
     """The Gemm that computes `logits` from the head's input features and `head.weight`."""
     weight = "head.weight"
-    for node in graph.node:
+    for node in nodes:
         if node.op_type == "Gemm" and "logits" in node.output and len(node.input) >= 2 and node.input[1] == weight:
             return node
     raise UserError(f"{mf.HEAD_MODEL}: no Gemm computes logits from {weight}; feature selection needs a linear head")
 
 
-def _load_head(bundle: Path, manifest: Manifest, adapter: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """head.onnx with the adapter's learned tensors (all but the head) filled in."""
-    model = onnx.load(str(bundle / mf.HEAD_MODEL))
-    learned = {name: adapter[name] for name in manifest.spec.trainable_shapes if not name.startswith("head.")}
-    for init in model.graph.initializer:
-        if init.name in learned:
-            init.CopyFrom(numpy_helper.from_array(np.asarray(learned[init.name], np.float32), init.name))
-    return model
+def _learned(manifest: Manifest, adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The adapter's learned tensors that head.onnx holds as initializers (all but the head's)."""
+    return {name: np.asarray(adapter[name], np.float32) for name in manifest.spec.trainable_shapes
+            if not name.startswith("head.")}
 
 
 FeatureSource = Callable[[np.ndarray], np.ndarray]  # store rows -> head input features [B, F]
@@ -73,30 +70,35 @@ FeatureSource = Callable[[np.ndarray], np.ndarray]  # store rows -> head input f
 
 def feature_source(
     bundle: Path, manifest: Manifest, adapter: dict[str, np.ndarray], gather: Callable[[np.ndarray], dict],
-    device: str = "cpu", threads: int | None = None,
+    device: str = "cpu", threads: int | None = None, scratch: Path | None = None,
 ) -> FeatureSource:
     """The one place that turns frozen outputs into the head's input features, for any method whose
     head is one Gemm on them (vqt: [n(cls), n(z_1), ...]; linear: [n(cls)]; a method whose frozen
     graph emits the features directly: the identity). `gather(rows)` returns the frozen outputs of
-    those rows (a FeatureStore's gather). The features graph is head.onnx cut at the Gemm's input."""
-    model = _load_head(bundle, manifest, adapter)
-    graph = model.graph
-    source = head_gemm(graph, manifest).input[0]
-    if source in {i.name for i in graph.input}:  # head2toe: the Gemm reads a frozen output as it is
-        del model, graph
+    those rows (a FeatureStore's gather). The features graph is head.onnx with the adapter's tensors
+    and the Gemm's input as its output, written by a streaming rewrite into a temporary file in
+    `scratch` (the run folder; a disk-sized file, not memory) and opened without prepacking: on
+    ViT-B/16 the in-memory edit of head.onnx made this phase peak at 1499 MiB in a run planned for
+    512 (now no higher than the training step's session)."""
+    head = bundle / mf.HEAD_MODEL
+    nodes, inputs = read_graph_skeleton(head)
+    source = head_gemm(nodes, manifest).input[0]
+    if source in inputs:  # head2toe: the Gemm reads a frozen output as it is
         return lambda rows: np.asarray(gather(rows)[source], np.float32)
     out = "selection.head_input"  # a name of its own: the graph may already use "features"
-    graph.node.append(helper.make_node("Identity", [source], [out], name=out))
-    del graph.output[:]
-    graph.output.append(helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
     rt = ort.onnxruntime()
-    session = rt.InferenceSession(model.SerializeToString(), sess_options=ort.session_options(threads),
-                                  providers=ort.providers(device))
-    inputs = [i.name for i in session.get_inputs()]
+    with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+        path = Path(tmp) / "features.onnx"
+        rewrite_streaming(head, path, replace=_learned(manifest, adapter),
+                          edit_nodes=lambda ns: [*ns, helper.make_node("Identity", [source], [out], name=out)],
+                          outputs=[helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None)])
+        session = rt.InferenceSession(str(path), sess_options=ort.session_options(threads, prepack=False),
+                                      providers=ort.providers(device))
+    names = [i.name for i in session.get_inputs()]
 
     def features(rows: np.ndarray) -> np.ndarray:
         feed = gather(rows)
-        return session.run([out], {name: feed[name] for name in inputs})[0]
+        return session.run([out], {name: feed[name] for name in names})[0]
 
     return features
 
@@ -194,43 +196,40 @@ def compress(
 def selected_head(bundle: Path, manifest: Manifest, adapter: dict[str, np.ndarray], folder: Path) -> Iterator[Path]:
     """head.onnx as it must be merged for this adapter: the bundle's own when nothing was selected;
     else a temporary copy (in `folder`) whose Gemm reads Gather(features, head.feature_index, axis=1)
-    and whose head.weight is [C, k]. Holds head.onnx in memory once (only for runs that select)."""
+    and whose head.weight is [C, k], written by a streaming rewrite (weights copied through)."""
     if FEATURE_INDEX not in adapter:
         yield bundle / mf.HEAD_MODEL
         return
+    head = bundle / mf.HEAD_MODEL
     index = np.asarray(adapter[FEATURE_INDEX], np.int64)
-    model = _load_head(bundle, manifest, adapter)
-    graph = model.graph
-    gemm = head_gemm(graph, manifest)
-    weight = gemm.input[1]
-    for init in graph.initializer:
-        if init.name == weight:
-            init.CopyFrom(numpy_helper.from_array(np.asarray(adapter["head.weight"], np.float32), weight))
-    graph.initializer.append(numpy_helper.from_array(index, FEATURE_INDEX))
-    gather = helper.make_node("Gather", [gemm.input[0], FEATURE_INDEX], ["selected_features"], name="select_features", axis=1)
-    gemm.input[0] = "selected_features"
-    nodes = [onnx.NodeProto.FromString(n.SerializeToString()) for n in graph.node]
-    nodes.insert(nodes.index(gemm), gather)  # just before the Gemm: nodes are in topological order
-    del graph.node[:]
-    graph.node.extend(nodes)
+    weight = head_gemm(read_graph_skeleton(head)[0], manifest).input[1]
+
+    def insert_gather(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+        gemm = head_gemm(nodes, manifest)
+        gather = helper.make_node("Gather", [gemm.input[0], FEATURE_INDEX], ["selected_features"], name="select_features", axis=1)
+        gemm.input[0] = "selected_features"
+        i = nodes.index(gemm)
+        return [*nodes[:i], gather, *nodes[i:]]  # just before the Gemm: nodes are in topological order
+
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         path = Path(tmp) / "head.onnx"
-        onnx.save(model, str(path))
-        del model, graph
+        rewrite_streaming(head, path, replace={**_learned(manifest, adapter), weight: adapter["head.weight"]},
+                          add=[numpy_helper.from_array(index, FEATURE_INDEX)], edit_nodes=insert_gather)
         yield path
 
 
 # -- the step a run takes after its training loop ------------------------------------------------------
 def compress_adapter(
     bundle: Path, manifest: Manifest, adapter: dict[str, np.ndarray], gather: Callable[[np.ndarray], dict],
-    labels: np.ndarray, n_train: int, cfg: "TrainConfig",
+    labels: np.ndarray, n_train: int, cfg: "TrainConfig", scratch: Path | None = None,
 ) -> tuple[dict[str, np.ndarray], dict]:
     """Freeze the learned tensors, compute the head's input features of every sample once (rows
     0..n_train-1 train, the rest validate), select `cfg.keep_fraction` of them with group lasso
     `cfg.lasso` and retrain the head on those. Returns the new adapter (head.weight [C, k],
-    head.bias, head.feature_index) and what summary.json records."""
+    head.bias, head.feature_index) and what summary.json records. `scratch`: where the features
+    graph's temporary file goes (the run folder)."""
     t0 = time.perf_counter()
-    source = feature_source(bundle, manifest, adapter, gather, cfg.device, cfg.threads)
+    source = feature_source(bundle, manifest, adapter, gather, cfg.device, cfg.threads, scratch)
     x = compute_features(source, len(labels), cfg.micro_batch or cfg.batch_size)
     warmup = cfg.warmup_epochs if cfg.warmup_epochs is not None else 0.1 * cfg.epochs
     head_cfg = HeadConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=HEAD_LR_SCALE * cfg.lr,

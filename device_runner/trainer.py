@@ -440,7 +440,8 @@ class Trainer:
         if self.cfg.keep_fraction < 1:
             self.backend = self.feed_buffers = None  # the selection loads the head graph instead
             trim_malloc()
-            adapter, selection = compress_adapter(self.bundle, m, adapter, self._features, self.labels, self.n_train, self.cfg)
+            adapter, selection = compress_adapter(self.bundle, m, adapter, self._features, self.labels, self.n_train, self.cfg,
+                                                  scratch=self.run)
             self.echo(f"feature selection: kept {selection['features_kept']} of {selection['features_in']} head inputs")
             self.peaks["selection"] = round(peak_rss_mb(), 1)  # not in the memory plan (vqt_edge/memory.py)
 

@@ -125,3 +125,41 @@ def test_predictions_of_the_run_equal_model_onnx(selected_run, tiny_bundle, task
 def test_bad_keep_fraction_is_a_user_error(tmp_path, tiny_bundle, task):
     out = run_cli("train", "--bundle", tiny_bundle, "--data", task["train"], "--run", tmp_path / "r", "--keep-fraction", 0)
     assert out.returncode == 2 and out.stderr.startswith("error:") and "Traceback" not in out.stderr
+
+
+def test_streaming_rewrite_of_the_head_equals_the_in_memory_edit(tiny_bundle, tmp_path):
+    """device_runner/onnx_stream.py `rewrite_streaming` (used for the features graph and the
+    selected head, so that head.onnx is never held in memory) writes the model that onnx.load,
+    editing the proto and onnx.save would: same nodes in order, same initializers, new outputs."""
+    from onnx import helper, numpy_helper
+
+    from device_runner.onnx_stream import read_graph_skeleton, rewrite_streaming
+
+    head = tiny_bundle / mf.HEAD_MODEL
+    m = mf.read_manifest(tiny_bundle)
+    learned = {n: np.full(s, 0.25, np.float32) for n, s in m.spec.trainable_shapes.items() if not n.startswith("head.")}
+    assert learned
+    extra = numpy_helper.from_array(np.arange(3, dtype=np.int64), "extra.index")
+    output = helper.make_tensor_value_info("extra.out", onnx.TensorProto.FLOAT, None)
+    nodes, inputs = read_graph_skeleton(head)
+    source = nodes[-1].input[0]
+    identity = helper.make_node("Identity", [source], ["extra.out"], name="extra.out")
+
+    want = onnx.load(str(head))
+    for init in want.graph.initializer:
+        if init.name in learned:
+            init.CopyFrom(numpy_helper.from_array(learned[init.name], init.name))
+    want.graph.node.append(identity)
+    want.graph.initializer.append(extra)
+    del want.graph.output[:]
+    want.graph.output.append(output)
+
+    out = tmp_path / "rewritten.onnx"
+    rewrite_streaming(head, out, replace=learned, add=[extra], edit_nodes=lambda ns: [*ns, identity], outputs=[output])
+    got = onnx.load(str(out))
+    assert inputs == [i.name for i in want.graph.input]
+    assert [n.SerializeToString() for n in got.graph.node] == [n.SerializeToString() for n in want.graph.node]
+    arrays = lambda g: {i.name: numpy_helper.to_array(i) for i in g.initializer}  # noqa: E731
+    w, g = arrays(want.graph), arrays(got.graph)
+    assert w.keys() == g.keys() and all(np.array_equal(w[k], g[k]) for k in w)
+    assert [o.SerializeToString() for o in got.graph.output] == [output.SerializeToString()]
