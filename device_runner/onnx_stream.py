@@ -213,13 +213,7 @@ def merge_streaming(
                         if name not in replace:  # copied through, renamed, never held whole
                             _copy_renamed_tensor(hd, b, e, rename(name), th)
                             continue
-                        tensor = onnx.TensorProto.FromString(_read(hd, b, e))
-                        value = np.asarray(replace[name])
-                        if list(value.shape) != list(tensor.dims):
-                            raise ValueError(f"{name}: shape {list(value.shape)} != {list(tensor.dims)}")
-                        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-                        tensor = numpy_helper.from_array(value.astype(dtype), rename(name))
-                        data = tensor.SerializeToString()
+                        data = _replacement(_read(hd, b, e), replace[name], rename(name), same_shape=True)
                     elif field in (_GRAPH_INPUT, _GRAPH_OUTPUT, _GRAPH_VALUE_INFO, _GRAPH_NAME, _GRAPH_DOC):
                         continue
                     else:
@@ -257,6 +251,17 @@ def merge_streaming(
     finally:
         if tmp_head.exists():
             os.unlink(tmp_head)
+
+
+def _replacement(serialized: bytes, value: np.ndarray, name: str, same_shape: bool) -> bytes:
+    """A serialized initializer `name` holding `value` in the dtype of the tensor it replaces
+    (`serialized`, a small learned tensor); `same_shape`: its shape must not change."""
+    tensor = onnx.TensorProto.FromString(serialized)
+    value = np.asarray(value)
+    if same_shape and list(value.shape) != list(tensor.dims):
+        raise ValueError(f"{name}: shape {list(value.shape)} != {list(tensor.dims)}")
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    return numpy_helper.from_array(value.astype(dtype), name).SerializeToString()
 
 
 def _write(dst: BinaryIO, field: int, message) -> None:
@@ -314,11 +319,9 @@ def rewrite_streaming(
                     node = onnx.NodeProto.FromString(_read(f, b, e))
                     _check_no_subgraphs(node)
                     nodes.append(node)
-                elif field == _GRAPH_INIT and _tensor_name(f, b, e) in replace:
-                    name = _tensor_name(f, b, e)
-                    dtype = onnx.helper.tensor_dtype_to_np_dtype(onnx.TensorProto.FromString(_read(f, b, e)).data_type)
+                elif field == _GRAPH_INIT and (name := _tensor_name(f, b, e)) in replace:
                     found.add(name)
-                    data = numpy_helper.from_array(np.asarray(replace[name]).astype(dtype), name).SerializeToString()
+                    data = _replacement(_read(f, b, e), replace[name], name, same_shape=False)
                     pieces.append(_key(_GRAPH_INIT, len(data)) + data)
                 elif field == _GRAPH_OUTPUT and outputs is not None:
                     continue

@@ -50,13 +50,15 @@ BETAS, EPS = (0.9, 0.999), 1e-6  # the ORT AdamW of the training artifacts (test
 
 
 # -- the head's input features, from the bundle's head graph ------------------------------------------
+HEAD_WEIGHT = "head.weight"  # the Gemm weight feature selection reads and replaces
+
+
 def head_gemm(nodes: Iterable[onnx.NodeProto], manifest: Manifest) -> onnx.NodeProto:
     """The Gemm that computes `logits` from the head's input features and `head.weight`."""
-    weight = "head.weight"
     for node in nodes:
-        if node.op_type == "Gemm" and "logits" in node.output and len(node.input) >= 2 and node.input[1] == weight:
+        if node.op_type == "Gemm" and "logits" in node.output and len(node.input) >= 2 and node.input[1] == HEAD_WEIGHT:
             return node
-    raise UserError(f"{mf.HEAD_MODEL}: no Gemm computes logits from {weight}; feature selection needs a linear head")
+    raise UserError(f"{mf.HEAD_MODEL}: no Gemm computes logits from {HEAD_WEIGHT}; feature selection needs a linear head")
 
 
 def _learned(manifest: Manifest, adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -200,9 +202,7 @@ def selected_head(bundle: Path, manifest: Manifest, adapter: dict[str, np.ndarra
     if FEATURE_INDEX not in adapter:
         yield bundle / mf.HEAD_MODEL
         return
-    head = bundle / mf.HEAD_MODEL
     index = np.asarray(adapter[FEATURE_INDEX], np.int64)
-    weight = head_gemm(read_graph_skeleton(head)[0], manifest).input[1]
 
     def insert_gather(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
         gemm = head_gemm(nodes, manifest)
@@ -213,7 +213,7 @@ def selected_head(bundle: Path, manifest: Manifest, adapter: dict[str, np.ndarra
 
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         path = Path(tmp) / "head.onnx"
-        rewrite_streaming(head, path, replace={**_learned(manifest, adapter), weight: adapter["head.weight"]},
+        rewrite_streaming(bundle / mf.HEAD_MODEL, path, replace={**_learned(manifest, adapter), HEAD_WEIGHT: adapter[HEAD_WEIGHT]},
                           add=[numpy_helper.from_array(index, FEATURE_INDEX)], edit_nodes=insert_gather)
         yield path
 

@@ -26,6 +26,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
+from device_runner import ort
 from tests.conftest import REPO, run_cli
 from vqt_edge.run_folder import CHECKPOINTS
 
@@ -104,8 +105,6 @@ def load_checkpoint(path: Path) -> dict:
         with safe_open(str(path), framework="np") as f:
             meta = f.metadata()
         return {k: int(meta[k]) for k in ("epoch", "step")}
-    from device_runner import ort
-
     state = ort.training_api().CheckpointState.load_checkpoint(str(path))
     return {k: state.properties[k] for k in ("epoch", "step")}
 
@@ -142,18 +141,12 @@ def reference(tmp_path_factory, tiny_bundle, task) -> Path:
 @pytest.fixture(scope="module")
 def reference_ort(tmp_path_factory, tiny_bundle, task) -> Path:
     """The same on the onnxruntime-training backend (its checkpoint is ORT's own format)."""
-    if not ort_training():
+    if not ort.has_training_api():
         pytest.skip("no onnxruntime-training here")
     run = tmp_path_factory.mktemp("reference_ort") / "run"
     out = run_cli("train", "--bundle", tiny_bundle, "--data", task["train"], "--run", run, *TRAIN, "--backend", "ort-training")
     assert out.returncode == 0, out.stderr
     return run
-
-
-def ort_training() -> bool:
-    from device_runner import ort
-
-    return ort.has_training_api()
 
 
 # -- a small file system ---------------------------------------------------------------------------
