@@ -32,6 +32,7 @@ from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
 from vqt_edge.fileio import atomic_write_bytes, fsync_file
 from vqt_edge.manifest import Manifest
+from vqt_edge.optim import AdamW, decay_factor
 from vqt_edge.spec import BACKENDS
 
 # Where both run: as fast (vit_b16 step 0.245 vs 0.250 CPU s) and as lean at a full batch (1079 vs
@@ -40,11 +41,6 @@ from vqt_edge.spec import BACKENDS
 DEFAULT = "portable"
 Position = dict[str, float | int]  # epoch, step, loss_sum, correct, seen
 
-# ORT's AdamW as the ORT-training artifacts are generated (exporters/export.py: OptimType.AdamW):
-# alpha/beta/epsilon are float32 attributes of its AdamWOptimizer node.
-ADAM_BETA1 = np.float32(0.9)
-ADAM_BETA2 = np.float32(0.999)
-ADAM_EPS = np.float32(1e-6)
 
 
 class Backend(Protocol):
@@ -105,11 +101,6 @@ def open_backend(name: str, bundle: Path, manifest: Manifest, device: str, threa
     return OrtTrainingBackend(bundle, manifest, device, threads, resume_from)
 
 
-def decay_factor(lr: float, weight_decay: float) -> np.float32:
-    """The runner's decoupled weight decay, computed as both backends apply it."""
-    return np.float32(1 - lr * weight_decay)
-
-
 # Constant folding would store a transposed copy of every frozen weight the backward pass
 # multiplies by (dX = dY W^T); unfolded, ORT fuses the Transpose into the MatMul instead.
 # vit_b16, batch 32, one thread: peak 1508 instead of 1808 MiB, 0.38 CPU s per step.
@@ -160,9 +151,7 @@ class PortableBackend:
         self.position: dict = {}
         if resume_from is None:
             self.params = self._read(bundle / mf.STEP_INIT, {n: n for n in self.names}, "re-copy or re-export the bundle")
-            self.exp_avg = {n: np.zeros_like(p) for n, p in self.params.items()}
-            self.exp_avg_sq = {n: np.zeros_like(p) for n, p in self.params.items()}
-            self.t = 0
+            self.adam = AdamW.zeros_like(self.params)
         else:
             self._load(resume_from)
 
@@ -195,22 +184,11 @@ class PortableBackend:
             for n, p in self.params.items():
                 if p.ndim >= 2:
                     self.params[n] = p * keep
-        t = self.t + 1  # ORT passes step + 1: the bias correction's power starts at 1
-        b1, b2, one = ADAM_BETA1, ADAM_BETA2, np.float32(1)
-        alpha_correction = one - np.float32(float(b1) ** t)  # std::pow(float, int64) is a double
-        beta_correction = one - np.float32(float(b2) ** t)
-        lr32 = np.float32(lr)
-        lr_corrected = lr32 * (np.sqrt(beta_correction) / alpha_correction)
-        for n in self.names:
-            g = self.grads[n]
-            if self.proximal is not None:
-                mu, anchor = self.proximal
-                g = g + np.float32(mu) * (self.params[n] - anchor[n])
-            m = b1 * self.exp_avg[n] + (one - b1) * g
-            v = b2 * self.exp_avg_sq[n] + (one - b2) * g * g
-            self.params[n] = self.params[n] - lr_corrected * m / (np.sqrt(v) + ADAM_EPS)
-            self.exp_avg[n], self.exp_avg_sq[n] = m, v
-        self.t = t
+        grads = self.grads
+        if self.proximal is not None:
+            mu, anchor = self.proximal
+            grads = {n: g + np.float32(mu) * (self.params[n] - anchor[n]) for n, g in grads.items()}
+        self.adam.step(self.params, grads, lr)
         self.grads = None
 
     def parameters(self) -> dict[str, np.ndarray]:
@@ -228,21 +206,21 @@ class PortableBackend:
         tensors = {}
         for n in self.names:
             tensors[f"param/{n}"] = self.params[n]
-            tensors[f"exp_avg/{n}"] = self.exp_avg[n]
-            tensors[f"exp_avg_sq/{n}"] = self.exp_avg_sq[n]
-        meta = {"format": mf.FORMAT, "optimizer_step": str(self.t), **{k: repr(v) for k, v in position.items()}}
+            tensors[f"exp_avg/{n}"] = self.adam.exp_avg[n]
+            tensors[f"exp_avg_sq/{n}"] = self.adam.exp_avg_sq[n]
+        meta = {"format": mf.FORMAT, "optimizer_step": str(self.adam.t), **{k: repr(v) for k, v in position.items()}}
         atomic_write_bytes(path, save(tensors, metadata=meta))
 
     def _load(self, path: Path) -> None:
         hint = "this run cannot be resumed from it; start a new --run"
         tensors = self._read(path, {f"{kind}/{n}": n for kind in ("param", "exp_avg", "exp_avg_sq") for n in self.names}, hint)
         self.params = {n: tensors[f"param/{n}"] for n in self.names}
-        self.exp_avg = {n: tensors[f"exp_avg/{n}"] for n in self.names}
-        self.exp_avg_sq = {n: tensors[f"exp_avg_sq/{n}"] for n in self.names}
+        exp_avg = {n: tensors[f"exp_avg/{n}"] for n in self.names}
+        exp_avg_sq = {n: tensors[f"exp_avg_sq/{n}"] for n in self.names}
         try:
             with safe_open(str(path), framework="np") as f:
                 meta = dict(f.metadata() or {})
-            self.t = int(meta.pop("optimizer_step"))
+            self.adam = AdamW(exp_avg, exp_avg_sq, int(meta.pop("optimizer_step")))
             meta.pop("format", None)
             self.position = {k: int(v) if k in ("epoch", "step") else float(v) for k, v in meta.items()}
         except (KeyError, ValueError, TypeError) as e:

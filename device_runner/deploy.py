@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save
 
-from device_runner.onnx_share import find_shared
-from device_runner.onnx_stream import merge_streaming
+from device_runner.onnx_io.share import find_shared
+from device_runner.onnx_io.stream import merge_streaming
 from device_runner.selection import FEATURE_INDEX, selected_head
 from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
@@ -81,9 +81,9 @@ def build_model(bundle: Path, manifest: Manifest, adapter: dict[str, np.ndarray]
     """Write model.onnx: frozen.onnx -> head.onnx (with the adapter's tensors), one graph; each head
     input is wired to the frozen output of the same name (`manifest.spec.frozen_outputs`), every other
     head name is prefixed with "head/", and the only output is `logits`. The head's frozen weights
-    that frozen.onnx already holds are read there, not copied (device_runner/onnx_share.py).
+    that frozen.onnx already holds are read there, not copied (device_runner/onnx_io/share.py).
 
-    Streamed at the protobuf level (device_runner/onnx_stream.py), one tensor at a time: loading,
+    Streamed at the protobuf level (device_runner/onnx_io/stream.py), one tensor at a time: loading,
     merging and saving the graphs with onnx.compose held every weight several times (3.2 GiB above
     the process baseline for ViT-B/16), the largest peak of a whole training run."""
     tmp = _atomic(out)

@@ -31,7 +31,7 @@ class FinishedRun:
         manifest, classes = RunFolder(run).open_finished()  # its files' hashes checked
         providers = ort.providers(device)  # a clear UserError when this build lacks the device
         rt = ort.onnxruntime()
-        # model.onnx's query path reads the frozen graph's weights (device_runner/onnx_share.py), and
+        # model.onnx's query path reads the frozen graph's weights (device_runner/onnx_io/share.py), and
         # onnxruntime would keep a weight that two MatMul kernels prepack both as it is and packed.
         # ViT-B/16 (random init, 1 thread): load peak 716 -> 391 MiB, resident 669 -> 344 MiB, for
         # 1.24 instead of 1.16 CPU s per batch of 2 images (the copying merge with prepacking: 1.15).

@@ -29,24 +29,23 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from device_runner import ort
-from device_runner.onnx_stream import read_graph_skeleton, rewrite_streaming
+from device_runner.onnx_io.stream import read_graph_skeleton, rewrite_streaming
 from vqt_edge import manifest as mf
+from vqt_edge.config import TrainConfig
 from vqt_edge.errors import UserError
 from vqt_edge.manifest import Manifest
+from vqt_edge.optim import AdamW, decay_factor, lr_at
 
-if TYPE_CHECKING:  # trainer.py imports this module
-    from device_runner.trainer import TrainConfig
 
 FEATURE_INDEX = "head.feature_index"  # adapter (and model.onnx initializer) name of the kept indices
 HEAD_LR_SCALE = 0.5  # official sparsity runs: BASE_LR = 0.5 x the tuned lr
-BETAS, EPS = (0.9, 0.999), 1e-6  # the ORT AdamW of the training artifacts (tests/test_export.py)
 
 
 # -- the head's input features, from the bundle's head graph ------------------------------------------
@@ -122,12 +121,6 @@ class HeadConfig:
     seed: int
 
 
-def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    return 0.5 * base * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-
 def group_lasso_grad(weight: np.ndarray, lasso: float) -> np.ndarray:
     """Subgradient of lasso * sum_j ||W[:, j]||_2: lasso * W[:, j] / ||W[:, j]|| (0 for a zero column)."""
     norms = np.sqrt((weight * weight).sum(0, keepdims=True))
@@ -145,8 +138,8 @@ def train_head(
     bound = 1.0 / math.sqrt(f)
     w = rng.uniform(-bound, bound, (classes, f)).astype(np.float32)
     b = np.zeros(classes, np.float32)
-    m = [np.zeros_like(w), np.zeros_like(b)]
-    v = [np.zeros_like(w), np.zeros_like(b)]
+    params = {"w": w, "b": b}
+    adam = AdamW.zeros_like(params)
     steps = math.ceil(n / cfg.batch_size)
     total, warmup = steps * cfg.epochs, int(round(cfg.warmup_epochs * steps))
     t = 0
@@ -163,14 +156,11 @@ def train_head(
             grads = [p.T @ xb, p.sum(0)]
             if lasso:
                 grads[0] += group_lasso_grad(w, lasso)
-            lr = _lr_at(t, total, warmup, cfg.lr)
+            lr = lr_at(t, total, warmup, cfg.lr)
             t += 1
-            w *= np.float32(1 - lr * cfg.weight_decay)  # decoupled decay, weight only (as the trainer)
-            for k, (param, g) in enumerate(zip((w, b), grads)):
-                m[k] = BETAS[0] * m[k] + (1 - BETAS[0]) * g
-                v[k] = BETAS[1] * v[k] + (1 - BETAS[1]) * g * g
-                step = lr * math.sqrt(1 - BETAS[1] ** t) / (1 - BETAS[0] ** t)
-                param -= (step * m[k] / (np.sqrt(v[k]) + EPS)).astype(np.float32)
+            params["w"] = params["w"] * decay_factor(lr, cfg.weight_decay)  # decoupled, weight only (as the trainer)
+            adam.step(params, {"w": grads[0], "b": grads[1]}, lr)
+            w, b = params["w"], params["b"]
     return w, b
 
 
@@ -221,7 +211,7 @@ def selected_head(bundle: Path, manifest: Manifest, adapter: dict[str, np.ndarra
 # -- the step a run takes after its training loop ------------------------------------------------------
 def compress_adapter(
     bundle: Path, manifest: Manifest, adapter: dict[str, np.ndarray], gather: Callable[[np.ndarray], dict],
-    labels: np.ndarray, n_train: int, cfg: "TrainConfig", scratch: Path | None = None,
+    labels: np.ndarray, n_train: int, cfg: TrainConfig, scratch: Path | None = None,
 ) -> tuple[dict[str, np.ndarray], dict]:
     """Freeze the learned tensors, compute the head's input features of every sample once (rows
     0..n_train-1 train, the rest validate), select `cfg.keep_fraction` of them with group lasso

@@ -14,7 +14,7 @@ import logging
 import signal
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -33,57 +33,12 @@ from vqt_edge.manifest import Manifest
 from vqt_edge.memory import (BundleFootprint, Plan, available_mb, choose, default_kv, frozen_batch, lean_malloc,
                              peak_rss_mb, predict_peak, trim_malloc)
 from vqt_edge.progress import Counter, OnProgress, Progress, log_progress
+from vqt_edge.config import TrainConfig
 from vqt_edge.run_folder import RUN_FILE, RunFolder
-from vqt_edge.spec import KV_MODES
+from vqt_edge.optim import lr_at
 
 log = logging.getLogger("vqt_edge")  # the default for messages; the CLI and the API pass their own
 SharedFeatures = Callable[[list[Path]], FeatureStore]  # sample paths -> their frozen outputs, row i = path i
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 30
-    batch_size: int = 32
-    micro_batch: int | None = None  # split each batch into micro-batches (gradient accumulation)
-    lr: float = 1e-2
-    weight_decay: float = 1e-4
-    warmup_epochs: float | None = None  # default: 10% of the epochs, as the paper's 10 of 100
-    seed: int = 0
-    kv: str = "auto"  # or ram/disk/stream; auto: the planner chooses, against the budget or the available memory
-    device: str = "cpu"
-    threads: int | None = None
-    val_split: float = 0.0
-    checkpoint_every: int = 0  # also checkpoint every N steps (0: once per epoch)
-    memory_budget_mb: float | None = None  # a promise on the peak RSS: kv and micro_batch are chosen to keep it
-    keep_fraction: float = 1.0  # < 1: group-lasso feature selection of the head after training (selection.py)
-    lasso: float = 1e-4  # its penalty, LRP_COEF of the official code (docs/design.md section 11)
-    backend: str = "auto"  # portable | ort-training (device_runner/backends.py); auto: the default that runs here
-
-    def validate(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise UserError("--epochs and --batch-size must be at least 1")
-        if self.micro_batch is not None and not 1 <= self.micro_batch <= self.batch_size:
-            raise UserError("--micro-batch must be between 1 and --batch-size")
-        if not (self.lr > 0 and self.weight_decay >= 0):
-            raise UserError("--lr must be positive and --weight-decay non-negative")
-        if self.kv not in KV_MODES + ("auto",):
-            raise UserError(f"--kv must be one of {', '.join(KV_MODES)}")
-        if self.memory_budget_mb is not None and not self.memory_budget_mb > 0:
-            raise UserError("--memory-budget must be positive")
-        if not 0 <= self.val_split < 1:
-            raise UserError("--val-split must be in [0, 1)")
-        if not (0 < self.keep_fraction <= 1 and self.lasso >= 0):
-            raise UserError("--keep-fraction must be in (0, 1] and --lasso non-negative")
-        if self.backend not in backends.BACKENDS + ("auto",):
-            raise UserError(f"--backend must be one of {', '.join(backends.BACKENDS)}")
-
-
-def lr_at(step: int, total: int, warmup: int, base: float) -> float:
-    """Linear warm-up, then cosine decay to 0 (set on the optimizer every step)."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * base * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 class BudgetExceeded(Exception):
@@ -191,11 +146,11 @@ class Trainer:
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise UserError(f"{run / RUN_FILE}: damaged ({e}); this run cannot be resumed") from None
         cfg.validate()
-        self.cfg, self.bundle = cfg, bundle
+        self.bundle = bundle
         self.manifest = mf.read_manifest(bundle, verify=True)
         # saved in run.json: a resume keeps it; with "auto", a --memory-budget may pick another that fits
         self.backend_choices = backends.candidates(cfg.backend, self.manifest)
-        cfg.backend = self.backend_choices[0]
+        self.cfg = cfg = replace(cfg, backend=self.backend_choices[0])  # the caller's config is never changed
         self.resume = resume and folder.checkpoint(cfg.backend).exists()
         if resume and saved["bundle_manifest_sha256"] != mf.sha256_file(bundle / mf.MANIFEST):
             raise UserError(f"{bundle}: the bundle changed since this run started; it cannot be resumed")
@@ -213,7 +168,7 @@ class Trainer:
             # data paths absolute but not resolved: a list file reached through a symlink reads its relative
             # entries from the link's folder, on resume too (device_runner/identity.py)
             folder.start(bundle, self.data.classes, data=str(data.absolute()), val=str(val.absolute()) if val else None,
-                         config=asdict(cfg), samples_sha256=samples_sha)
+                         config=asdict(self.cfg), samples_sha256=samples_sha)
 
     def _plan_memory(self, with_test: bool) -> Plan:
         """Predict the run's peak (vqt_edge/memory.py). Under --memory-budget, choose the K/V mode and
@@ -226,7 +181,7 @@ class Trainer:
             available = available_mb()
             plan = default_kv(fp, images=images, batch_size=cfg.batch_size, micro_batch=cfg.micro_batch,
                               available=available, test=with_test, backend=cfg.backend)
-            cfg.kv = plan.kv
+            self.cfg = replace(cfg, kv=plan.kv)
             if available is not None:
                 self.echo(f"K/V {plan.kv}: predicted peak {plan.peak_mb:.0f} MiB with {available:.0f} MiB available"
                           + ("" if plan.kv == "ram" else " (a RAM cache of these images would not fit; --kv ram forces it)"))
@@ -236,8 +191,8 @@ class Trainer:
                                 backend=cfg.backend, test_batch=frozen_batch(cfg.batch_size, cfg.micro_batch) if with_test else None)
         plan = choose(fp, cfg.memory_budget_mb, images=images, batch_size=cfg.batch_size, backends=self.backend_choices,
                       kv=None if cfg.kv == "auto" else cfg.kv, micro_batch=cfg.micro_batch, test=with_test)
-        cfg.kv, cfg.backend = plan.kv, plan.backend
-        cfg.micro_batch = plan.micro_batch if plan.micro_batch < cfg.batch_size else None
+        self.cfg = replace(cfg, kv=plan.kv, backend=plan.backend,
+                           micro_batch=plan.micro_batch if plan.micro_batch < cfg.batch_size else None)
         self.echo(f"memory budget {cfg.memory_budget_mb:.0f} MiB: {plan.describe()}")
         return plan
 

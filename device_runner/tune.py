@@ -28,7 +28,8 @@ import numpy as np
 
 from device_runner.data import check_trainable, drop_unreadable, load_dataset
 from device_runner.features import DiskCache, FeatureStore, FrozenBackbone, _RowMapped, build_ram_store, image_sha256
-from device_runner.trainer import TrainConfig, train
+from device_runner.trainer import train
+from vqt_edge.config import TrainConfig
 from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
 from vqt_edge.fileio import atomic_write_text

@@ -8,7 +8,7 @@ Compared, all VQT (T=1) from the same bundle, every client at --threads 1:
 - centralized: `vqt-edge train` on all 1000 images (the transfer table's recipe: 25 epochs, batch 32,
   lr 1e-2, weight decay 1e-4);
 - local-only: each client trains alone on its own shard (the same shards, R x E epochs, the same
-  optimizer settings) with the fleet client's code (device_runner/fleet.py train_round); the mean
+  optimizer settings) with the fleet client's code (vqt_edge/fleet/client_app.py train_round); the mean
   of their 10 test accuracies.
 
     python examples/fleet_results.py --out results/fleet
@@ -45,7 +45,7 @@ def _test_accuracy(bundle: Path, tensors: dict[str, np.ndarray], test: Path, out
     from device_runner.data import load_dataset
     from device_runner.deploy import build_model
     from vqt_edge import manifest as mf
-    from vqt_edge.fleet.server import TestSet
+    from vqt_edge.fleet.server_app import TestSet
 
     manifest = mf.read_manifest(bundle)
     build_model(bundle, manifest, tensors, out)
@@ -54,10 +54,10 @@ def _test_accuracy(bundle: Path, tensors: dict[str, np.ndarray], test: Path, out
 
 def local_only(bundle: Path, fed_run: Path, test: Path, out: Path, epochs: int, batch: int, lr: float) -> list[dict]:
     """Each simulated client's shard trained alone, from the bundle's initial tensors."""
-    from device_runner.fleet import train_round
-    from device_runner.trainer import TrainConfig
+    from vqt_edge.fleet.client_app import train_round
+    from vqt_edge.config import TrainConfig
     from vqt_edge import manifest as mf
-    from vqt_edge.fleet.server import initial_tensors
+    from vqt_edge.fleet.server_app import initial_tensors
 
     manifest = mf.read_manifest(bundle)
     classes = json.loads((fed_run / "run.json").read_text())["classes"]
@@ -85,7 +85,7 @@ def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--proximal-mu", type=float, default=0.0)
     parser.add_argument("--class-weighted-head", action="store_true")
     parser.add_argument("--calibrate-head", choices=["diagonal", "full"],
-                        help="CCVR after the last round (vqt_edge/fleet/calibrate.py).")
+                        help="CCVR after the last round (vqt_edge/calibrate.py).")
 
 
 def main() -> None:

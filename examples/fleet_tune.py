@@ -3,7 +3,7 @@
 The 1000 Fashion-MNIST 5-9 training images of examples/fleet_results.py are split 800 / 200
 (examples/tasks.py: train800, val200). The 800 go to 10 clients by Dirichlet(0.3), as the 1000 do in
 the real experiment; each candidate setting trains the same rounds with the fleet client's own code
-(device_runner/fleet.py train_round, every client in this one process, one after the other), and
+(vqt_edge/fleet/client_app.py train_round, every client in this one process, one after the other), and
 is scored on the 200 held-out images. The server step is Flower's: FedAvg's sample-weighted mean
 (tests/test_fleet.py shows Flower's equals it) and, for --server-momentum, FedAvgM's update as
 flwr.serverapp.strategy.FedAvgM computes it. The per-process start-up of real Flower rounds is left
@@ -55,13 +55,13 @@ def main() -> None:
     from device_runner import ort
     from device_runner.data import load_dataset
     from device_runner.deploy import build_model
-    from device_runner.fleet import LocalRule, train_round
-    from device_runner.trainer import TrainConfig
+    from vqt_edge.fleet.client_app import LocalRule, train_round
+    from vqt_edge.config import TrainConfig
     from vqt_edge import manifest as mf
-    from device_runner.fleet import feature_stats
-    from vqt_edge.fleet.calibrate import calibrate_head, stats_bytes
-    from vqt_edge.fleet.server import TestSet, class_weighted_rows, initial_tensors
-    from vqt_edge.fleet.split import assign, parse_split
+    from vqt_edge.fleet.client_app import feature_stats
+    from vqt_edge.calibrate import calibrate_head, stats_bytes
+    from vqt_edge.fleet.server_app import TestSet, class_weighted_rows, initial_tensors
+    from vqt_edge.split import assign, parse_split
 
     ort.block_torch()
     out = args.out

@@ -17,7 +17,7 @@ from safetensors.numpy import load_file
 
 from conftest import REPO, run_cli
 from vqt_edge.errors import UserError
-from vqt_edge.fleet.split import Split, assign, parse_split
+from vqt_edge.split import Split, assign, parse_split
 from vqt_edge.spec import AdapterSpec
 
 pytest.importorskip("flwr")
@@ -80,8 +80,8 @@ def method_bundles(tmp_path_factory, tiny_backbone) -> dict[str, Path]:
 def test_client_round_starts_from_the_servers_tensors_for_each_method(method, method_bundles, tiny_bundle, task, tmp_path):
     """Two rounds of the device side in this process: round 1 from tensors S (not the bundle's),
     round 2 resumes the client's run and continues from new tensors S2, with the carried optimizer."""
-    from device_runner.fleet import train_round
-    from device_runner.trainer import TrainConfig
+    from vqt_edge.fleet.client_app import train_round
+    from vqt_edge.config import TrainConfig
     from vqt_edge import manifest as mf
 
     bundle = tiny_bundle if method == "vqt" else method_bundles[method]
@@ -110,7 +110,7 @@ def test_client_round_starts_from_the_servers_tensors_for_each_method(method, me
 
 
 def test_prior_shift_is_the_centred_log_prior_with_absent_classes_finite():
-    from device_runner.fleet import prior_shift
+    from vqt_edge.fleet.client_app import prior_shift
 
     shift = prior_shift(np.array([0, 0, 0, 1]), 3, tau=2.0)  # counts + 1: 4, 2, 1
     np.testing.assert_allclose(shift, 2 * (np.log([4, 2, 1]) - np.log([4, 2, 1]).mean()), rtol=1e-6)
@@ -122,10 +122,10 @@ def test_logit_adjusted_round_trains_with_the_prior_and_sends_without_it(tiny_bu
     back the bias without the shift: with lr ~ 0 exactly what the server sent."""
     from safetensors.numpy import load_file as load
 
-    from device_runner.fleet import HEAD_BIAS, LocalRule, prior_shift, train_round
-    from device_runner.trainer import TrainConfig
+    from vqt_edge.fleet.client_app import HEAD_BIAS, LocalRule, prior_shift, train_round
+    from vqt_edge.config import TrainConfig
     from vqt_edge import manifest as mf
-    from vqt_edge.fleet.server import initial_tensors
+    from vqt_edge.fleet.server_app import initial_tensors
 
     rng = np.random.default_rng(1)
     initial = initial_tensors(tiny_bundle, mf.read_manifest(tiny_bundle))
@@ -163,7 +163,7 @@ def test_proximal_term_adds_mu_times_the_distance_to_the_rounds_start(tiny_bundl
 
 
 def test_rules_that_need_the_portable_backend_refuse_ort_training_and_auto_picks_portable():
-    from device_runner.fleet import LocalRule
+    from vqt_edge.fleet.client_app import LocalRule
 
     with pytest.raises(UserError, match="--backend portable"):
         LocalRule(proximal_mu=0.1).check("ort-training")
@@ -173,7 +173,7 @@ def test_rules_that_need_the_portable_backend_refuse_ort_training_and_auto_picks
 
 
 def test_class_weighted_rows_average_each_class_over_the_clients_that_have_it():
-    from vqt_edge.fleet.server import class_weighted_rows
+    from vqt_edge.fleet.server_app import class_weighted_rows
 
     sent = [{"head.weight": np.full((3, 2), 1.0, np.float32), "head.bias": np.ones(3, np.float32), "q": np.zeros(2, np.float32)},
             {"head.weight": np.full((3, 2), 3.0, np.float32), "head.bias": np.full(3, 3.0, np.float32), "q": np.ones(2, np.float32)}]
@@ -185,10 +185,10 @@ def test_class_weighted_rows_average_each_class_over_the_clients_that_have_it():
 
 
 def test_calibration_pools_client_stats_exactly_and_refits_a_separating_head():
-    """CCVR (vqt_edge/fleet/calibrate.py): two skewed clients' statistics pool to the statistics of
+    """CCVR (vqt_edge/calibrate.py): two skewed clients' statistics pool to the statistics of
     all their features at once, and a head that first calls everything class 0 is refitted on
     virtual features to separate fresh draws of three correlated Gaussians."""
-    from vqt_edge.fleet.calibrate import COV, calibrate_head, class_stats, pool, stats_bytes
+    from vqt_edge.calibrate import COV, calibrate_head, class_stats, pool, stats_bytes
 
     rng = np.random.default_rng(0)
     f, classes = 6, 3
@@ -343,8 +343,8 @@ def test_server_and_two_clients_as_separate_commands(method_bundles, task, reape
                 np.testing.assert_allclose(value, _weighted_mean(sent, sizes)[name], rtol=1e-5, atol=1e-6)
         # --calibrate-head: after round 2 each client sent its feature statistics under the round's
         # tensors; the head is refitted on them, everything else stays round 2's.
-        from device_runner.fleet import feature_stats
-        from vqt_edge.fleet.calibrate import calibrate_head, stats_bytes
+        from vqt_edge.fleet.client_app import feature_stats
+        from vqt_edge.calibrate import calibrate_head, stats_bytes
 
         final = load_file(str(run / "adapter.safetensors"))
         stats = [feature_stats(reaper / f"state_{k}", bundle, reaper / f"data_{k}.txt", aggregated,

@@ -188,7 +188,7 @@ def test_streamed_model_onnx_equals_the_onnx_compose_merge(tiny_bundle, tmp_path
     import onnxruntime
     from onnx import compose, numpy_helper
 
-    from device_runner.onnx_stream import merge_streaming
+    from device_runner.onnx_io.stream import merge_streaming
     from vqt_edge import manifest as mf
 
     manifest = mf.read_manifest(tiny_bundle)

@@ -1,5 +1,5 @@
 """model.onnx reads the head's frozen weights from frozen.onnx instead of carrying a second copy
-(device_runner/onnx_share.py, docs/design.md section 10): same predictions as the copying merge and
+(device_runner/onnx_io/share.py, docs/design.md section 10): same predictions as the copying merge and
 as torch, smaller file, and nothing is shared that is not equal."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import torch
 from onnx import numpy_helper
 
 from device_runner.deploy import build_model
-from device_runner.onnx_share import find_shared
-from device_runner.onnx_stream import merge_streaming
+from device_runner.onnx_io.share import find_shared
+from device_runner.onnx_io.stream import merge_streaming
 from exporters.export import export_bundle
 from exporters.vit import VisionTransformer
 from tests.test_baselines import _head, _pixels, _random_adapter, _reference_logits

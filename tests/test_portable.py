@@ -59,7 +59,7 @@ def test_portable_checkpoint_is_what_is_trained_and_never_imports_ort_training(t
     code = (
         "import sys; sys.modules['torch'] = None\n"
         "from pathlib import Path\n"
-        "from device_runner.trainer import TrainConfig, train\n"
+        "from device_runner.trainer import train\nfrom vqt_edge.config import TrainConfig\n"
         f"train(Path({str(tiny_bundle)!r}), Path({str(run)!r}), TrainConfig(epochs=2, batch_size=16, backend='portable', "
         "checkpoint_every=3), Path(sys.argv[1]), echo=lambda _: None)\n"
         # (The training build's own `import onnxruntime` loads parts of onnxruntime.training; the

@@ -128,12 +128,12 @@ def test_bad_keep_fraction_is_a_user_error(tmp_path, tiny_bundle, task):
 
 
 def test_streaming_rewrite_of_the_head_equals_the_in_memory_edit(tiny_bundle, tmp_path):
-    """device_runner/onnx_stream.py `rewrite_streaming` (used for the features graph and the
+    """device_runner/onnx_io/stream.py `rewrite_streaming` (used for the features graph and the
     selected head, so that head.onnx is never held in memory) writes the model that onnx.load,
     editing the proto and onnx.save would: same nodes in order, same initializers, new outputs."""
     from onnx import helper, numpy_helper
 
-    from device_runner.onnx_stream import read_graph_skeleton, rewrite_streaming
+    from device_runner.onnx_io.stream import read_graph_skeleton, rewrite_streaming
 
     head = tiny_bundle / mf.HEAD_MODEL
     m = mf.read_manifest(tiny_bundle)

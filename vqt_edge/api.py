@@ -1,6 +1,6 @@
 """The Python API: export, train, evaluate, predict and load an adapter from a script or notebook.
 
-The CLI (`vqt_edge/cli.py`) is a thin layer of option parsing over these functions. Like the CLI,
+The CLI (`vqt_edge/cli/__init__.py`) is a thin layer of option parsing over these functions. Like the CLI,
 this module is a front end: it is the one place besides the CLI that reaches into `exporters/`
 (torch, for export only) and `device_runner/` (onnxruntime). Heavy imports happen inside the
 functions, so `import vqt_edge.api` costs nothing.
@@ -22,28 +22,21 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
+from vqt_edge.config import TrainConfig
 from vqt_edge.errors import UserError
 
 if TYPE_CHECKING:  # the real imports happen in the functions
     from device_runner.adapter import AdapterModel
-    from device_runner.trainer import TrainConfig
     from vqt_edge.manifest import Manifest
     from vqt_edge.progress import OnProgress
+
+__all__ = ["TrainConfig", "export", "train", "evaluate", "predict", "predictions", "load_adapter"]
 
 log = logging.getLogger("vqt_edge")
 Progress = Callable[[str], None]
 PathLike = str | os.PathLike[str]
-
-
-def __getattr__(name: str):
-    """`api.TrainConfig` without importing the trainer (and onnxruntime's helpers) up front."""
-    if name == "TrainConfig":
-        from device_runner.trainer import TrainConfig
-
-        return TrainConfig
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def parse_query_layers(text: str, depth: int) -> list[int]:
@@ -111,7 +104,7 @@ def export(
 
 
 def train(
-    bundle: PathLike | None, data: PathLike | None, run: PathLike, config: "TrainConfig | None" = None, *,
+    bundle: PathLike | None, data: PathLike | None, run: PathLike, config: TrainConfig | None = None, *,
     val: PathLike | None = None, test: PathLike | None = None, resume: bool = False,
     progress: Progress | None = None, on_progress: "OnProgress | None" = None, process_wide: bool = False,
 ) -> dict:
@@ -122,7 +115,8 @@ def train(
     every epoch (default: DEBUG records of the same logger). Nothing is drawn on the terminal.
 
     `config` holds `vqt-edge train`'s options (TrainConfig; its default kv="auto" lets the planner
-    choose where K/V live, against memory_budget_mb or else the memory available). With `test`, the test set is evaluated in this process at the end and its
+    choose where K/V live, against memory_budget_mb or else the memory available); it is not changed
+    (the plan goes into the summary). With `test`, the test set is evaluated in this process at the end and its
     accuracy recorded in the summary, as the CLI's --test does. Raises UserError on bad input,
     trainer.Interrupted when stopped by a signal (`process_wide` only), trainer.BudgetExceeded when
     the measured peak broke the memory budget (the summary is written first).
@@ -130,7 +124,7 @@ def train(
     memory budget) and turn SIGINT/SIGTERM into checkpoint-and-stop during this call.
     """
     from device_runner.evaluate import FinishedRun, evaluate as run_evaluate
-    from device_runner.trainer import TrainConfig, enforce_budget, train as run_training
+    from device_runner.trainer import enforce_budget, train as run_training
     from vqt_edge.run_folder import RunFolder
 
     cfg = config if config is not None else TrainConfig()
@@ -160,9 +154,14 @@ def evaluate(run: PathLike, data: PathLike, batch_size: int = 32, device: str = 
 def predict(run: PathLike, images: Sequence[PathLike], batch_size: int = 32, device: str = "cpu") -> list[dict]:
     """One {path, label, logits} per image through the run's model.onnx; an unreadable image gives
     {path, error} instead (the CLI prints those as warnings and exits 2)."""
+    return list(predictions(run, images, batch_size, device))
+
+
+def predictions(run: PathLike, images: Sequence[PathLike], batch_size: int = 32, device: str = "cpu") -> Iterator[dict]:
+    """`predict`, one result at a time as batches finish: memory does not grow with the number of images."""
     from device_runner.evaluate import FinishedRun, predict as run_predict
 
-    return list(run_predict(FinishedRun.open(Path(run), device), [Path(p) for p in images], batch_size))
+    return run_predict(FinishedRun.open(Path(run), device), [Path(p) for p in images], batch_size)
 
 
 def load_adapter(run_or_dir: PathLike, bundle: PathLike | None = None, device: str = "cpu",

@@ -260,10 +260,10 @@ resident for 327.7 MiB]. These hold with lean_malloc (which `eval` and `predict`
 without it the same `eval` at batch 32 peaked at 1982 MiB (`/usr/bin/time -v`), the 2050 MiB
 reported against the old prediction of 1717."""
 FINISH_MB = 4.0
-"""End of the run: model.onnx streamed from frozen.onnx and head.onnx (device_runner/onnx_stream.py)
+"""End of the run: model.onnx streamed from frozen.onnx and head.onnx (device_runner/onnx_io/stream.py)
 with its 1 MiB copy buffer and the learned tensors [+2 MiB for ViT-B/16; the onnx.compose merge it
 replaced peaked at 3.2 GiB]. The adapter itself is counted as 2 * trainable bytes. Finding the head
-weights frozen.onnx already holds (device_runner/onnx_share.py) reads one frozen weight at a time,
+weights frozen.onnx already holds (device_runner/onnx_io/share.py) reads one frozen weight at a time,
 counted as the largest one, `largest_weight_bytes` [+10.1 MiB for ViT-B/16, whose largest is 9 MiB]."""
 MARGIN = 0.08
 """A configuration fits a budget when its predicted peak is at most budget / (1 + MARGIN). The
@@ -321,7 +321,7 @@ class BundleFootprint:
         taps = 4 * n * (3 * a.dim + a.mlp_dim) * a.depth if spec.method == "head2toe" else 0
         frozen, head = _size(bundle / mf.FROZEN), _size(bundle / mf.HEAD_MODEL)
         # model.onnx reads the query path's frozen weights (Wq, Wo, fc1, fc2 per query layer) from
-        # frozen.onnx's initializers (device_runner/onnx_share.py): only fp32 weights match by value.
+        # frozen.onnx's initializers (device_runner/onnx_io/share.py): only fp32 weights match by value.
         shared = 4 * lq * 2 * a.dim * (a.dim + a.mlp_dim) if m.quantize == "none" and spec.method.startswith("vqt") else 0
         step = bundle / mf.STEP_MODEL
         return cls(

@@ -41,8 +41,8 @@ dependencies = []
 publisher = "vqt-edge"
 
 [tool.flwr.app.components]
-serverapp = "vqt_edge.fleet.server:app"
-clientapp = "device_runner.fleet:app"
+serverapp = "vqt_edge.fleet.server_app:app"
+clientapp = "vqt_edge.fleet.client_app:app"
 
 [tool.flwr.app.config]
 settings = ""

@@ -8,7 +8,7 @@ After every round the server writes the aggregated adapter (`rounds/round_R.safe
 on --test if given, and appends one line to `metrics.jsonl` with what each client reported and the
 bytes each one received and sent (the serialized tensors of the message, without gRPC framing).
 With --calibrate-head, after the last round the head is refitted on the clients' feature statistics
-(`_calibrate`, vqt_edge/fleet/calibrate.py) before the run folder is written.
+(`_calibrate`, vqt_edge/calibrate.py) before the run folder is written.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from flwr.serverapp.strategy import FedAvg
 from device_runner import ort
 from device_runner.data import Sample, drop_unreadable, iter_batches, load_dataset
 from device_runner.deploy import build_model, save_adapter
-from device_runner.fleet import ARRAYS, CALIBRATE, CLASS_COUNTS, CONFIG, HEAD_ROWS, METRICS_KEY, NUM_EXAMPLES
+from vqt_edge.fleet.client_app import ARRAYS, CALIBRATE, CLASS_COUNTS, CONFIG, HEAD_ROWS, METRICS_KEY, NUM_EXAMPLES
 from vqt_edge import adapter_config
 from vqt_edge import manifest as mf
-from vqt_edge.fleet.calibrate import calibrate_head
+from vqt_edge.calibrate import calibrate_head
 from vqt_edge.manifest import Manifest
 from vqt_edge.memory import peak_rss_mb
 from vqt_edge.run_folder import MODEL, RunFolder
@@ -56,10 +56,10 @@ class FleetSettings:
     seed: int = 0
     test: str | None = None
     round_timeout: float = 3600.0
-    logit_adjust: float = 0.0  # device_runner/fleet.py LocalRule: how each client trains under label skew
+    logit_adjust: float = 0.0  # vqt_edge/fleet/client_app.py LocalRule: how each client trains under label skew
     proximal_mu: float = 0.0
     class_weighted_head: bool = False  # average head row c by each client's images of class c (class_weighted_rows)
-    calibrate_head: str | None = None  # "diagonal" | "full": CCVR after the last round (vqt_edge/fleet/calibrate.py)
+    calibrate_head: str | None = None  # "diagonal" | "full": CCVR after the last round (vqt_edge/calibrate.py)
     extra: dict = field(default_factory=dict)  # recorded in summary.json as given (e.g. the split)
 
     def round_config(self, bundle_sha256: str) -> ConfigRecord:
@@ -212,7 +212,7 @@ def run_fleet(grid: Grid, settings: FleetSettings) -> dict:
 def _calibrate(grid: Grid, settings: FleetSettings, tensors: dict[str, np.ndarray],
                bundle_sha256: str) -> tuple[dict[str, np.ndarray], dict]:
     """One query message to every client with the final tensors; their per-class feature statistics
-    back; the head refitted on virtual features (vqt_edge/fleet/calibrate.py)."""
+    back; the head refitted on virtual features (vqt_edge/calibrate.py)."""
     t0 = time.perf_counter()
     content = RecordDict({ARRAYS: ArrayRecord({k: Array(v) for k, v in tensors.items()}),
                           CONFIG: settings.round_config(bundle_sha256)})

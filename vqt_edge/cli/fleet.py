@@ -18,8 +18,9 @@ from pathlib import Path
 
 import click
 
+from vqt_edge.cli.options import config_options, parse_list
+from vqt_edge.config import TrainConfig
 from vqt_edge.errors import UserError
-from vqt_edge.spec import BACKENDS
 
 FLEET_DIR = "fleet"  # inside the run folder: settings, logs, Flower's state, the simulated clients
 POLL_SECONDS = 0.5
@@ -36,12 +37,10 @@ def _common(command):
         click.option("--rounds", type=int, default=10, show_default=True, help="Federated rounds."),
         click.option("--local-epochs", type=int, default=1, show_default=True, help="Epochs each client trains per round."),
         click.option("--test", type=click.Path(path_type=Path), help="Test images: the server reports accuracy after every round."),
-        click.option("--batch-size", type=int, default=32, show_default=True),
-        click.option("--lr", type=float, default=1e-2, show_default=True,
-                     help="Peak learning rate (AdamW; warm-up then cosine over rounds x local epochs)."),
-        click.option("--weight-decay", type=float, default=1e-4, show_default=True),
-        click.option("--warmup-epochs", type=float, help="Warm-up, in epochs of rounds x local epochs [default: 10%]."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seeds the split, data order and dropout."),
+        config_options(TrainConfig, ["batch_size", "lr", "weight_decay", "warmup_epochs", "seed"],
+                       lr={"help": "Peak learning rate (AdamW; warm-up then cosine over rounds x local epochs)."},
+                       warmup_epochs={"help": "Warm-up, in epochs of rounds x local epochs [default: 10%]."},
+                       seed={"help": "Seeds the split, data order and dropout."}),
         click.option("--round-timeout", type=float, default=3600, show_default=True, help="Seconds to wait for the clients of a round."),
         click.option("--logit-adjust", type=float, default=0.0, show_default=True,
                      help="Each client trains with tau * log(its class prior) added to the head's bias, removed before "
@@ -64,13 +63,13 @@ def _common(command):
 def _client_options(command):
     """What each device decides for itself (passed to its SuperNode as node config)."""
     options = [
-        click.option("--threads", type=int, help="Threads per client [default: all cores]."),
+        config_options(TrainConfig, ["threads"], threads={"help": "Threads per client [default: all cores]."}),
         click.option("--kv", type=click.Choice(["disk", "ram", "stream"]), default="disk", show_default=True,
                      help="K/V of the frozen backbone: disk caches them once for all rounds (each round is a new process)."),
-        click.option("--memory-budget", help="Peak memory each client's training must stay within, e.g. 600MB."),
-        click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default="auto", show_default=True,
-                     help="Each client's training step, as `train --backend`; auto also picks portable when "
-                     "--proximal-mu needs it."),
+        config_options(TrainConfig, ["memory_budget_mb", "backend"],
+                       memory_budget_mb={"help": "Peak memory each client's training must stay within, e.g. 600MB."},
+                       backend={"help": "Each client's training step, as `train --backend`; auto also picks portable "
+                                        "when --proximal-mu needs it."}),
     ]
     for option in reversed(options):
         command = option(command)
@@ -92,7 +91,7 @@ def _node_values(threads: int | None, kv: str, memory_budget: str | None, backen
 
 def _settings(bundle: Path, run_dir: Path, clients: int, classes: list[str], **kw):
     from vqt_edge import manifest as mf
-    from vqt_edge.fleet.server import FleetSettings
+    from vqt_edge.fleet.server_app import FleetSettings
 
     manifest = mf.read_manifest(bundle, verify=True)
     if manifest.class_names is not None and manifest.class_names != classes:
@@ -115,7 +114,7 @@ def _settings(bundle: Path, run_dir: Path, clients: int, classes: list[str], **k
 
 
 def _write_settings(run_dir: Path, settings) -> Path:
-    from vqt_edge.fleet.server import SETTINGS
+    from vqt_edge.fleet.server_app import SETTINGS
 
     (run_dir / FLEET_DIR).mkdir(parents=True, exist_ok=True)
     path = run_dir / SETTINGS
@@ -217,18 +216,18 @@ def fleet() -> None:
 @click.option("--timeout", type=float, help="Give up (and stop every process) after this many seconds.")
 @_client_options
 def simulate(bundle, run_dir, rounds, local_epochs, test, batch_size, lr, weight_decay, warmup_epochs, seed, round_timeout,
-             logit_adjust, proximal_mu, class_weighted_head, calibrate_head, data, clients, split_text, timeout, threads, kv, memory_budget,
-             backend) -> None:
+             logit_adjust, proximal_mu, class_weighted_head, calibrate_head, data, clients, split_text, timeout, threads, kv,
+             memory_budget_mb, backend) -> None:
     """Simulate a fleet on this machine: every client a real Flower SuperNode process with its own shard."""
     import numpy as np
 
     from device_runner.data import load_dataset
     from vqt_edge.fleet.launch import Federation
-    from vqt_edge.fleet.split import assign, parse_split
+    from vqt_edge.split import assign, parse_split
 
     _stop_on_sigterm()
     split = parse_split(split_text)
-    node = _node_values(threads, kv, memory_budget, backend)
+    node = _node_values(threads, kv, memory_budget_mb, backend)
     if proximal_mu and backend == "ort-training":
         raise UserError("--proximal-mu needs the portable backend: onnxruntime-training's optimizer cannot take it")
     dataset = load_dataset(data)
@@ -271,7 +270,7 @@ def server(bundle, run_dir, rounds, local_epochs, test, batch_size, lr, weight_d
     from vqt_edge.fleet.launch import Federation
 
     _stop_on_sigterm()
-    classes = [c.strip() for c in class_list.split(",")] if class_list else mf.read_manifest(bundle, verify=False).class_names
+    classes = parse_list(class_list, str, "--classes") if class_list else mf.read_manifest(bundle, verify=False).class_names
     if classes is None and test is not None:
         from device_runner.data import load_dataset
 
@@ -296,7 +295,7 @@ def server(bundle, run_dir, rounds, local_epochs, test, batch_size, lr, weight_d
 @click.option("--state", type=click.Path(path_type=Path), required=True,
               help="Folder this client keeps between rounds: K/V cache, checkpoint, the tensors it sent.")
 @_client_options
-def client(superlink, bundle, data, state, threads, kv, memory_budget, backend) -> None:
+def client(superlink, bundle, data, state, threads, kv, memory_budget_mb, backend) -> None:
     """Join a fleet as one device: a Flower SuperNode that trains on --data each round (until Ctrl-C)."""
     from device_runner.data import load_dataset
     from vqt_edge import manifest as mf
@@ -310,7 +309,7 @@ def client(superlink, bundle, data, state, threads, kv, memory_budget, backend) 
         raise UserError(f"data path {data} does not exist")
     state.mkdir(parents=True, exist_ok=True)
     node = {"bundle": str(bundle.resolve()), "data": str(data.resolve()), "state": str(state.resolve()),
-            **_node_values(threads, kv, memory_budget, backend)}
+            **_node_values(threads, kv, memory_budget_mb, backend)}
     with Federation(state / "flower") as fed:
         proc = fed.supernode(superlink, node, "supernode")
         click.echo(f"connected to {superlink} as a fleet client; logs in {state / 'flower' / 'logs'}; Ctrl-C to leave")

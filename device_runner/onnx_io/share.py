@@ -37,7 +37,7 @@ from typing import BinaryIO, Callable, Iterable
 import numpy as np
 import onnx
 
-from device_runner.onnx_stream import _GRAPH_INIT, _fields, _graph_span, _read
+from device_runner.onnx_io.wire import CHUNK, GRAPH_INIT, fields, graph_span, read
 
 _TENSOR_DIMS, _TENSOR_TYPE, _TENSOR_NAME, _TENSOR_RAW, _TENSOR_LOCATION = 1, 2, 8, 9, 14
 MIN_PIECE_BYTES = 4096
@@ -76,29 +76,28 @@ class _Header:
 def _header(f: BinaryIO, start: int, end: int) -> _Header:
     """A TensorProto's name, shape and type, and where its raw bytes are, without reading them."""
     meta, raw = bytearray(), None
-    for field, s, b, e in _fields(f, start, end):
+    for field, s, b, e in fields(f, start, end):
         if field == _TENSOR_RAW:
             raw = (b, e)
         elif field in (_TENSOR_DIMS, _TENSOR_TYPE, _TENSOR_NAME, _TENSOR_LOCATION):
-            meta += _read(f, s, e)
+            meta += read(f, s, e)
     t = onnx.TensorProto.FromString(bytes(meta))
     external = t.data_location == onnx.TensorProto.EXTERNAL
     return _Header(t.name, tuple(t.dims), t.data_type, None if external else raw)
 
 
 def _initializers(f: BinaryIO, size: int) -> list[_Header]:
-    g0, g1 = _graph_span(f, size)
-    return [_header(f, b, e) for field, _, b, e in _fields(f, g0, g1) if field == _GRAPH_INIT]
+    g0, g1 = graph_span(f, size)
+    return [_header(f, b, e) for field, _, b, e in fields(f, g0, g1) if field == GRAPH_INIT]
 
 
-_CHUNK = 1 << 20
 
 
 def _digest_file(f: BinaryIO, start: int, end: int) -> bytes:
     """Digest of the file's bytes [start, end), read 1 MiB at a time."""
     h = hashlib.blake2b(digest_size=16)
-    for pos in range(start, end, _CHUNK):
-        h.update(_read(f, pos, min(pos + _CHUNK, end)))
+    for pos in range(start, end, CHUNK):
+        h.update(read(f, pos, min(pos + CHUNK, end)))
     return h.digest()
 
 
@@ -106,7 +105,7 @@ def _digest_array(a: np.ndarray) -> bytes:
     """Digest of `a`'s C-order bytes (as `_digest_file` of the same numbers), copying at most about
     1 MiB of a strided view at a time."""
     h = hashlib.blake2b(digest_size=16)
-    rows = max(1, _CHUNK // max(1, a[0].nbytes)) if a.ndim > 1 else len(a)
+    rows = max(1, CHUNK // max(1, a[0].nbytes)) if a.ndim > 1 else len(a)
     for i in range(0, len(a), rows):
         h.update(np.ascontiguousarray(a[i : i + rows]).data)
     return h.digest()
@@ -156,7 +155,7 @@ def _match_source(f: BinaryIO, src: _Header, in_head: bool, wanted: dict, widths
     shapes = [src.shape] + ([src.shape[::-1]] if len(src.shape) == 2 else [])
     if not any(s[:-1] in widths for s in shapes):
         return  # nothing wanted has this shape: do not read it
-    value = np.frombuffer(_read(f, *src.raw), dtype="<f4").reshape(src.shape)
+    value = np.frombuffer(read(f, *src.raw), dtype="<f4").reshape(src.shape)
     for transpose in (False, True)[: len(shapes)]:
         view = value.T if transpose else value
         for width in sorted(widths.get(view.shape[:-1], ())):

@@ -17,7 +17,7 @@ The result is the graph `compose.merge_models(frozen, add_prefix(head), io_map, 
 builds (tests/test_memory.py compares the two), without value_info of the head (optional shape hints).
 Head initializers other than the learned ones are copied through renamed without being parsed, so
 the largest allocation is one learned tensor or one node (ViT-B/16: +2 MiB, measured). Or they are
-not copied at all: those that `shared` names (device_runner/onnx_share.py: the query path's weights,
+not copied at all: those that `shared` names (device_runner/onnx_io/share.py: the query path's weights,
 equal to frozen.onnx's) are read from the initializers they equal, by rewritten nodes.
 """
 
@@ -25,109 +25,20 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Iterator
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from device_runner.onnx_io.wire import (
+    GRAPH_DOC, GRAPH_INIT, GRAPH_INPUT, GRAPH_NAME, GRAPH_NODE, GRAPH_OUTPUT, GRAPH_VALUE_INFO, MODEL_DOC,
+    MODEL_GRAPH, MODEL_OPSET, copy_range, fields, graph_span, key, opsets, read, read_varint,
+)
 from vqt_edge.errors import UserError
 
 if TYPE_CHECKING:
-    from device_runner.onnx_share import Sharing
-
-# Field numbers (onnx.proto3).
-_MODEL_GRAPH, _MODEL_DOC, _MODEL_OPSET = 7, 6, 8
-_GRAPH_NODE, _GRAPH_NAME, _GRAPH_INIT, _GRAPH_DOC, _GRAPH_INPUT, _GRAPH_OUTPUT, _GRAPH_VALUE_INFO = 1, 2, 5, 10, 11, 12, 13
-_CHUNK = 1 << 20
-
-
-def _read_varint(f: BinaryIO) -> int:
-    shift = result = 0
-    while True:
-        b = f.read(1)
-        if not b:
-            raise ValueError("truncated protobuf varint")
-        result |= (b[0] & 0x7F) << shift
-        if b[0] < 0x80:
-            return result
-        shift += 7
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def _key(field: int, payload_len: int) -> bytes:
-    """Header of a length-delimited field."""
-    return _varint(field << 3 | 2) + _varint(payload_len)
-
-
-def _fields(f: BinaryIO, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
-    """(field number, field start, payload start, field end) of each field in [start, end)."""
-    pos = start
-    while pos < end:
-        f.seek(pos)
-        tag = _read_varint(f)
-        field, wire = tag >> 3, tag & 7
-        if wire == 2:
-            length = _read_varint(f)
-            body = f.tell()
-            stop = body + length
-        elif wire == 0:
-            _read_varint(f)
-            body = stop = f.tell()
-        elif wire == 1:
-            body, stop = f.tell(), f.tell() + 8
-        elif wire == 5:
-            body, stop = f.tell(), f.tell() + 4
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        if stop > end:
-            raise ValueError("protobuf field runs past its message")
-        yield field, pos, body, stop
-        pos = stop
-
-
-def _copy(src: BinaryIO, start: int, end: int, dst: BinaryIO) -> None:
-    src.seek(start)
-    left = end - start
-    while left:
-        block = src.read(min(_CHUNK, left))
-        if not block:
-            raise ValueError("unexpected end of file")
-        dst.write(block)
-        left -= len(block)
-
-
-def _read(f: BinaryIO, start: int, end: int) -> bytes:
-    f.seek(start)
-    return f.read(end - start)
-
-
-def _graph_span(f: BinaryIO, size: int) -> tuple[int, int]:
-    spans = [(body, stop) for field, _, body, stop in _fields(f, 0, size) if field == _MODEL_GRAPH]
-    if len(spans) != 1:
-        raise ValueError(f"expected one graph, found {len(spans)}")
-    return spans[0]
-
-
-def _opsets(f: BinaryIO, size: int) -> dict[str, int]:
-    out = {}
-    for field, _, body, stop in _fields(f, 0, size):
-        if field == _MODEL_OPSET:
-            op = onnx.OperatorSetIdProto.FromString(_read(f, body, stop))
-            out[op.domain] = op.version
-    return out
-
+    from device_runner.onnx_io.share import Sharing
 
 def _check_no_subgraphs(node: onnx.NodeProto) -> None:
     for attr in node.attribute:
@@ -142,30 +53,30 @@ def merge_streaming(
     """Write `out` = frozen -> head: every head input is wired to the frozen output of the same
     name, every other head name gets `prefix`, head initializers named in `replace` get those
     values, and the graph's only output is the head's `output` (kept unprefixed). Head
-    initializers that `shared` names (device_runner/onnx_share.py) are not copied: the nodes that
+    initializers that `shared` names (device_runner/onnx_io/share.py) are not copied: the nodes that
     read them are rewritten to read the initializers they equal."""
     frozen, head, out = Path(frozen), Path(head), Path(out)
     fsize, hsize = frozen.stat().st_size, head.stat().st_size
     tmp_head = out.with_name(out.name + ".head.tmp")
     try:
         with open(frozen, "rb") as fz, open(head, "rb") as hd:
-            g0, g1 = _graph_span(fz, fsize)
+            g0, g1 = graph_span(fz, fsize)
             frozen_outputs = {
-                onnx.ValueInfoProto.FromString(_read(fz, b, e)).name
-                for field, _, b, e in _fields(fz, g0, g1) if field == _GRAPH_OUTPUT
+                onnx.ValueInfoProto.FromString(read(fz, b, e)).name
+                for field, _, b, e in fields(fz, g0, g1) if field == GRAPH_OUTPUT
             }
-            h0, h1 = _graph_span(hd, hsize)
+            h0, h1 = graph_span(hd, hsize)
             head_inputs, out_info = set(), None
-            for field, _, b, e in _fields(hd, h0, h1):
-                if field == _GRAPH_INPUT:
-                    head_inputs.add(onnx.ValueInfoProto.FromString(_read(hd, b, e)).name)
-                elif field == _GRAPH_OUTPUT:
-                    info = onnx.ValueInfoProto.FromString(_read(hd, b, e))
+            for field, _, b, e in fields(hd, h0, h1):
+                if field == GRAPH_INPUT:
+                    head_inputs.add(onnx.ValueInfoProto.FromString(read(hd, b, e)).name)
+                elif field == GRAPH_OUTPUT:
+                    info = onnx.ValueInfoProto.FromString(read(hd, b, e))
                     if info.name == output:
                         out_info = info
             head_inits = set()
-            for field, _, b, e in _fields(hd, h0, h1):
-                if field == _GRAPH_INIT:
+            for field, _, b, e in fields(hd, h0, h1):
+                if field == GRAPH_INIT:
                     head_inits.add(_tensor_name(hd, b, e))
             wired = head_inputs - head_inits  # older exporters list initializers as inputs too
             if not wired <= frozen_outputs:
@@ -175,7 +86,7 @@ def merge_streaming(
             missing = (set(replace) | set(shared.tensors if shared else ())) - head_inits
             if missing:
                 raise ValueError(f"{head.name} has no initializers {sorted(missing)}")
-            fz_ops, hd_ops = _opsets(fz, fsize), _opsets(hd, hsize)
+            fz_ops, hd_ops = opsets(fz, fsize), opsets(hd, hsize)
             clash = {d for d in hd_ops if d in fz_ops and hd_ops[d] != fz_ops[d]}
             if clash:
                 raise ValueError(f"opset versions differ between the graphs for domains {sorted(clash)}")
@@ -190,62 +101,62 @@ def merge_streaming(
                 if shared:
                     if fz_ops.get("", 0) < 13 or hd_ops.get("", 0) < 13:
                         raise ValueError("sharing weights needs opset 13 or later (Split/Slice/Unsqueeze with tensor inputs)")
-                    nodes = (onnx.NodeProto.FromString(_read(hd, b, e)) for f, _, b, e in _fields(hd, h0, h1) if f == _GRAPH_NODE)
+                    nodes = (onnx.NodeProto.FromString(read(hd, b, e)) for f, _, b, e in fields(hd, h0, h1) if f == GRAPH_NODE)
                     for node in shared.rebuild_nodes(nodes, rename):  # first: their inputs are initializers
-                        _write(th, _GRAPH_NODE, node)
-                for field, _, b, e in _fields(hd, h0, h1):
-                    if field == _GRAPH_NODE:
-                        node = onnx.NodeProto.FromString(_read(hd, b, e))
+                        _write(th, GRAPH_NODE, node)
+                for field, _, b, e in fields(hd, h0, h1):
+                    if field == GRAPH_NODE:
+                        node = onnx.NodeProto.FromString(read(hd, b, e))
                         _check_no_subgraphs(node)
                         if shared and shared.reads_layers(node):
                             for part in shared.per_layer(node, rename):
-                                _write(th, _GRAPH_NODE, part)
+                                _write(th, GRAPH_NODE, part)
                             continue
                         if node.name:
                             node.name = prefix + node.name
                         node.input[:] = [rename(n) for n in node.input]
                         node.output[:] = [rename(n) for n in node.output]
                         data = node.SerializeToString()
-                    elif field == _GRAPH_INIT:
+                    elif field == GRAPH_INIT:
                         name = _tensor_name(hd, b, e)
                         if shared and name in shared.tensors:  # read from its sources instead
                             continue
                         if name not in replace:  # copied through, renamed, never held whole
                             _copy_renamed_tensor(hd, b, e, rename(name), th)
                             continue
-                        data = _replacement(_read(hd, b, e), replace[name], rename(name), same_shape=True)
-                    elif field in (_GRAPH_INPUT, _GRAPH_OUTPUT, _GRAPH_VALUE_INFO, _GRAPH_NAME, _GRAPH_DOC):
+                        data = _replacement(read(hd, b, e), replace[name], rename(name), same_shape=True)
+                    elif field in (GRAPH_INPUT, GRAPH_OUTPUT, GRAPH_VALUE_INFO, GRAPH_NAME, GRAPH_DOC):
                         continue
                     else:
                         raise ValueError(f"head graph field {field} is not supported by the streaming merge")
-                    th.write(_key(field, len(data)) + data)
+                    th.write(key(field, len(data)) + data)
                 for tensor in shared.constants() if shared else ():
-                    _write(th, _GRAPH_INIT, tensor)
+                    _write(th, GRAPH_INIT, tensor)
                 info = onnx.ValueInfoProto()
                 info.CopyFrom(out_info)
                 data = info.SerializeToString()
-                th.write(_key(_GRAPH_OUTPUT, len(data)) + data)
+                th.write(key(GRAPH_OUTPUT, len(data)) + data)
             head_len = tmp_head.stat().st_size
 
-            kept = [(s, e) for field, s, _, e in _fields(fz, g0, g1) if field != _GRAPH_OUTPUT]
+            kept = [(s, e) for field, s, _, e in fields(fz, g0, g1) if field != GRAPH_OUTPUT]
             with open(out, "wb") as o:
-                for field, s, _, e in _fields(fz, 0, fsize):
-                    if field != _MODEL_GRAPH:
-                        _copy(fz, s, e, o)
+                for field, s, _, e in fields(fz, 0, fsize):
+                    if field != MODEL_GRAPH:
+                        copy_range(fz, s, e, o)
                         continue
-                    o.write(_key(_MODEL_GRAPH, sum(e2 - s2 for s2, e2 in kept)))
+                    o.write(key(MODEL_GRAPH, sum(e2 - s2 for s2, e2 in kept)))
                     for s2, e2 in kept:
-                        _copy(fz, s2, e2, o)
-                o.write(_key(_MODEL_GRAPH, head_len))
+                        copy_range(fz, s2, e2, o)
+                o.write(key(MODEL_GRAPH, head_len))
                 with open(tmp_head, "rb") as th:
-                    _copy(th, 0, head_len, o)
+                    copy_range(th, 0, head_len, o)
                 for domain, version in hd_ops.items():
                     if domain not in fz_ops:
                         data = onnx.helper.make_opsetid(domain, version).SerializeToString()
-                        o.write(_key(_MODEL_OPSET, len(data)) + data)
+                        o.write(key(MODEL_OPSET, len(data)) + data)
                 if doc_string is not None:
                     data = doc_string.encode()
-                    o.write(_key(_MODEL_DOC, len(data)) + data)  # a scalar field seen twice: the last one wins
+                    o.write(key(MODEL_DOC, len(data)) + data)  # a scalar field seen twice: the last one wins
     except ValueError as e:
         raise UserError(f"cannot merge {frozen} and {head} into {out}: {e}") from None
     finally:
@@ -266,7 +177,7 @@ def _replacement(serialized: bytes, value: np.ndarray, name: str, same_shape: bo
 
 def _write(dst: BinaryIO, field: int, message) -> None:
     data = message.SerializeToString()
-    dst.write(_key(field, len(data)) + data)
+    dst.write(key(field, len(data)) + data)
 
 
 def _copy_renamed_tensor(src: BinaryIO, start: int, end: int, name: str, dst: BinaryIO) -> None:
@@ -274,26 +185,26 @@ def _copy_renamed_tensor(src: BinaryIO, start: int, end: int, name: str, dst: Bi
     other fields (dims, type, raw data, ...) are copied through in chunks, so a stacked weight of
     100+ MiB costs no memory. Tensors stored outside the file are refused."""
     keep, size = [], 0
-    for field, s, b, e in _fields(src, start, end):
+    for field, s, b, e in fields(src, start, end):
         if field == 14:  # data_location
             src.seek(b)
-            if _read_varint(src) == onnx.TensorProto.EXTERNAL:
+            if read_varint(src) == onnx.TensorProto.EXTERNAL:
                 raise ValueError("head graph with external data is not supported")
         if field != 8:  # everything but the name
             keep.append((s, e))
             size += e - s
     encoded = name.encode()
-    name_field = _key(8, len(encoded)) + encoded
-    dst.write(_key(_GRAPH_INIT, size + len(name_field)) + name_field)
+    name_field = key(8, len(encoded)) + encoded
+    dst.write(key(GRAPH_INIT, size + len(name_field)) + name_field)
     for s, e in keep:
-        _copy(src, s, e, dst)
+        copy_range(src, s, e, dst)
 
 
 def _tensor_name(f: BinaryIO, start: int, end: int) -> str:
     """The name (field 8) of a serialized TensorProto, without reading its data."""
-    for field, _, b, e in _fields(f, start, end):
+    for field, _, b, e in fields(f, start, end):
         if field == 8:
-            return _read(f, b, e).decode()
+            return read(f, b, e).decode()
     return ""
 
 
@@ -311,40 +222,40 @@ def rewrite_streaming(
     size = Path(src).stat().st_size
     try:
         with open(src, "rb") as f:
-            g0, g1 = _graph_span(f, size)
+            g0, g1 = graph_span(f, size)
             pieces: list[tuple[int, int] | bytes] = []
             nodes, found = [], set()
-            for field, s, b, e in _fields(f, g0, g1):
-                if field == _GRAPH_NODE:
-                    node = onnx.NodeProto.FromString(_read(f, b, e))
+            for field, s, b, e in fields(f, g0, g1):
+                if field == GRAPH_NODE:
+                    node = onnx.NodeProto.FromString(read(f, b, e))
                     _check_no_subgraphs(node)
                     nodes.append(node)
-                elif field == _GRAPH_INIT and (name := _tensor_name(f, b, e)) in replace:
+                elif field == GRAPH_INIT and (name := _tensor_name(f, b, e)) in replace:
                     found.add(name)
-                    data = _replacement(_read(f, b, e), replace[name], name, same_shape=False)
-                    pieces.append(_key(_GRAPH_INIT, len(data)) + data)
-                elif field == _GRAPH_OUTPUT and outputs is not None:
+                    data = _replacement(read(f, b, e), replace[name], name, same_shape=False)
+                    pieces.append(key(GRAPH_INIT, len(data)) + data)
+                elif field == GRAPH_OUTPUT and outputs is not None:
                     continue
                 else:
                     pieces.append((s, e))
             if set(replace) - found:
                 raise ValueError(f"no initializers {sorted(set(replace) - found)}")
-            for message, field in ([(n, _GRAPH_NODE) for n in (edit_nodes(nodes) if edit_nodes else nodes)]
-                                   + [(t, _GRAPH_INIT) for t in add] + [(o, _GRAPH_OUTPUT) for o in outputs or ()]):
+            for message, field in ([(n, GRAPH_NODE) for n in (edit_nodes(nodes) if edit_nodes else nodes)]
+                                   + [(t, GRAPH_INIT) for t in add] + [(o, GRAPH_OUTPUT) for o in outputs or ()]):
                 data = message.SerializeToString()
-                pieces.append(_key(field, len(data)) + data)
+                pieces.append(key(field, len(data)) + data)
             length = sum(len(p) if isinstance(p, bytes) else p[1] - p[0] for p in pieces)
             with open(out, "wb") as o:
-                for field, s, _, e in _fields(f, 0, size):
-                    if field != _MODEL_GRAPH:
-                        _copy(f, s, e, o)
+                for field, s, _, e in fields(f, 0, size):
+                    if field != MODEL_GRAPH:
+                        copy_range(f, s, e, o)
                         continue
-                    o.write(_key(_MODEL_GRAPH, length))
+                    o.write(key(MODEL_GRAPH, length))
                     for p in pieces:
                         if isinstance(p, bytes):
                             o.write(p)
                         else:
-                            _copy(f, p[0], p[1], o)
+                            copy_range(f, p[0], p[1], o)
     except ValueError as e:
         raise UserError(f"cannot rewrite {src} into {out}: {e}") from None
 
@@ -354,10 +265,10 @@ def read_graph_skeleton(path: Path) -> tuple[list[onnx.NodeProto], list[str]]:
     size = Path(path).stat().st_size
     nodes, inputs = [], []
     with open(path, "rb") as f:
-        g0, g1 = _graph_span(f, size)
-        for field, _, b, e in _fields(f, g0, g1):
-            if field == _GRAPH_NODE:
-                nodes.append(onnx.NodeProto.FromString(_read(f, b, e)))
-            elif field == _GRAPH_INPUT:
-                inputs.append(onnx.ValueInfoProto.FromString(_read(f, b, e)).name)
+        g0, g1 = graph_span(f, size)
+        for field, _, b, e in fields(f, g0, g1):
+            if field == GRAPH_NODE:
+                nodes.append(onnx.NodeProto.FromString(read(f, b, e)))
+            elif field == GRAPH_INPUT:
+                inputs.append(onnx.ValueInfoProto.FromString(read(f, b, e)).name)
     return nodes, inputs

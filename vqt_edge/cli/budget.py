@@ -1,6 +1,6 @@
 """`vqt-edge plan` (what fits a memory budget) and `vqt-edge sweep` (memory/accuracy over methods and k).
 
-Registered on the main CLI by vqt_edge/cli.py. Neither command imports torch: `plan` runs on the
+Registered on the main CLI by vqt_edge/cli/__init__.py. Neither command imports torch: `plan` runs on the
 device, and `sweep` runs every export and every training run in its own process.
 """
 
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import click
 
-from vqt_edge.cli_options import arch_size_options
+from vqt_edge.cli.options import arch_size_options, config_options, device_command, parse_list
+from vqt_edge.config import TrainConfig
 from vqt_edge.errors import UserError
-from vqt_edge.spec import BACKENDS, KV_MODES
 
 
 def _count_images(data: Path) -> int:
@@ -27,23 +27,22 @@ def _count_images(data: Path) -> int:
 @click.option("--memory-budget", required=True, help="Peak memory the training run must stay within, e.g. 600MB or 1.5GB.")
 @click.option("--images", type=int, help="Training + validation images [default: counted in --data, else 1000].")
 @click.option("--data", type=click.Path(path_type=Path), help="Count the images of this data set (same layouts as train --data).")
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--kv", type=click.Choice(KV_MODES), help="Keep this K/V mode (default: the planner chooses).")
-@click.option("--micro-batch", type=int, help="Keep this micro-batch (default: the planner chooses).")
+@config_options(TrainConfig, ["batch_size", "kv", "micro_batch", "backend"],
+                kv={"help": "Keep this K/V mode (default: the planner chooses)."},
+                micro_batch={"help": "Keep this micro-batch (default: the planner chooses)."},
+                backend={"help": "Training backend; auto: the default where a plan of it fits, else the other one "
+                                 "(as train does)."})
 @click.option("--test", "with_test", is_flag=True, help="The run will also evaluate a --test set in the same process.")
-@click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default="auto", show_default=True,
-              help="Training backend; auto: the default where a plan of it fits, else the other one (as train does).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as one JSON object.")
-def plan(bundle, memory_budget, images, data, batch_size, kv, micro_batch, with_test, backend, as_json) -> None:
+@device_command
+def plan(bundle, memory_budget, images, data, batch_size, kv, micro_batch, backend, with_test, as_json) -> None:
     """The configuration `train --memory-budget` would choose, and its predicted peak.
 
     Prefers the default backend, then K/V in RAM over a disk cache over recomputing them every
     step, then the largest micro-batch and frozen-pass batch. Exits 2, naming the smallest budget
     that would fit, when nothing fits.
     """
-    from device_runner import backends, ort
-
-    ort.block_torch()
+    from device_runner import backends
     from vqt_edge import manifest as mf
     from vqt_edge.memory import BundleFootprint, NoPlan, choose, parse_size_mb
 
@@ -83,7 +82,7 @@ def plan(bundle, memory_budget, images, data, batch_size, kv, micro_batch, with_
               help="Comma-separated methods that `vqt-edge export --method` supports.")
 @click.option("--last-k", default="1,2,4,8,12", show_default=True,
               help="Comma-separated k: adapted last layers (vpt, adaptformer, finetune, vqt+*), query layers last:k (vqt).")
-@click.option("--batch-size", type=int, default=32, show_default=True)
+@config_options(TrainConfig, ["batch_size"])
 @click.option("--query-tokens", type=int, default=1, show_default=True, help="T for VQT and VPT.")
 @click.option("--data", type=click.Path(exists=True, path_type=Path), help="Training images (folder per class or list file).")
 @click.option("--test", type=click.Path(exists=True, path_type=Path), help="Test images: the accuracy the plot shows.")
@@ -91,9 +90,9 @@ def plan(bundle, memory_budget, images, data, batch_size, kv, micro_batch, with_
 @click.option("--steps", type=int, help="Memory-only: N training steps on generated random images (no --data).")
 @click.option("--epochs", type=int, default=10, show_default=True, help="Epochs per run (with --data).")
 @click.option("--lr", type=float, help="Learning rate for every run [default: train's].")
-@click.option("--kv", type=click.Choice(KV_MODES),
-              help="Passed to every training run [default: each run chooses from the available memory, as train does].")
-@click.option("--micro-batch", type=int, help="Passed to every training run.")
+@config_options(TrainConfig, ["kv", "micro_batch"],
+                kv={"help": "Passed to every training run [default: each run chooses from the available memory, as train does]."},
+                micro_batch={"help": "Passed to every training run."})
 @click.option("--num-classes", type=int, help="[default: the classes of --data; 2 with --steps].")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for results.csv, results.json, the plot and the runs.")
 @click.option("--keep-bundles", is_flag=True, help="Keep every exported bundle (ViT-B/16: about 0.9 GB each).")
@@ -115,21 +114,11 @@ def sweep(model_name, weights, random_init, methods, last_k, batch_size, query_t
     if (data is None) == (steps is None):
         raise UserError("give --data DIR (accuracy) or --steps N (memory only, random images), not both")
     cfg = SweepConfig(
-        model_name=model_name, weights=weights, random_init=random_init, methods=_split(methods, str, "--methods"),
-        last_k=_split(last_k, int, "--last-k"), batch_size=batch_size, query_tokens=query_tokens, data=data, test=test,
+        model_name=model_name, weights=weights, random_init=random_init, methods=parse_list(methods, str, "--methods"),
+        last_k=parse_list(last_k, int, "--last-k"), batch_size=batch_size, query_tokens=query_tokens, data=data, test=test,
         val_split=val_split, steps=steps, epochs=epochs, lr=lr, kv=kv, micro_batch=micro_batch, num_classes=num_classes,
         out=out, keep_bundles=keep_bundles,
         sizes={k: v for k, v in dict(depth=depth, dim=dim, heads=heads, mlp_dim=mlp_dim, patch=patch,
                                       image_size=image_size).items() if v is not None},
     )
     run_sweep(cfg, click.echo)
-
-
-def _split(text: str, kind, what: str) -> list:
-    try:
-        values = [kind(x.strip()) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"{what}: expected a comma-separated list, got {text!r}") from None
-    if not values:
-        raise UserError(f"{what}: empty")
-    return values

@@ -16,7 +16,7 @@ late) trains the epochs it missed in its next round, since its run continues fro
 
 With --calibrate-head the server sends one more message after the last round, a query: the client
 returns per-class statistics of its head inputs under the final tensors (`feature_stats`; CCVR,
-vqt_edge/fleet/calibrate.py), never the features themselves.
+vqt_edge/calibrate.py), never the features themselves.
 
 Torch-free, like all of device_runner; the Flower import is confined to this module.
 """
@@ -35,20 +35,21 @@ from device_runner.data import drop_unreadable, load_dataset
 from device_runner.deploy import save_adapter
 from device_runner.features import DiskCache, FrozenBackbone, image_sha256
 from device_runner.selection import compute_features, feature_source
-from device_runner.trainer import Trainer, TrainConfig
+from device_runner.trainer import Trainer
+from vqt_edge.config import TrainConfig
 from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
-from vqt_edge.fleet.calibrate import class_stats
+from vqt_edge.calibrate import class_stats
 from vqt_edge.memory import lean_malloc, peak_rss_mb
 from vqt_edge.run_folder import RunFolder
 
-#: Keys of the messages, shared with the ServerApp (vqt_edge/fleet/server.py).
+#: Keys of the messages, shared with the ServerApp (vqt_edge/fleet/server_app.py).
 ARRAYS, CONFIG, METRICS_KEY, NUM_EXAMPLES = "arrays", "config", "metrics", "num-examples"
 CLIENT_RUN, ROUNDS = "run", "rounds"
 HEAD_BIAS = "head.bias"  # the classifier's bias in every method's trainable set (logit adjustment shifts it)
 HEAD_ROWS = ("head.weight", HEAD_BIAS)  # one row per class: what --class-weighted-head averages per class
 CLASS_COUNTS = "class-counts"  # a client's training images per class, sent only when the server asks
-CALIBRATE = "calibrate-head"  # the server's round config: "", "diagonal" or "full" (vqt_edge/fleet/calibrate.py)
+CALIBRATE = "calibrate-head"  # the server's round config: "", "diagonal" or "full" (vqt_edge/calibrate.py)
 FEATURE_BATCH = 64
 
 
@@ -137,9 +138,7 @@ def train_round(state: Path, bundle: Path, data: Path, tensors: dict[str, np.nda
         if rule.proximal_mu:
             backend.proximal = (rule.proximal_mu, get_tensors(trainer))
         if rule.optimizer == "reset":
-            backend.exp_avg = {n: np.zeros_like(p) for n, p in backend.exp_avg.items()}
-            backend.exp_avg_sq = {n: np.zeros_like(p) for n, p in backend.exp_avg_sq.items()}
-            backend.t = 0
+            backend.adam.reset()
 
     with folder.lock():
         trainer = Trainer(bundle, run, cfg, data, None, resume, echo=lambda _: None, classes=classes)
@@ -162,7 +161,7 @@ def train_round(state: Path, bundle: Path, data: Path, tensors: dict[str, np.nda
 def feature_stats(state: Path, bundle: Path, data: Path, tensors: dict[str, np.ndarray], classes: list[str],
                   diagonal: bool, threads: int | None = None) -> dict[str, np.ndarray]:
     """Per-class count, mean and covariance (or variance) of this device's head input features under
-    the server's final `tensors` (CCVR, vqt_edge/fleet/calibrate.py). The frozen outputs come from the
+    the server's final `tensors` (CCVR, vqt_edge/calibrate.py). The frozen outputs come from the
     client run's K/V disk cache, filled in the rounds (any image missing from it is run once now)."""
     manifest = mf.read_manifest(bundle)
     dataset, _ = drop_unreadable(load_dataset(data, classes=classes), manifest.spec.arch.image_size)

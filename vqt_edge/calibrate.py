@@ -9,19 +9,19 @@ Images and features never leave the device; only these statistics do. The server
 one Gaussian per class, draws the same number of virtual features from every class (seeded numpy)
 and refits the linear head on them by softmax regression, starting from the aggregated head.
 
-Torch-free numpy; the client's half (`feature_stats`) lives in device_runner/fleet.py.
+Torch-free numpy; the client's half (`feature_stats`) lives in vqt_edge/fleet/client_app.py.
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
+
+from vqt_edge.optim import AdamW
 
 COUNT, MEAN, COV, VAR = "calib.count", "calib.mean", "calib.cov", "calib.var"  # the statistics' names in a message
 VIRTUAL_PER_CLASS = 2000  # virtual features drawn per class
 STEPS, LR = 300, 1e-2  # full-batch Adam on the virtual features
-BETAS, EPS = (0.9, 0.999), 1e-8
+EPS = 1e-8
 
 
 def class_stats(x: np.ndarray, y: np.ndarray, classes: int, diagonal: bool) -> dict[str, np.ndarray]:
@@ -40,7 +40,7 @@ def class_stats(x: np.ndarray, y: np.ndarray, classes: int, diagonal: bool) -> d
         d = xc - xc.mean(0)
         second[c] = (d * d).mean(0) if diagonal else d.T @ d / len(xc)
     if not diagonal:
-        second = second[:, *np.triu_indices(f)]
+        second = second[(slice(None), *np.triu_indices(f))]  # Python 3.10 has no star in an index
     return {COUNT: count, MEAN: mean, (VAR if diagonal else COV): second}
 
 
@@ -90,22 +90,17 @@ def virtual_features(count: np.ndarray, mean: np.ndarray, cov: np.ndarray, per_c
 def refit_head(x: np.ndarray, y: np.ndarray, weight: np.ndarray, bias: np.ndarray, steps: int = STEPS,
                lr: float = LR) -> tuple[np.ndarray, np.ndarray]:
     """Softmax regression on (x, y) by full-batch Adam, starting from the aggregated head (W [C, F], b [C])."""
-    w, b = weight.astype(np.float64).copy(), bias.astype(np.float64).copy()
+    params = {"w": weight.astype(np.float64), "b": bias.astype(np.float64)}
+    adam = AdamW.zeros_like(params, dtype=np.float64, eps=EPS)
     x64 = x.astype(np.float64)
-    m = [np.zeros_like(w), np.zeros_like(b)]
-    v = [np.zeros_like(w), np.zeros_like(b)]
-    for t in range(1, steps + 1):
-        logits = x64 @ w.T + b
+    for _ in range(steps):
+        logits = x64 @ params["w"].T + params["b"]
         p = np.exp(logits - logits.max(1, keepdims=True))
         p /= p.sum(1, keepdims=True)
         p[np.arange(len(y)), y] -= 1
         p /= len(y)
-        grads = [p.T @ x64, p.sum(0)]
-        step = lr * math.sqrt(1 - BETAS[1] ** t) / (1 - BETAS[0] ** t)
-        for k, (param, g) in enumerate(zip((w, b), grads)):
-            m[k] = BETAS[0] * m[k] + (1 - BETAS[0]) * g
-            v[k] = BETAS[1] * v[k] + (1 - BETAS[1]) * g * g
-            param -= step * m[k] / (np.sqrt(v[k]) + EPS)
+        adam.step(params, {"w": p.T @ x64, "b": p.sum(0)}, lr)
+    w, b = params["w"], params["b"]
     return w.astype(np.float32), b.astype(np.float32)
 
 
