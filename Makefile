@@ -11,11 +11,11 @@ BUNDLES := build/test-bundles
 FMNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test install data clean
+.PHONY: demo test install data clean lint
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[cpu,export,plot,test,fleet]'
+	$(BIN)/pip install -q -e '.[cpu,export,plot,test,fleet,lint]'
 	touch $(STAMP)
 
 $(STOCK_STAMP): pyproject.toml
@@ -29,7 +29,14 @@ install: $(STAMP)
 data:
 	@test -d $(FMNIST) || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; }
 
-test: $(STAMP) $(STOCK_STAMP) data
+# The layers (import-linter contracts in pyproject.toml), style and types, before any test runs.
+lint: $(STAMP)
+	$(BIN)/lint-imports
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint $(STOCK_STAMP) data
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q tests
 	rm -rf $(BUNDLES) && $(BIN)/python -m tests.fixture_bundles $(BUNDLES)
 	VQT_EDGE_TEST_BUNDLES=$(abspath $(BUNDLES)) OMP_NUM_THREADS=2 $(STOCK)/bin/python -m pytest -q \

@@ -271,7 +271,7 @@ def constants(records: list[dict], files: dict[str, int]) -> dict:
         db = int(rows[-1]["value"]) - int(rows[0]["value"])
         return round((rows[-1][key] - rows[0][key]) / db / (rows[-1][per] / int(rows[-1]["value"])), 3)
 
-    from vqt_edge.memory import SESSION_MB
+    from vqt_edge.memory.model import SESSION_MB
 
     def ratio(value: float, file: str) -> float:
         """Per byte of the file, beyond a session's fixed cost."""

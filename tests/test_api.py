@@ -3,6 +3,7 @@ was, and self-describing adapters (adapter_config.json) that predict exactly as 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -163,3 +164,18 @@ def test_api_export_refuses_bad_input_without_touching_the_process(tmp_path):
         api.parse_query_layers("last:9", 6)
     assert api.parse_query_layers("-1,0", 6) == [0, 5]
     assert logging.getLogger().level == level
+
+
+def test_train_leaves_the_callers_config_as_it_was(tiny_bundle, task, tmp_path):
+    """A notebook reuses one TrainConfig for a second, larger data set: the first run's plan (K/V in
+    RAM, the backend it chose) must not be written back into it, or the second run would force a
+    RAM cache that may not fit. The config is frozen, and the trainer applies a plan to a copy."""
+    from vqt_edge import api
+
+    config = api.TrainConfig(epochs=1, batch_size=16)
+    before = dataclasses.asdict(config)
+    summary = api.train(tiny_bundle, task["train"], tmp_path / "run", config, progress=lambda _: None)
+    assert summary["kv"] in ("ram", "disk") and summary["backend"] == "portable"  # the plan chose both ...
+    assert dataclasses.asdict(config) == before and config.kv == "auto" and config.backend == "auto"  # ... on a copy
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.kv = "ram"  # type: ignore[misc]

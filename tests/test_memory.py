@@ -14,10 +14,10 @@ import pytest
 from click.testing import CliRunner
 
 from tests.conftest import TINY, run_cli
-from vqt_edge import memory
+from vqt_edge.memory import model as memory
 from vqt_edge.cli import cli
 from vqt_edge.errors import UserError
-from vqt_edge.memory import BundleFootprint, NoPlan, choose, parse_size_mb, predict_peak
+from vqt_edge.memory import BundleFootprint, NoPlan, choose, parse_size_mb, peak_rss_mb, predict_peak
 
 SIZES = ["--depth", TINY.depth, "--dim", TINY.dim, "--heads", TINY.heads, "--mlp-dim", TINY.mlp_dim,
          "--patch", TINY.patch, "--image-size", TINY.image_size]
@@ -168,7 +168,7 @@ def test_a_broken_promise_exits_3_with_the_flag_in_summary(tiny_bundle, task, tm
     """In this (pytest) process torch is loaded, so the real peak is far above what the planner,
     told that the runtime costs nothing, predicts: the run must fail loudly, not warn."""
     monkeypatch.setattr(memory, "BASE_MB", 0.0)
-    assert memory.peak_rss_mb() > 60
+    assert peak_rss_mb() > 60
     result = invoke("train", "--bundle", tiny_bundle, "--data", task["train"], "--run", tmp_path / "run", "--epochs", 1,
                     "--memory-budget", "60MB")
     assert result.exit_code == 3, result.output

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from tests.conftest import run_cli
-from vqt_edge.memory import BASE_MB, MARGIN, QUANTIZED_LOAD_EXTRA_MB
+from vqt_edge.memory.model import BASE_MB, MARGIN, QUANTIZED_LOAD_EXTRA_MB
 
 
 @pytest.fixture(scope="module", params=["tiny_bundle", "tiny_int4_bundle"])

@@ -9,7 +9,6 @@ trains through the API sees no terminal output it did not ask for.
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -44,36 +43,3 @@ class Counter:
     def __call__(self, n: int) -> None:
         self.done += n
         self.on_progress(Progress(self.task, self.done, self.total))
-
-
-class ClickBars:
-    """The CLI's progress callback: one click progress bar per task on stderr, closed when the task
-    is done, a new task starts, or the `with` block ends (an interrupted or failed run)."""
-
-    def __init__(self) -> None:
-        self.task: str | None = None
-        self.bar = None
-
-    def __call__(self, event: Progress) -> None:
-        import click
-
-        if event.task != self.task:
-            self.close()
-            self.task = event.task
-            self.bar = click.progressbar(length=event.total, label=event.task, file=sys.stderr,
-                                         item_show_func=lambda info: info)
-            self.bar.__enter__()
-        self.bar.update(event.done - self.bar.pos, event.info)
-        if event.done >= event.total:
-            self.close()
-
-    def __enter__(self) -> "ClickBars":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()  # an interrupted or failed run: end the bar's line before the message
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
-        self.task = self.bar = None

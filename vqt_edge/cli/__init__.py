@@ -70,6 +70,3 @@ _register_commands()
 def main() -> None:
     cli(prog_name="vqt-edge")
 
-
-if __name__ == "__main__":
-    main()

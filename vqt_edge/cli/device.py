@@ -35,7 +35,7 @@ def train(bundle: Path | None, data: Path | None, run_dir: Path, val: Path | Non
     """
     from device_runner.trainer import BudgetExceeded, Interrupted
     from vqt_edge import api
-    from vqt_edge.progress import ClickBars
+    from vqt_edge.cli.bars import ClickBars
 
     cfg = build_config(TrainConfig, options)
     try:

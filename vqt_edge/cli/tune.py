@@ -36,7 +36,7 @@ def tune(bundle: Path | None, data: Path | None, run_dir: Path, lrs: str | None,
     """
     from device_runner.trainer import Interrupted
     from device_runner.tune import table, tune as run_tune, workspace
-    from vqt_edge.progress import ClickBars
+    from vqt_edge.cli.bars import ClickBars
 
     cfg = build_config(TrainConfig, options)
     try:
