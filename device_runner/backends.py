@@ -37,7 +37,7 @@ from vqt_edge.spec import BACKENDS
 
 # Where both run: as fast (vit_b16 step 0.245 vs 0.250 CPU s) and as lean at a full batch (1079 vs
 # 1065 MiB), a 1.25 MiB checkpoint saved in ms instead of 272 MiB in 0.5 s, a far lower memory
-# floor under --memory-budget, and the same backend on every onnxruntime (bench/step_bench.py; README).
+# floor under --memory-budget, and the same backend on every onnxruntime (bench/step_bench.py; docs/benchmarks.md).
 DEFAULT = "portable"
 Position = dict[str, float | int]  # epoch, step, loss_sum, correct, seen
 
@@ -77,7 +77,7 @@ def candidates(requested: str, manifest: Manifest) -> tuple[str, ...]:
     just `requested`, which must be able to run (UserError otherwise)."""
     runnable = {"portable": has_step_graph(manifest), "ort-training": ort.has_training_api()}
     why = {"portable": "this bundle has no train/step.onnx (exported by an older vqt-edge); re-export it",
-           "ort-training": "the installed onnxruntime has no training API (install onnxruntime-training-cpu, see README)"}
+           "ort-training": "the installed onnxruntime has no training API (install onnxruntime-training-cpu, see docs/install.md)"}
     if requested == "auto":
         found = tuple(name for name in (DEFAULT, *(b for b in BACKENDS if b != DEFAULT)) if runnable[name])
         if found:

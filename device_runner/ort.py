@@ -55,7 +55,7 @@ def _import_onnxruntime() -> Any:
         raise UserError(
             "onnxruntime is not installed. Install exactly one of: `pip install vqt-edge[cpu]` "
             "(onnxruntime-training-cpu), `pip install vqt-edge[cuda]` (onnxruntime-training), or an "
-            f"onnxruntime build with --enable_training (Jetson; see README). ({e})"
+            f"onnxruntime build with --enable_training (Jetson; see docs/install.md). ({e})"
         ) from None
 
 

@@ -3,7 +3,7 @@
 For each task (examples/tasks.py) and method: choose lr and weight decay on train800 -> val200, then
 retrain on all 1000 training images with 3 seeds and test on the task's test images. Reports test
 accuracy (mean and spread over seeds) and the measured peak training memory (VmHWM of the training
-process, from its summary.json). Writes `results.json`, `results.md` (the README's table) and one
+process, from its summary.json). Writes `results.json`, `results.md` (docs/benchmarks.md's table) and one
 accuracy-vs-memory plot per task to --out (needs the `examples` extra: scikit-learn, matplotlib).
 
     python examples/transfer_results.py --out results/transfer --jobs 2

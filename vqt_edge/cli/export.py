@@ -43,7 +43,7 @@ from vqt_edge.spec import AGGREGATES, FEATURE_NORMS, METHODS
                    "8-bit activations per call); int4: the same MatMuls with 4-bit weights (MatMulNBits, weight-only). "
                    "The patch embedding stays fp32. Training uses the dequantized weights, so it matches model.onnx; "
                    "the portable step graph holds them quantized (less training memory with --backend portable). "
-                   "Measured on vit_fmnist, three tasks (README): no mode's mean accuracy drops by more than 0.5 points "
+                   "Measured on vit_fmnist, three tasks (docs/quantization.md): no mode's mean accuracy drops by more than 0.5 points "
                    "(largest: int4 on digits, -0.4).")
 @arch_size_options
 def export(model_name, weights, random_init, num_classes, classes, out, method, last_k, query_tokens, query_layers, feature_norm,
