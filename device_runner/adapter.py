@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
@@ -37,8 +37,8 @@ class AdapterModel:
     manifest: Manifest
     config: dict
     classes: list[str]
-    frozen: object
-    head: object
+    frozen: Any  # onnxruntime InferenceSessions (onnxruntime ships no type hints)
+    head: Any
     _values: list  # the OrtValues behind the head's replaced initializers: they must outlive it
 
     @classmethod

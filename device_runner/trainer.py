@@ -449,7 +449,7 @@ def enforce_budget(run: Path, summary: dict) -> dict:
     return summary
 
 
-def train(bundle: Path, run: Path, cfg: TrainConfig, data: Path | None, val: Path | None = None, resume: bool = False,
+def train(bundle: Path | None, run: Path, cfg: TrainConfig, data: Path | None, val: Path | None = None, resume: bool = False,
           echo: Callable[[str], None] = log.info, with_test: bool = False, process_wide: bool = False,
           features: SharedFeatures | None = None, progress: OnProgress | None = None) -> dict:
     """Train (or resume) a run to its end; returns the run summary. `with_test`: the caller will

@@ -5,6 +5,8 @@ One frozen dataclass describes a ViT; the named presets are the sizes `export --
 
 from __future__ import annotations
 
+from typing import Any
+
 import dataclasses
 from dataclasses import dataclass
 
@@ -51,7 +53,8 @@ class ViTArch:
         if missing:
             raise UserError(f"architecture is missing {sorted(missing)}")
         try:
-            return cls(**{k: (float(v) if k == "eps" else int(v)) for k, v in d.items() if k in names})
+            values: dict[str, Any] = {k: (float(v) if k == "eps" else int(v)) for k, v in d.items() if k in names}
+            return cls(**values)
         except (TypeError, ValueError) as e:
             raise UserError(f"bad architecture {d!r}: {e}") from None
 

@@ -57,7 +57,7 @@ def pool(stats: list[dict[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np
     """The fleet's per-class (count, mean, covariance or variance), exactly as from all images at once:
     E[x x^T] pooled over clients, minus the pooled mean's outer product."""
     diagonal = VAR in stats[0]
-    count = sum(s[COUNT].astype(np.float64) for s in stats)
+    count = np.sum([s[COUNT].astype(np.float64) for s in stats], axis=0)
     safe = np.maximum(count, 1)
     mean = sum(s[COUNT][:, None] * s[MEAN].astype(np.float64) for s in stats) / safe[:, None]
     if diagonal:

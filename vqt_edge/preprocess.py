@@ -60,7 +60,7 @@ def load_rgb(path: str | os.PathLike[str], *, draft_size: int | None = None) -> 
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             # Damaged EXIF only costs the orientation; do not warn about it every epoch.
             warnings.filterwarnings("ignore", "Corrupt EXIF data", UserWarning)
-            with Image.open(path) as img:
+            with Image.open(os.fspath(path)) as img:
                 width, height = img.size
                 if width * height > MAX_PIXELS:
                     raise ImageTooLarge(
@@ -85,7 +85,7 @@ def _upright(img: Image.Image) -> Image.Image:
     try:
         return ImageOps.exif_transpose(img)
     except Exception as e:  # noqa: BLE001
-        log.debug("ignoring unusable EXIF orientation in %s: %s", img.filename, e)
+        log.debug("ignoring unusable EXIF orientation in %s: %s", getattr(img, "filename", "an image"), e)
         return img.copy()  # detached: the caller closes the file-backed original
 
 

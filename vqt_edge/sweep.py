@@ -70,7 +70,7 @@ def configurations(cfg: SweepConfig, depth: int) -> list[tuple[str, int | None]]
     return out
 
 
-def _cli(*args) -> list[str]:
+def _cli(*args: object) -> list[str]:
     return [sys.executable, "-m", "vqt_edge.cli", *map(str, args)]
 
 
@@ -125,6 +125,7 @@ def run_sweep(cfg: SweepConfig, echo: Callable[[str], None] = print) -> list[dic
     else:
         from device_runner.data import load_dataset
 
+        assert data is not None  # SweepConfig: --data or --steps
         classes = classes or len(load_dataset(data).classes)
         epochs = cfg.epochs
     echo(f"sweep: {len(todo)} configurations on {cfg.model_name or 'custom'} (depth {arch.depth}, dim {arch.dim}), "
@@ -149,7 +150,7 @@ def run_sweep(cfg: SweepConfig, echo: Callable[[str], None] = print) -> list[dic
         if method != "vqt":  # export's default, also where export has no --method yet
             export += ["--method", method]
         if k is not None:
-            export += ["--last-k", k] if method in LAST_K_METHODS else ["--query-layers", f"last:{k}"]
+            export += ["--last-k", str(k)] if method in LAST_K_METHODS else ["--query-layers", f"last:{k}"]
         t0 = time.perf_counter()
         echo(f"{label}: export ...")
         done = _run(export, run.parent / f"{name}.export.log")
@@ -163,13 +164,13 @@ def run_sweep(cfg: SweepConfig, echo: Callable[[str], None] = print) -> list[dic
         train = _cli("train", "--bundle", bundle, "--data", data, "--run", run, "--epochs", epochs,
                      "--batch-size", cfg.batch_size, *(["--kv", cfg.kv] if cfg.kv else []))
         if cfg.micro_batch:
-            train += ["--micro-batch", cfg.micro_batch]
+            train += ["--micro-batch", str(cfg.micro_batch)]
         if cfg.lr:
-            train += ["--lr", cfg.lr]
+            train += ["--lr", str(cfg.lr)]
         if cfg.test and cfg.steps is None:
-            train += ["--test", cfg.test]
+            train += ["--test", str(cfg.test)]
         elif cfg.val_split and cfg.steps is None:
-            train += ["--val-split", cfg.val_split]
+            train += ["--val-split", str(cfg.val_split)]
         t0 = time.perf_counter()
         done = _run(train, run.parent / f"{name}.train.log")
         summary_path = run / "summary.json"

@@ -134,7 +134,8 @@ def find_shared(frozen: Path, head: Path, replace: set[str], min_piece_bytes: in
                 continue
             keys = []
             for i in range(h.shape[0] if stacked else 1):
-                key = (shape, _digest_file(hd, h.raw[0] + i * step, h.raw[0] + (i + 1) * step))
+                start = h.raw[0] if h.raw is not None else 0  # _usable: every candidate has raw data
+                key = (shape, _digest_file(hd, start + i * step, start + (i + 1) * step))
                 keys.append(key)
                 wanted.setdefault(key, []).append((h.name, i))
             candidates[h.name] = keys
@@ -155,6 +156,7 @@ def _match_source(f: BinaryIO, src: _Header, in_head: bool, wanted: dict, widths
     shapes = [src.shape] + ([src.shape[::-1]] if len(src.shape) == 2 else [])
     if not any(s[:-1] in widths for s in shapes):
         return  # nothing wanted has this shape: do not read it
+    assert src.raw is not None  # _usable: only tensors with raw data are candidates
     value = np.frombuffer(read(f, *src.raw), dtype="<f4").reshape(src.shape)
     for transpose in (False, True)[: len(shapes)]:
         view = value.T if transpose else value

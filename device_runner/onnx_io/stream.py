@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, Sequence
 
 import numpy as np
 import onnx
@@ -148,8 +148,8 @@ def merge_streaming(
                     for s2, e2 in kept:
                         copy_range(fz, s2, e2, o)
                 o.write(key(MODEL_GRAPH, head_len))
-                with open(tmp_head, "rb") as th:
-                    copy_range(th, 0, head_len, o)
+                with open(tmp_head, "rb") as head_in:
+                    copy_range(head_in, 0, head_len, o)
                 for domain, version in hd_ops.items():
                     if domain not in fz_ops:
                         data = onnx.helper.make_opsetid(domain, version).SerializeToString()
@@ -209,7 +209,7 @@ def _tensor_name(f: BinaryIO, start: int, end: int) -> str:
 
 
 def rewrite_streaming(
-    src: Path, out: Path, *, replace: dict[str, np.ndarray] | None = None, add: list[onnx.TensorProto] = (),
+    src: Path, out: Path, *, replace: dict[str, np.ndarray] | None = None, add: Sequence[onnx.TensorProto] = (),
     edit_nodes=None, outputs: list[onnx.ValueInfoProto] | None = None,
 ) -> None:
     """Write `out` = the model `src` with the initializers named in `replace` given those values

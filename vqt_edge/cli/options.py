@@ -7,13 +7,14 @@ import dataclasses
 import functools
 import types
 from pathlib import Path
-from typing import Any, Callable, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, Callable, TypeVar, Union, get_args, get_origin, get_type_hints, overload
 
 import click
 
 from vqt_edge.errors import UserError
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 ARCH_SIZES = (
     ("--depth", "number of layers"),
@@ -89,7 +90,11 @@ def build_config(config: type, values: dict[str, Any]) -> Any:
     return config(**kw)
 
 
-def parse_list(text: str | None, kind: Callable[[str], Any], flag: str, n: int | None = None) -> list | None:
+@overload
+def parse_list(text: str, kind: Callable[[str], T], flag: str, n: int | None = None) -> list[T]: ...
+@overload
+def parse_list(text: None, kind: Callable[[str], T], flag: str, n: int | None = None) -> None: ...
+def parse_list(text: str | None, kind: Callable[[str], T], flag: str, n: int | None = None) -> list[T] | None:
     """'a,b,c' -> [kind(a), kind(b), kind(c)]; with `n`, one value is repeated n times and any other
     count but n is an error. None stays None; an empty list is an error."""
     if text is None:

@@ -154,7 +154,7 @@ class Plan:
         return self.needs_mb <= budget_mb
 
     def describe(self) -> str:
-        top = max(self.phases, key=self.phases.get)
+        top = max(self.phases, key=self.phases.__getitem__)
         return (f"kv {self.kv}, micro-batch {self.micro_batch} (batch {self.batch_size}, frozen pass {self.frozen_batch} "
                 f"images at a time), backend {self.backend}: predicted peak {self.peak_mb:.0f} MiB, set by the {top} phase")
 
