@@ -19,7 +19,6 @@ The portable path never imports onnxruntime.training.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Protocol
 
@@ -30,7 +29,7 @@ from safetensors.numpy import load_file, save
 from device_runner import ort
 from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
-from vqt_edge.fileio import atomic_write_bytes, fsync_file
+from vqt_edge.fileio import atomic_path, atomic_write_bytes
 from vqt_edge.manifest import Manifest
 from vqt_edge.optim import AdamW, decay_factor
 from vqt_edge.spec import BACKENDS
@@ -312,11 +311,5 @@ class OrtTrainingBackend:
         for k, v in position.items():
             # ORT stores float properties as float32; running sums go in as exact strings.
             self.state.properties[k] = repr(v) if isinstance(v, float) else v
-        tmp = path.with_name(path.name + ".tmp")
-        try:
+        with atomic_path(path) as tmp:
             api.CheckpointState.save_checkpoint(self.state, str(tmp), include_optimizer_state=True)
-            fsync_file(tmp)  # else a power cut after the rename can leave a truncated checkpoint
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise

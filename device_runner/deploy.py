@@ -8,7 +8,6 @@ by the trained ones) merged behind it: pixel_values -> logits, for any onnxrunti
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +18,8 @@ from device_runner.onnx_io.stream import merge_streaming
 from device_runner.selection import FEATURE_INDEX, selected_head
 from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
-from vqt_edge.fileio import atomic_write_bytes
+from vqt_edge.fileio import atomic_path, atomic_write_bytes
 from vqt_edge.manifest import Manifest
-
-
-def _atomic(path: Path) -> Path:
-    return path.with_name(path.name + ".tmp")
 
 
 def save_adapter(path: Path, tensors: dict[str, np.ndarray], manifest: Manifest) -> None:
@@ -86,12 +81,11 @@ def build_model(bundle: Path, manifest: Manifest, adapter: dict[str, np.ndarray]
     Streamed at the protobuf level (device_runner/onnx_io/stream.py), one tensor at a time: loading,
     merging and saving the graphs with onnx.compose held every weight several times (3.2 GiB above
     the process baseline for ViT-B/16), the largest peak of a whole training run."""
-    tmp = _atomic(out)
     learned = {name: np.asarray(adapter[name], np.float32) for name in manifest.spec.trainable_shapes}
-    with selected_head(bundle, manifest, adapter, out.parent) as head:  # the bundle's head.onnx unless selecting
+    with atomic_path(out) as tmp, selected_head(bundle, manifest, adapter, out.parent) as head:
+        # the bundle's head.onnx unless selecting
         merge_streaming(
             bundle / mf.FROZEN, head, tmp, learned, shared=find_shared(bundle / mf.FROZEN, head, set(learned)),
             doc_string=f"vqt-edge {manifest.model}: pixel_values [B,3,S,S] normalized with mean {manifest.mean}, "
                        f"std {manifest.std} -> logits",
         )
-    os.replace(tmp, out)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import errno
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 #: errno values that mean "no room for this write": a full disk, a full quota, or a file-size limit
 #: (RLIMIT_FSIZE, with SIGXFSZ ignored). All are reported as a full disk, not as a crash.
@@ -17,16 +19,23 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file beside `path`, fsync it, then rename over `path` (atomic on POSIX)."""
+    """Write `data` to `path` through `atomic_path`."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temp path beside `path` to write (also for writers that open the file themselves: ORT, the
+    streamed model.onnx); when the block ends it is fsynced and renamed over `path` (atomic on POSIX),
+    and on any error removed: a partial file would keep a full disk full."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fsync_file(tmp)  # else a power cut after the rename can leave a truncated file
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)  # a partial file would keep a full disk full
+        tmp.unlink(missing_ok=True)
         raise
 
 
