@@ -1,1 +1,2 @@
-"""The device side: train, evaluate and predict with onnxruntime-training. Never imports torch."""
+"""The device side: train, evaluate and predict on any onnxruntime (the portable step graph; the
+onnxruntime-training build optional). Never imports torch, the exporters or a front end."""

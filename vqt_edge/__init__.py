@@ -1,7 +1,9 @@
 """vqt-edge: Visual Query Tuning for pre-trained ViTs on memory-limited devices.
 
-`vqt_edge` is the shared core (architecture description, manifest, preprocessing, memory model,
-CLI). It never imports torch at module level: torch is imported lazily, only by `export`.
+This package is the shared core (spec, config, manifest, run folder, preprocessing, memory model
+and planner, optimizer) and the front ends that call both sides: `api` (the Python API), `cli/`
+(the click commands) and `fleet/` (the Flower apps). The core imports neither torch, onnxruntime,
+click nor the other two packages (import-linter contracts in pyproject.toml; docs/design.md section 1).
 """
 
 __version__ = "0.1.0"
