@@ -273,6 +273,7 @@ def _register_extra_commands() -> None:
     cli.add_command(sweep)
     cli.add_command(tune)
     cli.add_command(fleet)
+    __import__("vqt_edge.web.commands").web.commands.register(cli)  # `web`, `import-adapter` (docs/browser.md)
 
 
 _register_extra_commands()
