@@ -276,7 +276,7 @@ async function train() {
   const s = settings();
   const cfg = state.config, k = cfg.num_classes;
   setBusy(true);
-  state.losses = []; state.valAcc = []; state.params = null;
+  state.losses = []; state.valAcc = []; state.params = null; state.report = null;
   $("result").textContent = "";
   // Every photo, classes in sorted order and files sorted by path within each, as load_dataset lists them.
   const classNames = [...state.classes.keys()].sort();
@@ -474,6 +474,6 @@ function wire() {
 }
 
 // Tests and benchmarks reach the page's pieces here (tests/test_web.py).
-window.vqt = { ort, state, AdamW, lrAt, warmupSteps, Generator, runStep, runFrozen, tensor, adapterBytes, adapterConfig, MAX_PIXELS };
+window.vqt = { ort, state, preprocess, AdamW, lrAt, warmupSteps, Generator, runStep, runFrozen, tensor, adapterBytes, adapterConfig, MAX_PIXELS };
 wire();
 load().then(() => { window.vqtReady = true; showClasses(); }, (e) => { message("error", `cannot load the model: ${e.message || e}`); window.vqtReady = "failed"; });

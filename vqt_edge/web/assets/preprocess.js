@@ -133,7 +133,10 @@ export async function decode(blob) {
   const ctx = canvas.getContext("2d", { willReadFrequently: true, colorSpace: "srgb" });
   ctx.fillStyle = "#ffffff";
   ctx.fillRect(0, 0, width, height);
-  ctx.drawImage(img, 0, 0);
+  // Unpremultiplied, without colour management: the file's own values, as pillow reads them.
+  const bitmap = await createImageBitmap(blob, { premultiplyAlpha: "none", colorSpaceConversion: "none" });
+  ctx.drawImage(bitmap, 0, 0);
+  bitmap.close();
   const rgba = ctx.getImageData(0, 0, width, height).data;
   const rgb = new Uint8Array(width * height * 3);
   for (let i = 0, j = 0; i < rgba.length; i += 4, j += 3) {
