@@ -8,6 +8,7 @@ to 127.0.0.1 only: the page needs no network, and the photos are read by the tab
 from __future__ import annotations
 
 import functools
+import sys
 import http.server
 import threading
 from pathlib import Path
@@ -32,13 +33,21 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         pass  # one line per file is noise; errors still reach the page
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):  # a closed tab is no error
+            super().handle_error(request, client_address)
+
+
 def make_server(site: Path, port: int = 8026) -> http.server.ThreadingHTTPServer:
     """A server for `site` on 127.0.0.1:`port` (0: any free port; `server.server_address[1]` says which)."""
     if not (site / "index.html").is_file() or not (site / "site.json").is_file():
         raise UserError(f"{site}: not a `vqt-edge web` site (no index.html / site.json); write one with --bundle B --out SITE")
     handler = functools.partial(_Handler, directory=str(site))
     try:
-        return http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+        return _Server(("127.0.0.1", port), handler)
     except OSError as e:
         raise UserError(f"cannot listen on 127.0.0.1:{port} ({e.strerror}); choose another --port") from None
 

@@ -301,7 +301,7 @@ async function train() {
       pending.push({ index: i, pixels });
       ok.push(i);
     } catch (e) {
-      message("warning", `cannot read image ${listed[i].cls}/${listed[i].path}: ${e.message} (skipped)`);
+      message("warning", `cannot read image ${listed[i].path}: ${e.message} (skipped)`);
     }
     if (pending.length === FROZEN_BATCH) await flush();
     progress((i + 1) / listed.length, `frozen pass: ${i + 1}/${listed.length} photos`);
@@ -457,7 +457,7 @@ function wire() {
   $("class-files").addEventListener("change", (e) => {
     const name = $("class-name").value.trim();
     if (!name) { message("error", "name the class first, then choose its photos"); e.target.value = ""; return; }
-    for (const f of e.target.files) addFile(name, f, f.name);
+    for (const f of e.target.files) addFile(name, f, `${name}/${f.name}`);
     e.target.value = "";
     showClasses();
   });
