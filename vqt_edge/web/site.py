@@ -82,9 +82,8 @@ def write_site(bundle: Path, out: Path, ort_web: Path | None = None) -> dict:
     if mf.STEP_MODEL not in manifest.files or mf.STEP_INIT not in manifest.files:
         raise UserError(f"{bundle}: no {mf.STEP_MODEL}; the page trains with the portable step graph: re-export the bundle")
     dist = ort_dist(ort_web)
-    if out.exists() and not (out / "site.json").is_file():
-        if any(out.iterdir()):
-            raise UserError(f"{out}: exists and is not a `vqt-edge web` site; give an empty or new folder")
+    if out.exists() and not (out / "site.json").is_file() and any(out.iterdir()):
+        raise UserError(f"{out}: exists and is not a `vqt-edge web` site; give an empty or new folder")
     out.mkdir(parents=True, exist_ok=True)
     for asset in sorted(ASSETS.iterdir()):
         if asset.suffix in (".html", ".js", ".css"):
