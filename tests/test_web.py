@@ -280,6 +280,12 @@ def test_whole_run_in_the_page_download_import_predict(browser, site_url, fmnist
     logits = finished.logits(load_batch(photos, 28, finished.manifest.mean, finished.manifest.std))
     np.testing.assert_allclose(np.array([p["logits"] for p in in_page]), logits, atol=1e-4, rtol=0)
     assert sum(p["label"] == photo.parent.name for p, photo in zip(in_page, photos)) >= 8
+    # An adapter config of another frozen graph is refused, and no run is left behind.
+    config = json.loads((tmp_path / "dl" / "adapter_config.json").read_text())
+    (tmp_path / "other.json").write_text(json.dumps({**config, "frozen_sha256": "0" * 64}))
+    result = run_cli("import-adapter", "--bundle", fmnist_bundle, "--adapter", tmp_path / "dl" / "adapter.safetensors",
+                     "--config", tmp_path / "other.json", "--run", tmp_path / "refused")
+    assert result.returncode == 2 and "another frozen graph" in result.stderr and not (tmp_path / "refused").exists()
     assert page.errors == []  # type: ignore[attr-defined]
     page.close()
 
