@@ -9,6 +9,7 @@ import { parse, serialize } from "./safetensors.js";
 
 const IMAGE_EXTENSIONS = new Set([".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"]);
 const FROZEN_BATCH = 16;
+const MAX_CACHE_BYTES = 2 ** 31 - 1;  // one ArrayBuffer per frozen output; 2 GB is what every browser allows
 const $ = (id) => document.getElementById(id);
 const query = new URLSearchParams(location.search);
 
@@ -95,9 +96,17 @@ class Cache {
     this.sizes = {};
     for (const [name, { shape, cache_dtype }] of Object.entries(state.config.frozen_outputs)) {
       this.sizes[name] = prod(shape);
-      const Type = cache_dtype === "float16" ? (self.Float16Array ?? Float32Array) : Float32Array;
-      this.arrays[name] = new Type(n * this.sizes[name]);
       if (cache_dtype === "float16" && !self.Float16Array) throw new Error("this browser has no Float16Array; use a current Chromium or Firefox");
+      const Type = cache_dtype === "float16" ? Float16Array : Float32Array;
+      const bytes = n * this.sizes[name] * Type.BYTES_PER_ELEMENT;
+      try {
+        if (bytes > MAX_CACHE_BYTES) throw new RangeError();
+        this.arrays[name] = new Type(n * this.sizes[name]);
+      } catch (e) {
+        if (!(e instanceof RangeError)) throw e;
+        throw new Error(`the frozen outputs of ${n} photos need ${(bytes / 2 ** 30).toFixed(1)} GiB for "${name}" alone, more than this tab can hold: `
+          + "use fewer photos, or export a bundle with fewer query layers (vqt-edge export --query-layers)");
+      }
     }
   }
 
