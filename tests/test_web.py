@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors.numpy import load_file
 
 from tests.conftest import make_task, run_cli
 
@@ -115,7 +116,7 @@ def page(browser, site_url):
 
 
 # -- 1: the optimizer, the schedule and the generator equal numpy's --------------------------------------
-def test_js_adamw_schedule_and_generator_equal_numpy(page, fmnist_bundle):
+def test_js_adamw_schedule_and_generator_equal_numpy(page, fmnist_bundle, tmp_path):
     from device_runner.backends import PortableBackend
     from device_runner.trainer import lr_at
     from vqt_edge import manifest as mf
@@ -125,14 +126,15 @@ def test_js_adamw_schedule_and_generator_equal_numpy(page, fmnist_bundle):
     params = {n: rng.normal(size=s).astype(np.float32) for n, s in shapes.items()}
     grads = [{n: (rng.normal(size=s) * 10.0 ** rng.integers(-4, 1)).astype(np.float32) for n, s in shapes.items()} for _ in range(20)]
     total, warmup, base, wd = 20, 2, 1e-2, 1e-4
-    # The real update: PortableBackend.step on its own state, without a session.
-    ref = object.__new__(PortableBackend)
-    ref.names, ref.params, ref.proximal, ref.t = list(shapes), {n: p.copy() for n, p in params.items()}, None, 0
-    ref.exp_avg = {n: np.zeros_like(p) for n, p in params.items()}
-    ref.exp_avg_sq = {n: np.zeros_like(p) for n, p in params.items()}
+    # The real update: PortableBackend.step on the same gradients (set where forward() accumulates them);
+    # parameters and moments read back from the checkpoint it writes.
+    ref = PortableBackend(fmnist_bundle, mf.read_manifest(fmnist_bundle), "cpu", 1, None)
+    ref.set_parameters(params)
     for i in range(total):
         ref.grads = {n: g.copy() for n, g in grads[i].items()}
         ref.step(lr_at(i, total, warmup, base), wd)
+    ref.save(tmp_path / "checkpoint.safetensors", {"epoch": 0, "step": total})
+    saved = load_file(str(tmp_path / "checkpoint.safetensors"))
     out = page.evaluate(
         f"""([params, grads, shapes, total, warmup, base, wd]) => {{ {FROM_B64} {TO_B64}
         const v = window.vqt, p = Object.fromEntries(Object.entries(params).map(([n, s]) => [n, f32(s)]));
@@ -153,10 +155,11 @@ def test_js_adamw_schedule_and_generator_equal_numpy(page, fmnist_bundle):
     assert out["lrs"] == pytest.approx([lr_at(i, total, warmup, base) for i in range(total)], rel=1e-12)
     assert out["warm"] == [round(w * s) for w, s in [(3.0, 4), (0.7, 3), (0.5, 5), (0.3, 5)]]
     for n in shapes:
-        for got, want in ((out["params"][n], ref.params[n]), (out["m"][n], ref.exp_avg[n]), (out["v"][n], ref.exp_avg_sq[n])):
+        for got, want in ((out["params"][n], saved[f"param/{n}"]), (out["m"][n], saved[f"exp_avg/{n}"]),
+                          (out["v"][n], saved[f"exp_avg_sq/{n}"])):
             want = want.ravel()
             np.testing.assert_allclose(unb64(got), want, rtol=1e-6, atol=1e-6 * float(np.abs(want).max()))
-        assert not np.array_equal(ref.params[n], params[n])  # it moved: the comparison can fail
+        assert not np.array_equal(saved[f"param/{n}"], params[n])  # it moved: the comparison can fail
     assert np.array_equal(out["random"], np.random.default_rng([0, 1, 2]).random(1000))  # dropout masks
     assert out["perm"] == np.random.default_rng([3, 4]).permutation(97).tolist()  # data order, held-out split
 
@@ -255,8 +258,6 @@ def test_whole_run_in_the_page_download_import_predict(browser, site_url, fmnist
     result = run_cli("train", "--bundle", fmnist_bundle, "--data", data, "--run", py_run, "--epochs", 3, "--val-split", 0.2,
                      "--backend", "portable", "--kv", "ram")
     assert result.returncode == 0, result.stderr
-    from safetensors.numpy import load_file
-
     page_adapter, py_adapter = load_file(str(tmp_path / "dl" / "adapter.safetensors")), load_file(str(py_run / "adapter.safetensors"))
     assert set(page_adapter) == set(py_adapter)
     for n in py_adapter:
