@@ -9,9 +9,13 @@ STOCK := .venv-stock
 STOCK_STAMP := $(STOCK)/.installed-stamp
 BUNDLES := build/test-bundles
 FMNIST := /usr/share/datasets/fashion-mnist
+# The browser page (docs/browser.md): onnxruntime-web from npm (package-lock.json), Debian's Chromium,
+# and playwright in .venv driving that Chromium (it never downloads a browser).
+NPM_STAMP := node_modules/.installed-stamp
+WEB_STAMP := $(VENV)/.web-stamp
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test install data clean lint
+.PHONY: demo test install data clean lint web chromium
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +29,19 @@ $(STOCK_STAMP): pyproject.toml
 
 install: $(STAMP)
 
+$(NPM_STAMP): package.json package-lock.json
+	npm ci --no-audit --no-fund --ignore-scripts
+	touch $(NPM_STAMP)
+
+chromium:
+	@test -x /usr/bin/chromium || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver; }
+
+$(WEB_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install -q -e '.[browser]'
+	touch $(WEB_STAMP)
+
+web: $(NPM_STAMP) $(WEB_STAMP) chromium
+
 # Fashion-MNIST, offline, from Debian's package (MIT license).
 data:
 	@test -d $(FMNIST) || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; }
@@ -36,8 +53,8 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint $(STOCK_STAMP) data
-	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q tests
+test: lint $(STOCK_STAMP) data web
+	VQT_EDGE_REQUIRE_WEB=1 OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q tests
 	rm -rf $(BUNDLES) && $(BIN)/python -m tests.fixture_bundles $(BUNDLES)
 	VQT_EDGE_TEST_BUNDLES=$(abspath $(BUNDLES)) OMP_NUM_THREADS=2 $(STOCK)/bin/python -m pytest -q \
 		tests/test_device.py tests/test_portable.py tests/test_memory_portable.py
@@ -46,4 +63,4 @@ demo: $(STAMP) data
 	$(BIN)/python examples/demo.py --out demo_out
 
 clean:
-	rm -rf $(VENV) $(STOCK) $(BUNDLES) demo_out
+	rm -rf $(VENV) $(STOCK) $(BUNDLES) demo_out node_modules

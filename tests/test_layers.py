@@ -9,7 +9,7 @@ import tomllib
 import vqt_edge
 from tests.conftest import REPO
 
-FRONT_ENDS = {"vqt_edge.api", "vqt_edge.cli", "vqt_edge.fleet", "vqt_edge.sweep"}
+FRONT_ENDS = {"vqt_edge.api", "vqt_edge.cli", "vqt_edge.fleet", "vqt_edge.sweep", "vqt_edge.web"}
 
 
 def test_every_vqt_edge_module_is_core_or_a_front_end():

@@ -1,7 +1,8 @@
 """`vqt-edge`: the command line, one module per command group.
 
 export.py (workstation: checkpoint -> bundle), device.py (train, eval, predict), budget.py (plan,
-sweep), tune.py, fleet.py. Every command is a thin layer of option parsing over the Python API
+sweep), tune.py, fleet.py, web.py
+(the browser page, `import-adapter`). Every command is a thin layer of option parsing over the Python API
 (vqt_edge/api.py) or the fleet apps; process-wide settings (logging here, torch blocked and lean
 malloc in options.device_command, signal handling through the API's `process_wide`) happen only in
 this package. Bad input exits with code 2 and a one-line message (no traceback).
@@ -59,8 +60,9 @@ def _register_commands() -> None:
     from vqt_edge.cli.export import export
     from vqt_edge.cli.fleet import fleet
     from vqt_edge.cli.tune import tune
+    from vqt_edge.cli.web import import_adapter, web
 
-    for command in (export, train, eval_cmd, predict, plan, sweep, tune, fleet):
+    for command in (export, train, eval_cmd, predict, plan, sweep, tune, fleet, web, import_adapter):
         cli.add_command(command)
 
 
