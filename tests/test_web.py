@@ -118,7 +118,7 @@ def page(browser, site_url):
 # -- 1: the optimizer, the schedule and the generator equal numpy's --------------------------------------
 def test_js_adamw_schedule_and_generator_equal_numpy(page, fmnist_bundle, tmp_path):
     from device_runner.backends import PortableBackend
-    from device_runner.trainer import lr_at
+    from vqt_edge.optim import lr_at
     from vqt_edge import manifest as mf
 
     shapes = mf.read_manifest(fmnist_bundle).spec.trainable_shapes

@@ -1,5 +1,5 @@
-// The optimizer of device_runner/backends.py (PortableBackend.step) and the schedule of
-// device_runner/trainer.py (lr_at), in float32 as numpy computes them. Every float32 operation is a
+// The optimizer and the schedule of vqt_edge/optim.py (AdamW.step, lr_at; PortableBackend uses both),
+// in float32 as numpy computes them. Every float32 operation is a
 // double operation rounded with Math.fround: for +, -, *, / and sqrt of float32 operands that
 // rounding twice gives the correctly rounded float32 result, so the page follows numpy bit for bit.
 
