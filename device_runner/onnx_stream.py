@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, BinaryIO, Iterator
 
 import numpy as np
 import onnx
+from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
 from vqt_edge.errors import UserError
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
     from device_runner.onnx_share import Sharing
 
 # Field numbers (onnx.proto3).
-_MODEL_GRAPH, _MODEL_DOC, _MODEL_OPSET = 7, 6, 8
+_MODEL_GRAPH, _MODEL_DOC, _MODEL_OPSET, _MODEL_METADATA = 7, 6, 8, 14
 _GRAPH_NODE, _GRAPH_NAME, _GRAPH_INIT, _GRAPH_DOC, _GRAPH_INPUT, _GRAPH_OUTPUT, _GRAPH_VALUE_INFO = 1, 2, 5, 10, 11, 12, 13
 _CHUNK = 1 << 20
 
@@ -138,12 +139,14 @@ def _check_no_subgraphs(node: onnx.NodeProto) -> None:
 def merge_streaming(
     frozen: Path, head: Path, out: Path, replace: dict[str, np.ndarray], *, prefix: str = "head/",
     output: str = "logits", doc_string: str | None = None, shared: Sharing | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> None:
     """Write `out` = frozen -> head: every head input is wired to the frozen output of the same
     name, every other head name gets `prefix`, head initializers named in `replace` get those
     values, and the graph's only output is the head's `output` (kept unprefixed). Head
     initializers that `shared` names (device_runner/onnx_share.py) are not copied: the nodes that
-    read them are rewritten to read the initializers they equal."""
+    read them are rewritten to read the initializers they equal. `metadata` becomes the model's
+    metadata_props (frozen.onnx's own, if any, are then dropped)."""
     frozen, head, out = Path(frozen), Path(head), Path(out)
     fsize, hsize = frozen.stat().st_size, head.stat().st_size
     tmp_head = out.with_name(out.name + ".head.tmp")
@@ -230,6 +233,8 @@ def merge_streaming(
             kept = [(s, e) for field, s, _, e in _fields(fz, g0, g1) if field != _GRAPH_OUTPUT]
             with open(out, "wb") as o:
                 for field, s, _, e in _fields(fz, 0, fsize):
+                    if field == _MODEL_METADATA and metadata is not None:
+                        continue
                     if field != _MODEL_GRAPH:
                         _copy(fz, s, e, o)
                         continue
@@ -246,11 +251,47 @@ def merge_streaming(
                 if doc_string is not None:
                     data = doc_string.encode()
                     o.write(_key(_MODEL_DOC, len(data)) + data)  # a scalar field seen twice: the last one wins
+                _write_metadata(o, metadata or {})
     except ValueError as e:
         raise UserError(f"cannot merge {frozen} and {head} into {out}: {e}") from None
     finally:
         if tmp_head.exists():
             os.unlink(tmp_head)
+
+
+def _write_metadata(dst: BinaryIO, metadata: dict[str, str]) -> None:
+    """ModelProto.metadata_props entries; a repeated field, so they may follow the graph."""
+    for key, value in metadata.items():
+        _write(dst, _MODEL_METADATA, onnx.StringStringEntryProto(key=key, value=value))
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """A model's metadata_props, read without parsing its graph or weights."""
+    size = Path(path).stat().st_size
+    out = {}
+    try:
+        with open(path, "rb") as f:
+            for field, _, b, e in _fields(f, 0, size):
+                if field == _MODEL_METADATA:
+                    entry = onnx.StringStringEntryProto.FromString(_read(f, b, e))
+                    out[entry.key] = entry.value
+    except (ValueError, DecodeError) as e:  # DecodeError: a damaged entry (also bad UTF-8)
+        raise UserError(f"{path}: not an ONNX model ({e})") from None
+    return out
+
+
+def copy_with_metadata(src: Path, out: Path, metadata: dict[str, str]) -> None:
+    """Write `out` = `src` with its metadata_props replaced by `metadata`; everything else is copied
+    through in chunks, byte for byte."""
+    size = Path(src).stat().st_size
+    try:
+        with open(src, "rb") as f, open(out, "wb") as o:
+            for field, s, _, e in _fields(f, 0, size):
+                if field != _MODEL_METADATA:
+                    _copy(f, s, e, o)
+            _write_metadata(o, metadata)
+    except ValueError as e:
+        raise UserError(f"cannot copy {src} to {out}: {e}") from None
 
 
 def _replacement(serialized: bytes, value: np.ndarray, name: str, same_shape: bool) -> bytes:

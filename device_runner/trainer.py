@@ -448,7 +448,7 @@ class Trainer:
         def write_model(path: Path) -> None:
             self.backend = self.store = self.backbone = self.feed_buffers = None  # free before merging the model
             trim_malloc()
-            build_model(self.bundle, m, adapter, path)
+            build_model(self.bundle, m, adapter, path, classes=self.data.classes)
 
         self.folder.write_outputs(lambda path: save_adapter(path, adapter, m),
                                   adapter_config.from_manifest(m, self.data.classes), write_model,

@@ -221,13 +221,15 @@ def eval_cmd(run_dir, data, batch_size, device, as_json) -> None:
 
 
 @cli.command()
-@click.option("--run", "run_dir", type=click.Path(path_type=Path), required=True, help="A finished run folder.")
+@click.option("--run", "run_dir", type=click.Path(path_type=Path), help="A finished run folder.")
+@click.option("--model", "model_file", type=click.Path(path_type=Path),
+              help="Instead of --run: a model.onnx alone (it carries its classes and preprocessing; docs/deploy.md).")
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--recursive", "-r", is_flag=True, help="A folder among IMAGE...: its sub-folders' images too.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list: one {path, label, logits} per image.")
-def predict(run_dir, images, recursive, batch_size, device, as_json) -> None:
+def predict(run_dir, model_file, images, recursive, batch_size, device, as_json) -> None:
     """Predict the class of each IMAGE with a trained run (streams: memory does not grow with the count).
 
     A folder stands for the images in it, sorted by name (with --recursive, in its sub-folders too).
@@ -241,8 +243,15 @@ def predict(run_dir, images, recursive, batch_size, device, as_json) -> None:
 
     lean_malloc()  # as eval
 
+    if (run_dir is None) == (model_file is None):
+        raise UserError("give one of --run RUN or --model model.onnx")
     images = image_paths(images, recursive)
-    run = FinishedRun.open(run_dir, device)
+    if model_file is not None:
+        from device_runner.model_file import open_model
+
+        run = open_model(model_file, device)
+    else:
+        run = FinishedRun.open(run_dir, device)
     failed = 0
     if as_json:
         click.echo("[", nl=False)
@@ -267,12 +276,14 @@ def _register_extra_commands() -> None:
     section 12)."""
     from vqt_edge.budget_cli import plan, sweep
     from vqt_edge.fleet.commands import fleet
+    from vqt_edge.package import package_cmd
     from vqt_edge.tune_cli import tune
 
     cli.add_command(plan)
     cli.add_command(sweep)
     cli.add_command(tune)
     cli.add_command(fleet)
+    cli.add_command(package_cmd)
 
 
 _register_extra_commands()
