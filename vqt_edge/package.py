@@ -28,6 +28,18 @@ from vqt_edge.manifest import Manifest
 from vqt_edge.run_folder import ADAPTER, MODEL, RunFolder
 
 FORMATS = ("hf", "onnx")
+#: One line per method for the model card (vqt-edge's docs/design.md sections 4 and 5).
+METHODS = {
+    "vqt": "Visual Query Tuning (Tu et al., CVPR 2023): learned query tokens per layer read the frozen layer's "
+           "keys and values; a linear head reads their outputs and the final CLS token.",
+    "linear": "linear probe: a linear head on the frozen final CLS token.",
+    "vpt": "VPT-Deep: learned prompt tokens in each of the last k layers; a linear head on the final CLS token.",
+    "adaptformer": "AdaptFormer: a bottleneck adapter beside the MLP of each of the last k layers; a linear head.",
+    "finetune": "partial fine-tuning: the last k layers and the final norm trained; a linear head.",
+    "head2toe": "Head2Toe: pooled features of every layer, group-lasso selected, read by a linear head.",
+    "vqt+vpt": "VQT on a backbone whose last k layers carry VPT-Deep prompts.",
+    "vqt+adaptformer": "VQT on a backbone whose last k layers carry AdaptFormer adapters.",
+}
 #: PIL.Image.Resampling.BICUBIC, as transformers' `resample` field spells it.
 PIL_BICUBIC = 3
 
@@ -134,15 +146,14 @@ give the pipeline images decoded with `vqt_edge.preprocess.load_rgb` for identic
 ## Backbone
 
 `{manifest.model}`: ViT with {a.depth} layers, width {a.dim}, {a.heads} heads, MLP {a.mlp_dim}, patch {a.patch},
-{a.image_size} px; weights: {source}; quantization: {manifest.quantize}. It is frozen: training never
-changed or differentiated it.
+{a.image_size} px; weights: {source}; quantization: {manifest.quantize}. Frozen, except what the method
+below trains.
 
 ## Adapter
 
-Method `{spec.method}` (docs/design.md of vqt-edge): query tokens T={spec.query_tokens} on layers {layers},
-feature norm `{spec.feature_norm}`, aggregate `{spec.aggregate}`, last_k {spec.last_k}. Visual Query Tuning
-(Tu et al., CVPR 2023): learned query tokens per layer read the frozen layer's keys and values, and a
-linear head reads their outputs and the final CLS token.
+Method `{spec.method}`: {METHODS.get(spec.method, "see vqt-edge's docs/design.md section 5")}
+Query layers {layers}, tokens T={spec.query_tokens}, feature norm `{spec.feature_norm}`, aggregate
+`{spec.aggregate}`, last_k {spec.last_k}; the trained tensors are in the run's adapter.safetensors.
 
 ## Training data
 
