@@ -45,7 +45,10 @@ def main(src: Path) -> None:
         return ort.InferenceSession(str(path)).run(None, {inputs.name: x})
 
     fp32, ours = run(src), run(tmp / "ours.onnx")
-    diff = lambda a, b: [round(float(np.abs(u - v).max()), 4) for u, v in zip(a, b)]  # noqa: E731
+
+    def diff(a: list[np.ndarray], b: list[np.ndarray]) -> list[float]:
+        return [round(float(np.abs(u - v).max()), 4) for u, v in zip(a, b)]
+
     print(f"vqt-edge int8: max |out - fp32| per output {diff(ours, fp32)}, {(tmp / 'ours.onnx').stat().st_size} bytes")
     for name in ("preset", "restricted"):
         path = tmp / name / "model_quantized.onnx"

@@ -30,7 +30,7 @@ from tests.conftest import CLASSES, make_task, run_cli
 ort_hf = pytest.importorskip("optimum.onnxruntime", reason="optimum-onnx is installed in .venv-hf only (make test)")
 transformers = pytest.importorskip("transformers")
 
-from vqt_edge.preprocess import load_rgb, preprocess  # noqa: E402
+from vqt_edge.preprocess import load_rgb, preprocess
 
 LOGIT_TOL = 1e-4
 
@@ -122,7 +122,7 @@ def test_pipeline_matches_vqt_edge_predict(packaged, hf):
     decoded by vqt-edge; pixel differences measured and bounded where the decoding is the same."""
     from transformers.image_utils import load_image
 
-    model, processor, classify = hf
+    _, processor, classify = hf
     predicted = packaged["predict"]["run"]
     worst_logit, worst_pixel = 0.0, 0.0
     report = []
