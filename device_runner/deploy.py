@@ -85,7 +85,7 @@ def load_adapter(path: Path, manifest: Manifest) -> dict[str, np.ndarray]:
 
 
 def build_model(bundle: Path, manifest: Manifest, adapter: dict[str, np.ndarray], out: Path,
-                classes: list[str] | None = None) -> None:
+                classes: list[str] | None = None, adapter_sha256: str | None = None) -> None:
     """Write model.onnx: frozen.onnx -> head.onnx (with the adapter's tensors), one graph; each head
     input is wired to the frozen output of the same name (`manifest.spec.frozen_outputs`), every other
     head name is prefixed with "head/", and the only output is `logits`. The head's frozen weights
@@ -97,11 +97,12 @@ def build_model(bundle: Path, manifest: Manifest, adapter: dict[str, np.ndarray]
 
     The file describes itself (vqt_edge/model_metadata.py): class names in logit order (`classes`;
     default the bundle's, else "0".."C-1"), preprocessing, adapter spec, and the sha256 of the bundle's
-    manifest and of the adapter file these tensors give."""
+    manifest and of the adapter file: `adapter_sha256` when it is written already (hashed from disk:
+    serializing a fine-tuned model's adapter again would hold it twice), else of the bytes these tensors give."""
     tmp = _atomic(out)
     names = classes or manifest.class_names or [str(i) for i in range(manifest.spec.num_classes)]
     metadata = model_metadata.build(manifest, names, bundle_sha256=mf.sha256_file(bundle / mf.MANIFEST),
-                                    adapter_sha256=hashlib.sha256(adapter_bytes(adapter, manifest)).hexdigest())
+                                    adapter_sha256=adapter_sha256 or hashlib.sha256(adapter_bytes(adapter, manifest)).hexdigest())
     learned = {name: np.asarray(adapter[name], np.float32) for name in manifest.spec.trainable_shapes}
     with selected_head(bundle, manifest, adapter, out.parent) as head:  # the bundle's head.onnx unless selecting
         merge_streaming(

@@ -128,3 +128,15 @@ def test_package_refuses_damaged_run_and_nonempty_out(tiny_run, tmp_path):
     (run / "model.onnx").write_bytes(bytes(data))
     out = run_cli("package", "--run", run, "--format", "onnx", "--out", tmp_path / "o")
     assert out.returncode == 2 and "sha256 does not match" in out.stderr
+
+
+def test_build_model_hashes_the_adapter_it_would_write(tiny_run, tmp_path):
+    """Without the written file's hash (examples, bench), build_model hashes the bytes save_adapter
+    writes for the same tensors: the same sha256 as the run's adapter.safetensors."""
+    from device_runner.deploy import build_model, load_adapter
+
+    folder = RunFolder(tiny_run)
+    manifest, classes = folder.open_finished()
+    tensors = load_adapter(tiny_run / "adapter.safetensors", manifest)
+    build_model(folder.bundle(), manifest, tensors, tmp_path / "model.onnx", classes=classes)
+    assert (tmp_path / "model.onnx").read_bytes() == (tiny_run / "model.onnx").read_bytes()
