@@ -104,7 +104,10 @@ def _accuracy_lines(summary: dict) -> list[str]:
 def model_card(manifest: Manifest, classes: list[str], info: dict, summary: dict, metadata: dict[str, str]) -> str:
     spec, a = manifest.spec, manifest.spec.arch
     weights = manifest.weights or {}
-    source = " ".join(str(weights[k]) for k in ("format", "source") if weights.get(k)) or "random initialization"
+    origin = str(weights.get("source") or "")
+    if origin and not origin.startswith("hf-hub:"):
+        origin = Path(origin).name  # a local path says nothing to a reader of the card, and tells where it was built
+    source = " ".join(x for x in (str(weights.get("format") or ""), origin) if x) or "random initialization"
     layers = ", ".join(map(str, spec.query_layers)) or "-"
     config = info.get("config") or {}
     tags = "\n".join(f"- {t}" for t in ("vqt-edge", "onnx", "image-classification", "vision-transformer", spec.method))
@@ -118,7 +121,7 @@ tags:
 # {manifest.model} adapted with vqt-edge ({spec.method})
 
 An image classifier for {len(classes)} classes: a frozen Vision Transformer (`{manifest.model}`) with an
-adapter trained on the device by [vqt-edge](https://pypi.org/project/vqt-edge/) {__version__}. `model.onnx`
+adapter trained on the device by vqt-edge {__version__}. `model.onnx`
 maps `pixel_values` float32 [B,3,{a.image_size},{a.image_size}] to `logits` [B,{len(classes)}].
 
 ## Use
