@@ -7,6 +7,10 @@ STAMP := $(VENV)/.installed-stamp
 # re-runs the device tests there on bundles .venv exported (the portable backend, docs/design.md section 9).
 STOCK := .venv-stock
 STOCK_STAMP := $(STOCK)/.installed-stamp
+# The Hugging Face stack (optimum-onnx, transformers, stock onnxruntime, torch CPU): `make test` loads a
+# `vqt-edge package --format hf` folder there as an app would (tests/test_hf_package.py, docs/deploy.md).
+HF := .venv-hf
+HF_STAMP := $(HF)/.installed-stamp
 BUNDLES := build/test-bundles
 FMNIST := /usr/share/datasets/fashion-mnist
 # The browser page (docs/browser.md): onnxruntime-web from npm (package-lock.json), Debian's Chromium,
@@ -26,6 +30,11 @@ $(STOCK_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(STOCK)
 	$(STOCK)/bin/pip install -q -e '.[device,test]'
 	touch $(STOCK_STAMP)
+
+$(HF_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(HF)
+	$(HF)/bin/pip install -q -e '.[hf,test]'
+	touch $(HF_STAMP)
 
 install: $(STAMP)
 
@@ -53,14 +62,15 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint $(STOCK_STAMP) data web
+test: lint $(STOCK_STAMP) $(HF_STAMP) data web
 	VQT_EDGE_REQUIRE_WEB=1 OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q tests
 	rm -rf $(BUNDLES) && $(BIN)/python -m tests.fixture_bundles $(BUNDLES)
 	VQT_EDGE_TEST_BUNDLES=$(abspath $(BUNDLES)) OMP_NUM_THREADS=2 $(STOCK)/bin/python -m pytest -q \
-		tests/test_device.py tests/test_portable.py tests/test_memory_portable.py
+		tests/test_device.py tests/test_portable.py tests/test_memory_portable.py tests/test_model_metadata.py
+	VQT_EDGE_HF_BUNDLE=$(abspath $(BUNDLES))/tiny OMP_NUM_THREADS=2 $(HF)/bin/python -m pytest -q tests/test_hf_package.py
 
 demo: $(STAMP) data
 	$(BIN)/python examples/demo.py --out demo_out
 
 clean:
-	rm -rf $(VENV) $(STOCK) $(BUNDLES) demo_out node_modules
+	rm -rf $(VENV) $(STOCK) $(HF) $(BUNDLES) demo_out node_modules

@@ -34,7 +34,7 @@ from vqt_edge.memory import (BundleFootprint, Plan, available_mb, choose, defaul
                              peak_rss_mb, predict_peak, trim_malloc)
 from vqt_edge.progress import Counter, OnProgress, Progress, log_progress
 from vqt_edge.config import TrainConfig
-from vqt_edge.run_folder import RUN_FILE, RunFolder
+from vqt_edge.run_folder import ADAPTER, RUN_FILE, RunFolder
 from vqt_edge.optim import lr_at
 
 log = logging.getLogger("vqt_edge")  # the default for messages; the CLI and the API pass their own
@@ -403,7 +403,8 @@ class Trainer:
         def write_model(path: Path) -> None:
             self.backend = self.store = self.backbone = self.feed_buffers = None  # free before merging the model
             trim_malloc()
-            build_model(self.bundle, m, adapter, path)
+            build_model(self.bundle, m, adapter, path, classes=self.data.classes,
+                        adapter_sha256=mf.sha256_file(self.folder.path / ADAPTER))  # written just before
 
         self.folder.write_outputs(lambda path: save_adapter(path, adapter, m),
                                   adapter_config.from_manifest(m, self.data.classes), write_model,

@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # the real imports happen in the functions
     from vqt_edge.manifest import Manifest
     from vqt_edge.progress import OnProgress
 
-__all__ = ["TrainConfig", "export", "train", "evaluate", "predict", "predictions", "load_adapter"]
+__all__ = ["TrainConfig", "export", "train", "evaluate", "predict", "predictions", "load_adapter", "package"]
 
 log = logging.getLogger("vqt_edge")
 Progress = Callable[[str], None]
@@ -151,17 +151,32 @@ def evaluate(run: PathLike, data: PathLike, batch_size: int = 32, device: str = 
     return run_evaluate(FinishedRun.open(Path(run), device), Path(data), batch_size)
 
 
-def predict(run: PathLike, images: Sequence[PathLike], batch_size: int = 32, device: str = "cpu") -> list[dict]:
-    """One {path, label, logits} per image through the run's model.onnx; an unreadable image gives
+def predict(run: PathLike | None, images: Sequence[PathLike], batch_size: int = 32, device: str = "cpu", *,
+            model: PathLike | None = None) -> list[dict]:
+    """One {path, label, logits} per image through the run's model.onnx (or, with `model` instead of a
+    run, a model.onnx alone: it carries its classes and preprocessing); an unreadable image gives
     {path, error} instead (the CLI prints those as warnings and exits 2)."""
-    return list(predictions(run, images, batch_size, device))
+    return list(predictions(run, images, batch_size, device, model=model))
 
 
-def predictions(run: PathLike, images: Sequence[PathLike], batch_size: int = 32, device: str = "cpu") -> Iterator[dict]:
+def predictions(run: PathLike | None, images: Sequence[PathLike], batch_size: int = 32, device: str = "cpu", *,
+                model: PathLike | None = None) -> Iterator[dict]:
     """`predict`, one result at a time as batches finish: memory does not grow with the number of images."""
     from device_runner.evaluate import FinishedRun, predict as run_predict
+    from device_runner.model_file import open_model
 
-    return run_predict(FinishedRun.open(Path(run), device), [Path(p) for p in images], batch_size)
+    if (run is None) == (model is None):
+        raise UserError("give one of --run RUN or --model model.onnx")
+    opened = open_model(Path(model), device) if model is not None else FinishedRun.open(Path(run), device)  # type: ignore[arg-type]
+    return run_predict(opened, [Path(p) for p in images], batch_size)
+
+
+def package(run: PathLike, format: str, out: PathLike) -> list[Path]:
+    """Write a finished run's model for apps into the new folder `out`: "hf" (a folder optimum and
+    transformers load) or "onnx" (model.onnx alone, self-describing); returns the files written."""
+    from device_runner.package import package as write_package
+
+    return write_package(Path(run), format, Path(out))
 
 
 def load_adapter(run_or_dir: PathLike, bundle: PathLike | None = None, device: str = "cpu",

@@ -14,7 +14,7 @@ so reading the source instead changes no prediction, whatever the names were or 
 exporter merged equal tensors. Works on bundles exported before this existed: nothing in the
 bundle format changes.
 
-The merge (onnx_stream.merge_streaming) then leaves the tensor out and `Sharing` rewrites its
+The merge (stream.merge_streaming) then leaves the tensor out and `Sharing` rewrites its
 readers. A MatMul against a stacked weight [Lq, D, D'] becomes Split over the layer axis, one
 MatMul per layer on the source itself, Concat: nothing is materialized, so a loaded model.onnx holds
 each weight once (the query weight reads the whole qkv matrix and keeps the first D output columns:
@@ -22,7 +22,7 @@ each weight once (the query weight reads the whole qkv matrix and keeps the firs
 Unsqueeze + Concat, which onnxruntime folds into a constant at load time; that is kept to small
 tensors because folding holds each intermediate too.
 
-Bounded memory, as the merge (onnx_stream's docstring): head tensors are hashed from the file 1 MiB
+Bounded memory, as the merge (stream.py's docstring): head tensors are hashed from the file 1 MiB
 at a time, and source tensors are read one at a time (the largest, an MLP matrix of ViT-B/16, is
 9 MiB), their transposed and sliced views hashed in 1 MiB slabs.
 """

@@ -29,11 +29,12 @@ from typing import TYPE_CHECKING, BinaryIO, Sequence
 
 import numpy as np
 import onnx
+from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
 from device_runner.onnx_io.wire import (
     GRAPH_DOC, GRAPH_INIT, GRAPH_INPUT, GRAPH_NAME, GRAPH_NODE, GRAPH_OUTPUT, GRAPH_VALUE_INFO, MODEL_DOC,
-    MODEL_GRAPH, MODEL_OPSET, copy_range, fields, graph_span, key, opsets, read, read_varint,
+    MODEL_GRAPH, MODEL_METADATA, MODEL_OPSET, copy_range, fields, graph_span, key, opsets, read, read_varint,
 )
 from vqt_edge.errors import UserError
 
@@ -49,12 +50,14 @@ def _check_no_subgraphs(node: onnx.NodeProto) -> None:
 def merge_streaming(
     frozen: Path, head: Path, out: Path, replace: dict[str, np.ndarray], *, prefix: str = "head/",
     output: str = "logits", doc_string: str | None = None, shared: Sharing | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> None:
     """Write `out` = frozen -> head: every head input is wired to the frozen output of the same
     name, every other head name gets `prefix`, head initializers named in `replace` get those
     values, and the graph's only output is the head's `output` (kept unprefixed). Head
     initializers that `shared` names (device_runner/onnx_io/share.py) are not copied: the nodes that
-    read them are rewritten to read the initializers they equal."""
+    read them are rewritten to read the initializers they equal. `metadata` becomes the model's
+    metadata_props (frozen.onnx's own, if any, are then dropped)."""
     frozen, head, out = Path(frozen), Path(head), Path(out)
     fsize, hsize = frozen.stat().st_size, head.stat().st_size
     tmp_head = out.with_name(out.name + ".head.tmp")
@@ -141,6 +144,8 @@ def merge_streaming(
             kept = [(s, e) for field, s, _, e in fields(fz, g0, g1) if field != GRAPH_OUTPUT]
             with open(out, "wb") as o:
                 for field, s, _, e in fields(fz, 0, fsize):
+                    if field == MODEL_METADATA and metadata is not None:
+                        continue
                     if field != MODEL_GRAPH:
                         copy_range(fz, s, e, o)
                         continue
@@ -157,11 +162,47 @@ def merge_streaming(
                 if doc_string is not None:
                     data = doc_string.encode()
                     o.write(key(MODEL_DOC, len(data)) + data)  # a scalar field seen twice: the last one wins
+                _write_metadata(o, metadata or {})
     except ValueError as e:
         raise UserError(f"cannot merge {frozen} and {head} into {out}: {e}") from None
     finally:
         if tmp_head.exists():
             os.unlink(tmp_head)
+
+
+def _write_metadata(dst: BinaryIO, metadata: dict[str, str]) -> None:
+    """ModelProto.metadata_props entries; a repeated field, so they may follow the graph."""
+    for name, value in metadata.items():
+        _write(dst, MODEL_METADATA, onnx.StringStringEntryProto(key=name, value=value))
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """A model's metadata_props, read without parsing its graph or weights."""
+    size = Path(path).stat().st_size
+    out = {}
+    try:
+        with open(path, "rb") as f:
+            for field, _, b, e in fields(f, 0, size):
+                if field == MODEL_METADATA:
+                    entry = onnx.StringStringEntryProto.FromString(read(f, b, e))
+                    out[entry.key] = entry.value
+    except (ValueError, DecodeError) as e:  # DecodeError: a damaged entry (also bad UTF-8)
+        raise UserError(f"{path}: not an ONNX model ({e})") from None
+    return out
+
+
+def copy_with_metadata(src: Path, out: Path, metadata: dict[str, str]) -> None:
+    """Write `out` = `src` with its metadata_props replaced by `metadata`; everything else is copied
+    through in chunks, byte for byte."""
+    size = Path(src).stat().st_size
+    try:
+        with open(src, "rb") as f, open(out, "wb") as o:
+            for field, s, _, e in fields(f, 0, size):
+                if field != MODEL_METADATA:
+                    copy_range(f, s, e, o)
+            _write_metadata(o, metadata)
+    except ValueError as e:
+        raise UserError(f"cannot copy {src} to {out}: {e}") from None
 
 
 def _replacement(serialized: bytes, value: np.ndarray, name: str, same_shape: bool) -> bytes:

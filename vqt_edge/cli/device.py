@@ -80,13 +80,15 @@ def eval_cmd(run_dir: Path, data: Path, batch_size: int, device: str, as_json: b
 
 
 @click.command()
-@click.option("--run", "run_dir", type=PATH, required=True, help="A finished run folder.")
+@click.option("--run", "run_dir", type=PATH, help="A finished run folder.")
+@click.option("--model", "model_file", type=PATH,
+              help="Instead of --run: a model.onnx alone (it carries its classes and preprocessing; docs/deploy.md).")
 @click.argument("images", nargs=-1, required=True, type=PATH)
 @click.option("--recursive", "-r", is_flag=True, help="A folder among IMAGE...: its sub-folders' images too.")
 @config_options(TrainConfig, ["batch_size", "device"], batch_size={"help": "Images per batch."})
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list: one {path, label, logits} per image.")
 @device_command
-def predict(run_dir: Path, images: tuple[Path, ...], recursive: bool, batch_size: int, device: str, as_json: bool) -> None:
+def predict(run_dir: Path | None, model_file: Path | None, images: tuple[Path, ...], recursive: bool, batch_size: int, device: str, as_json: bool) -> None:
     """Predict the class of each IMAGE with a trained run (streams: memory does not grow with the count).
 
     A folder stands for the images in it, sorted by name (with --recursive, in its sub-folders too).
@@ -95,10 +97,11 @@ def predict(run_dir: Path, images: tuple[Path, ...], recursive: bool, batch_size
     from vqt_edge import api
 
     paths = list(image_paths(images, recursive))
+    results = api.predictions(run_dir, paths, batch_size, device, model=model_file)  # opened before any output
     failed = 0
     if as_json:
         click.echo("[", nl=False)
-    for i, result in enumerate(api.predictions(run_dir, paths, batch_size, device)):
+    for i, result in enumerate(results):
         if "error" in result:
             failed += 1
             click.echo(f"warning: {result['error']}", err=True)

@@ -32,7 +32,7 @@ from vqt_edge import manifest as mf
 from vqt_edge.calibrate import calibrate_head
 from vqt_edge.manifest import Manifest
 from vqt_edge.memory import peak_rss_mb
-from vqt_edge.run_folder import MODEL, RunFolder
+from vqt_edge.run_folder import ADAPTER, MODEL, RunFolder
 
 SETTINGS = "fleet.json"
 ROUNDS = "rounds"
@@ -186,7 +186,8 @@ def run_fleet(grid: Grid, settings: FleetSettings) -> dict:
             total = sum(c[NUM_EXAMPLES] for c in record["clients"])
             record["train_loss"] = sum(c["train_loss"] * c[NUM_EXAMPLES] for c in record["clients"]) / total
         if test is not None:
-            build_model(bundle, manifest, tensors, run / ROUNDS / MODEL)
+            build_model(bundle, manifest, tensors, run / ROUNDS / MODEL, classes=settings.classes,
+                        adapter_sha256=mf.sha256_file(path))
             record["test_acc"] = test.accuracy(run / ROUNDS / MODEL)
         folder.append_metrics(record)
         return MetricRecord({"test_acc": record["test_acc"]}) if "test_acc" in record else None
@@ -204,7 +205,7 @@ def run_fleet(grid: Grid, settings: FleetSettings) -> dict:
         final, calibration = _calibrate(grid, settings, final, mf.sha256_file(bundle / mf.MANIFEST))
         save_adapter(run / ROUNDS / "calibrated.safetensors", final, manifest)
         if test is not None:
-            build_model(bundle, manifest, final, run / ROUNDS / MODEL)
+            build_model(bundle, manifest, final, run / ROUNDS / MODEL, classes=settings.classes)
             calibration["test_acc"] = test.accuracy(run / ROUNDS / MODEL)
     return _finish(run, bundle, manifest, settings, final, time.perf_counter() - t0, calibration)
 
@@ -240,7 +241,8 @@ def _finish(run: Path, bundle: Path, manifest: Manifest, settings: FleetSettings
     folder = RunFolder(run)
     folder.write_outputs(lambda path: save_adapter(path, tensors, manifest),
                          adapter_config.from_manifest(manifest, settings.classes),
-                         lambda path: build_model(bundle, manifest, tensors, path),
+                         lambda path: build_model(bundle, manifest, tensors, path, classes=settings.classes,
+                                                     adapter_sha256=mf.sha256_file(run / ADAPTER)),
                          f"the aggregated tensors are in {run / ROUNDS}; free space and run the fleet again")
     folder.start(bundle, settings.classes, data=None, val=None, fleet=asdict(settings))
     rounds = folder.metrics()
