@@ -58,9 +58,10 @@ def _register_commands() -> None:
     from vqt_edge.cli.device import eval_cmd, predict, train
     from vqt_edge.cli.export import export
     from vqt_edge.cli.fleet import fleet
+    from vqt_edge.cli.info import info
     from vqt_edge.cli.tune import tune
 
-    for command in (export, train, eval_cmd, predict, plan, sweep, tune, fleet):
+    for command in (export, train, eval_cmd, predict, plan, sweep, tune, fleet, info):
         cli.add_command(command)
 
 
