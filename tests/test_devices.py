@@ -120,34 +120,9 @@ def device_runs(tiny_bundle, small_task, tmp_path_factory):
         if target not in _RUNS:
             work = tmp_path_factory.mktemp(target)
             ref, killed = work / "reference", work / "killed"
-            info = json.loads(
-                run_on(
-                    target,
-                    "info",
-                    "--bundle",
-                    tiny_bundle,
-                    "--data",
-                    small_task["train"],
-                    "--run",
-                    ref,
-                    "--json",
-                    cwd=work,
-                ).stdout
-            )
-            train = run_on(
-                target,
-                "train",
-                "--bundle",
-                tiny_bundle,
-                "--data",
-                small_task["train"],
-                "--run",
-                ref,
-                "--test",
-                small_task["test"],
-                *TRAIN,
-                cwd=work,
-            )
+            source = ["--bundle", tiny_bundle, "--data", small_task["train"]]
+            info = json.loads(run_on(target, "info", *source, "--run", ref, "--json", cwd=work).stdout)
+            train = run_on(target, "train", *source, "--run", ref, "--test", small_task["test"], *TRAIN, cwd=work)
             _killed_then_resumed(target, tiny_bundle, small_task["train"], killed, work)
             evaluated = json.loads(
                 run_on(target, "eval", "--run", ref, "--data", small_task["test"], "--json", cwd=work).stdout
