@@ -70,7 +70,8 @@ $(DEVICES)/qemu/.stamp:
 
 # The project's own wheel and its `device` extra for the target's platform (a wrong marker fails here).
 $(DEVICES)/%-cp313/.stamp: $(STAMP) $(DEVICE_SOURCES) tests/devices/python
-	rm -rf $(@D) $(DEVICES)/wheel && $(BIN)/pip wheel -q --no-deps -w $(DEVICES)/wheel .
+	# setuptools reuses build/lib: a module removed from the sources would stay in the wheel
+	rm -rf $(@D) $(DEVICES)/wheel build/lib build/bdist.* && $(BIN)/pip wheel -q --no-deps -w $(DEVICES)/wheel .
 	$(BIN)/pip install -q --no-warn-conflicts --target $(@D)/site --platform manylinux_2_28_$* --platform manylinux2014_$* \
 		--python-version 3.13 --implementation cp --abi cp313 --only-binary=:all: "$$(ls $(DEVICES)/wheel/*.whl)[device]" pytest
 	mkdir -p $(@D)/bin && cp tests/devices/python $(@D)/bin/python

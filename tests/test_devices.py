@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from tests.conftest import make_task, run_cli
+from tests.conftest import REPO, make_task, run_cli
 from vqt_edge.run_folder import CHECKPOINTS
 
 DEVICES = os.environ.get("VQT_EDGE_DEVICES")
@@ -163,6 +163,9 @@ def test_wheel_with_device_extra_has_stock_onnxruntime_and_no_torch(target):
     assert (site / "onnxruntime").is_dir() and not (site / "onnxruntime" / "training").exists()
     assert not (site / "torch").exists() and not list(site.glob("onnxruntime_training*"))
     assert list(site.glob("vqt_edge-*.dist-info")), "the project's wheel is not installed"
+    for package in ("vqt_edge", "device_runner"):  # the checkout's modules, no stale ones from an older build
+        installed = {p.relative_to(site).as_posix() for p in (site / package).rglob("*.py")}
+        assert installed == {p.relative_to(REPO).as_posix() for p in (REPO / package).rglob("*.py")}
 
 
 @pytest.mark.parametrize("target", TARGETS)
