@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-#: The onnxruntime distributions that provide `import onnxruntime` (README, "Installing").
+#: The onnxruntime distributions that provide `import onnxruntime` (docs/install.md).
 ORT_PACKAGES = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-training", "onnxruntime-training-cpu")
 DEFAULT_IMAGES = 1000  # as `plan`: without --data, a run of this many images is planned
 
