@@ -1,7 +1,7 @@
 """`vqt-edge`: the command line, one module per command group.
 
 export.py (workstation: checkpoint -> bundle), device.py (train, eval, predict), budget.py (plan,
-sweep), tune.py, fleet.py, package.py, web.py
+sweep), tune.py, fleet.py, package.py, info.py, web.py
 (the browser page, `import-adapter`). Every command is a thin layer of option parsing over the Python API
 (vqt_edge/api.py) or the fleet apps; process-wide settings (logging here, torch blocked and lean
 malloc in options.device_command, signal handling through the API's `process_wide`) happen only in
@@ -59,11 +59,12 @@ def _register_commands() -> None:
     from vqt_edge.cli.device import eval_cmd, predict, train
     from vqt_edge.cli.export import export
     from vqt_edge.cli.fleet import fleet
+    from vqt_edge.cli.info import info
     from vqt_edge.cli.package import package_cmd
     from vqt_edge.cli.tune import tune
     from vqt_edge.cli.web import import_adapter, web
 
-    for command in (export, train, eval_cmd, predict, plan, sweep, tune, fleet, package_cmd, web, import_adapter):
+    for command in (export, train, eval_cmd, predict, plan, sweep, tune, fleet, package_cmd, info, web, import_adapter):
         cli.add_command(command)
 
 

@@ -12,7 +12,19 @@ from pathlib import Path
 from vqt_edge.errors import UserError
 
 MiB = 2**20
-_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "KIB": 2**10, "M": 2**20, "MB": 2**20, "MIB": 2**20, "G": 2**30, "GB": 2**30, "GIB": 2**30}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 2**10,
+    "KB": 2**10,
+    "KIB": 2**10,
+    "M": 2**20,
+    "MB": 2**20,
+    "MIB": 2**20,
+    "G": 2**30,
+    "GB": 2**30,
+    "GIB": 2**30,
+}
 
 
 def peak_rss_mb() -> float:
@@ -49,6 +61,16 @@ def available_mb(meminfo: Path = Path("/proc/meminfo"), cgroup: Path = Path("/sy
     neither can be read (not Linux)."""
     if os.environ.get(AVAILABLE_ENV):
         return parse_size_mb(os.environ[AVAILABLE_ENV])
+    found = meminfo_available_mb(meminfo)
+    limited = cgroup_memory_mb(cgroup)
+    if limited is not None:
+        left = limited[0] - limited[1]
+        found = left if found is None else min(found, left)
+    return found
+
+
+def meminfo_available_mb(meminfo: Path = Path("/proc/meminfo")) -> float | None:
+    """MemAvailable in MiB; None where /proc/meminfo cannot be read."""
     found = None
     try:
         for line in meminfo.read_text().splitlines():
@@ -56,14 +78,18 @@ def available_mb(meminfo: Path = Path("/proc/meminfo"), cgroup: Path = Path("/sy
                 found = int(line.split()[1]) / 1024
     except (OSError, ValueError, IndexError):
         pass
+    return found
+
+
+def cgroup_memory_mb(cgroup: Path = Path("/sys/fs/cgroup")) -> tuple[float, float] | None:
+    """(memory.max, memory.current) of this cgroup v2 in MiB; None without a limit or a cgroup v2."""
     try:
         limit = (cgroup / "memory.max").read_text().strip()
         if limit != "max":
-            left = (int(limit) - int((cgroup / "memory.current").read_text())) / MiB
-            found = left if found is None else min(found, left)
+            return int(limit) / MiB, int((cgroup / "memory.current").read_text()) / MiB
     except (OSError, ValueError):
         pass
-    return found
+    return None
 
 
 #: glibc's M_MMAP_THRESHOLD (mallopt parameter number) and the value the device commands set.
