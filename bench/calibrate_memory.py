@@ -50,12 +50,13 @@ def child(args) -> None:
 
     import numpy as np
 
-    from device_runner import ort
-    from device_runner import trainer  # noqa: F401  (everything `train` imports)
+    from device_runner import (
+        ort,
+        trainer,  # noqa: F401  (everything `train` imports)
+    )
     from device_runner.deploy import build_model
     from device_runner.features import FeatureStore, FrozenBackbone
     from vqt_edge import manifest as mf
-
     from vqt_edge.memory import lean_malloc, trim_malloc
 
     lean_malloc()  # as `train` does
@@ -172,7 +173,9 @@ def child(args) -> None:
         rec["resident_after_steps"] = status()["VmRSS"] - base
         from vqt_edge.memory import BundleFootprint
 
-        rec["step_fed"] = mb * BundleFootprint.from_bundle(bundle).step_fed_per_sample / 2**20  # fed rows (+ a Cast's copy)
+        rec["step_fed"] = (
+            mb * BundleFootprint.from_bundle(bundle).step_fed_per_sample / 2**20
+        )  # fed rows (+ a Cast's copy)
         rec["feed_fp32"] = mb * sum(int(np.prod(s)) * 4 for s, _ in m.spec.frozen_output_specs.values()) / 2**20
         import tempfile
 
@@ -199,8 +202,9 @@ def child(args) -> None:
             rec["model_bytes"] = path.stat().st_size
             base = reset_peak()
             # as `eval` and `train --test` open it (device_runner/evaluate.py): no prepacking
-            session = ort.onnxruntime().InferenceSession(str(path), sess_options=ort.session_options(prepack=False),
-                                                         providers=["CPUExecutionProvider"])
+            session = ort.onnxruntime().InferenceSession(
+                str(path), sess_options=ort.session_options(prepack=False), providers=["CPUExecutionProvider"]
+            )
             st = status()
             rec["load_peak"], rec["load_resident"] = st["VmHWM"] - base, st["VmRSS"] - base
             pixels = rng.standard_normal((b, a.channels, a.image_size, a.image_size), dtype=np.float32)
@@ -236,13 +240,21 @@ def main() -> None:
 
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     bundle = Path(args.bundle)
-    files = {p.relative_to(bundle).as_posix(): p.stat().st_size for p in [*bundle.glob("*.onnx"), *bundle.glob("train/*")]}
-    print(json.dumps({"bundle": args.bundle, "files_mib": {k: round(v / 2**20, 1) for k, v in files.items()}}), flush=True)
-    runs = {"baseline": [("0", {})], "store": [(v, {}) for v in args.store.split(",")],
-            "frozen": [(v, {"prepack": pp}) for pp in (1, 0) for v in args.frozen.split(",")],
-            "module": [(v, {}) for v in args.micro.split(",")], "finish": [(v, {}) for v in args.micro.split(",")[:1]],
-            "portable": [(v, {"arena": ar}) for ar in (1, 0) for v in args.portable.split(",")],
-            "model": [(v, {}) for v in args.model.split(",")]}
+    files = {
+        p.relative_to(bundle).as_posix(): p.stat().st_size for p in [*bundle.glob("*.onnx"), *bundle.glob("train/*")]
+    }
+    print(
+        json.dumps({"bundle": args.bundle, "files_mib": {k: round(v / 2**20, 1) for k, v in files.items()}}), flush=True
+    )
+    runs = {
+        "baseline": [("0", {})],
+        "store": [(v, {}) for v in args.store.split(",")],
+        "frozen": [(v, {"prepack": pp}) for pp in (1, 0) for v in args.frozen.split(",")],
+        "module": [(v, {}) for v in args.micro.split(",")],
+        "finish": [(v, {}) for v in args.micro.split(",")[:1]],
+        "portable": [(v, {"arena": ar}) for ar in (1, 0) for v in args.portable.split(",")],
+        "model": [(v, {}) for v in args.model.split(",")],
+    }
     records = []
     for what in args.only.split(","):
         if what in ("module", "finish") and not has_training_api():
@@ -251,8 +263,25 @@ def main() -> None:
             continue
         for v, flags in runs[what]:
             extra = [x for k, f in flags.items() for x in (f"--{k}", str(f))]
-            out = subprocess.run([sys.executable, __file__, "--bundle", args.bundle, "--child", what, "--value", v,
-                                  "--steps", str(args.steps), *extra], check=True, env=env, capture_output=True, text=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--bundle",
+                    args.bundle,
+                    "--child",
+                    what,
+                    "--value",
+                    v,
+                    "--steps",
+                    str(args.steps),
+                    *extra,
+                ],
+                check=True,
+                env=env,
+                capture_output=True,
+                text=True,
+            )
             print(out.stdout, end="", flush=True)
             records.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(json.dumps({"constants": constants(records, files)}), flush=True)
@@ -300,12 +329,18 @@ def constants(records: list[dict], files: dict[str, int]) -> dict:
                 per = (hi["step_peak"] - lo["step_peak"]) / (int(hi["value"]) - int(lo["value"]))
                 out[f"step_fixed_mib{tag}"] = round(lo["step_peak"] - per * int(lo["value"]), 1)
             out[f"step_peak_mib{tag}"] = {r["value"]: r["step_peak"] for r in rows}
-            out["portable_checkpoint"] = {"bytes": rows[0]["ckpt_bytes"], "save_ms": rows[0]["ckpt_save_ms"],
-                                          "save_peak_mib": rows[0]["ckpt_save_peak"]}
+            out["portable_checkpoint"] = {
+                "bytes": rows[0]["ckpt_bytes"],
+                "save_ms": rows[0]["ckpt_save_ms"],
+                "save_peak_mib": rows[0]["ckpt_save_peak"],
+            }
     rows = [r for r in records if r["what"] == "module"]
     if rows:
-        out["ort_checkpoint"] = {"bytes": rows[0]["ckpt_bytes"], "save_ms": rows[0]["ckpt_save_ms"],
-                                 "save_peak_mib": rows[0]["ckpt_save_peak"]}
+        out["ort_checkpoint"] = {
+            "bytes": rows[0]["ckpt_bytes"],
+            "save_ms": rows[0]["ckpt_save_ms"],
+            "save_peak_mib": rows[0]["ckpt_save_peak"],
+        }
     rows = [r for r in records if r["what"] == "model"]
     if rows:
         size = rows[0]["model_bytes"] / mib

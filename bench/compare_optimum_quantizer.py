@@ -34,8 +34,9 @@ def main(src: Path) -> None:
     const_b = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
     quantizer = ORTQuantizer.from_pretrained(tmp / "split", file_name="model.onnx")
     for name, nodes in (("preset", None), ("restricted", const_b)):
-        config = AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=False, operators_to_quantize=["MatMul"],
-                                                    nodes_to_quantize=nodes)
+        config = AutoQuantizationConfig.avx512_vnni(
+            is_static=False, per_channel=False, operators_to_quantize=["MatMul"], nodes_to_quantize=nodes
+        )
         quantizer.quantize(save_dir=tmp / name, quantization_config=config)
     inputs = ort.InferenceSession(str(src)).get_inputs()[0]
     size = inputs.shape[-1]
@@ -53,8 +54,10 @@ def main(src: Path) -> None:
     for name in ("preset", "restricted"):
         path = tmp / name / "model_quantized.onnx"
         theirs = run(path)
-        print(f"optimum {name}: max |out - fp32| {diff(theirs, fp32)}, max |out - vqt-edge| {diff(theirs, ours)}, "
-              f"{path.stat().st_size} bytes, byte-identical to vqt-edge: {path.read_bytes() == (tmp / 'ours.onnx').read_bytes()}")
+        print(
+            f"optimum {name}: max |out - fp32| {diff(theirs, fp32)}, max |out - vqt-edge| {diff(theirs, ours)}, "
+            f"{path.stat().st_size} bytes, byte-identical to vqt-edge: {path.read_bytes() == (tmp / 'ours.onnx').read_bytes()}"
+        )
 
 
 if __name__ == "__main__":

@@ -43,13 +43,18 @@ def main() -> None:
     src = (np.random.default_rng(0).standard_normal(shape, dtype=np.float32) * 3).astype(np.float16)
     out = np.empty(shape, np.float32)
 
-    graph = helper.make_graph([helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT)], "cast",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT16, None)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT)],
+        "cast",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, None)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     rt = ort.onnxruntime()
-    session = rt.InferenceSession(model.SerializeToString(), step_session_options(1), providers=["CPUExecutionProvider"])  # arena on, as a step
+    session = rt.InferenceSession(
+        model.SerializeToString(), step_session_options(1), providers=["CPUExecutionProvider"]
+    )  # arena on, as a step
 
     rows = {
         "numpy": _cpu_seconds(lambda: np.copyto(out, src), args.repeat),
@@ -58,8 +63,10 @@ def main() -> None:
     }
     fp16_to_fp32(src, out)
     assert np.array_equal(out.view(np.uint32), src.astype(np.float32).view(np.uint32))
-    print(f"{args.model} K at batch {args.batch_size}: {shape}, {src.size / 1e6:.1f} M values, 1 thread, "
-          f"median of {args.repeat}, CPU s; onnx {onnx.__version__}, numpy {np.__version__}")
+    print(
+        f"{args.model} K at batch {args.batch_size}: {shape}, {src.size / 1e6:.1f} M values, 1 thread, "
+        f"median of {args.repeat}, CPU s; onnx {onnx.__version__}, numpy {np.__version__}"
+    )
     print("| conversion | s | x numpy | G values/s |\n|---|---:|---:|---:|")
     for name, s in rows.items():
         print(f"| {name} | {s:.4f} | {s / rows['numpy']:.2f} | {src.size / s / 1e9:.2f} |")

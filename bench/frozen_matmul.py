@@ -25,11 +25,14 @@ from onnx import TensorProto, helper, numpy_helper
 def _session(nodes: list, inputs: list[str], output: str, weight: np.ndarray, threads: int):
     vi = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, None)  # noqa: E731
     graph = helper.make_graph(nodes, "g", [vi(n) for n in inputs], [vi(output)], [numpy_helper.from_array(weight, "W")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)  # ORT 1.19 reads IR <= 10
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8
+    )  # ORT 1.19 reads IR <= 10
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
-    return onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"],
-                                        disabled_optimizers=["ConstantFolding"])  # as device_runner's step session
+    return onnxruntime.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"], disabled_optimizers=["ConstantFolding"]
+    )  # as device_runner's step session
 
 
 def _cpu_seconds(run, repeats: int) -> float:
@@ -58,13 +61,21 @@ def main() -> None:
     mm, tr = helper.make_node, lambda a, b: helper.make_node("Transpose", [a], [b], perm=[0, 2, 1])
     forward = _session([mm("MatMul", ["x", "W"], ["y"])], ["x"], "y", w, args.threads)
     as_b = _session([tr("W", "Wt"), mm("MatMul", ["dy", "Wt"], ["dx"])], ["dy"], "dx", w, args.threads)
-    as_a = _session([tr("dy", "dyt"), mm("MatMul", ["W", "dyt"], ["dxt"]), tr("dxt", "dx")], ["dy"], "dx", w, args.threads)
+    as_a = _session(
+        [tr("dy", "dyt"), mm("MatMul", ["W", "dyt"], ["dxt"]), tr("dxt", "dx")], ["dy"], "dx", w, args.threads
+    )
     diff = float(np.abs(as_b.run(None, {"dy": dy})[0] - as_a.run(None, {"dy": dy})[0]).max())
-    print(f"onnxruntime {onnxruntime.__version__}, {args.threads} thread(s), W [{args.layers}, {args.k}, {args.n}], "
-          f"{args.rows} rows; CPU seconds per call (median of {args.repeats})")
+    print(
+        f"onnxruntime {onnxruntime.__version__}, {args.threads} thread(s), W [{args.layers}, {args.k}, {args.n}], "
+        f"{args.rows} rows; CPU seconds per call (median of {args.repeats})"
+    )
     print(f"forward   x @ W          {_cpu_seconds(lambda: forward.run(None, {'x': x}), args.repeats):.4f}")
-    print(f"backward  dy @ W^T       {_cpu_seconds(lambda: as_b.run(None, {'dy': dy}), args.repeats):.4f}  (W as B: packed every call)")
-    print(f"backward  (W @ dy^T)^T   {_cpu_seconds(lambda: as_a.run(None, {'dy': dy}), args.repeats):.4f}  (W as A: read in place)")
+    print(
+        f"backward  dy @ W^T       {_cpu_seconds(lambda: as_b.run(None, {'dy': dy}), args.repeats):.4f}  (W as B: packed every call)"
+    )
+    print(
+        f"backward  (W @ dy^T)^T   {_cpu_seconds(lambda: as_a.run(None, {'dy': dy}), args.repeats):.4f}  (W as A: read in place)"
+    )
     print(f"largest difference between the two backward forms: {diff:.2g}")
 
 

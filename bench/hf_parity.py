@@ -25,8 +25,9 @@ from vqt_edge.preprocess import load_rgb, preprocess
 def main(hf: Path, model: Path, images: Path) -> None:
     paths = sorted(p for p in images.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     cli = [sys.executable, "-c", "from vqt_edge.cli import main; main()"]
-    out = subprocess.run([*cli, "predict", "--model", str(model), "--json", *map(str, paths)],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [*cli, "predict", "--model", str(model), "--json", *map(str, paths)], capture_output=True, text=True, check=True
+    )
     predicted = json.loads(out.stdout)
     ort_model = ORTModelForImageClassification.from_pretrained(hf)
     processor = AutoImageProcessor.from_pretrained(hf)
@@ -46,9 +47,11 @@ def main(hf: Path, model: Path, images: Path) -> None:
         ours = preprocess(load_rgb(path), size, processor.image_mean, processor.image_std)
         worst_pixel = max(worst_pixel, float(np.abs(hf_pixels - ours).max() * max(processor.image_std) * 255))
     accuracy = np.mean([r["label"] == Path(r["path"]).parent.name for r in predicted])
-    print(f"{len(paths)} images; largest logit difference: load_rgb-decoded {worst['load_rgb']:.2g}, "
-          f"path-decoded {worst['path']:.2g}; top-1 equal {same}/{len(paths)}; largest pixel difference "
-          f"{worst_pixel:.2g} (0-255 steps); accuracy by folder {accuracy:.4f}")
+    print(
+        f"{len(paths)} images; largest logit difference: load_rgb-decoded {worst['load_rgb']:.2g}, "
+        f"path-decoded {worst['path']:.2g}; top-1 equal {same}/{len(paths)}; largest pixel difference "
+        f"{worst_pixel:.2g} (0-255 steps); accuracy by folder {accuracy:.4f}"
+    )
 
 
 if __name__ == "__main__":

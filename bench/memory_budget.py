@@ -25,45 +25,90 @@ RESULTS = REPO / "bench" / "results"
 
 
 def run_one(bundle: Path, data: Path, run: Path, budget: str, backend: str, batch: int, test: bool) -> dict:
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "vqt_edge.cli", "train", "--bundle", str(bundle), "--data", str(data),
-           "--run", str(run), "--epochs", "1", "--batch-size", str(batch), "--threads", "1", "--memory-budget", budget,
-           "--backend", backend, *(["--test", str(data)] if test else [])]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
-                                                                            "PYTHONPATH": str(REPO)})
+    cmd = [
+        "/usr/bin/time",
+        "-v",
+        sys.executable,
+        "-m",
+        "vqt_edge.cli",
+        "train",
+        "--bundle",
+        str(bundle),
+        "--data",
+        str(data),
+        "--run",
+        str(run),
+        "--epochs",
+        "1",
+        "--batch-size",
+        str(batch),
+        "--threads",
+        "1",
+        "--memory-budget",
+        budget,
+        "--backend",
+        backend,
+        *(["--test", str(data)] if test else []),
+    ]
+    out = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
+    )
     return record(budget, backend, test, out.returncode, out.stdout + out.stderr, run)
 
 
 def record(budget: str, backend: str, test: bool, rc: int, log: str, run: Path) -> dict:
     """One row: what the run chose, its predicted and its measured peak (time -v, MiB)."""
     peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", log)
-    rec = {"budget": budget, "backend_asked": backend, "test": test, "exit": rc,
-           "measured_mb": round(int(peak.group(1)) / 1024, 1) if peak else None}
+    rec = {
+        "budget": budget,
+        "backend_asked": backend,
+        "test": test,
+        "exit": rc,
+        "measured_mb": round(int(peak.group(1)) / 1024, 1) if peak else None,
+    }
     refused = re.search(r"error: (.*)", log)
     if refused:
         rec["error"] = refused.group(1)
     summary = run / "summary.json"
     if summary.exists():
         s = json.loads(summary.read_text())
-        rec.update(plan=s["memory_plan"], predicted_mb=s["predicted_peak_mb"], vmhwm_mb=s["peak_rss_mb"],
-                   phases_measured=s["peak_rss_mb_after"], seconds_per_step=s["seconds_per_step"])
+        rec.update(
+            plan=s["memory_plan"],
+            predicted_mb=s["predicted_peak_mb"],
+            vmhwm_mb=s["peak_rss_mb"],
+            phases_measured=s["peak_rss_mb_after"],
+            seconds_per_step=s["seconds_per_step"],
+        )
         ckpt = next((p for p in (run / "checkpoint.safetensors", run / "checkpoint") if p.exists()), None)
         rec["checkpoint_bytes"] = ckpt.stat().st_size if ckpt else None
     return rec
 
 
 def markdown(records: list[dict], title: str) -> str:
-    lines = [title, "", "| --memory-budget | --backend | chose | predicted MiB | measured MiB (time -v) | checkpoint |",
-             "|---|---|---|---:|---:|---:|"]
+    lines = [
+        title,
+        "",
+        "| --memory-budget | --backend | chose | predicted MiB | measured MiB (time -v) | checkpoint |",
+        "|---|---|---|---:|---:|---:|",
+    ]
     for r in records:
         if "plan" in r:
             p = r["plan"]
             chose = f"{p['backend']}, kv {p['kv']}, micro-batch {p['micro_batch']}, frozen batch {p['frozen_batch']}"
             ckpt = f"{r['checkpoint_bytes'] / 2**20:.2f} MiB" if r.get("checkpoint_bytes") else ""
-            lines.append(f"| {r['budget']}{' + --test' if r['test'] else ''} | {r['backend_asked']} | {chose} | "
-                         f"{r['predicted_mb']:.0f} | {r['measured_mb']:.0f} | {ckpt} |")
+            lines.append(
+                f"| {r['budget']}{' + --test' if r['test'] else ''} | {r['backend_asked']} | {chose} | "
+                f"{r['predicted_mb']:.0f} | {r['measured_mb']:.0f} | {ckpt} |"
+            )
         else:
-            lines.append(f"| {r['budget']} | {r['backend_asked']} | exit {r['exit']}: {r.get('error', '')} | - | "
-                         f"{r['measured_mb']} | |")
+            lines.append(
+                f"| {r['budget']} | {r['backend_asked']} | exit {r['exit']}: {r.get('error', '')} | - | "
+                f"{r['measured_mb']} | |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -85,7 +130,10 @@ def main() -> None:
         data = random_images(work / "images", args.images, m.spec.arch.image_size, m.spec.num_classes)
         todo = [(b, be, False) for be in args.backends.split(",") for b in args.budgets.split(",")]
         if args.test:
-            todo += [(args.budgets.split(",")[len(args.budgets.split(",")) // 2], be, True) for be in args.backends.split(",")]
+            todo += [
+                (args.budgets.split(",")[len(args.budgets.split(",")) // 2], be, True)
+                for be in args.backends.split(",")
+            ]
         records = []
         for i, (budget, backend, test) in enumerate(todo):
             records.append(run_one(args.bundle, data, work / f"run{i}", budget, backend, args.batch_size, test))
@@ -94,8 +142,10 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "memory_budget.json").write_text(json.dumps(records, indent=2) + "\n")
-    title = (f"`train --memory-budget`, {args.bundle.name}, {args.images} images, batch {args.batch_size}, one epoch, "
-             "--threads 1; measured: /usr/bin/time -v maximum resident set size")
+    title = (
+        f"`train --memory-budget`, {args.bundle.name}, {args.images} images, batch {args.batch_size}, one epoch, "
+        "--threads 1; measured: /usr/bin/time -v maximum resident set size"
+    )
     (RESULTS / "memory_budget.md").write_text(markdown(records, title))
     print(markdown(records, title))
 

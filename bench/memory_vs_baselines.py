@@ -41,6 +41,7 @@ RESULTS = REPO / "bench" / "results"
 
 # -- PyTorch VQT, each in its own process ----------------------------------------------------------
 
+
 def torch_child(mode: str, model: str, batch: int, steps: int, classes: int) -> None:
     import torch
     import torch.nn.functional as F
@@ -95,8 +96,10 @@ def torch_child(mode: str, model: str, batch: int, steps: int, classes: int) -> 
         else:
             with torch.no_grad():
                 cls, keys, values = backbone(x)
-            zs = [query_only(block, keys[:, i], values[:, i], tokens[i].unsqueeze(0)).flatten(1)
-                  for i, block in enumerate(backbone.blocks)]
+            zs = [
+                query_only(block, keys[:, i], values[:, i], tokens[i].unsqueeze(0)).flatten(1)
+                for i, block in enumerate(backbone.blocks)
+            ]
         feats = [cls] + zs
         feats = [f / f.norm(dim=-1, keepdim=True).clamp_min(1e-6) for f in feats]
         return head(torch.cat(feats, dim=-1))
@@ -114,12 +117,21 @@ def torch_child(mode: str, model: str, batch: int, steps: int, classes: int) -> 
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)  # what a step costs even on a shared machine (bench/step_bench.py)
         losses.append(float(loss))
-    print(json.dumps({"peak_mb": round(peak_rss_mb(), 1), "seconds_per_step": round(sum(times[1:] or times) / len(times[1:] or times), 2),
-                      "cpu_seconds_per_step": round(sum(cpu[1:] or cpu) / len(cpu[1:] or cpu), 3),
-                      "losses": losses, "torch_threads": torch.get_num_threads()}))
+    print(
+        json.dumps(
+            {
+                "peak_mb": round(peak_rss_mb(), 1),
+                "seconds_per_step": round(sum(times[1:] or times) / len(times[1:] or times), 2),
+                "cpu_seconds_per_step": round(sum(cpu[1:] or cpu) / len(cpu[1:] or cpu), 3),
+                "losses": losses,
+                "torch_threads": torch.get_num_threads(),
+            }
+        )
+    )
 
 
 # -- vqt-edge runs ---------------------------------------------------------------------------------
+
 
 def cli(*args) -> list[str]:
     return [sys.executable, "-m", "vqt_edge.cli", *map(str, args)]
@@ -130,7 +142,12 @@ def timed(cmd: list[str], log: Path) -> tuple[int, float | None, float]:
     wrap = ["/usr/bin/time", "-v"] if Path("/usr/bin/time").exists() else []
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        rc = subprocess.run(wrap + [str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+        rc = subprocess.run(
+            wrap + [str(c) for c in cmd],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        ).returncode
     wall = time.perf_counter() - t0
     m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", log.read_text(errors="replace"))
     return rc, (int(m.group(1)) / 1024 if m else None), wall
@@ -143,7 +160,9 @@ def random_images(folder: Path, count: int, size: int, classes: int) -> None:
         make(folder, count, size, classes)
 
 
-def run_vqt_edge(name: str, method: str, args, work: Path, data: Path, extra_train: list[str] = (), bundle: Path | None = None) -> dict:
+def run_vqt_edge(
+    name: str, method: str, args, work: Path, data: Path, extra_train: list[str] = (), bundle: Path | None = None
+) -> dict:
     bundle_given = bundle is not None
     bundle = bundle or work / f"bundle_{name}"
     if not bundle_given:
@@ -158,20 +177,48 @@ def run_vqt_edge(name: str, method: str, args, work: Path, data: Path, extra_tra
         print(f"{name}: exported in {wall:.0f} s", flush=True)
     run = work / f"run_{name}"
     shutil.rmtree(run, ignore_errors=True)
-    train = cli("train", "--bundle", bundle, "--data", data, "--run", run, "--epochs", 1, "--batch-size", args.batch_size,
-                *extra_train)
+    train = cli(
+        "train",
+        "--bundle",
+        bundle,
+        "--data",
+        data,
+        "--run",
+        run,
+        "--epochs",
+        1,
+        "--batch-size",
+        args.batch_size,
+        *extra_train,
+    )
     print(f"{name}: training {args.steps} steps at batch {args.batch_size} ...", flush=True)
     rc, time_peak, wall = timed(train, work / f"{name}.train.log")
     if rc or not (run / "summary.json").exists():
-        return {"name": name, "status": f"train failed (exit {rc})", "log": str(work / f"{name}.train.log"),
-                "time_v_peak_mb": time_peak}
+        return {
+            "name": name,
+            "status": f"train failed (exit {rc})",
+            "log": str(work / f"{name}.train.log"),
+            "time_v_peak_mb": time_peak,
+        }
     s = json.loads((run / "summary.json").read_text())
     steps = math.ceil(s["train_images"] / args.batch_size)
-    out = {"name": name, "status": "ok", "peak_mb": s["peak_rss_mb"], "time_v_peak_mb": round(time_peak, 1) if time_peak else None,
-           "predicted_peak_mb": s.get("predicted_peak_mb"), "kv": s.get("kv"), "micro_batch": s.get("micro_batch") or args.batch_size,
-           "seconds_per_step": s.get("seconds_per_step") or round(s["seconds_per_epoch"] / steps, 2), "wall_s": round(wall, 1),
-           "peak_by_phase": s.get("peak_rss_mb_after"), "backend": s.get("backend")}
-    print(f"{name}: peak {out['peak_mb']:.0f} MiB (time -v {out['time_v_peak_mb']}), {out['seconds_per_step']} s/step", flush=True)
+    out = {
+        "name": name,
+        "status": "ok",
+        "peak_mb": s["peak_rss_mb"],
+        "time_v_peak_mb": round(time_peak, 1) if time_peak else None,
+        "predicted_peak_mb": s.get("predicted_peak_mb"),
+        "kv": s.get("kv"),
+        "micro_batch": s.get("micro_batch") or args.batch_size,
+        "seconds_per_step": s.get("seconds_per_step") or round(s["seconds_per_epoch"] / steps, 2),
+        "wall_s": round(wall, 1),
+        "peak_by_phase": s.get("peak_rss_mb_after"),
+        "backend": s.get("backend"),
+    }
+    print(
+        f"{name}: peak {out['peak_mb']:.0f} MiB (time -v {out['time_v_peak_mb']}), {out['seconds_per_step']} s/step",
+        flush=True,
+    )
     return out
 
 
@@ -184,7 +231,9 @@ def main() -> None:
     ap.add_argument("--only", default="vqt,vqt_disk,vqt_planned,vpt,adaptformer,torch_official,torch_nograd")
     ap.add_argument("--work", type=Path, help="Scratch folder (bundles, runs, logs) [default: a temp folder]")
     ap.add_argument("--out", type=Path, default=RESULTS)
-    ap.add_argument("--merge", action="store_true", help="Keep the results of configurations not run now from the existing JSON")
+    ap.add_argument(
+        "--merge", action="store_true", help="Keep the results of configurations not run now from the existing JSON"
+    )
     ap.add_argument("--torch-child", choices=["official", "nograd"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.torch_child:
@@ -210,11 +259,26 @@ def main() -> None:
     if "vqt_disk" in only and vqt_bundle is not None and (vqt_bundle / "manifest.json").exists():
         results.append(run_vqt_edge("vqt_disk", "vqt", args, work, data, ["--kv", "disk"], bundle=vqt_bundle))
     if "vqt_planned" in only and vqt_bundle is not None and (vqt_bundle / "manifest.json").exists():
-        plan = subprocess.run(cli("plan", "--bundle", vqt_bundle, "--memory-budget", "1MB", "--images",
-                                  args.steps * args.batch_size, "--batch-size", args.batch_size, "--json"),
-                              capture_output=True, text=True)
+        plan = subprocess.run(
+            cli(
+                "plan",
+                "--bundle",
+                vqt_bundle,
+                "--memory-budget",
+                "1MB",
+                "--images",
+                args.steps * args.batch_size,
+                "--batch-size",
+                args.batch_size,
+                "--json",
+            ),
+            capture_output=True,
+            text=True,
+        )
         need = json.loads(plan.stdout)["smallest_budget_mb"]
-        r = run_vqt_edge("vqt_planned", "vqt", args, work, data, ["--memory-budget", f"{need:.0f}MB"], bundle=vqt_bundle)
+        r = run_vqt_edge(
+            "vqt_planned", "vqt", args, work, data, ["--memory-budget", f"{need:.0f}MB"], bundle=vqt_bundle
+        )
         r["memory_budget_mb"] = need
         results.append(r)
     shutil.rmtree(work / "bundle_vqt", ignore_errors=True)
@@ -231,15 +295,32 @@ def main() -> None:
         if name not in only:
             continue
         print(f"{name}: {args.steps} steps at batch {args.batch_size} ...", flush=True)
-        cmd = [sys.executable, __file__, "--torch-child", mode, "--model", args.model, "--batch-size", str(args.batch_size),
-               "--steps", str(args.steps), "--classes", str(args.classes)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--torch-child",
+            mode,
+            "--model",
+            args.model,
+            "--batch-size",
+            str(args.batch_size),
+            "--steps",
+            str(args.steps),
+            "--classes",
+            str(args.classes),
+        ]
         rc, time_peak, wall = timed(cmd, work / f"{name}.log")
         lines = [line for line in (work / f"{name}.log").read_text().splitlines() if line.startswith("{")]
         if rc or not lines:
             results.append({"name": name, "status": f"failed (exit {rc})", "log": str(work / f"{name}.log")})
             continue
-        r = {"name": name, "status": "ok", **json.loads(lines[-1]), "time_v_peak_mb": round(time_peak, 1) if time_peak else None,
-             "wall_s": round(wall, 1)}
+        r = {
+            "name": name,
+            "status": "ok",
+            **json.loads(lines[-1]),
+            "time_v_peak_mb": round(time_peak, 1) if time_peak else None,
+            "wall_s": round(wall, 1),
+        }
         print(f"{name}: peak {r['peak_mb']:.0f} MiB, {r['seconds_per_step']} s/step", flush=True)
         results.append(r)
 
@@ -254,9 +335,14 @@ def main() -> None:
             base = next((b for b in results if b["name"] == ref and b["status"] == "ok"), None)
             if base and r.get("peak_mb"):
                 r[f"ratio_to_{ref}"] = round(r["peak_mb"] / base["peak_mb"], 2)
-    record = {"model": args.model, "batch_size": args.batch_size, "steps": args.steps, "machine":
-              f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
-              "measured": time.strftime("%Y-%m-%d %H:%M"), "results": results}
+    record = {
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+        "measured": time.strftime("%Y-%m-%d %H:%M"),
+        "results": results,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "memory_vs_baselines.json").write_text(json.dumps(record, indent=2) + "\n")
     md = markdown(record)
@@ -280,14 +366,18 @@ LABELS = {  # {backend}: the backend the run used (its summary.json); ort-traini
 
 
 def markdown(record: dict) -> str:
-    lines = [f"Peak RSS of the whole training process, {record['model']} (random init), batch {record['batch_size']}, "
-             f"{record['steps']} steps, {record['machine']}, measured {record['measured']}.", "",
-             "Peak: VmHWM of the training process (equal to /usr/bin/time -v's maximum RSS); predicted: "
-             "vqt_edge/memory.py for the vqt-edge runs; x: ratio to the first three VQT rows (RAM / disk / planned); "
-             "s/step: the optimizer step alone "
-             "(2 cores shared with other jobs: indicative only).", "",
-             "| configuration | peak MiB | predicted MiB | x VQT RAM | x VQT disk | x VQT planned | s/step |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Peak RSS of the whole training process, {record['model']} (random init), batch {record['batch_size']}, "
+        f"{record['steps']} steps, {record['machine']}, measured {record['measured']}.",
+        "",
+        "Peak: VmHWM of the training process (equal to /usr/bin/time -v's maximum RSS); predicted: "
+        "vqt_edge/memory.py for the vqt-edge runs; x: ratio to the first three VQT rows (RAM / disk / planned); "
+        "s/step: the optimizer step alone "
+        "(2 cores shared with other jobs: indicative only).",
+        "",
+        "| configuration | peak MiB | predicted MiB | x VQT RAM | x VQT disk | x VQT planned | s/step |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in record["results"]:
         label = LABELS.get(r["name"], r["name"]).format(backend=r.get("backend") or "ort-training")
         if r["name"] == "vqt_planned" and r.get("memory_budget_mb"):

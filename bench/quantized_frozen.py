@@ -35,8 +35,8 @@ def child(args) -> None:
     from device_runner.features import FrozenBackbone
     from vqt_edge.arch import resolve_arch
     from vqt_edge.manifest import Manifest
-    from vqt_edge.spec import AdapterSpec
     from vqt_edge.memory import lean_malloc
+    from vqt_edge.spec import AdapterSpec
 
     lean_malloc()
     ort.onnxruntime()  # imported before the measurement, as in the trainer
@@ -44,12 +44,18 @@ def child(args) -> None:
     work = Path(args.work)
     bundle = work / args.child
     manifest = Manifest(model=args.model, spec=AdapterSpec.create(arch, "vqt", 2), mean=[0.5] * 3, std=[0.5] * 3)
-    pixels = np.random.default_rng(0).standard_normal((args.batch, 3, arch.image_size, arch.image_size), dtype=np.float32)
+    pixels = np.random.default_rng(0).standard_normal(
+        (args.batch, 3, arch.image_size, arch.image_size), dtype=np.float32
+    )
     base = reset_peak()
     fb = FrozenBackbone(bundle, manifest, "cpu", args.threads)
     st = status()
-    rec = {"mode": args.child, "file_mib": round((bundle / "frozen.onnx").stat().st_size / 2**20, 1),
-           "load_peak_mib": round(st["VmHWM"] - base, 1), "resident_mib": round(st["VmRSS"] - base, 1)}
+    rec = {
+        "mode": args.child,
+        "file_mib": round((bundle / "frozen.onnx").stat().st_size / 2**20, 1),
+        "load_peak_mib": round(st["VmHWM"] - base, 1),
+        "resident_mib": round(st["VmRSS"] - base, 1),
+    }
     before = reset_peak()
     out = fb(pixels)  # warm-up
     rec["run_peak_mib"] = round(status()["VmHWM"] - before, 1)
@@ -108,23 +114,55 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     rows = []
     for mode in MODES:
-        out = subprocess.run([sys.executable, __file__, "--child", mode, "--model", args.model, "--batch", str(args.batch),
-                              "--threads", str(args.threads), "--rounds", str(args.rounds), "--work", str(work)],
-                             check=True, env=env, capture_output=True, text=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                mode,
+                "--model",
+                args.model,
+                "--batch",
+                str(args.batch),
+                "--threads",
+                str(args.threads),
+                "--rounds",
+                str(args.rounds),
+                "--work",
+                str(work),
+            ],
+            check=True,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
     dest = Path(args.out)
     dest.mkdir(parents=True, exist_ok=True)
-    settings = {"model": args.model, "weights": "random init, seed 0", "batch": args.batch, "threads": args.threads,
-                "rounds": args.rounds, **prep}
-    (dest / "results.json").write_text(json.dumps({"settings": settings, "rows": rows, "load_average": os.getloadavg()}, indent=2) + "\n")
-    lines = [f"Frozen pass of {args.model} (random init), batch {args.batch}, {args.threads} thread(s), "
-             f"mean of {args.rounds} calls after a warm-up; memory above the process before the session load.", "",
-             "| frozen.onnx | file MiB | load peak MiB | resident MiB | one call's peak MiB | s / image | K rel. error | V rel. error |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    settings = {
+        "model": args.model,
+        "weights": "random init, seed 0",
+        "batch": args.batch,
+        "threads": args.threads,
+        "rounds": args.rounds,
+        **prep,
+    }
+    (dest / "results.json").write_text(
+        json.dumps({"settings": settings, "rows": rows, "load_average": os.getloadavg()}, indent=2) + "\n"
+    )
+    lines = [
+        f"Frozen pass of {args.model} (random init), batch {args.batch}, {args.threads} thread(s), "
+        f"mean of {args.rounds} calls after a warm-up; memory above the process before the session load.",
+        "",
+        "| frozen.onnx | file MiB | load peak MiB | resident MiB | one call's peak MiB | s / image | K rel. error | V rel. error |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['mode']} | {r['file_mib']} | {r['load_peak_mib']} | {r['resident_mib']} | "
-                     f"{r['run_peak_mib']} | {r['seconds_per_image']} | {r.get('keys_rel_error', '-')} | {r.get('values_rel_error', '-')} |")
+        lines.append(
+            f"| {r['mode']} | {r['file_mib']} | {r['load_peak_mib']} | {r['resident_mib']} | "
+            f"{r['run_peak_mib']} | {r['seconds_per_image']} | {r.get('keys_rel_error', '-')} | {r.get('values_rel_error', '-')} |"
+        )
     (dest / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -50,9 +50,15 @@ def child(bundle: Path, threads: int, batch: int, warmup: int, steps: int) -> di
     hwm_load = _status("VmHWM")
 
     result = _timed(backend_step(backend, store, rows, targets, keep), warmup, steps)
-    return {"quantize": manifest.quantize, "step_file_mib": round((bundle / mf.STEP_MODEL).stat().st_size / 2**20, 1),
-            "rss_before_session_mib": round(before, 1), "session_resident_mib": round(loaded - before, 1),
-            "peak_after_load_mib": round(hwm_load, 1), "rss_after_steps_mib": round(_status("VmRSS"), 1), **result}
+    return {
+        "quantize": manifest.quantize,
+        "step_file_mib": round((bundle / mf.STEP_MODEL).stat().st_size / 2**20, 1),
+        "rss_before_session_mib": round(before, 1),
+        "session_resident_mib": round(loaded - before, 1),
+        "peak_after_load_mib": round(hwm_load, 1),
+        "rss_after_steps_mib": round(_status("VmRSS"), 1),
+        **result,
+    }
 
 
 def main() -> None:
@@ -70,23 +76,48 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(REPO)}
     rows = []
     for bundle in args.bundles:
-        out = subprocess.run([sys.executable, __file__, "--child", str(bundle), "--threads", str(args.threads),
-                              "--batch-size", str(args.batch_size), "--warmup", str(args.warmup), "--steps", str(args.steps)],
-                             capture_output=True, text=True, env=env, cwd=REPO)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                str(bundle),
+                "--threads",
+                str(args.threads),
+                "--batch-size",
+                str(args.batch_size),
+                "--warmup",
+                str(args.warmup),
+                "--steps",
+                str(args.steps),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=REPO,
+        )
         if out.returncode:
             sys.exit(out.stderr[-3000:])
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
     model = json.loads((args.bundles[0] / "manifest.json").read_text())["model"]
-    lines = [f"{model} (random init), VQT T=1, portable backend, batch {args.batch_size}, {args.threads} thread(s); "
-             f"median CPU seconds of {args.steps} steps after {args.warmup} warm-up steps; each bundle in its own process", "",
-             "| step graph | file MiB | session resident MiB | peak MiB | s / step (CPU) |", "|---|---:|---:|---:|---:|"]
+    lines = [
+        f"{model} (random init), VQT T=1, portable backend, batch {args.batch_size}, {args.threads} thread(s); "
+        f"median CPU seconds of {args.steps} steps after {args.warmup} warm-up steps; each bundle in its own process",
+        "",
+        "| step graph | file MiB | session resident MiB | peak MiB | s / step (CPU) |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['quantize']} | {r['step_file_mib']:.1f} | {r['session_resident_mib']:.1f} | "
-                     f"{r['peak_rss_mb']:.0f} | {r['seconds_per_step']:.3f} |")
+        lines.append(
+            f"| {r['quantize']} | {r['step_file_mib']:.1f} | {r['session_resident_mib']:.1f} | "
+            f"{r['peak_rss_mb']:.0f} | {r['seconds_per_step']:.3f} |"
+        )
     print("\n".join(lines))
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": rows}, indent=2) + "\n")
+    (OUT / "results.json").write_text(
+        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": rows}, indent=2) + "\n"
+    )
     (OUT / "results.md").write_text("\n".join(lines) + "\n")
 
 

@@ -55,8 +55,8 @@ def export_training(model: str, layout: str, out: Path, classes: int) -> dict[st
     """Training artifacts of a VQT head (all layers, T=1) with the given query-path layout."""
     import torch
 
-    from exporters.methods import build_head
     from exporters.export import _export, _generate_training_artifacts
+    from exporters.methods import build_head
     from exporters.vit import VisionTransformer
     from vqt_edge import manifest as mf
     from vqt_edge.arch import PRESETS
@@ -73,15 +73,25 @@ def export_training(model: str, layout: str, out: Path, classes: int) -> dict[st
         head.query_path.forward = types.MethodType(batch_major_forward, head.query_path)
     b, n = 2, arch.num_tokens
     kv = torch.randn(b, len(layers), arch.heads, n, arch.dim // arch.heads)
-    args = (torch.randn(b, arch.dim), kv, kv, torch.ones(b, len(layers), 1, arch.dim),
-            torch.full((b, classes), 1.0 / (b * classes)))
+    args = (
+        torch.randn(b, arch.dim),
+        kv,
+        kv,
+        torch.ones(b, len(layers), 1, arch.dim),
+        torch.full((b, classes), 1.0 / (b * classes)),
+    )
     out.mkdir(parents=True, exist_ok=True)
     _export(head, args, out / "train_step.onnx", head.input_names, ["loss", "logits"], "train")
     _generate_training_artifacts(out / "train_step.onnx", out, head.trainable())
     (out / "train_step.onnx").unlink()
     del backbone, head
     gc.collect()
-    names = {"training": mf.TRAINING_MODEL, "eval": mf.EVAL_MODEL, "optimizer": mf.OPTIMIZER_MODEL, "checkpoint": mf.CHECKPOINT}
+    names = {
+        "training": mf.TRAINING_MODEL,
+        "eval": mf.EVAL_MODEL,
+        "optimizer": mf.OPTIMIZER_MODEL,
+        "checkpoint": mf.CHECKPOINT,
+    }
     return {k: str(out / Path(v).name) for k, v in names.items()}
 
 
@@ -111,8 +121,12 @@ def time_steps(files: dict[str, str], feed: dict[str, np.ndarray], steps: int, t
             cpu.append(c2 - c0)
     del module, optimizer, state
     gc.collect()
-    return {"losses": losses, "train_step_s": float(np.median(call)), "step_s": float(np.median(whole)),
-            "step_cpu_s": float(np.median(cpu))}
+    return {
+        "losses": losses,
+        "train_step_s": float(np.median(call)),
+        "step_s": float(np.median(whole)),
+        "step_cpu_s": float(np.median(cpu)),
+    }
 
 
 def main() -> None:
@@ -144,13 +158,17 @@ def main() -> None:
             print(f"{layout}: exported in {time.perf_counter() - t0:.0f} s", flush=True)
             results[layout] = time_steps(files, feed, args.steps, args.threads)
     before, after = results["batch-major"], results["layer-major"]
-    print(f"\n{args.model}, VQT all layers, T=1, batch {b}, {args.threads} thread(s), median of {args.steps} steps "
-          "after 2 warm-up steps")
+    print(
+        f"\n{args.model}, VQT all layers, T=1, batch {b}, {args.threads} thread(s), median of {args.steps} steps "
+        "after 2 warm-up steps"
+    )
     print(f"{'layout':<12} {'train_step s':>12} {'whole step s':>12} {'step CPU s':>11}")
     for layout, r in results.items():
         print(f"{layout:<12} {r['train_step_s']:>12.3f} {r['step_s']:>12.3f} {r['step_cpu_s']:>11.3f}")
-    print(f"layer-major / batch-major: train_step {after['train_step_s'] / before['train_step_s']:.2f}x, "
-          f"whole step {after['step_s'] / before['step_s']:.2f}x")
+    print(
+        f"layer-major / batch-major: train_step {after['train_step_s'] / before['train_step_s']:.2f}x, "
+        f"whole step {after['step_s'] / before['step_s']:.2f}x"
+    )
     diff = max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(before["losses"], after["losses"]))
     print("losses (batch-major):", " ".join(f"{x:.6f}" for x in before["losses"]))
     print("losses (layer-major):", " ".join(f"{x:.6f}" for x in after["losses"]))

@@ -59,11 +59,13 @@ def _cache(manifest, batch: int):
     from device_runner.features import FeatureStore
 
     rng = np.random.default_rng(0)
-    arrays = {name: rng.standard_normal((batch, *shape), dtype=np.float32).astype(dtype)
-              for name, (shape, dtype) in manifest.spec.frozen_output_specs.items()}
+    arrays = {
+        name: rng.standard_normal((batch, *shape), dtype=np.float32).astype(dtype)
+        for name, (shape, dtype) in manifest.spec.frozen_output_specs.items()
+    }
     targets = np.zeros((batch, manifest.spec.num_classes), np.float32)
     targets[np.arange(batch), rng.integers(0, manifest.spec.num_classes, batch)] = 1.0 / batch
-    keep = (rng.random((batch, *manifest.spec.query_keep_shape)) >= 0.1)
+    keep = rng.random((batch, *manifest.spec.query_keep_shape)) >= 0.1
     return FeatureStore(arrays), targets, keep.astype(np.float32) / np.float32(0.9)
 
 
@@ -78,10 +80,14 @@ def _timed(step, warmup: int, steps: int) -> dict:
         cpu.append(time.process_time() - c0)
     from vqt_edge.memory import peak_rss_mb
 
-    return {"first_calls_cpu_s": [round(t, 3) for t in cpu[:warmup]], "steps_cpu_s": [round(t, 3) for t in cpu[warmup:]],
-            "steps_wall_s": [round(t, 3) for t in wall[warmup:]],
-            "seconds_per_step": round(statistics.median(cpu[warmup:]), 4),
-            "wall_seconds_per_step": round(statistics.median(wall[warmup:]), 4), "peak_rss_mb": round(peak_rss_mb(), 1)}
+    return {
+        "first_calls_cpu_s": [round(t, 3) for t in cpu[:warmup]],
+        "steps_cpu_s": [round(t, 3) for t in cpu[warmup:]],
+        "steps_wall_s": [round(t, 3) for t in wall[warmup:]],
+        "seconds_per_step": round(statistics.median(cpu[warmup:]), 4),
+        "wall_seconds_per_step": round(statistics.median(wall[warmup:]), 4),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+    }
 
 
 def backend_step(backend, store, rows, targets, keep):
@@ -112,8 +118,8 @@ def child(runner: str, bundle: Path, threads: int, warmup: int, steps: int) -> d
     if runner == "torch":
         return _torch_child(manifest, store, rows, targets, keep, threads, warmup, steps)
     from device_runner import backends, ort
-    from vqt_edge.run_folder import RunFolder
     from vqt_edge.memory import peak_rss_mb
+    from vqt_edge.run_folder import RunFolder
 
     ort.block_torch()
     backend = backends.open_backend(runner, bundle, manifest, "cpu", threads, None)
@@ -145,11 +151,16 @@ def profile_child(bundle: Path, threads: int, warmup: int, steps: int) -> dict:
     options = backends.step_session_options(threads)
     options.enable_profiling = True
     options.profile_file_prefix = str(bundle.parent / "step_profile")
-    session = ort.onnxruntime().InferenceSession(str(bundle / mf.STEP_MODEL), sess_options=options,
-                                                 providers=ort.providers("cpu"),
-                                                 disabled_optimizers=backends.STEP_DISABLED_OPTIMIZERS)
-    feed = store.gather(np.random.default_rng(1).permutation(batch), {i.name: np.float16 for i in session.get_inputs()
-                                                                      if i.type == "tensor(float16)"})
+    session = ort.onnxruntime().InferenceSession(
+        str(bundle / mf.STEP_MODEL),
+        sess_options=options,
+        providers=ort.providers("cpu"),
+        disabled_optimizers=backends.STEP_DISABLED_OPTIMIZERS,
+    )
+    feed = store.gather(
+        np.random.default_rng(1).permutation(batch),
+        {i.name: np.float16 for i in session.get_inputs() if i.type == "tensor(float16)"},
+    )
     feed.update(load_file(str(bundle / mf.STEP_INIT)), targets=targets, query_keep=keep)  # + the initial trainables
     for _ in range(warmup + steps):
         session.run(None, feed)
@@ -163,10 +174,14 @@ def profile_child(bundle: Path, threads: int, warmup: int, steps: int) -> dict:
             by_op[op] += e["dur"] / 1e6 / steps
             count[op] += 1
             shape = e["args"].get("output_type_shape", [{}])
-            by_node[f"{op} {e['name'][:-12]} -> {list(shape[0].values())[0] if shape and shape[0] else ''}"] += e["dur"] / 1e6 / steps
-    return {"kernel_s_per_step": round(sum(by_op.values()), 4),
-            "by_op": {op: {"s": round(t, 4), "nodes": count[op] // steps} for op, t in by_op.most_common()},
-            "top_nodes": {n: round(t, 4) for n, t in by_node.most_common(12)}}
+            by_node[f"{op} {e['name'][:-12]} -> {list(shape[0].values())[0] if shape and shape[0] else ''}"] += (
+                e["dur"] / 1e6 / steps
+            )
+    return {
+        "kernel_s_per_step": round(sum(by_op.values()), 4),
+        "by_op": {op: {"s": round(t, 4), "nodes": count[op] // steps} for op, t in by_op.most_common()},
+        "top_nodes": {n: round(t, 4) for n, t in by_node.most_common(12)},
+    }
 
 
 def frozen_child(bundle: Path, threads: int, batch: int) -> dict:
@@ -190,8 +205,12 @@ def frozen_child(bundle: Path, threads: int, batch: int) -> dict:
         c0 = time.process_time()
         frozen(pixels)
         cpu.append((time.process_time() - c0) / batch)
-    return {"batch": batch, "cpu_s_per_image": round(statistics.median(cpu), 4), "peak_rss_mb": round(peak_rss_mb(), 1),
-            "onnxruntime": ort.onnxruntime().__version__}
+    return {
+        "batch": batch,
+        "cpu_s_per_image": round(statistics.median(cpu), 4),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "onnxruntime": ort.onnxruntime().__version__,
+    }
 
 
 def _torch_child(manifest, store, rows, targets, keep, threads, warmup, steps) -> dict:
@@ -258,17 +277,32 @@ def projection(results: dict, frozen: dict, baselines: dict, images: int, epochs
         r = results.get(name, {})
         if "seconds_per_step" not in r or "cpu_s_per_image" not in frozen:
             continue
-        parts = {"frozen_s": images * frozen["cpu_s_per_image"], "steps_s": steps * r["seconds_per_step"],
-                 "checkpoints_s": epochs * r["checkpoint_save_s"]}
-        rows.append({"approach": f"vqt-edge, {name}", **{k: round(v) for k, v in parts.items()},
-                     "hours": round(sum(parts.values()) / 3600, 2),
-                     "peak_mb": round(max(r["peak_rss_mb_after_save"], frozen["peak_rss_mb"]))})
+        parts = {
+            "frozen_s": images * frozen["cpu_s_per_image"],
+            "steps_s": steps * r["seconds_per_step"],
+            "checkpoints_s": epochs * r["checkpoint_save_s"],
+        }
+        rows.append(
+            {
+                "approach": f"vqt-edge, {name}",
+                **{k: round(v) for k, v in parts.items()},
+                "hours": round(sum(parts.values()) / 3600, 2),
+                "peak_mb": round(max(r["peak_rss_mb_after_save"], frozen["peak_rss_mb"])),
+            }
+        )
     for mode, label in (("official", "PyTorch VQT, official style"), ("nograd", "PyTorch VQT, backbone under no_grad")):
         r = baselines.get(mode, {})
         if "cpu_seconds_per_step" in r:
-            rows.append({"approach": label, "frozen_s": 0, "steps_s": round(steps * r["cpu_seconds_per_step"]),
-                         "checkpoints_s": 0, "hours": round(steps * r["cpu_seconds_per_step"] / 3600, 2),
-                         "peak_mb": round(r["peak_mb"])})
+            rows.append(
+                {
+                    "approach": label,
+                    "frozen_s": 0,
+                    "steps_s": round(steps * r["cpu_seconds_per_step"]),
+                    "checkpoints_s": 0,
+                    "hours": round(steps * r["cpu_seconds_per_step"] / 3600, 2),
+                    "peak_mb": round(r["peak_mb"]),
+                }
+            )
     official = next((r["hours"] for r in rows if r["approach"].endswith("official style")), None)
     for r in rows:
         r["x_official"] = round(r["hours"] / official, 3) if official else None
@@ -283,10 +317,14 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--bundle", type=Path, help="A VQT bundle; exported here (random init) if it does not exist.")
-    ap.add_argument("--stock-python", type=Path, help="Also run the portable step with this interpreter (stock onnxruntime).")
+    ap.add_argument(
+        "--stock-python", type=Path, help="Also run the portable step with this interpreter (stock onnxruntime)."
+    )
     ap.add_argument("--images", type=int, default=1000, help="Images of the projected whole run.")
     ap.add_argument("--epochs", type=int, default=100, help="Epochs of the projected whole run.")
-    ap.add_argument("--baseline-steps", type=int, default=2, help="Steps of each PyTorch VQT baseline (the first is not counted).")
+    ap.add_argument(
+        "--baseline-steps", type=int, default=2, help="Steps of each PyTorch VQT baseline (the first is not counted)."
+    )
     ap.add_argument("--no-baselines", action="store_true", help="Skip the PyTorch VQT baselines (minutes per step).")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--child", choices=[*RUNNERS, "profile", "frozen"], help=argparse.SUPPRESS)
@@ -302,18 +340,47 @@ def main() -> None:
         return
     from vqt_edge.memory import frozen_batch
 
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "BENCH_BATCH": str(args.batch_size),
-           "BENCH_FROZEN_BATCH": str(frozen_batch(args.batch_size, None))}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(args.threads),
+        "BENCH_BATCH": str(args.batch_size),
+        "BENCH_FROZEN_BATCH": str(frozen_batch(args.batch_size, None)),
+    }
     load = [os.getloadavg()]
     with tempfile.TemporaryDirectory() as tmp:
         bundle = args.bundle or Path(tmp) / "bundle"
         if not (bundle / "manifest.json").exists():
             t0 = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "vqt_edge.cli", "export", "--model", args.model, "--random-init",
-                            "--num-classes", str(CLASSES), "--out", str(bundle)], check=True, cwd=REPO, env=env)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "vqt_edge.cli",
+                    "export",
+                    "--model",
+                    args.model,
+                    "--random-init",
+                    "--num-classes",
+                    str(CLASSES),
+                    "--out",
+                    str(bundle),
+                ],
+                check=True,
+                cwd=REPO,
+                env=env,
+            )
             print(f"exported {bundle} in {time.perf_counter() - t0:.0f} s", flush=True)
         model = json.loads((bundle / "manifest.json").read_text())["model"]
-        common = ["--bundle", str(bundle), "--threads", str(args.threads), "--warmup", str(args.warmup), "--steps", str(args.steps)]
+        common = [
+            "--bundle",
+            str(bundle),
+            "--threads",
+            str(args.threads),
+            "--warmup",
+            str(args.warmup),
+            "--steps",
+            str(args.steps),
+        ]
         runners = [(r, sys.executable, r) for r in RUNNERS]
         if args.stock_python:
             runners.insert(1, ("portable-stock", str(args.stock_python), "portable"))
@@ -323,8 +390,12 @@ def main() -> None:
             print(name, json.dumps(results[name]), flush=True)
         for name, python, _ in runners:
             if name.startswith("portable") and "error" not in results[name]:
-                version = subprocess.run([python, "-c", "import onnxruntime; print(onnxruntime.__version__)"],
-                                         capture_output=True, text=True, env=env).stdout.strip()
+                version = subprocess.run(
+                    [python, "-c", "import onnxruntime; print(onnxruntime.__version__)"],
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                ).stdout.strip()
                 results[name]["onnxruntime"] = version
         profile = _subprocess_json([sys.executable, __file__, "--child", "profile", *common], env)
         print("profile", json.dumps(profile), flush=True)
@@ -332,58 +403,107 @@ def main() -> None:
         print("frozen", json.dumps(frozen), flush=True)
     baselines = {}
     for mode in () if args.no_baselines else BASELINES:
-        baselines[mode] = _subprocess_json([sys.executable, str(REPO / "bench" / "memory_vs_baselines.py"), "--torch-child", mode,
-                                            "--model", args.model, "--batch-size", str(args.batch_size),
-                                            "--steps", str(args.baseline_steps), "--classes", str(CLASSES)], env)
+        baselines[mode] = _subprocess_json(
+            [
+                sys.executable,
+                str(REPO / "bench" / "memory_vs_baselines.py"),
+                "--torch-child",
+                mode,
+                "--model",
+                args.model,
+                "--batch-size",
+                str(args.batch_size),
+                "--steps",
+                str(args.baseline_steps),
+                "--classes",
+                str(CLASSES),
+            ],
+            env,
+        )
         print(mode, json.dumps(baselines[mode]), flush=True)
     load.append(os.getloadavg())
     whole = projection(results, frozen, baselines, args.images, args.epochs, args.batch_size)
     lines = markdown(model, args, results, profile, frozen, whole, load)
     print("\n".join(lines))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "step_bench.json").write_text(json.dumps(
-        {"args": {k: str(v) for k, v in vars(args).items()}, "load_average": load, "results": results,
-         "profile": profile, "frozen": frozen, "baselines": baselines, "projection": whole}, indent=2) + "\n")
+    (args.out / "step_bench.json").write_text(
+        json.dumps(
+            {
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "load_average": load,
+                "results": results,
+                "profile": profile,
+                "frozen": frozen,
+                "baselines": baselines,
+                "projection": whole,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     (args.out / "step_bench.md").write_text("\n".join(lines) + "\n")
 
 
 def markdown(model, args, results, profile, frozen, whole, load) -> list[str]:
     base = results["torch"].get("seconds_per_step")
-    lines = [f"{model}, batch {args.batch_size}, T=1, {args.threads} thread(s); median of {args.steps} steps "
-             f"after {args.warmup} warm-up steps, CPU seconds (wall in parentheses); each runner in its own process; "
-             f"load average {load[0][0]:.1f} at the start, {load[-1][0]:.1f} at the end", "",
-             "| runner | s/step | x PyTorch | first calls (CPU s) | peak MiB | checkpoint | save s |",
-             "|---|---:|---:|---|---:|---:|---:|"]
+    lines = [
+        f"{model}, batch {args.batch_size}, T=1, {args.threads} thread(s); median of {args.steps} steps "
+        f"after {args.warmup} warm-up steps, CPU seconds (wall in parentheses); each runner in its own process; "
+        f"load average {load[0][0]:.1f} at the start, {load[-1][0]:.1f} at the end",
+        "",
+        "| runner | s/step | x PyTorch | first calls (CPU s) | peak MiB | checkpoint | save s |",
+        "|---|---:|---:|---|---:|---:|---:|",
+    ]
     for runner, r in results.items():
         if "error" in r:
             lines.append(f"| {runner} | failed: {r['error']} | | | | | |")
             continue
         ratio = f"{r['seconds_per_step'] / base:.2f}" if base else "-"
-        ckpt = f"{r['checkpoint_bytes'] / 2**20:.2f} MiB | {r['checkpoint_save_s']}" if "checkpoint_bytes" in r else "- | -"
+        ckpt = (
+            f"{r['checkpoint_bytes'] / 2**20:.2f} MiB | {r['checkpoint_save_s']}"
+            if "checkpoint_bytes" in r
+            else "- | -"
+        )
         label = f"{runner} (onnxruntime {r['onnxruntime']})" if "onnxruntime" in r else runner
-        lines.append(f"| {label} | {r['seconds_per_step']:.3f} ({r['wall_seconds_per_step']:.3f}) | {ratio} | "
-                     f"{', '.join(map(str, r['first_calls_cpu_s']))} "
-                     f"| {r['peak_rss_mb']:.0f} | {ckpt} |")
+        lines.append(
+            f"| {label} | {r['seconds_per_step']:.3f} ({r['wall_seconds_per_step']:.3f}) | {ratio} | "
+            f"{', '.join(map(str, r['first_calls_cpu_s']))} "
+            f"| {r['peak_rss_mb']:.0f} | {ckpt} |"
+        )
     if "by_op" in profile:
-        lines += ["", f"Where the portable step's time goes (onnxruntime profiler, kernel seconds per step, "
-                      f"{profile['kernel_s_per_step']} s in all; wall time of each kernel, so load inflates it):", "",
-                  "| op type | s/step | share | nodes |", "|---|---:|---:|---:|"]
+        lines += [
+            "",
+            f"Where the portable step's time goes (onnxruntime profiler, kernel seconds per step, "
+            f"{profile['kernel_s_per_step']} s in all; wall time of each kernel, so load inflates it):",
+            "",
+            "| op type | s/step | share | nodes |",
+            "|---|---:|---:|---:|",
+        ]
         total = profile["kernel_s_per_step"]
-        lines += [f"| {op} | {r['s']:.4f} | {100 * r['s'] / total:.1f}% | {r['nodes']} |"
-                  for op, r in list(profile["by_op"].items())[:8]]
+        lines += [
+            f"| {op} | {r['s']:.4f} | {100 * r['s'] / total:.1f}% | {r['nodes']} |"
+            for op, r in list(profile["by_op"].items())[:8]
+        ]
         lines += ["", "Largest nodes:", ""] + [f"- {n}: {t:.4f} s" for n, t in profile["top_nodes"].items()]
     if whole:
-        lines += ["", f"Whole run projected from measured parts: {args.images} images, {args.epochs} epochs, batch "
-                      f"{args.batch_size}, {args.threads} thread(s), CPU seconds; frozen pass "
-                      f"{frozen.get('cpu_s_per_image')} s/image (frozen.onnx, batch {frozen.get('batch')}, onnxruntime "
-                      f"{frozen.get('onnxruntime')}, for every vqt-edge row), "
-                      "one checkpoint per epoch; PyTorch VQT steps on fresh images (backbone inside every step). "
-                      "Peak: the largest of the measured processes (vqt-edge: frozen pass, step + checkpoint; "
-                      "K/V from the disk cache, a RAM cache adds its rows).", "",
-                  "| approach | frozen pass s | steps s | checkpoints s | hours | x official | peak MiB |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
-        lines += [f"| {r['approach']} | {r['frozen_s']} | {r['steps_s']} | {r['checkpoints_s']} | {r['hours']} | "
-                  f"{r['x_official']} | {r['peak_mb']} |" for r in whole]
+        lines += [
+            "",
+            f"Whole run projected from measured parts: {args.images} images, {args.epochs} epochs, batch "
+            f"{args.batch_size}, {args.threads} thread(s), CPU seconds; frozen pass "
+            f"{frozen.get('cpu_s_per_image')} s/image (frozen.onnx, batch {frozen.get('batch')}, onnxruntime "
+            f"{frozen.get('onnxruntime')}, for every vqt-edge row), "
+            "one checkpoint per epoch; PyTorch VQT steps on fresh images (backbone inside every step). "
+            "Peak: the largest of the measured processes (vqt-edge: frozen pass, step + checkpoint; "
+            "K/V from the disk cache, a RAM cache adds its rows).",
+            "",
+            "| approach | frozen pass s | steps s | checkpoints s | hours | x official | peak MiB |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {r['approach']} | {r['frozen_s']} | {r['steps_s']} | {r['checkpoints_s']} | {r['hours']} | "
+            f"{r['x_official']} | {r['peak_mb']} |"
+            for r in whole
+        ]
     return lines
 
 

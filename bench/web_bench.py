@@ -60,7 +60,9 @@ def feeds(manifest, batch: int, rng: np.random.Generator) -> dict[str, np.ndarra
     f = {n: rng.normal(size=(batch, *shape)).astype(np.float32) for n, (shape, _) in spec.frozen_output_specs.items()}
     if spec.query_keep_shape:
         f["query_keep"] = np.ones((batch, *spec.query_keep_shape), np.float32)
-    f["targets"] = np.eye(spec.num_classes, dtype=np.float32)[rng.integers(0, spec.num_classes, batch)] / np.float32(batch)
+    f["targets"] = np.eye(spec.num_classes, dtype=np.float32)[rng.integers(0, spec.num_classes, batch)] / np.float32(
+        batch
+    )
     return f
 
 
@@ -87,8 +89,12 @@ def python_side(bundle: Path, manifest, pixels: np.ndarray, feed: dict) -> dict:
             swalls.append(time.perf_counter() - w)
             scpus.append(time.process_time() - c)
     n = len(pixels)
-    return {"frozen_per_image_wall_s": float(np.median(walls)) / n, "frozen_per_image_cpu_s": float(np.median(cpus)) / n,
-            "step_wall_s": float(np.median(swalls)), "step_cpu_s": float(np.median(scpus))}
+    return {
+        "frozen_per_image_wall_s": float(np.median(walls)) / n,
+        "frozen_per_image_cpu_s": float(np.median(cpus)) / n,
+        "step_wall_s": float(np.median(swalls)),
+        "step_cpu_s": float(np.median(scpus)),
+    }
 
 
 # The page makes its own random inputs of the same shapes: moving tens of MB through the driver
@@ -135,8 +141,12 @@ def page_side(page, tab: int, pixels: np.ndarray, feed: dict) -> dict:
     steps = page.evaluate(PAGE_STEP, [shapes, REPEAT])
     step_cpu = (cpu_seconds(tab) - c0) / REPEAT
     n = len(pixels)
-    return {"frozen_per_image_wall_s": float(np.median(frozen)) / n, "frozen_per_image_cpu_s": frozen_cpu / n,
-            "step_wall_s": float(np.median(steps)), "step_cpu_s": step_cpu}
+    return {
+        "frozen_per_image_wall_s": float(np.median(frozen)) / n,
+        "frozen_per_image_cpu_s": frozen_cpu / n,
+        "step_wall_s": float(np.median(steps)),
+        "step_cpu_s": step_cpu,
+    }
 
 
 def main() -> None:
@@ -158,8 +168,14 @@ def main() -> None:
     rng = np.random.default_rng(0)
     pixels = rng.normal(size=(16, 3, size, size)).astype(np.float32)
     feed = feeds(manifest, 32, rng)
-    result: dict = {"bundle": str(args.bundle), "model": manifest.model, "threads": 1, "frozen_batch": 16, "step_batch": 32,
-                    "load_before": os.getloadavg()}
+    result: dict = {
+        "bundle": str(args.bundle),
+        "model": manifest.model,
+        "threads": 1,
+        "frozen_batch": 16,
+        "step_batch": 32,
+        "load_before": os.getloadavg(),
+    }
     result["python"] = python_side(args.bundle, manifest, pixels, feed)
     with tempfile.TemporaryDirectory() as tmp:
         site = Path(tmp) / "site"
@@ -174,8 +190,9 @@ def main() -> None:
             assert page.evaluate("window.vqtReady") is True, page.inner_text("#messages")
             tab = max(renderers(), key=cpu_seconds)
             result["page"] = page_side(page, tab, pixels, feed)
-            result["page_over_python_cpu"] = {k: result["page"][k] / result["python"][k]
-                                              for k in ("frozen_per_image_cpu_s", "step_cpu_s")}
+            result["page_over_python_cpu"] = {
+                k: result["page"][k] / result["python"][k] for k in ("frozen_per_image_cpu_s", "step_cpu_s")
+            }
             # A whole run, as a person would: the folder, train, predict, download.
             data = make_task(Path(tmp) / "train", args.per_class, seed=1, size=max(32, size))
             test = make_task(Path(tmp) / "test", 2, seed=2, size=max(32, size))
@@ -199,10 +216,17 @@ def main() -> None:
                 files[target.name] = target.stat().st_size
             steps = timings["step_s"]
             result["page_run"] = {
-                "report": report, "wall_s": run_wall, "renderer_cpu_s": run_cpu, "load_s": timings["load_s"],
-                "frozen_per_image_wall_s": timings["frozen_per_image_s"], "frozen_pass_s": timings["frozen_pass_s"],
-                "kv_cache_mib": timings["cache_mib"], "step_wall_s_median": float(np.median(steps)), "steps": len(steps),
-                "renderer_peak_rss_mib": peak_rss_mib(tab), "downloads_bytes": files,
+                "report": report,
+                "wall_s": run_wall,
+                "renderer_cpu_s": run_cpu,
+                "load_s": timings["load_s"],
+                "frozen_per_image_wall_s": timings["frozen_per_image_s"],
+                "frozen_pass_s": timings["frozen_pass_s"],
+                "kv_cache_mib": timings["cache_mib"],
+                "step_wall_s_median": float(np.median(steps)),
+                "steps": len(steps),
+                "renderer_peak_rss_mib": peak_rss_mib(tab),
+                "downloads_bytes": files,
             }
             if args.screenshot:
                 page.screenshot(path=str(args.screenshot), full_page=True)

@@ -11,9 +11,10 @@ model.onnx, which merges the same two graphs with the same replacement (device_r
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -42,17 +43,22 @@ class AdapterModel:
     _values: list  # the OrtValues behind the head's replaced initializers: they must outlive it
 
     @classmethod
-    def open(cls, folder: Path, bundle: Path | None = None, device: str = "cpu", threads: int | None = None) -> "AdapterModel":
+    def open(
+        cls, folder: Path, bundle: Path | None = None, device: str = "cpu", threads: int | None = None
+    ) -> AdapterModel:
         folder = Path(folder)
         if not (folder / ADAPTER).is_file():
-            raise UserError(f"{folder}: no {ADAPTER}; give a run folder or a folder with {ADAPTER} and "
-                            f"{adapter_config.ADAPTER_CONFIG}")
+            raise UserError(
+                f"{folder}: no {ADAPTER}; give a run folder or a folder with {ADAPTER} and "
+                f"{adapter_config.ADAPTER_CONFIG}"
+            )
         run = RunFolder(folder)
         if run.is_run():  # a run folder: its recorded hashes first, always (a summary without them is refused)
             run.verify()
         elif bundle is None:
-            raise UserError(f"{folder}: give the bundle this adapter was trained on (bundle=...); "
-                            f"no {RUN_FILE} names it")
+            raise UserError(
+                f"{folder}: give the bundle this adapter was trained on (bundle=...); no {RUN_FILE} names it"
+            )
         config = adapter_config.read(folder)
         bundle = Path(bundle) if bundle is not None else run.bundle()
         manifest = mf.read_manifest(bundle, verify=True, only=[mf.FROZEN, mf.HEAD_MODEL])
@@ -60,7 +66,9 @@ class AdapterModel:
         tensors = load_adapter(folder / ADAPTER, manifest)  # shapes checked against the bundle
         providers = ort.providers(device)
         rt = ort.onnxruntime()
-        frozen = rt.InferenceSession(str(bundle / mf.FROZEN), sess_options=ort.session_options(threads), providers=providers)
+        frozen = rt.InferenceSession(
+            str(bundle / mf.FROZEN), sess_options=ort.session_options(threads), providers=providers
+        )
         options = ort.session_options(threads)
         # Graph optimizations off: with them, ORT constant-folds the query path of the graph's own
         # (initial) query tokens before add_initializer's values apply; measured on a tiny bundle:

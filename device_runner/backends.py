@@ -41,7 +41,6 @@ DEFAULT = "portable"
 Position = dict[str, float | int]  # epoch, step, loss_sum, correct, seen
 
 
-
 class Backend(Protocol):
     """What the trainer needs from a backend. `forward` in train mode accumulates gradients until
     `step` applies them (micro-batches add up); in eval mode it only returns loss and logits."""
@@ -75,8 +74,10 @@ def candidates(requested: str, manifest: Manifest) -> tuple[str, ...]:
     default first (a --memory-budget takes the first whose plan fits, vqt_edge/memory.py); else
     just `requested`, which must be able to run (UserError otherwise)."""
     runnable = {"portable": has_step_graph(manifest), "ort-training": ort.has_training_api()}
-    why = {"portable": "this bundle has no train/step.onnx (exported by an older vqt-edge); re-export it",
-           "ort-training": "the installed onnxruntime has no training API (install onnxruntime-training-cpu, see docs/install.md)"}
+    why = {
+        "portable": "this bundle has no train/step.onnx (exported by an older vqt-edge); re-export it",
+        "ort-training": "the installed onnxruntime has no training API (install onnxruntime-training-cpu, see docs/install.md)",
+    }
     if requested == "auto":
         found = tuple(name for name in (DEFAULT, *(b for b in BACKENDS if b != DEFAULT)) if runnable[name])
         if found:
@@ -90,8 +91,15 @@ def candidates(requested: str, manifest: Manifest) -> tuple[str, ...]:
     return (requested,)
 
 
-def open_backend(name: str, bundle: Path, manifest: Manifest, device: str, threads: int | None,
-                 resume_from: Path | None, arena: bool = True) -> Backend:
+def open_backend(
+    name: str,
+    bundle: Path,
+    manifest: Manifest,
+    device: str,
+    threads: int | None,
+    resume_from: Path | None,
+    arena: bool = True,
+) -> Backend:
     """`arena`: the portable step session's memory arena. Training keeps it on (a step twice as fast,
     for 3.5% of the step's peak at micro-batch 32 on ViT-B/16: vqt_edge/memory.py STEP_WORK); off
     only to measure that (bench/calibrate_memory.py)."""
@@ -123,21 +131,36 @@ def step_session_options(threads: int | None, arena: bool = True) -> object:
 class PortableBackend:
     """Step graph on an InferenceSession + AdamW in numpy; checkpoint = safetensors of what is trained."""
 
-    def __init__(self, bundle: Path, manifest: Manifest, device: str, threads: int | None,
-                 resume_from: Path | None, arena: bool = True) -> None:
+    def __init__(
+        self,
+        bundle: Path,
+        manifest: Manifest,
+        device: str,
+        threads: int | None,
+        resume_from: Path | None,
+        arena: bool = True,
+    ) -> None:
         rt = ort.onnxruntime()
         self.shapes = manifest.spec.trainable_shapes
-        self.session = rt.InferenceSession(str(bundle / mf.STEP_MODEL), sess_options=step_session_options(threads, arena),
-                                           providers=ort.providers(device), disabled_optimizers=STEP_DISABLED_OPTIMIZERS)
+        self.session = rt.InferenceSession(
+            str(bundle / mf.STEP_MODEL),
+            sess_options=step_session_options(threads, arena),
+            providers=ort.providers(device),
+            disabled_optimizers=STEP_DISABLED_OPTIMIZERS,
+        )
         inputs = self.session.get_inputs()
         graph_inputs = [i.name for i in inputs]
         self.names = graph_inputs[: len(self.shapes)]  # adapter names, in the graph's order
         if set(self.names) != set(self.shapes):
-            raise UserError(f"{bundle / mf.STEP_MODEL}: inputs {graph_inputs} do not start with the trainable tensors "
-                            f"{sorted(self.shapes)} of the manifest; re-export the bundle")
-        self.input_names = graph_inputs[len(self.names):]
-        self.input_dtypes = {i.name: np.dtype(np.float16 if i.type == "tensor(float16)" else np.float32)
-                             for i in inputs[len(self.names):]}
+            raise UserError(
+                f"{bundle / mf.STEP_MODEL}: inputs {graph_inputs} do not start with the trainable tensors "
+                f"{sorted(self.shapes)} of the manifest; re-export the bundle"
+            )
+        self.input_names = graph_inputs[len(self.names) :]
+        self.input_dtypes = {
+            i.name: np.dtype(np.float16 if i.type == "tensor(float16)" else np.float32)
+            for i in inputs[len(self.names) :]
+        }
         self.outputs = [o.name for o in self.session.get_outputs()]
         # Evaluation fetches loss and logits only; this runs just the nodes they need (no backward).
         self.eval_options = rt.RunOptions()
@@ -149,7 +172,9 @@ class PortableBackend:
         self.proximal: tuple[float, dict[str, np.ndarray]] | None = None
         self.position: dict = {}
         if resume_from is None:
-            self.params = self._read(bundle / mf.STEP_INIT, {n: n for n in self.names}, "re-copy or re-export the bundle")
+            self.params = self._read(
+                bundle / mf.STEP_INIT, {n: n for n in self.names}, "re-copy or re-export the bundle"
+            )
             self.adam = AdamW.zeros_like(self.params)
         else:
             self._load(resume_from)
@@ -212,7 +237,9 @@ class PortableBackend:
 
     def _load(self, path: Path) -> None:
         hint = "this run cannot be resumed from it; start a new --run"
-        tensors = self._read(path, {f"{kind}/{n}": n for kind in ("param", "exp_avg", "exp_avg_sq") for n in self.names}, hint)
+        tensors = self._read(
+            path, {f"{kind}/{n}": n for kind in ("param", "exp_avg", "exp_avg_sq") for n in self.names}, hint
+        )
         self.params = {n: tensors[f"param/{n}"] for n in self.names}
         exp_avg = {n: tensors[f"exp_avg/{n}"] for n in self.names}
         exp_avg_sq = {n: tensors[f"exp_avg_sq/{n}"] for n in self.names}
@@ -246,17 +273,23 @@ class OrtTrainingBackend:
     """onnxruntime-training's Module and Optimizer on the bundle's artifacts (its CheckpointState
     holds parameters, moments and the position as properties)."""
 
-    def __init__(self, bundle: Path, manifest: Manifest, device: str, threads: int | None,
-                 resume_from: Path | None) -> None:
+    def __init__(
+        self, bundle: Path, manifest: Manifest, device: str, threads: int | None, resume_from: Path | None
+    ) -> None:
         api = ort.training_api()
         self.manifest = manifest
         ckpt = resume_from if resume_from is not None else bundle / mf.CHECKPOINT
         try:
             self.state = api.CheckpointState.load_checkpoint(str(ckpt))
         except RuntimeError as e:  # ORT: "Checkpoint verification failed" and the like
-            raise UserError(f"{ckpt}: damaged checkpoint ({str(e).splitlines()[0][:200]}); "
-                            + ("re-copy or re-export the bundle" if resume_from is None else
-                               "this run cannot be resumed from it; start a new --run")) from None
+            raise UserError(
+                f"{ckpt}: damaged checkpoint ({str(e).splitlines()[0][:200]}); "
+                + (
+                    "re-copy or re-export the bundle"
+                    if resume_from is None
+                    else "this run cannot be resumed from it; start a new --run"
+                )
+            ) from None
         ort.providers(device)  # a clear error if this build has no CUDA
         options = ort.onnxruntime().SessionOptions()
         if threads:
@@ -266,15 +299,23 @@ class OrtTrainingBackend:
         # the memory model, whose terms come from first steps. The VQT step is as fast either way
         # (0.245 vs 0.248 CPU s, bench/step_bench.py) and peaks 16 MiB higher (1081 MiB).
         options.enable_cpu_mem_arena = False
-        self.module = api.Module(str(bundle / mf.TRAINING_MODEL), self.state, str(bundle / mf.EVAL_MODEL),
-                                 device=device, session_options=options)
+        self.module = api.Module(
+            str(bundle / mf.TRAINING_MODEL),
+            self.state,
+            str(bundle / mf.EVAL_MODEL),
+            device=device,
+            session_options=options,
+        )
         self.optimizer = api.Optimizer(str(bundle / mf.OPTIMIZER_MODEL), self.module)
         self.input_names = list(self.module.input_names())
         # The training graph takes fp32: fp16 cache rows are converted by the feed (FeatureStore.gather).
         self.input_dtypes = {name: np.dtype(np.float32) for name in self.input_names}
         props = self.state.properties
-        self.position = {k: props[k] for k in ("epoch", "step", "loss_sum", "correct", "seen")
-                         if resume_from is not None and k in props}
+        self.position = {
+            k: props[k]
+            for k in ("epoch", "step", "loss_sum", "correct", "seen")
+            if resume_from is not None and k in props
+        }
 
     def train(self) -> None:
         self.module.train()

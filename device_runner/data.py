@@ -22,9 +22,7 @@ from vqt_edge.preprocess import UnreadableImage, load_batch, load_rgb
 log = logging.getLogger(__name__)
 
 #: Files with these suffixes (any case) count as images in an image folder; others are ignored.
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-)
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 
 Sample = tuple[Path, int]
 
@@ -83,9 +81,7 @@ def _load_folder(root: Path, classes: list[str] | None) -> Dataset:
     except OSError as e:
         raise UserError(f"cannot list {root}: {e}") from None
     if not names:
-        raise UserError(
-            f"{root} has no class sub-folders: an image folder needs one sub-folder per class"
-        )
+        raise UserError(f"{root} has no class sub-folders: an image folder needs one sub-folder per class")
     known = names if classes is None else classes
     index = {name: i for i, name in enumerate(known)}
     samples: list[Sample] = []
@@ -95,8 +91,7 @@ def _load_folder(root: Path, classes: list[str] | None) -> Dataset:
         files = _image_files(root / name)
         if not files and classes is None:
             raise UserError(
-                f"class folder {root / name} has no images "
-                f"(looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
+                f"class folder {root / name} has no images (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
             )
         samples += [(f, index[name]) for f in files]
     return Dataset(list(known), samples)
@@ -132,8 +127,10 @@ def image_paths(paths: Sequence[Path], recursive: bool = False) -> list[Path]:
                 deeper = not recursive and any(p.is_dir() for p in path.iterdir())
             except OSError as e:
                 raise UserError(f"cannot list {path}: {e}") from None
-            raise UserError(f"{path}: folder has no images (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
-                            + ("; --recursive also reads its sub-folders" if deeper else ""))
+            raise UserError(
+                f"{path}: folder has no images (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
+                + ("; --recursive also reads its sub-folders" if deeper else "")
+            )
         out += files
     return out
 
@@ -160,9 +157,7 @@ def _load_list(list_file: Path, classes: list[str] | None) -> Dataset:
         except csv.Error as e:
             raise UserError(f"{list_file}, line {lineno}: {e}") from None
         if len(fields) != 2 or not all(fields):
-            raise UserError(
-                f"{list_file}, line {lineno}: expected 'path,label', got {line.strip()[:80]!r}"
-            )
+            raise UserError(f"{list_file}, line {lineno}: expected 'path,label', got {line.strip()[:80]!r}")
         if not rows and fields == ["path", "label"]:
             continue
         rows.append((lineno, fields[0], fields[1]))
@@ -227,9 +222,7 @@ def split(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Datase
     )
 
 
-def drop_unreadable(
-    dataset: Dataset, image_size: int | None = None
-) -> tuple[Dataset, list[tuple[Path, str]]]:
+def drop_unreadable(dataset: Dataset, image_size: int | None = None) -> tuple[Dataset, list[tuple[Path, str]]]:
     """Decode every image once; return the readable ones and (path, reason) for the others.
 
     Done up front so a bad file costs a warning, not a crash in epoch 37. Given `image_size`,

@@ -33,9 +33,14 @@ def adapter_bytes(tensors: dict[str, np.ndarray], manifest: Manifest) -> bytes:
     """The bytes of adapter.safetensors (model.onnx's metadata records their sha256)."""
     raw = save(
         {k: np.ascontiguousarray(v, dtype=np.int64 if k == FEATURE_INDEX else np.float32) for k, v in tensors.items()},
-        metadata={"format": mf.FORMAT, "method": manifest.spec.method, "last_k": str(manifest.spec.last_k),
-                  "feature_norm": manifest.spec.feature_norm, "query_layers": ",".join(map(str, manifest.spec.query_layers)),
-                  "aggregate": manifest.spec.aggregate},
+        metadata={
+            "format": mf.FORMAT,
+            "method": manifest.spec.method,
+            "last_k": str(manifest.spec.last_k),
+            "feature_norm": manifest.spec.feature_norm,
+            "query_layers": ",".join(map(str, manifest.spec.query_layers)),
+            "aggregate": manifest.spec.aggregate,
+        },
     )
     return _sorted_header(raw)
 
@@ -79,8 +84,14 @@ def load_adapter(path: Path, manifest: Manifest) -> dict[str, np.ndarray]:
     return tensors
 
 
-def build_model(bundle: Path, manifest: Manifest, adapter: dict[str, np.ndarray], out: Path,
-                classes: list[str] | None = None, adapter_sha256: str | None = None) -> None:
+def build_model(
+    bundle: Path,
+    manifest: Manifest,
+    adapter: dict[str, np.ndarray],
+    out: Path,
+    classes: list[str] | None = None,
+    adapter_sha256: str | None = None,
+) -> None:
     """Write model.onnx: frozen.onnx -> head.onnx (with the adapter's tensors), one graph; each head
     input is wired to the frozen output of the same name (`manifest.spec.frozen_outputs`), every other
     head name is prefixed with "head/", and the only output is `logits`. The head's frozen weights
@@ -95,14 +106,22 @@ def build_model(bundle: Path, manifest: Manifest, adapter: dict[str, np.ndarray]
     manifest and of the adapter file: `adapter_sha256` when it is written already (hashed from disk:
     serializing a fine-tuned model's adapter again would hold it twice), else of the bytes these tensors give."""
     names = classes or manifest.class_names or [str(i) for i in range(manifest.spec.num_classes)]
-    metadata = model_metadata.build(manifest, names, bundle_sha256=mf.sha256_file(bundle / mf.MANIFEST),
-                                    adapter_sha256=adapter_sha256 or hashlib.sha256(adapter_bytes(adapter, manifest)).hexdigest())
+    metadata = model_metadata.build(
+        manifest,
+        names,
+        bundle_sha256=mf.sha256_file(bundle / mf.MANIFEST),
+        adapter_sha256=adapter_sha256 or hashlib.sha256(adapter_bytes(adapter, manifest)).hexdigest(),
+    )
     learned = {name: np.asarray(adapter[name], np.float32) for name in manifest.spec.trainable_shapes}
     with atomic_path(out) as tmp, selected_head(bundle, manifest, adapter, out.parent) as head:
         # the bundle's head.onnx unless selecting
         merge_streaming(
-            bundle / mf.FROZEN, head, tmp, learned, shared=find_shared(bundle / mf.FROZEN, head, set(learned)),
+            bundle / mf.FROZEN,
+            head,
+            tmp,
+            learned,
+            shared=find_shared(bundle / mf.FROZEN, head, set(learned)),
             doc_string=f"vqt-edge {manifest.model}: pixel_values [B,3,S,S] normalized with mean {manifest.mean}, "
-                       f"std {manifest.std} -> logits",
+            f"std {manifest.std} -> logits",
             metadata=metadata,
         )

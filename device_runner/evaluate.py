@@ -5,9 +5,9 @@ Streaming keeps the peak memory independent of how many images are asked for.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -26,7 +26,7 @@ class FinishedRun:
     session: object
 
     @classmethod
-    def open(cls, run: Path, device: str = "cpu") -> "FinishedRun":
+    def open(cls, run: Path, device: str = "cpu") -> FinishedRun:
         run = Path(run)
         manifest, classes = RunFolder(run).open_finished()  # its files' hashes checked
         providers = ort.providers(device)  # a clear UserError when this build lacks the device
@@ -56,10 +56,16 @@ def _check_signature(session, manifest: Manifest, path: Path) -> None:
     want_in, want_out = [None, a.channels, a.image_size, a.image_size], [None, manifest.spec.num_classes]
 
     def fits(shape, want) -> bool:
-        return len(shape) == len(want) and all(not isinstance(d, int) or w is None or d == w for d, w in zip(shape, want))
+        return len(shape) == len(want) and all(
+            not isinstance(d, int) or w is None or d == w for d, w in zip(shape, want)
+        )
 
-    if "pixel_values" not in inputs or "logits" not in outputs or not fits(inputs["pixel_values"], want_in) \
-            or not fits(outputs["logits"], want_out):
+    if (
+        "pixel_values" not in inputs
+        or "logits" not in outputs
+        or not fits(inputs["pixel_values"], want_in)
+        or not fits(outputs["logits"], want_out)
+    ):
         raise UserError(
             f"{path}: takes {inputs} and gives {outputs}; the run's bundle needs pixel_values "
             f"[B,{a.channels},{a.image_size},{a.image_size}] -> logits [B,{manifest.spec.num_classes}]. "

@@ -17,8 +17,8 @@ import json
 import logging
 import mmap
 import os
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -45,13 +45,15 @@ class FrozenBackbone:
     sessions_opened = 0
     images_run = 0
 
-    def __init__(self, bundle: Path, manifest: Manifest, device: str = "cpu", threads: int | None = None,
-                 prepack: bool = True) -> None:
+    def __init__(
+        self, bundle: Path, manifest: Manifest, device: str = "cpu", threads: int | None = None, prepack: bool = True
+    ) -> None:
         FrozenBackbone.sessions_opened += 1
         rt = ort.onnxruntime()
         self.names = manifest.spec.frozen_outputs
-        self.session = rt.InferenceSession(str(bundle / mf.FROZEN), sess_options=ort.session_options(threads, prepack),
-                                           providers=ort.providers(device))
+        self.session = rt.InferenceSession(
+            str(bundle / mf.FROZEN), sess_options=ort.session_options(threads, prepack), providers=ort.providers(device)
+        )
 
     def __call__(self, pixels: np.ndarray) -> Features:
         FrozenBackbone.images_run += len(pixels)
@@ -71,7 +73,9 @@ class FeatureStore:
     def __init__(self, arrays: Features) -> None:
         self.arrays = arrays
 
-    def gather(self, rows: np.ndarray, dtypes: dict[str, np.dtype] | None = None, out: Features | None = None) -> Features:
+    def gather(
+        self, rows: np.ndarray, dtypes: dict[str, np.dtype] | None = None, out: Features | None = None
+    ) -> Features:
         """Copies of the asked rows, in the asked order, as `dtypes[name]` (fp32 by default).
 
         `out`: arrays of an earlier gather to write into (their first len(rows) rows) where dtype and
@@ -93,7 +97,12 @@ class FeatureStore:
         for name, a in self.arrays.items():
             dtype = np.dtype((dtypes or {}).get(name, np.float32))
             reuse = (out or {}).get(name)
-            if reuse is not None and reuse.dtype == dtype and reuse.shape[1:] == a.shape[1:] and len(reuse) >= len(rows):
+            if (
+                reuse is not None
+                and reuse.dtype == dtype
+                and reuse.shape[1:] == a.shape[1:]
+                and len(reuse) >= len(rows)
+            ):
                 dst = reuse[: len(rows)]
             else:
                 dst = np.empty((len(rows), *a.shape[1:]), dtype)
@@ -121,7 +130,11 @@ def _run_backbone(
 
 
 def build_ram_store(
-    backbone: FrozenBackbone, paths: Sequence[Path], manifest: Manifest, batch_size: int, progress: Callable[[int], None]
+    backbone: FrozenBackbone,
+    paths: Sequence[Path],
+    manifest: Manifest,
+    batch_size: int,
+    progress: Callable[[int], None],
 ) -> FeatureStore:
     n = len(paths)
     arrays = {name: np.empty((n, *shape), dtype) for name, (shape, dtype) in manifest.spec.frozen_output_specs.items()}
@@ -170,7 +183,7 @@ class DiskCache:
         return self.folder / f"{name}.{np.dtype(dtype).name}"
 
     @classmethod
-    def for_bundle(cls, run: Path, manifest: Manifest) -> "DiskCache":
+    def for_bundle(cls, run: Path, manifest: Manifest) -> DiskCache:
         key = manifest.files[mf.FROZEN] + "-" + ",".join(manifest.spec.frozen_outputs)
         return cls(run / "kv_cache" / hashlib.sha256(key.encode()).hexdigest()[:16], manifest)
 
@@ -183,7 +196,9 @@ class DiskCache:
                 with open(path, "ab") as f:
                     if f.tell() < need:
                         _reserve(f, need)
-            out[name] = np.memmap(path, dtype=dtype, mode=mode, shape=(rows, *shape)) if rows else np.empty((0, *shape), dtype)
+            out[name] = (
+                np.memmap(path, dtype=dtype, mode=mode, shape=(rows, *shape)) if rows else np.empty((0, *shape), dtype)
+            )
         return out
 
     def missing(self, hashes: Sequence[str]) -> int:
@@ -191,8 +206,13 @@ class DiskCache:
         return len(set(hashes) - set(self.index))
 
     def fill(
-        self, backbone_factory: Callable[[], FrozenBackbone], paths: Sequence[Path], hashes: Sequence[str],
-        manifest: Manifest, batch_size: int, progress: Callable[[int], None],
+        self,
+        backbone_factory: Callable[[], FrozenBackbone],
+        paths: Sequence[Path],
+        hashes: Sequence[str],
+        manifest: Manifest,
+        batch_size: int,
+        progress: Callable[[int], None],
     ) -> None:
         """Compute the rows of images not cached yet (`hashes[i]` is the sha256 of `paths[i]`).
 
@@ -304,5 +324,7 @@ class _RowMapped(FeatureStore):
         super().__init__(arrays)
         self.rows = rows
 
-    def gather(self, rows: np.ndarray, dtypes: dict[str, np.dtype] | None = None, out: Features | None = None) -> Features:
+    def gather(
+        self, rows: np.ndarray, dtypes: dict[str, np.dtype] | None = None, out: Features | None = None
+    ) -> Features:
         return super().gather(self.rows[rows], dtypes, out)

@@ -17,8 +17,9 @@ from __future__ import annotations
 import importlib
 import sys
 import types
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 from vqt_edge.errors import UserError
 

@@ -30,7 +30,7 @@ FORMATS = model_metadata.PACKAGE_FORMATS
 #: One line per method for the model card (vqt-edge's docs/design.md sections 4 and 5).
 METHODS = {
     "vqt": "Visual Query Tuning (Tu et al., CVPR 2023): learned query tokens per layer read the frozen layer's "
-           "keys and values; a linear head reads their outputs and the final CLS token.",
+    "keys and values; a linear head reads their outputs and the final CLS token.",
     "linear": "linear probe: a linear head on the frozen final CLS token.",
     "vpt": "VPT-Deep: learned prompt tokens in each of the last k layers; a linear head on the final CLS token.",
     "adaptformer": "AdaptFormer: a bottleneck adapter beside the MLP of each of the last k layers; a linear head.",
@@ -61,8 +61,10 @@ def hf_config(manifest: Manifest, classes: list[str], metadata: dict[str, str]) 
         "hidden_act": "gelu",
         "id2label": {str(i): name for i, name in enumerate(classes)},
         "label2id": {name: i for i, name in enumerate(classes)},
-        "vqt_edge": {k: (json.loads(v) if k in ("adapter_spec", "class_names", "mean", "std") else v)
-                     for k, v in metadata.items()},
+        "vqt_edge": {
+            k: (json.loads(v) if k in ("adapter_spec", "class_names", "mean", "std") else v)
+            for k, v in metadata.items()
+        },
     }
 
 
@@ -88,10 +90,14 @@ def _accuracy_lines(summary: dict) -> list[str]:
     """What the run recorded about accuracy, each with where it was measured."""
     lines = []
     if summary.get("test_accuracy") is not None:
-        lines.append(f"- test accuracy: {summary['test_accuracy']:.4f} on {summary.get('test_images', '?')} held-out images")
+        lines.append(
+            f"- test accuracy: {summary['test_accuracy']:.4f} on {summary.get('test_images', '?')} held-out images"
+        )
     final = summary.get("final") or {}
     if final.get("val_acc") is not None:
-        lines.append(f"- validation accuracy (last epoch): {final['val_acc']:.4f} on {summary.get('val_images', '?')} images")
+        lines.append(
+            f"- validation accuracy (last epoch): {final['val_acc']:.4f} on {summary.get('val_images', '?')} images"
+        )
     if final.get("train_acc") is not None:
         lines.append(f"- training accuracy (last epoch, with dropout): {final['train_acc']:.4f}")
     selection = summary.get("feature_selection") or {}
@@ -159,10 +165,10 @@ Query layers {layers}, tokens T={spec.query_tokens}, feature norm `{spec.feature
 
 ## Training data
 
-{summary.get('train_images', '?')} training images, {summary.get('val_images', 0)} validation images
-({summary.get('skipped_images', 0)} unreadable ones skipped); classes, in logit order: {', '.join(f'`{c}`' for c in classes)}.
-Epochs {config.get('epochs', summary.get('epochs', '?'))}, batch {config.get('batch_size', '?')}, lr {config.get('lr', '?')},
-weight decay {config.get('weight_decay', '?')}{', federated' if summary.get('fleet') else ''}.
+{summary.get("train_images", "?")} training images, {summary.get("val_images", 0)} validation images
+({summary.get("skipped_images", 0)} unreadable ones skipped); classes, in logit order: {", ".join(f"`{c}`" for c in classes)}.
+Epochs {config.get("epochs", summary.get("epochs", "?"))}, batch {config.get("batch_size", "?")}, lr {config.get("lr", "?")},
+weight decay {config.get("weight_decay", "?")}{", federated" if summary.get("fleet") else ""}.
 
 ## Accuracy recorded by the run
 
@@ -170,9 +176,9 @@ weight decay {config.get('weight_decay', '?')}{', federated' if summary.get('fle
 
 ## Hashes (sha256)
 
-- bundle manifest: `{metadata['bundle_sha256']}`
-- frozen.onnx: `{metadata['frozen_sha256']}`
-- adapter.safetensors: `{metadata['adapter_sha256']}`
+- bundle manifest: `{metadata["bundle_sha256"]}`
+- frozen.onnx: `{metadata["frozen_sha256"]}`
+- adapter.safetensors: `{metadata["adapter_sha256"]}`
 """
 
 
@@ -180,8 +186,9 @@ def _metadata(folder: RunFolder, manifest: Manifest, classes: list[str]) -> dict
     """model.onnx's metadata for this run, from its verified files (the same values build_model writes)."""
     info = folder.info()
     bundle_sha = info.get("bundle_manifest_sha256") or mf.sha256_file(folder.path / "bundle_manifest.json")
-    return model_metadata.build(manifest, classes, bundle_sha256=bundle_sha,
-                                adapter_sha256=folder.summary()["files"][ADAPTER])
+    return model_metadata.build(
+        manifest, classes, bundle_sha256=bundle_sha, adapter_sha256=folder.summary()["files"][ADAPTER]
+    )
 
 
 def package(run: Path, fmt: str, out: Path) -> list[Path]:

@@ -26,10 +26,10 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import onnx
@@ -42,7 +42,6 @@ from vqt_edge.config import TrainConfig
 from vqt_edge.errors import UserError
 from vqt_edge.manifest import Manifest
 from vqt_edge.optim import AdamW, decay_factor, lr_at
-
 
 FEATURE_INDEX = "head.feature_index"  # adapter (and model.onnx initializer) name of the kept indices
 HEAD_LR_SCALE = 0.5  # official sparsity runs: BASE_LR = 0.5 x the tuned lr
@@ -57,21 +56,31 @@ def head_gemm(nodes: Iterable[onnx.NodeProto], manifest: Manifest) -> onnx.NodeP
     for node in nodes:
         if node.op_type == "Gemm" and "logits" in node.output and len(node.input) >= 2 and node.input[1] == HEAD_WEIGHT:
             return node
-    raise UserError(f"{mf.HEAD_MODEL}: no Gemm computes logits from {HEAD_WEIGHT}; feature selection needs a linear head")
+    raise UserError(
+        f"{mf.HEAD_MODEL}: no Gemm computes logits from {HEAD_WEIGHT}; feature selection needs a linear head"
+    )
 
 
 def _learned(manifest: Manifest, adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The adapter's learned tensors that head.onnx holds as initializers (all but the head's)."""
-    return {name: np.asarray(adapter[name], np.float32) for name in manifest.spec.trainable_shapes
-            if not name.startswith("head.")}
+    return {
+        name: np.asarray(adapter[name], np.float32)
+        for name in manifest.spec.trainable_shapes
+        if not name.startswith("head.")
+    }
 
 
 FeatureSource = Callable[[np.ndarray], np.ndarray]  # store rows -> head input features [B, F]
 
 
 def feature_source(
-    bundle: Path, manifest: Manifest, adapter: dict[str, np.ndarray], gather: Callable[[np.ndarray], dict],
-    device: str = "cpu", threads: int | None = None, scratch: Path | None = None,
+    bundle: Path,
+    manifest: Manifest,
+    adapter: dict[str, np.ndarray],
+    gather: Callable[[np.ndarray], dict],
+    device: str = "cpu",
+    threads: int | None = None,
+    scratch: Path | None = None,
 ) -> FeatureSource:
     """The one place that turns frozen outputs into the head's input features, for any method whose
     head is one Gemm on them (vqt: [n(cls), n(z_1), ...]; linear: [n(cls)]; a method whose frozen
@@ -90,11 +99,16 @@ def feature_source(
     rt = ort.onnxruntime()
     with tempfile.TemporaryDirectory(dir=scratch) as tmp:
         path = Path(tmp) / "features.onnx"
-        rewrite_streaming(head, path, replace=_learned(manifest, adapter),
-                          edit_nodes=lambda ns: [*ns, helper.make_node("Identity", [source], [out], name=out)],
-                          outputs=[helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None)])
-        session = rt.InferenceSession(str(path), sess_options=ort.session_options(threads, prepack=False),
-                                      providers=ort.providers(device))
+        rewrite_streaming(
+            head,
+            path,
+            replace=_learned(manifest, adapter),
+            edit_nodes=lambda ns: [*ns, helper.make_node("Identity", [source], [out], name=out)],
+            outputs=[helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None)],
+        )
+        session = rt.InferenceSession(
+            str(path), sess_options=ort.session_options(threads, prepack=False), providers=ort.providers(device)
+        )
     names = [i.name for i in session.get_inputs()]
 
     def features(rows: np.ndarray) -> np.ndarray:
@@ -196,22 +210,35 @@ def selected_head(bundle: Path, manifest: Manifest, adapter: dict[str, np.ndarra
 
     def insert_gather(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
         gemm = head_gemm(nodes, manifest)
-        gather = helper.make_node("Gather", [gemm.input[0], FEATURE_INDEX], ["selected_features"], name="select_features", axis=1)
+        gather = helper.make_node(
+            "Gather", [gemm.input[0], FEATURE_INDEX], ["selected_features"], name="select_features", axis=1
+        )
         gemm.input[0] = "selected_features"
         i = nodes.index(gemm)
         return [*nodes[:i], gather, *nodes[i:]]  # just before the Gemm: nodes are in topological order
 
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         path = Path(tmp) / "head.onnx"
-        rewrite_streaming(bundle / mf.HEAD_MODEL, path, replace={**_learned(manifest, adapter), HEAD_WEIGHT: adapter[HEAD_WEIGHT]},
-                          add=[numpy_helper.from_array(index, FEATURE_INDEX)], edit_nodes=insert_gather)
+        rewrite_streaming(
+            bundle / mf.HEAD_MODEL,
+            path,
+            replace={**_learned(manifest, adapter), HEAD_WEIGHT: adapter[HEAD_WEIGHT]},
+            add=[numpy_helper.from_array(index, FEATURE_INDEX)],
+            edit_nodes=insert_gather,
+        )
         yield path
 
 
 # -- the step a run takes after its training loop ------------------------------------------------------
 def compress_adapter(
-    bundle: Path, manifest: Manifest, adapter: dict[str, np.ndarray], gather: Callable[[np.ndarray], dict],
-    labels: np.ndarray, n_train: int, cfg: TrainConfig, scratch: Path | None = None,
+    bundle: Path,
+    manifest: Manifest,
+    adapter: dict[str, np.ndarray],
+    gather: Callable[[np.ndarray], dict],
+    labels: np.ndarray,
+    n_train: int,
+    cfg: TrainConfig,
+    scratch: Path | None = None,
 ) -> tuple[dict[str, np.ndarray], dict]:
     """Freeze the learned tensors, compute the head's input features of every sample once (rows
     0..n_train-1 train, the rest validate), select `cfg.keep_fraction` of them with group lasso
@@ -222,16 +249,30 @@ def compress_adapter(
     source = feature_source(bundle, manifest, adapter, gather, cfg.device, cfg.threads, scratch)
     x = compute_features(source, len(labels), cfg.micro_batch or cfg.batch_size)
     warmup = cfg.warmup_epochs if cfg.warmup_epochs is not None else 0.1 * cfg.epochs
-    head_cfg = HeadConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=HEAD_LR_SCALE * cfg.lr,
-                          weight_decay=cfg.weight_decay, warmup_epochs=warmup, seed=cfg.seed)
-    index, w, b = compress(x[:n_train], labels[:n_train], manifest.spec.num_classes, head_cfg, cfg.keep_fraction, cfg.lasso)
+    head_cfg = HeadConfig(
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=HEAD_LR_SCALE * cfg.lr,
+        weight_decay=cfg.weight_decay,
+        warmup_epochs=warmup,
+        seed=cfg.seed,
+    )
+    index, w, b = compress(
+        x[:n_train], labels[:n_train], manifest.spec.num_classes, head_cfg, cfg.keep_fraction, cfg.lasso
+    )
 
     def accuracy(rows: slice) -> float | None:
         xs = x[rows][:, index]
         return float(((xs @ w.T + b).argmax(-1) == labels[rows]).mean()) if len(xs) else None
 
-    info = {"keep_fraction": cfg.keep_fraction, "lasso": cfg.lasso, "features_in": int(x.shape[1]),
-            "features_kept": int(len(index)), "head_lr": head_cfg.lr,
-            "train_acc": accuracy(slice(0, n_train)), "val_acc": accuracy(slice(n_train, None)),
-            "seconds": round(time.perf_counter() - t0, 3)}
+    info = {
+        "keep_fraction": cfg.keep_fraction,
+        "lasso": cfg.lasso,
+        "features_in": int(x.shape[1]),
+        "features_kept": int(len(index)),
+        "head_lr": head_cfg.lr,
+        "train_acc": accuracy(slice(0, n_train)),
+        "val_acc": accuracy(slice(n_train, None)),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
     return {**adapter, "head.weight": w, "head.bias": b, FEATURE_INDEX: index}, info

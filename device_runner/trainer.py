@@ -9,14 +9,14 @@ checkpoint ends with the same parameters as one that was never interrupted.
 
 from __future__ import annotations
 
-import math
 import logging
+import math
 import signal
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -26,16 +26,26 @@ from device_runner.deploy import build_model, save_adapter
 from device_runner.features import DiskCache, FeatureStore, FrozenBackbone, build_ram_store, image_sha256
 from device_runner.identity import samples_sha256
 from device_runner.selection import compress_adapter
-from vqt_edge import manifest as mf
-from vqt_edge.errors import UserError
 from vqt_edge import adapter_config
-from vqt_edge.manifest import Manifest
-from vqt_edge.memory import (BundleFootprint, Plan, available_mb, choose, default_kv, frozen_batch, lean_malloc,
-                             peak_rss_mb, predict_peak, trim_malloc)
-from vqt_edge.progress import Counter, OnProgress, Progress, log_progress
+from vqt_edge import manifest as mf
 from vqt_edge.config import TrainConfig
-from vqt_edge.run_folder import ADAPTER, RUN_FILE, RunFolder
+from vqt_edge.errors import UserError
+from vqt_edge.manifest import Manifest
+from vqt_edge.memory import (
+    BundleFootprint,
+    Plan,
+    available_mb,
+    choose,
+    default_kv,
+    frozen_batch,
+    lean_malloc,
+    peak_rss_mb,
+    predict_peak,
+    trim_malloc,
+)
 from vqt_edge.optim import lr_at
+from vqt_edge.progress import Counter, OnProgress, Progress, log_progress
+from vqt_edge.run_folder import ADAPTER, RUN_FILE, RunFolder
 
 log = logging.getLogger("vqt_edge")  # the default for messages; the CLI and the API pass their own
 SharedFeatures = Callable[[list[Path]], FeatureStore]  # sample paths -> their frozen outputs, row i = path i
@@ -77,8 +87,14 @@ class _Data:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _load_data(manifest: Manifest, data: Path, val: Path | None, cfg: TrainConfig, echo: Callable[[str], None],
-               classes: list[str] | None = None) -> _Data:
+def _load_data(
+    manifest: Manifest,
+    data: Path,
+    val: Path | None,
+    cfg: TrainConfig,
+    echo: Callable[[str], None],
+    classes: list[str] | None = None,
+) -> _Data:
     # Given `classes` (a fleet client: docs/design.md section 12), the shard may lack some of them.
     train = load_dataset(data, classes=classes)
     if manifest.class_names is not None and train.classes != manifest.class_names:
@@ -125,9 +141,18 @@ class Trainer:
     """Holds one run: its data, features and training backend (device_runner/backends.py). `fit()` runs it to the end."""
 
     def __init__(
-        self, bundle: Path, run: Path, cfg: TrainConfig, data: Path | None, val: Path | None, resume: bool,
-        echo: Callable[[str], None] = log.info, with_test: bool = False, features: SharedFeatures | None = None,
-        classes: list[str] | None = None, progress: OnProgress | None = None,
+        self,
+        bundle: Path,
+        run: Path,
+        cfg: TrainConfig,
+        data: Path | None,
+        val: Path | None,
+        resume: bool,
+        echo: Callable[[str], None] = log.info,
+        with_test: bool = False,
+        features: SharedFeatures | None = None,
+        classes: list[str] | None = None,
+        progress: OnProgress | None = None,
     ) -> None:
         self.run, self.echo, self.shared_features = run, echo, features
         self.progress = progress or log_progress  # vqt_edge/progress.py: the CLI draws bars, a library logs
@@ -162,13 +187,21 @@ class Trainer:
         self.image_hashes: dict[Path, str] = {}  # each image's bytes hashed once: identity, then disk-cache key
         samples_sha = samples_sha256([(self.data.train, data), (self.data.val, val or data)], self.image_hashes)
         if resume and saved.get("samples_sha256") != samples_sha:
-            raise UserError(f"{data}: the images changed since this run started (an image was added, removed, renamed, "
-                            "relabelled or edited); resuming would not continue the same run. Start a new --run.")
+            raise UserError(
+                f"{data}: the images changed since this run started (an image was added, removed, renamed, "
+                "relabelled or edited); resuming would not continue the same run. Start a new --run."
+            )
         if not resume:
             # data paths absolute but not resolved: a list file reached through a symlink reads its relative
             # entries from the link's folder, on resume too (device_runner/identity.py)
-            folder.start(bundle, self.data.classes, data=str(data.absolute()), val=str(val.absolute()) if val else None,
-                         config=asdict(self.cfg), samples_sha256=samples_sha)
+            folder.start(
+                bundle,
+                self.data.classes,
+                data=str(data.absolute()),
+                val=str(val.absolute()) if val else None,
+                config=asdict(self.cfg),
+                samples_sha256=samples_sha,
+            )
 
     def _plan_memory(self, with_test: bool) -> Plan:
         """Predict the run's peak (vqt_edge/memory.py). Under --memory-budget, choose the K/V mode and
@@ -179,20 +212,48 @@ class Trainer:
         images = len(self.data.train) + (len(self.data.val) if self.data.val else 0)
         if cfg.memory_budget_mb is None and cfg.kv == "auto":
             available = available_mb()
-            plan = default_kv(fp, images=images, batch_size=cfg.batch_size, micro_batch=cfg.micro_batch,
-                              available=available, test=with_test, backend=cfg.backend)
+            plan = default_kv(
+                fp,
+                images=images,
+                batch_size=cfg.batch_size,
+                micro_batch=cfg.micro_batch,
+                available=available,
+                test=with_test,
+                backend=cfg.backend,
+            )
             self.cfg = replace(cfg, kv=plan.kv)
             if available is not None:
-                self.echo(f"K/V {plan.kv}: predicted peak {plan.peak_mb:.0f} MiB with {available:.0f} MiB available"
-                          + ("" if plan.kv == "ram" else " (a RAM cache of these images would not fit; --kv ram forces it)"))
+                self.echo(
+                    f"K/V {plan.kv}: predicted peak {plan.peak_mb:.0f} MiB with {available:.0f} MiB available"
+                    + ("" if plan.kv == "ram" else " (a RAM cache of these images would not fit; --kv ram forces it)")
+                )
             return plan
         if cfg.memory_budget_mb is None:
-            return predict_peak(fp, images=images, batch_size=cfg.batch_size, micro_batch=cfg.micro_batch, kv=cfg.kv,
-                                backend=cfg.backend, test_batch=frozen_batch(cfg.batch_size, cfg.micro_batch) if with_test else None)
-        plan = choose(fp, cfg.memory_budget_mb, images=images, batch_size=cfg.batch_size, backends=self.backend_choices,
-                      kv=None if cfg.kv == "auto" else cfg.kv, micro_batch=cfg.micro_batch, test=with_test)
-        self.cfg = replace(cfg, kv=plan.kv, backend=plan.backend,
-                           micro_batch=plan.micro_batch if plan.micro_batch < cfg.batch_size else None)
+            return predict_peak(
+                fp,
+                images=images,
+                batch_size=cfg.batch_size,
+                micro_batch=cfg.micro_batch,
+                kv=cfg.kv,
+                backend=cfg.backend,
+                test_batch=frozen_batch(cfg.batch_size, cfg.micro_batch) if with_test else None,
+            )
+        plan = choose(
+            fp,
+            cfg.memory_budget_mb,
+            images=images,
+            batch_size=cfg.batch_size,
+            backends=self.backend_choices,
+            kv=None if cfg.kv == "auto" else cfg.kv,
+            micro_batch=cfg.micro_batch,
+            test=with_test,
+        )
+        self.cfg = replace(
+            cfg,
+            kv=plan.kv,
+            backend=plan.backend,
+            micro_batch=plan.micro_batch if plan.micro_batch < cfg.batch_size else None,
+        )
         self.echo(f"memory budget {cfg.memory_budget_mb:.0f} MiB: {plan.describe()}")
         return plan
 
@@ -245,8 +306,13 @@ class Trainer:
     def _backbone_features(self, rows: np.ndarray, dtypes: dict[str, np.dtype]) -> dict[str, np.ndarray]:
         """--kv none: the frozen pass on these rows' images, every step."""
         m = self.manifest
-        pixels = next(iter_batches([(self.paths[r], 0) for r in rows], len(rows), m.spec.arch.image_size, m.mean, m.std))[0]
-        return {name: value.astype(dtypes.get(name, np.float32), copy=False) for name, value in self.backbone(pixels).items()}
+        pixels = next(
+            iter_batches([(self.paths[r], 0) for r in rows], len(rows), m.spec.arch.image_size, m.mean, m.std)
+        )[0]
+        return {
+            name: value.astype(dtypes.get(name, np.float32), copy=False)
+            for name, value in self.backbone(pixels).items()
+        }
 
     def _run_module(self, rows: np.ndarray, keep: np.ndarray | None, targets: np.ndarray) -> tuple[float, np.ndarray]:
         """One forward (and, in train mode, backward) call, feeding the graph's inputs by name."""
@@ -277,7 +343,9 @@ class Trainer:
         try:
             self.backend.save(self.folder.checkpoint(self.cfg.backend), position)
         except Exception as e:  # a full disk: OSError here, a RuntimeError from ORT
-            raise UserError(f"could not write checkpoint in {self.run} ({e}); the previous checkpoint is intact") from None
+            raise UserError(
+                f"could not write checkpoint in {self.run} ({e}); the previous checkpoint is intact"
+            ) from None
 
     def adapter_tensors(self) -> dict[str, np.ndarray]:
         return self.backend.parameters()
@@ -307,12 +375,20 @@ class Trainer:
         chunk = self.cfg.micro_batch or self.cfg.batch_size  # the memory plan's size, not more
         for s in range(0, len(rows), chunk):
             r = rows[s : s + chunk]
-            out.append(self._run_module(r, self._keep_mask(len(r), None), np.zeros((len(r), m.spec.num_classes), np.float32))[1])
+            out.append(
+                self._run_module(r, self._keep_mask(len(r), None), np.zeros((len(r), m.spec.num_classes), np.float32))[
+                    1
+                ]
+            )
         self.backend.train()
         return np.concatenate(out) if out else np.zeros((0, m.spec.num_classes), np.float32)
 
-    def fit(self, handle_signals: bool = False, until_epoch: int | None = None,
-            start_from: Callable[["Trainer"], None] | None = None) -> dict:
+    def fit(
+        self,
+        handle_signals: bool = False,
+        until_epoch: int | None = None,
+        start_from: Callable[[Trainer], None] | None = None,
+    ) -> dict:
         """Train to the end and finish the run (adapter, model.onnx, summary). `handle_signals`: turn
         SIGINT/SIGTERM into checkpoint-and-stop (the CLI). A fleet round (docs/design.md section 12)
         passes `until_epoch` to stop after that epoch without finishing (the next round resumes from
@@ -364,10 +440,14 @@ class Trainer:
                     if flag["stop"] or (due and not last):
                         self._save_checkpoint({"epoch": epoch, "step": index + 1, **sums})
                     if flag["stop"]:
-                        raise Interrupted(f"stopped after step {index + 1} of epoch {epoch + 1}; continue with --resume")
+                        raise Interrupted(
+                            f"stopped after step {index + 1} of epoch {epoch + 1}; continue with --resume"
+                        )
                 record = {
-                    "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch,
-                    "train_loss": sums["loss_sum"] / max(1, sums["seen"]), "train_acc": sums["correct"] / max(1, sums["seen"]),
+                    "epoch": epoch + 1,
+                    "step": (epoch + 1) * steps_per_epoch,
+                    "train_loss": sums["loss_sum"] / max(1, sums["seen"]),
+                    "train_acc": sums["correct"] / max(1, sums["seen"]),
                     "lr": lr_at((epoch + 1) * steps_per_epoch - 1, total, warmup, cfg.lr),
                     "seconds": round(time.perf_counter() - t0, 3),
                 }
@@ -381,7 +461,11 @@ class Trainer:
                 self.echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
         self.peaks["train"] = round(peak_rss_mb(), 1)
         if until_epoch is not None:  # a round of a longer run: the run is finished by the fleet's server
-            return {"epochs_done": min(cfg.epochs, until_epoch), "train_images": n, "peak_rss_mb": round(peak_rss_mb(), 1)}
+            return {
+                "epochs_done": min(cfg.epochs, until_epoch),
+                "train_images": n,
+                "peak_rss_mb": round(peak_rss_mb(), 1),
+            }
         return self._finish(t_start, epoch_times)
 
     @staticmethod
@@ -395,20 +479,30 @@ class Trainer:
         if self.cfg.keep_fraction < 1:
             self.backend = self.feed_buffers = None  # the selection loads the head graph instead
             trim_malloc()
-            adapter, selection = compress_adapter(self.bundle, m, adapter, self._features, self.labels, self.n_train, self.cfg,
-                                                  scratch=self.run)
+            adapter, selection = compress_adapter(
+                self.bundle, m, adapter, self._features, self.labels, self.n_train, self.cfg, scratch=self.run
+            )
             self.echo(f"feature selection: kept {selection['features_kept']} of {selection['features_in']} head inputs")
             self.peaks["selection"] = round(peak_rss_mb(), 1)  # not in the memory plan (vqt_edge/memory.py)
 
         def write_model(path: Path) -> None:
             self.backend = self.store = self.backbone = self.feed_buffers = None  # free before merging the model
             trim_malloc()
-            build_model(self.bundle, m, adapter, path, classes=self.data.classes,
-                        adapter_sha256=mf.sha256_file(self.folder.path / ADAPTER))  # written just before
+            build_model(
+                self.bundle,
+                m,
+                adapter,
+                path,
+                classes=self.data.classes,
+                adapter_sha256=mf.sha256_file(self.folder.path / ADAPTER),
+            )  # written just before
 
-        self.folder.write_outputs(lambda path: save_adapter(path, adapter, m),
-                                  adapter_config.from_manifest(m, self.data.classes), write_model,
-                                  "training is finished and checkpointed: free space and run again with --resume")
+        self.folder.write_outputs(
+            lambda path: save_adapter(path, adapter, m),
+            adapter_config.from_manifest(m, self.data.classes),
+            write_model,
+            "training is finished and checkpointed: free space and run again with --resume",
+        )
         self.peaks["finish"] = round(peak_rss_mb(), 1)
         metrics = self.folder.metrics()
         summary = {
@@ -450,9 +544,19 @@ def enforce_budget(run: Path, summary: dict) -> dict:
     return summary
 
 
-def train(bundle: Path | None, run: Path, cfg: TrainConfig, data: Path | None, val: Path | None = None, resume: bool = False,
-          echo: Callable[[str], None] = log.info, with_test: bool = False, process_wide: bool = False,
-          features: SharedFeatures | None = None, progress: OnProgress | None = None) -> dict:
+def train(
+    bundle: Path | None,
+    run: Path,
+    cfg: TrainConfig,
+    data: Path | None,
+    val: Path | None = None,
+    resume: bool = False,
+    echo: Callable[[str], None] = log.info,
+    with_test: bool = False,
+    process_wide: bool = False,
+    features: SharedFeatures | None = None,
+    progress: OnProgress | None = None,
+) -> dict:
     """Train (or resume) a run to its end; returns the run summary. `with_test`: the caller will
     evaluate a test set in this process afterwards (the memory plan includes it). `process_wide`
     (the CLI): set lean malloc, which the memory model assumes, and turn SIGINT/SIGTERM into a

@@ -20,17 +20,17 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
 from device_runner.data import check_trainable, drop_unreadable, load_dataset
 from device_runner.features import DiskCache, FeatureStore, FrozenBackbone, _RowMapped, build_ram_store, image_sha256
 from device_runner.trainer import train
-from vqt_edge.config import TrainConfig
 from vqt_edge import manifest as mf
+from vqt_edge.config import TrainConfig
 from vqt_edge.errors import UserError
 from vqt_edge.fileio import atomic_write_text
 from vqt_edge.memory import frozen_batch, trim_malloc
@@ -81,8 +81,15 @@ class SharedPass:
     """The frozen outputs of every image of the data set, computed on first use, and views of them
     for any list of those images (what `trainer.train(features=...)` takes)."""
 
-    def __init__(self, bundle: Path, manifest: mf.Manifest, paths: list[Path], cfg: TrainConfig, folder: Path,
-                 progress: OnProgress = log_progress) -> None:
+    def __init__(
+        self,
+        bundle: Path,
+        manifest: mf.Manifest,
+        paths: list[Path],
+        cfg: TrainConfig,
+        folder: Path,
+        progress: OnProgress = log_progress,
+    ) -> None:
         self.bundle, self.manifest, self.paths, self.cfg, self.folder = bundle, manifest, paths, cfg, folder
         self.progress = progress
         self.row = {p: i for i, p in enumerate(paths)}
@@ -105,7 +112,9 @@ class SharedPass:
             store = cache.store(hashes)
         else:
             session = backbone()
-            store = build_ram_store(session, self.paths, m, batch, Counter(self.progress, "frozen pass (K/V to RAM)", len(self.paths)))
+            store = build_ram_store(
+                session, self.paths, m, batch, Counter(self.progress, "frozen pass (K/V to RAM)", len(self.paths))
+            )
             session.close()
         trim_malloc()
         self.seconds = time.perf_counter() - t0
@@ -125,27 +134,52 @@ class SharedPass:
 def _data_paths(data: Path, manifest: mf.Manifest) -> list[Path]:
     dataset = load_dataset(data)
     if len(dataset.classes) != manifest.spec.num_classes:
-        raise UserError(f"{data}: {len(dataset.classes)} classes, but the bundle was exported for {manifest.spec.num_classes}")
+        raise UserError(
+            f"{data}: {len(dataset.classes)} classes, but the bundle was exported for {manifest.spec.num_classes}"
+        )
     dataset, _ = drop_unreadable(dataset, manifest.spec.arch.image_size)
     check_trainable(dataset, str(data))
     return [p for p, _ in dataset.samples]
 
 
-def _run_one(folder: Path, bundle: Path, cfg: TrainConfig, data: Path, shared: SharedPass, process_wide: bool,
-             progress: OnProgress) -> dict:
+def _run_one(
+    folder: Path,
+    bundle: Path,
+    cfg: TrainConfig,
+    data: Path,
+    shared: SharedPass,
+    process_wide: bool,
+    progress: OnProgress,
+) -> dict:
     """Train one run folder to its end (or resume it, or read it when finished); its summary."""
     run = RunFolder(folder)
     if run.is_finished():
         return run.summary()
     resume = run.is_run()
-    return train(bundle, folder, cfg, data, resume=resume, echo=lambda _: None, features=shared, process_wide=process_wide,
-                 progress=progress)
+    return train(
+        bundle,
+        folder,
+        cfg,
+        data,
+        resume=resume,
+        echo=lambda _: None,
+        features=shared,
+        process_wide=process_wide,
+        progress=progress,
+    )
 
 
 def tune(
-    bundle: Path | None, data: Path | None, run: Path, cfg: TrainConfig, lrs: Sequence[float] | None = None,
-    weight_decays: Sequence[float] | None = None, resume: bool = False, echo: Callable[[str], None] = log.info,
-    process_wide: bool = False, progress: OnProgress = log_progress,
+    bundle: Path | None,
+    data: Path | None,
+    run: Path,
+    cfg: TrainConfig,
+    lrs: Sequence[float] | None = None,
+    weight_decays: Sequence[float] | None = None,
+    resume: bool = False,
+    echo: Callable[[str], None] = log.info,
+    process_wide: bool = False,
+    progress: OnProgress = log_progress,
 ) -> dict:
     """Run the grid, retrain the best on all the data into `run`; returns what tune.json holds.
     `process_wide` as in `trainer.train` (the CLI passes it: Ctrl-C checkpoints and stops)."""
@@ -162,9 +196,13 @@ def tune(
         if bundle is None or data is None:
             raise UserError("give --bundle and --data (or --resume to continue a tune)")
         if space.exists() or RunFolder(run).is_run():
-            raise UserError(f"{space} or {run} already exists; pass --resume to continue that tune, or choose another --run")
+            raise UserError(
+                f"{space} or {run} already exists; pass --resume to continue that tune, or choose another --run"
+            )
         if cfg.kv not in CACHED_KV_MODES:
-            raise UserError(f"tune keeps the K/V of its one frozen pass: --kv must be one of {', '.join(CACHED_KV_MODES)}")
+            raise UserError(
+                f"tune keeps the K/V of its one frozen pass: --kv must be one of {', '.join(CACHED_KV_MODES)}"
+            )
         lrs = list(lrs or default_lrs(cfg.batch_size))
         weight_decays = list(OFFICIAL_WEIGHT_DECAYS if weight_decays is None else weight_decays)
         if not lrs or not weight_decays or min(lrs) <= 0 or min(weight_decays) < 0:
@@ -172,10 +210,21 @@ def tune(
         cfg.validate()
         bundle, data = bundle.resolve(), data.resolve()  # what resumed runs read back from their run.json
         space.mkdir(parents=True)
-        atomic_write_text(space / SETTINGS, json.dumps({
-            "bundle": str(bundle), "data": str(data), "config": asdict(cfg),
-            "lrs": lrs, "weight_decays": weight_decays, "val_fraction": VAL_FRACTION,
-        }, indent=2) + "\n")
+        atomic_write_text(
+            space / SETTINGS,
+            json.dumps(
+                {
+                    "bundle": str(bundle),
+                    "data": str(data),
+                    "config": asdict(cfg),
+                    "lrs": lrs,
+                    "weight_decays": weight_decays,
+                    "val_fraction": VAL_FRACTION,
+                },
+                indent=2,
+            )
+            + "\n",
+        )
     manifest = mf.read_manifest(bundle, verify=True)
     shared = SharedPass(bundle, manifest, _data_paths(data, manifest), cfg, space, progress)
     passes0, images0 = FrozenBackbone.sessions_opened, FrozenBackbone.images_run
@@ -185,30 +234,64 @@ def tune(
         for wd in weight_decays:
             folder = space / config_name(lr, wd)
             t0 = time.perf_counter()
-            summary = _run_one(folder, bundle, replace(cfg, lr=lr, weight_decay=wd, val_split=VAL_FRACTION), data, shared, process_wide,
-                               progress)
-            row = {"lr": lr, "weight_decay": wd, "val_acc": val_score(summary),
-                   "train_acc": (summary.get("final") or {}).get("train_acc"), "run": folder.name,
-                   "train_images": summary["train_images"], "val_images": summary["val_images"],
-                   "seconds": summary["seconds"], "seconds_this_process": round(time.perf_counter() - t0, 3)}
+            summary = _run_one(
+                folder,
+                bundle,
+                replace(cfg, lr=lr, weight_decay=wd, val_split=VAL_FRACTION),
+                data,
+                shared,
+                process_wide,
+                progress,
+            )
+            row = {
+                "lr": lr,
+                "weight_decay": wd,
+                "val_acc": val_score(summary),
+                "train_acc": (summary.get("final") or {}).get("train_acc"),
+                "run": folder.name,
+                "train_images": summary["train_images"],
+                "val_images": summary["val_images"],
+                "seconds": summary["seconds"],
+                "seconds_this_process": round(time.perf_counter() - t0, 3),
+            }
             if row["val_acc"] is None:
-                raise UserError(f"{folder}: no validation accuracy (is the data too small for a {VAL_FRACTION:.0%} split?)")
+                raise UserError(
+                    f"{folder}: no validation accuracy (is the data too small for a {VAL_FRACTION:.0%} split?)"
+                )
             rows.append(row)
             echo(f"lr {lr:g}  weight decay {wd:g}  val accuracy {row['val_acc']:.4f}")
     best = choose(rows)
     t_final = time.perf_counter()
-    final = _run_one(run, bundle, replace(cfg, lr=best["lr"], weight_decay=best["weight_decay"], val_split=0.0), data, shared, process_wide, progress)
+    final = _run_one(
+        run,
+        bundle,
+        replace(cfg, lr=best["lr"], weight_decay=best["weight_decay"], val_split=0.0),
+        data,
+        shared,
+        process_wide,
+        progress,
+    )
     result = {
-        "run": str(run), "bundle": str(bundle), "data": str(data), "val_fraction": VAL_FRACTION,
-        "lrs": lrs, "weight_decays": weight_decays, "grid": rows,
+        "run": str(run),
+        "bundle": str(bundle),
+        "data": str(data),
+        "val_fraction": VAL_FRACTION,
+        "lrs": lrs,
+        "weight_decays": weight_decays,
+        "grid": rows,
         "best": {"lr": best["lr"], "weight_decay": best["weight_decay"], "val_acc": best["val_acc"]},
         "images": len(shared.paths),
         # This process's frozen pass: sessions of frozen.onnx opened and images run through it.
         "frozen_passes": FrozenBackbone.sessions_opened - passes0,
         "frozen_images": FrozenBackbone.images_run - images0,
-        "seconds": {"frozen_pass": round(shared.seconds, 3), "final": round(time.perf_counter() - t_final, 3),
-                    "total_this_process": round(time.perf_counter() - t_start, 3)},
-        "final_summary": {k: final.get(k) for k in ("train_images", "seconds", "peak_rss_mb", "final", "feature_selection")},
+        "seconds": {
+            "frozen_pass": round(shared.seconds, 3),
+            "final": round(time.perf_counter() - t_final, 3),
+            "total_this_process": round(time.perf_counter() - t_start, 3),
+        },
+        "final_summary": {
+            k: final.get(k) for k in ("train_images", "seconds", "peak_rss_mb", "final", "feature_selection")
+        },
     }
     atomic_write_text(space / TUNE_JSON, json.dumps(result, indent=2) + "\n")
     return result

@@ -70,14 +70,22 @@ def main(out: Path, tiny: bool) -> dict:
     model = api.load_adapter(out / "run", bundle=out / "bundle")
     from_adapter = model.predict(images)
     gap = max(abs(a - b) for p, q in zip(predictions, from_adapter) for a, b in zip(p["logits"], q["logits"]))
-    print(f"load_adapter: labels {[p['label'] for p in from_adapter]}, largest logit difference to model.onnx {gap:.2e}")
+    print(
+        f"load_adapter: labels {[p['label'] for p in from_adapter]}, largest logit difference to model.onnx {gap:.2e}"
+    )
 
     # 5. The process is as it was: torch imports after all of the above.
     import torch
 
     print(f"import torch after training: ok ({torch.__version__})")
-    return {"summary": summary, "evaluate": result, "predictions": predictions, "from_adapter": from_adapter,
-            "max_logit_gap": gap, "torch": torch.__version__}
+    return {
+        "summary": summary,
+        "evaluate": result,
+        "predictions": predictions,
+        "from_adapter": from_adapter,
+        "max_logit_gap": gap,
+        "torch": torch.__version__,
+    }
 
 
 if __name__ == "__main__":

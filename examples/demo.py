@@ -55,18 +55,35 @@ def main() -> None:
             vqt_edge("export", "--model", "vit_fmnist", "--method", method, "--classes", classes, "--out", bundle)
         print(f"== 3. adapt on-device ({method}), budget {args.memory_budget}")
         if not (run / "summary.json").exists():
-            vqt_edge("train", "--bundle", bundle, "--data", data / "train1000", "--run", run, "--test", data / "test",
-                     "--epochs", args.epochs, "--memory-budget", args.memory_budget)
+            vqt_edge(
+                "train",
+                "--bundle",
+                bundle,
+                "--data",
+                data / "train1000",
+                "--run",
+                run,
+                "--test",
+                data / "test",
+                "--epochs",
+                args.epochs,
+                "--memory-budget",
+                args.memory_budget,
+            )
         results[method] = json.loads((run / "summary.json").read_text())
 
-    print(f"\n== 4. results on {results['vqt'].get('test_images', 5000)} test images "
-          f"(Fashion-MNIST 5-9, 1000 training images, {args.epochs} epochs)")
+    print(
+        f"\n== 4. results on {results['vqt'].get('test_images', 5000)} test images "
+        f"(Fashion-MNIST 5-9, 1000 training images, {args.epochs} epochs)"
+    )
     print(f"{'method':<14}{'test accuracy':>14}{'peak memory':>14}{'train time':>12}")
     for method, s in results.items():
         print(f"{method:<14}{s['test_accuracy']:>14.4f}{s['peak_rss_mb']:>11.0f} MiB{s['seconds']:>10.1f} s")
     gain = results["vqt"]["test_accuracy"] - results["linear"]["test_accuracy"]
-    print(f"VQT vs linear probe: {gain * 100:+.1f} points. Runs, adapters and model.onnx files are in {out}/ "
-          f"(total {time.perf_counter() - t0:.0f} s).")
+    print(
+        f"VQT vs linear probe: {gain * 100:+.1f} points. Runs, adapters and model.onnx files are in {out}/ "
+        f"(total {time.perf_counter() - t0:.0f} s)."
+    )
     print(f"Try: vqt-edge predict --run {out}/run_vqt {next((data / 'test' / 'bag').iterdir())}")
 
 

@@ -41,9 +41,14 @@ def main() -> None:
     parser.add_argument("--optimizer", default="carry")
     parser.add_argument("--server-momentum", type=float, default=0.0)
     parser.add_argument("--server-lr", type=float, default=1.0)
-    parser.add_argument("--fold", type=int, help="Validate on fold K (0-4) of train1000 and train on the other 800 "
-                        "[default: train800 / val200].")
-    parser.add_argument("--centralized", action="store_true", help="Instead: the training images in one run of R x E epochs.")
+    parser.add_argument(
+        "--fold",
+        type=int,
+        help="Validate on fold K (0-4) of train1000 and train on the other 800 [default: train800 / val200].",
+    )
+    parser.add_argument(
+        "--centralized", action="store_true", help="Instead: the training images in one run of R x E epochs."
+    )
     args = parser.parse_args()
     if args.summary:
         (args.out / "validation.md").write_text(summary(args.out / "tune.jsonl"))
@@ -55,11 +60,10 @@ def main() -> None:
     from device_runner import ort
     from device_runner.data import load_dataset
     from device_runner.deploy import build_model
-    from vqt_edge.fleet.client_app import LocalRule, train_round
-    from vqt_edge.config import TrainConfig
     from vqt_edge import manifest as mf
-    from vqt_edge.fleet.client_app import feature_stats
     from vqt_edge.calibrate import calibrate_head, stats_bytes
+    from vqt_edge.config import TrainConfig
+    from vqt_edge.fleet.client_app import LocalRule, feature_stats, train_round
     from vqt_edge.fleet.server_app import TestSet, class_weighted_rows, initial_tensors
     from vqt_edge.split import assign, parse_split
 
@@ -71,8 +75,25 @@ def main() -> None:
         import subprocess
 
         classes = sorted(p.name for p in (data / "train800").iterdir())
-        subprocess.run([sys.executable, "-m", "vqt_edge.cli", "export", "--model", "vit_fmnist", "--method", "vqt",
-                        "--query-tokens", "1", "--classes", ",".join(classes), "--out", str(bundle)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "vqt_edge.cli",
+                "export",
+                "--model",
+                "vit_fmnist",
+                "--method",
+                "vqt",
+                "--query-tokens",
+                "1",
+                "--classes",
+                ",".join(classes),
+                "--out",
+                str(bundle),
+            ],
+            check=True,
+        )
     manifest = mf.read_manifest(bundle)
     work = out / "work" / args.name
     shutil.rmtree(work, ignore_errors=True)
@@ -82,16 +103,29 @@ def main() -> None:
     else:  # 5 folds of the 1000: every training image validates once
         every = load_dataset(data / "train1000")
         order = np.random.default_rng(0).permutation(len(every.samples))
-        held = set(order[200 * args.fold: 200 * (args.fold + 1)].tolist())
+        held = set(order[200 * args.fold : 200 * (args.fold + 1)].tolist())
         train_path, val_path = work / "train.txt", work / "val.txt"
         for path, keep in ((train_path, False), (val_path, True)):
-            path.write_text("".join(f"{json.dumps(str(Path(p).resolve()))},{json.dumps(every.classes[y])}\n"
-                                    for i, (p, y) in enumerate(every.samples) if (i in held) == keep))
+            path.write_text(
+                "".join(
+                    f"{json.dumps(str(Path(p).resolve()))},{json.dumps(every.classes[y])}\n"
+                    for i, (p, y) in enumerate(every.samples)
+                    if (i in held) == keep
+                )
+            )
     train = load_dataset(train_path, classes=manifest.class_names)
     classes = train.classes
     val = TestSet(val_path, manifest, classes, 256)
-    cfg = TrainConfig(epochs=args.rounds * args.local_epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=1e-4,
-                      seed=args.seed, kv="disk", threads=1, backend="portable")
+    cfg = TrainConfig(
+        epochs=args.rounds * args.local_epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=1e-4,
+        seed=args.seed,
+        kv="disk",
+        threads=1,
+        backend="portable",
+    )
     rule = LocalRule(args.proximal_mu, args.logit_adjust, args.optimizer)
 
     def score(tensors: dict[str, np.ndarray]) -> float:
@@ -100,8 +134,16 @@ def main() -> None:
 
     t0 = time.process_time()
     if args.centralized:
-        tensors, _ = train_round(work / "central", bundle, train_path, initial_tensors(bundle, manifest), cfg,
-                                 classes, 1, args.rounds * args.local_epochs)
+        tensors, _ = train_round(
+            work / "central",
+            bundle,
+            train_path,
+            initial_tensors(bundle, manifest),
+            cfg,
+            classes,
+            1,
+            args.rounds * args.local_epochs,
+        )
         accs = [score(tensors)]
     else:
         labels = np.array([label for _, label in train.samples])
@@ -109,8 +151,13 @@ def main() -> None:
         shards = []
         for k, rows in enumerate(parts):
             shard = work / f"client_{k}.txt"
-            shard.write_text("".join(f"{json.dumps(str(Path(train.samples[i][0]).resolve()))},"
-                                     f"{json.dumps(classes[train.samples[i][1]])}\n" for i in rows))
+            shard.write_text(
+                "".join(
+                    f"{json.dumps(str(Path(train.samples[i][0]).resolve()))},"
+                    f"{json.dumps(classes[train.samples[i][1]])}\n"
+                    for i in rows
+                )
+            )
             shards.append(shard)
         current = initial_tensors(bundle, manifest)
         momentum: dict[str, np.ndarray] | None = None
@@ -120,8 +167,9 @@ def main() -> None:
             for k, shard in enumerate(shards):
                 if not len(parts[k]):
                     continue
-                tensors, metrics = train_round(work / f"state_{k}", bundle, shard, current, cfg, classes, r,
-                                               args.local_epochs, rule)
+                tensors, metrics = train_round(
+                    work / f"state_{k}", bundle, shard, current, cfg, classes, r, args.local_epochs, rule
+                )
                 sent.append(tensors)
                 weights.append(metrics["num-examples"])
                 counts.append(metrics["class-counts"])
@@ -132,24 +180,39 @@ def main() -> None:
             if args.server_momentum or args.server_lr != 1.0:  # FedAvgM, as Flower's aggregate_train
                 grad = {n: current[n] - mean[n] for n in current}
                 if args.server_momentum:
-                    momentum = grad if momentum is None else {n: args.server_momentum * momentum[n] + grad[n] for n in grad}
+                    momentum = (
+                        grad if momentum is None else {n: args.server_momentum * momentum[n] + grad[n] for n in grad}
+                    )
                     grad = momentum
                 mean = {n: current[n] - args.server_lr * grad[n] for n in current}
             current = mean
             accs.append(score(current))
             print(f"{args.name} round {r}: val {100 * accs[-1]:.1f}", flush=True)
         if args.calibrate_head:  # as the fleet server's --calibrate-head, after the last round
-            stats = [feature_stats(work / f"state_{k}", bundle, shard, current, classes, args.calibrate_head == "diagonal",
-                                   threads=1) for k, shard in enumerate(shards) if len(parts[k])]
+            stats = [
+                feature_stats(
+                    work / f"state_{k}", bundle, shard, current, classes, args.calibrate_head == "diagonal", threads=1
+                )
+                for k, shard in enumerate(shards)
+                if len(parts[k])
+            ]
             calib_bytes = max(stats_bytes(s) for s in stats)
             uncalibrated = accs[-1]
             current = calibrate_head(current, stats, args.seed)
             accs.append(score(current))
-            print(f"{args.name} calibrated: val {100 * accs[-1]:.1f} (before {100 * uncalibrated:.1f}; "
-                  f"{calib_bytes} bytes from each client)", flush=True)
-    record = {"name": args.name, **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
-              "val_acc": accs, "final_val_acc": accs[-1],
-              **({"calibration_bytes_per_client": calib_bytes} if args.calibrate_head and not args.centralized else {}), "cpu_seconds": round(time.process_time() - t0, 1)}
+            print(
+                f"{args.name} calibrated: val {100 * accs[-1]:.1f} (before {100 * uncalibrated:.1f}; "
+                f"{calib_bytes} bytes from each client)",
+                flush=True,
+            )
+    record = {
+        "name": args.name,
+        **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
+        "val_acc": accs,
+        "final_val_acc": accs[-1],
+        **({"calibration_bytes_per_client": calib_bytes} if args.calibrate_head and not args.centralized else {}),
+        "cpu_seconds": round(time.process_time() - t0, 1),
+    }
     with open(out / "tune.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     print(json.dumps({k: record[k] for k in ("name", "final_val_acc", "cpu_seconds")}))
@@ -169,10 +232,16 @@ def summary(path: Path) -> str:
         accs = 100 * np.array([r["final_val_acc"] for r in records])
         folds = records[0].get("fold") is not None
         where = f"{len(records)} folds of train1000" if folds else f"val200, seed {records[0]['seed']}"
-        rounds = np.mean([r["val_acc"] for r in records], axis=0) if len({len(r["val_acc"]) for r in records}) == 1 else []
-        lines.append(f"| {name.removesuffix(' (folds)')} | {where} | {accs.mean():.1f}" + (f" ± {accs.std():.1f}" if len(accs) > 1 else "")
-                     + f" | {' '.join(f'{100 * a:.0f}' for a in rounds)}"
-                     + (" (last: after --calibrate-head)" if records[0].get("calibrate_head") else "") + " |")
+        rounds = (
+            np.mean([r["val_acc"] for r in records], axis=0) if len({len(r["val_acc"]) for r in records}) == 1 else []
+        )
+        lines.append(
+            f"| {name.removesuffix(' (folds)')} | {where} | {accs.mean():.1f}"
+            + (f" ± {accs.std():.1f}" if len(accs) > 1 else "")
+            + f" | {' '.join(f'{100 * a:.0f}' for a in rounds)}"
+            + (" (last: after --calibrate-head)" if records[0].get("calibrate_head") else "")
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -139,8 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     train_y_t = torch.from_numpy(train_y.astype(np.int64))
 
     model = Pretrainer(VisionTransformer(arch), len(UPSTREAM_CLASSES))
-    decay = [q for n, q in model.named_parameters() if q.ndim >= 2 and n not in ("backbone.cls_token", "backbone.pos_embed")]
-    no_decay = [q for n, q in model.named_parameters() if not (q.ndim >= 2 and n not in ("backbone.cls_token", "backbone.pos_embed"))]
+    decay = [
+        q for n, q in model.named_parameters() if q.ndim >= 2 and n not in ("backbone.cls_token", "backbone.pos_embed")
+    ]
+    no_decay = [
+        q
+        for n, q in model.named_parameters()
+        if not (q.ndim >= 2 and n not in ("backbone.cls_token", "backbone.pos_embed"))
+    ]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.lr,

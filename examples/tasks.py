@@ -50,8 +50,15 @@ def _balanced_pick(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.n
     return rng.permutation(np.concatenate(picked))
 
 
-def _splits(out: Path, images: np.ndarray, labels: np.ndarray, test_images: np.ndarray, test_labels: np.ndarray,
-            classes: list[str], seed: int) -> None:
+def _splits(
+    out: Path,
+    images: np.ndarray,
+    labels: np.ndarray,
+    test_images: np.ndarray,
+    test_labels: np.ndarray,
+    classes: list[str],
+    seed: int,
+) -> None:
     rng = np.random.default_rng(seed)
     idx = _balanced_pick(labels, 1000, rng) if len(labels) > 1000 else rng.permutation(len(labels))
     _write(out / "train1000", images[idx], labels[idx], classes)

@@ -79,8 +79,19 @@ def bundle_for(out: Path, task: str, m: Method, classes: list[str]) -> Path:
     variant += "" if m.quantize == "none" else f"-{m.quantize}"
     bundle = out / "bundles" / task / f"{m.method}-T{m.tokens}-k{m.last_k}{variant}"
     if not (bundle / "manifest.json").exists():
-        args = ["export", "--model", "vit_fmnist", "--method", m.method, "--query-tokens", str(m.tokens),
-                "--classes", ",".join(classes), "--out", str(bundle)]
+        args = [
+            "export",
+            "--model",
+            "vit_fmnist",
+            "--method",
+            m.method,
+            "--query-tokens",
+            str(m.tokens),
+            "--classes",
+            ",".join(classes),
+            "--out",
+            str(bundle),
+        ]
         if m.last_k is not None:
             args += ["--last-k", str(m.last_k)]
         if m.aggregate != "concat":
@@ -93,12 +104,40 @@ def bundle_for(out: Path, task: str, m: Method, classes: list[str]) -> Path:
     return bundle
 
 
-def train(bundle: Path, run: Path, data: Path, test: Path | None, lr: float, wd: float, seed: int, epochs: int,
-          keep_fraction: float = 1.0) -> dict:
-    if not (run / "summary.json").exists() or (test is not None and "test_accuracy" not in json.loads((run / "summary.json").read_text())):
+def train(
+    bundle: Path,
+    run: Path,
+    data: Path,
+    test: Path | None,
+    lr: float,
+    wd: float,
+    seed: int,
+    epochs: int,
+    keep_fraction: float = 1.0,
+) -> dict:
+    if not (run / "summary.json").exists() or (
+        test is not None and "test_accuracy" not in json.loads((run / "summary.json").read_text())
+    ):
         shutil.rmtree(run, ignore_errors=True)  # an unfinished run from an interrupted invocation
-        args = ["train", "--bundle", str(bundle), "--data", str(data), "--run", str(run), "--epochs", str(epochs),
-                "--lr", str(lr), "--weight-decay", str(wd), "--seed", str(seed), "--threads", "1"]
+        args = [
+            "train",
+            "--bundle",
+            str(bundle),
+            "--data",
+            str(data),
+            "--run",
+            str(run),
+            "--epochs",
+            str(epochs),
+            "--lr",
+            str(lr),
+            "--weight-decay",
+            str(wd),
+            "--seed",
+            str(seed),
+            "--threads",
+            "1",
+        ]
         args += ["--test", str(test)] if test is not None else []
         args += ["--keep-fraction", str(keep_fraction)] if keep_fraction < 1 else []
         _run(VQT_EDGE + args, run.parent / (run.name + ".log"))
@@ -109,23 +148,39 @@ def val_accuracy(bundle: Path, run: Path, data: Path, lr: float, wd: float, epoc
     return train(bundle, run, data / "train800", data / "val200", lr, wd, 0, epochs, keep_fraction)["test_accuracy"]
 
 
-def evaluate_method(out: Path, task: str, data: Path, m: Method, epochs: int, pool: ThreadPoolExecutor,
-                    seeds: tuple[int, ...] = SEEDS) -> dict:
+def evaluate_method(
+    out: Path, task: str, data: Path, m: Method, epochs: int, pool: ThreadPoolExecutor, seeds: tuple[int, ...] = SEEDS
+) -> dict:
     classes = sorted(p.name for p in (data / "train1000").iterdir())
     bundle = bundle_for(out, task, m, classes)
     runs = out / "runs" / task / (bundle.name + (f"-keep{m.keep_fraction}" if m.keep_fraction < 1 else ""))
     grid = list(itertools.product(LRS, WDS))
-    vals = list(pool.map(
-        lambda g: val_accuracy(bundle, runs / f"val-lr{g[0]}-wd{g[1]}", data, *g, epochs, m.keep_fraction), grid))
+    vals = list(
+        pool.map(
+            lambda g: val_accuracy(bundle, runs / f"val-lr{g[0]}-wd{g[1]}", data, *g, epochs, m.keep_fraction), grid
+        )
+    )
     (lr, wd), best_val = max(zip(grid, vals), key=lambda x: x[1])
-    tests = list(pool.map(
-        lambda s: train(bundle, runs / f"final-seed{s}", data / "train1000", data / "test", lr, wd, s, epochs,
-                        m.keep_fraction), seeds))
+    tests = list(
+        pool.map(
+            lambda s: train(
+                bundle, runs / f"final-seed{s}", data / "train1000", data / "test", lr, wd, s, epochs, m.keep_fraction
+            ),
+            seeds,
+        )
+    )
     accs = [t["test_accuracy"] for t in tests]
     return {
-        "task": task, "method": m.label, "lr": lr, "weight_decay": wd, "val_accuracy": best_val,
-        "test_accuracy_mean": statistics.mean(accs), "test_accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "test_accuracies": accs,
-        "peak_rss_mb": max(t["peak_rss_mb"] for t in tests), "seconds_per_epoch": statistics.mean(t["seconds_per_epoch"] for t in tests),
+        "task": task,
+        "method": m.label,
+        "lr": lr,
+        "weight_decay": wd,
+        "val_accuracy": best_val,
+        "test_accuracy_mean": statistics.mean(accs),
+        "test_accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+        "test_accuracies": accs,
+        "peak_rss_mb": max(t["peak_rss_mb"] for t in tests),
+        "seconds_per_epoch": statistics.mean(t["seconds_per_epoch"] for t in tests),
     }
 
 
@@ -148,17 +203,25 @@ def main() -> None:
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--methods", default="all", help="comma-separated method labels, or all")
     parser.add_argument("--epochs", type=int, default=25)
-    parser.add_argument("--quantize", default="none",
-                        help="comma-separated export --quantize modes (none,int8,int4); a mode other than none "
-                             "adds rows labelled 'METHOD, MODE'")
+    parser.add_argument(
+        "--quantize",
+        default="none",
+        help="comma-separated export --quantize modes (none,int8,int4); a mode other than none "
+        "adds rows labelled 'METHOD, MODE'",
+    )
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated seeds of the final runs")
     parser.add_argument("--jobs", type=int, default=2, help="training processes at once")
-    parser.add_argument("--table-only", action="store_true", help="only rewrite results.md and the plots from results.json")
+    parser.add_argument(
+        "--table-only", action="store_true", help="only rewrite results.md and the plots from results.json"
+    )
     args = parser.parse_args()
     tasks = args.tasks.split(",")
     methods = METHODS if args.methods == "all" else [m for m in METHODS if m.label in args.methods.split(",")]
-    methods = [m if q == "none" else replace(m, label=f"{m.label}, {q}", quantize=q)
-               for m in methods for q in args.quantize.split(",")]
+    methods = [
+        m if q == "none" else replace(m, label=f"{m.label}, {q}", quantize=q)
+        for m in methods
+        for q in args.quantize.split(",")
+    ]
     seeds = tuple(int(s) for s in args.seeds.split(","))
     results_path = args.out / "results.json"
     rows = json.loads(results_path.read_text()) if results_path.exists() else []
@@ -170,9 +233,12 @@ def main() -> None:
                     continue
                 row = evaluate_method(args.out, task, data, m, args.epochs, pool, seeds)
                 rows.append(row)
-                print(f"{task:<12} {m.label:<24} test {100 * row['test_accuracy_mean']:.1f} ± {100 * row['test_accuracy_std']:.1f}"
-                      f"  (lr {row['lr']}, wd {row['weight_decay']}, val {100 * row['val_accuracy']:.1f})"
-                      f"  peak {row['peak_rss_mb']:.0f} MiB", flush=True)
+                print(
+                    f"{task:<12} {m.label:<24} test {100 * row['test_accuracy_mean']:.1f} ± {100 * row['test_accuracy_std']:.1f}"
+                    f"  (lr {row['lr']}, wd {row['weight_decay']}, val {100 * row['val_accuracy']:.1f})"
+                    f"  peak {row['peak_rss_mb']:.0f} MiB",
+                    flush=True,
+                )
                 results_path.write_text(json.dumps(rows, indent=2) + "\n")
     (args.out / "results.md").write_text(markdown(rows, tasks))
     print(markdown(rows, tasks))
@@ -185,8 +251,11 @@ def plot(rows: list[dict], task: str, path: Path) -> Path:
     """The paper's Fig. 3b view of one task: test accuracy against peak training memory, a point per method."""
     from vqt_edge.sweep import plot_results
 
-    points = [{"method": r["method"], "k": None, "peak_mb": r["peak_rss_mb"], "accuracy": r["test_accuracy_mean"]}
-              for r in rows if r["task"] == task]
+    points = [
+        {"method": r["method"], "k": None, "peak_mb": r["peak_rss_mb"], "accuracy": r["test_accuracy_mean"]}
+        for r in rows
+        if r["task"] == task
+    ]
     return plot_results(points, path, title=f"vit_fmnist -> {task}, 1000 training images")
 
 

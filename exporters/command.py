@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import click
 
@@ -41,10 +41,27 @@ def _human(n: float) -> str:
 
 
 def run_export(
-    *, model_name: str | None, weights: str | Path | None, random_init: bool, num_classes: int, class_names: list[str] | None,
-    out: Path, query_tokens: int, query_layers: str, feature_norm: str, dropout: float, mean: list[float] | None,
-    std: list[float] | None, seed: int, sizes: dict, parse_layers: Callable[[str, int], list[int]],
-    method: str = "vqt", last_k: int | None = None, aggregate: str = "concat", h2t_target: int | None = None, quantize: str = "none",
+    *,
+    model_name: str | None,
+    weights: str | Path | None,
+    random_init: bool,
+    num_classes: int,
+    class_names: list[str] | None,
+    out: Path,
+    query_tokens: int,
+    query_layers: str,
+    feature_norm: str,
+    dropout: float,
+    mean: list[float] | None,
+    std: list[float] | None,
+    seed: int,
+    sizes: dict,
+    parse_layers: Callable[[str, int], list[int]],
+    method: str = "vqt",
+    last_k: int | None = None,
+    aggregate: str = "concat",
+    h2t_target: int | None = None,
+    quantize: str = "none",
     log: Callable[[str], None] = click.echo,
 ) -> None:
     t0 = time.perf_counter()
@@ -63,8 +80,10 @@ def run_export(
     if weights is None and not random_init:
         shipped = shipped_weights(model_name)
         if shipped is None:
-            raise UserError("give --weights CKPT, or --random-init for random weights"
-                            + (f" (vqt-edge ships no weights for {model_name})" if model_name else ""))
+            raise UserError(
+                "give --weights CKPT, or --random-init for random weights"
+                + (f" (vqt-edge ships no weights for {model_name})" if model_name else "")
+            )
         weights, meta = shipped
         origin = str(weights)
         log(f"using the {model_name} backbone shipped with vqt-edge ({weights.name})")
@@ -76,13 +95,26 @@ def run_export(
             raise UserError("give --model, or all of --depth --dim --heads --mlp-dim --patch --image-size")
         arch = resolve_arch(model_name, **sizes)
     spec = AdapterSpec.create(
-        arch, method, num_classes, query_layers=None if query_layers == "all" else parse_layers(query_layers, arch.depth),
-        last_k=last_k, h2t_target=h2t_target, query_tokens=query_tokens, aggregate=aggregate, feature_norm=feature_norm,
-        dropout=dropout)
-    log(f"model {model_name or 'custom'}: depth {arch.depth}, dim {arch.dim}, heads {arch.heads}, "
-        f"mlp {arch.mlp_dim}, patch {arch.patch}, image {arch.image_size}")
-    log(f"method {method}" + (f", last {spec.last_k} of {arch.depth} layers adapted" if spec.last_k else "")
-        + (f", {aggregate} of each layer's query outputs" if aggregate != "concat" else ""))
+        arch,
+        method,
+        num_classes,
+        query_layers=None if query_layers == "all" else parse_layers(query_layers, arch.depth),
+        last_k=last_k,
+        h2t_target=h2t_target,
+        query_tokens=query_tokens,
+        aggregate=aggregate,
+        feature_norm=feature_norm,
+        dropout=dropout,
+    )
+    log(
+        f"model {model_name or 'custom'}: depth {arch.depth}, dim {arch.dim}, heads {arch.heads}, "
+        f"mlp {arch.mlp_dim}, patch {arch.patch}, image {arch.image_size}"
+    )
+    log(
+        f"method {method}"
+        + (f", last {spec.last_k} of {arch.depth} layers adapted" if spec.last_k else "")
+        + (f", {aggregate} of each layer's query outputs" if aggregate != "concat" else "")
+    )
     backbone = VisionTransformer(arch)
     if weights is not None:
         report = load_weights(backbone, weights)
@@ -96,12 +128,20 @@ def run_export(
     mean = mean or meta.get("mean") or [0.5] * arch.channels
     std = std or meta.get("std") or [0.5] * arch.channels
     manifest = export_bundle(
-        backbone, out, spec, model_name=model_name or "custom", mean=mean, std=std, class_names=class_names,
-        weights=source, seed=seed, quantize=quantize, log=log,
+        backbone,
+        out,
+        spec,
+        model_name=model_name or "custom",
+        mean=mean,
+        std=std,
+        class_names=class_names,
+        weights=source,
+        seed=seed,
+        quantize=quantize,
+        log=log,
     )
     log(f"backbone parameters: {sum(p.numel() for p in backbone.parameters()):,}")
     log("files:")
     for name in sorted(manifest.files) + ["manifest.json"]:
         log(f"  {out / name}  {_human((out / name).stat().st_size)}")
     log(f"export took {time.perf_counter() - t0:.1f} s, peak memory {peak_rss_mb():.0f} MiB")
-

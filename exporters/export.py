@@ -27,8 +27,8 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import onnx
 import torch
@@ -198,7 +198,9 @@ def export_bundle(
     _export(head, feats, out / mf.HEAD_MODEL, frozen_outputs, ["logits"], "head")
     dequantized: dict = {}
     if quantize != "none":
-        log(f"quantizing {mf.FROZEN} and {mf.HEAD_MODEL} ({quantize}; the training graph gets the dequantized weights) ...")
+        log(
+            f"quantizing {mf.FROZEN} and {mf.HEAD_MODEL} ({quantize}; the training graph gets the dequantized weights) ..."
+        )
         manifest.quantization, dequantized = quantize_bundle_graphs(out, quantize, trainable)
     log("generating onnxruntime-training artifacts ...")
     with tempfile.TemporaryDirectory() as tmp, holding(head, dequantized):
@@ -209,16 +211,29 @@ def export_bundle(
         log(f"exporting {mf.STEP_MODEL} (portable training step: forward + gradients, standard ops) ...")
         export_step(head, feats, out / mf.STEP_MODEL)
     if quantize != "none":  # the step reads head.onnx's quantized tensors (exporters/quantize_step.py)
-        manifest.quantization[mf.STEP_MODEL] = quantize_step_graph(out / mf.STEP_MODEL, out / mf.HEAD_MODEL, dequantized, quantize)
+        manifest.quantization[mf.STEP_MODEL] = quantize_step_graph(
+            out / mf.STEP_MODEL, out / mf.HEAD_MODEL, dequantized, quantize
+        )
     save_file({k: params[k].detach().contiguous().numpy() for k in trainable}, str(out / mf.STEP_INIT))
 
     n_train = sum(params[k].numel() for k in trainable)
     n_frozen = sum(p.numel() for n, p in params.items() if n not in trainable)
-    log(f"parameters: trainable {n_train:,} ({', '.join(_groups(trainable))}); "
-        f"frozen weights held by the training graph {n_frozen:,}")
+    log(
+        f"parameters: trainable {n_train:,} ({', '.join(_groups(trainable))}); "
+        f"frozen weights held by the training graph {n_frozen:,}"
+    )
     manifest.files = dict.fromkeys(
-        [mf.FROZEN, mf.HEAD_MODEL, mf.TRAINING_MODEL, mf.EVAL_MODEL, mf.OPTIMIZER_MODEL, mf.CHECKPOINT,
-         mf.STEP_MODEL, mf.STEP_INIT], ""
+        [
+            mf.FROZEN,
+            mf.HEAD_MODEL,
+            mf.TRAINING_MODEL,
+            mf.EVAL_MODEL,
+            mf.OPTIMIZER_MODEL,
+            mf.CHECKPOINT,
+            mf.STEP_MODEL,
+            mf.STEP_INIT,
+        ],
+        "",
     )
     mf.write_manifest(out, manifest)
     log(f"wrote bundle {out} in {time.perf_counter() - t0:.1f} s")

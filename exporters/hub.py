@@ -27,8 +27,10 @@ PREFIX = "hf-hub:"
 _TIMM_NAME = re.compile(r"^vit_[a-z0-9_]+(\.[a-z0-9_]+)?$")
 #: timm architectures whose sizes are a preset of vqt_edge/arch.py (so `--model` may be left out).
 TIMM_PRESETS = {
-    "vit_tiny_patch16_224": "vit_ti16", "vit_small_patch16_224": "vit_s16",
-    "vit_base_patch16_224": "vit_b16", "vit_large_patch16_224": "vit_l16",
+    "vit_tiny_patch16_224": "vit_ti16",
+    "vit_small_patch16_224": "vit_s16",
+    "vit_base_patch16_224": "vit_b16",
+    "vit_large_patch16_224": "vit_l16",
 }
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # timm repositories hold one of these
 #: A missing `vit_b16.npz` is a mistyped file, not the timm tag "npz": these suffixes are never tags.
@@ -49,7 +51,7 @@ class HubCheckpoint:
 def repo_of(weights: str) -> tuple[str, str | None] | None:
     """(repository, revision) that `weights` names, or None when it names no hub checkpoint."""
     if weights.startswith(PREFIX):
-        repo, _, revision = weights[len(PREFIX):].partition("@")
+        repo, _, revision = weights[len(PREFIX) :].partition("@")
         if repo.count("/") != 1 or not all(repo.split("/")):
             raise UserError(f"--weights {weights}: expected hf-hub:ORG/NAME[@REVISION]")
         return repo, revision or None
@@ -81,13 +83,16 @@ def resolve(weights: str) -> HubCheckpoint:
                 continue
         else:  # the last one, with the error that says why it is missing
             path = _download(weights, repo, _WEIGHT_FILES[-1], commit)
-        return HubCheckpoint(path, source, TIMM_PRESETS.get(config["architecture"]),
-                             _floats(cfg.get("mean")), _floats(cfg.get("std")))
+        return HubCheckpoint(
+            path, source, TIMM_PRESETS.get(config["architecture"]), _floats(cfg.get("mean")), _floats(cfg.get("std"))
+        )
     if isinstance(config, dict) and config.get("model_type") == "vit":  # transformers: the folder is the checkpoint
         _download(weights, repo, "model.safetensors", commit)
         return HubCheckpoint(config_path.parent, source)
-    raise UserError(f"{weights}: {repo} is neither a timm model (config.json with 'architecture') nor a "
-                    "Hugging Face ViT (model_type 'vit')")
+    raise UserError(
+        f"{weights}: {repo} is neither a timm model (config.json with 'architecture') nor a "
+        "Hugging Face ViT (model_type 'vit')"
+    )
 
 
 def _floats(value) -> list[float] | None:
@@ -110,11 +115,14 @@ def _download(weights: str, repo: str, filename: str, revision: str | None, miss
             raise FileNotFoundError(filename) from None
         where = f"the local Hugging Face cache ({constants.HF_HUB_CACHE})"
         why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
-        raise UserError(f"--weights {weights}: {repo}/{filename} is not in {where} and {why}; on a connected "
-                        f"machine run the same export (or `hf download {repo}`) and copy that cache here") from None
+        raise UserError(
+            f"--weights {weights}: {repo}/{filename} is not in {where} and {why}; on a connected "
+            f"machine run the same export (or `hf download {repo}`) and copy that cache here"
+        ) from None
     except (errors.RepositoryNotFoundError, errors.GatedRepoError) as e:
-        raise UserError(f"--weights {weights}: repository {repo} not found or not accessible "
-                        f"({type(e).__name__})") from None
+        raise UserError(
+            f"--weights {weights}: repository {repo} not found or not accessible ({type(e).__name__})"
+        ) from None
     except errors.RevisionNotFoundError:
         raise UserError(f"--weights {weights}: {repo} has no revision {revision!r}") from None
     except errors.EntryNotFoundError:
@@ -124,5 +132,7 @@ def _download(weights: str, repo: str, filename: str, revision: str | None, miss
     except errors.HFValidationError as e:
         raise UserError(f"--weights {weights}: {str(e).splitlines()[0]}") from None
     except (errors.HfHubHTTPError, OSError) as e:
-        raise UserError(f"--weights {weights}: download of {repo}/{filename} failed "
-                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise UserError(
+            f"--weights {weights}: download of {repo}/{filename} failed "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None

@@ -21,9 +21,9 @@ import pickle
 import re
 import struct
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import safetensors.numpy
@@ -56,7 +56,7 @@ class LoadReport:
 
 
 def detect_format(path: Path) -> str:
-    """"npz", "pth", "safetensors" or "hf", from the file's content (see the module docstring)."""
+    """ "npz", "pth", "safetensors" or "hf", from the file's content (see the module docstring)."""
     path = Path(path)
     if path.is_dir():
         if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
@@ -200,8 +200,12 @@ def _google_rules(arch: ViTArch) -> list[_Rule]:
     rules = [
         _Rule("cls_token", ("cls",)),
         _Rule("pos_embed", ("Transformer/posembed_input/pos_embedding",)),
-        _Rule("patch_embed.proj.weight", ("embedding/kernel",),  # HWIO -> OIHW
-              lambda k: k.transpose(3, 2, 0, 1), lambda w: (w.transpose(2, 3, 1, 0),)),
+        _Rule(
+            "patch_embed.proj.weight",
+            ("embedding/kernel",),  # HWIO -> OIHW
+            lambda k: k.transpose(3, 2, 0, 1),
+            lambda w: (w.transpose(2, 3, 1, 0),),
+        ),
         _Rule("patch_embed.proj.bias", ("embedding/bias",)),
         _Rule("norm.weight", ("Transformer/encoder_norm/scale",)),
         _Rule("norm.bias", ("Transformer/encoder_norm/bias",)),
@@ -212,32 +216,52 @@ def _google_rules(arch: ViTArch) -> list[_Rule]:
         for ln, norm in (("LayerNorm_0", "norm1"), ("LayerNorm_2", "norm2")):
             rules += [_Rule(f"{t}{norm}.weight", (f"{g}{ln}/scale",)), _Rule(f"{t}{norm}.bias", (f"{g}{ln}/bias",))]
         for dense, fc in (("Dense_0", "fc1"), ("Dense_1", "fc2")):
-            rules += [_linear_t(f"{t}mlp.{fc}.weight", f"{g}MlpBlock_3/{dense}/kernel"),
-                      _Rule(f"{t}mlp.{fc}.bias", (f"{g}MlpBlock_3/{dense}/bias",))]
+            rules += [
+                _linear_t(f"{t}mlp.{fc}.weight", f"{g}MlpBlock_3/{dense}/kernel"),
+                _Rule(f"{t}mlp.{fc}.bias", (f"{g}MlpBlock_3/{dense}/bias",)),
+            ]
         qkv = ("query", "key", "value")
         rules += [
             # kernels [D, H, dh] -> [D, D] -> transposed, stacked as rows [q; k; v]; biases [H, dh]
-            _Rule(f"{t}attn.qkv.weight", tuple(f"{att}{n}/kernel" for n in qkv),
-                  lambda *ks: np.concatenate([_heads(k, h).reshape(k.shape[0], -1).T for k in ks]),
-                  lambda w: tuple(p.T.reshape(d, h, -1) for p in np.split(w, 3))),
-            _Rule(f"{t}attn.qkv.bias", tuple(f"{att}{n}/bias" for n in qkv),
-                  lambda *bs: np.concatenate([b.reshape(-1) for b in bs]),
-                  lambda b: tuple(p.reshape(h, -1) for p in np.split(b, 3))),
-            _Rule(f"{t}attn.proj.weight", (f"{att}out/kernel",),  # [H, dh, D] -> [D, D] -> transposed
-                  lambda k: k.reshape(-1, k.shape[-1]).T, lambda w: (w.T.reshape(h, -1, d),)),
+            _Rule(
+                f"{t}attn.qkv.weight",
+                tuple(f"{att}{n}/kernel" for n in qkv),
+                lambda *ks: np.concatenate([_heads(k, h).reshape(k.shape[0], -1).T for k in ks]),
+                lambda w: tuple(p.T.reshape(d, h, -1) for p in np.split(w, 3)),
+            ),
+            _Rule(
+                f"{t}attn.qkv.bias",
+                tuple(f"{att}{n}/bias" for n in qkv),
+                lambda *bs: np.concatenate([b.reshape(-1) for b in bs]),
+                lambda b: tuple(p.reshape(h, -1) for p in np.split(b, 3)),
+            ),
+            _Rule(
+                f"{t}attn.proj.weight",
+                (f"{att}out/kernel",),  # [H, dh, D] -> [D, D] -> transposed
+                lambda k: k.reshape(-1, k.shape[-1]).T,
+                lambda w: (w.T.reshape(h, -1, d),),
+            ),
             _Rule(f"{t}attn.proj.bias", (f"{att}out/bias",)),
         ]
     return rules
 
 
 def _hf_rules(arch: ViTArch, prefix: str = "") -> list[_Rule]:
-    renames = {"cls_token": "embeddings.cls_token", "pos_embed": "embeddings.position_embeddings",
-               "patch_embed.proj": "embeddings.patch_embeddings.projection", "norm": "layernorm"}
+    renames = {
+        "cls_token": "embeddings.cls_token",
+        "pos_embed": "embeddings.position_embeddings",
+        "patch_embed.proj": "embeddings.patch_embeddings.projection",
+        "norm": "layernorm",
+    }
     for i in range(arch.depth):
         hf = f"encoder.layer.{i}."
-        renames |= {f"blocks.{i}.norm1": hf + "layernorm_before", f"blocks.{i}.norm2": hf + "layernorm_after",
-                    f"blocks.{i}.attn.proj": hf + "attention.output.dense",
-                    f"blocks.{i}.mlp.fc1": hf + "intermediate.dense", f"blocks.{i}.mlp.fc2": hf + "output.dense"}
+        renames |= {
+            f"blocks.{i}.norm1": hf + "layernorm_before",
+            f"blocks.{i}.norm2": hf + "layernorm_after",
+            f"blocks.{i}.attn.proj": hf + "attention.output.dense",
+            f"blocks.{i}.mlp.fc1": hf + "intermediate.dense",
+            f"blocks.{i}.mlp.fc2": hf + "output.dense",
+        }
     rules = []
     for timm, hf in renames.items():
         suffixes = ("",) if timm in ("cls_token", "pos_embed") else (".weight", ".bias")
@@ -245,8 +269,9 @@ def _hf_rules(arch: ViTArch, prefix: str = "") -> list[_Rule]:
     for i in range(arch.depth):
         for s in (".weight", ".bias"):
             src = tuple(f"{prefix}encoder.layer.{i}.attention.attention.{n}{s}" for n in ("query", "key", "value"))
-            rules.append(_Rule(f"blocks.{i}.attn.qkv{s}", src, lambda *ws: np.concatenate(ws),
-                               lambda w: tuple(np.split(w, 3))))
+            rules.append(
+                _Rule(f"blocks.{i}.attn.qkv{s}", src, lambda *ws: np.concatenate(ws), lambda w: tuple(np.split(w, 3)))
+            )
     return rules
 
 
@@ -284,8 +309,14 @@ def to_timm(
 
 def arch_from_hf_config(config: dict) -> ViTArch:
     """The ViTArch of an HF `ViTConfig` (config.json); only exact-GELU ViTs match our backbone."""
-    keys = {"depth": "num_hidden_layers", "dim": "hidden_size", "heads": "num_attention_heads",
-            "mlp_dim": "intermediate_size", "patch": "patch_size", "image_size": "image_size"}
+    keys = {
+        "depth": "num_hidden_layers",
+        "dim": "hidden_size",
+        "heads": "num_attention_heads",
+        "mlp_dim": "intermediate_size",
+        "patch": "patch_size",
+        "image_size": "image_size",
+    }
     missing = [hf for hf in keys.values() if hf not in config]
     if missing:
         raise UserError(f"HF config.json lacks {', '.join(missing)}")
@@ -293,8 +324,10 @@ def arch_from_hf_config(config: dict) -> ViTArch:
     if act != "gelu":  # HF's "gelu" is the exact erf GELU that the backbone computes
         raise UserError(f"HF config hidden_act is {act!r}; only 'gelu' (exact) matches this ViT")
     try:
-        return ViTArch.from_dict({ours: config[hf] for ours, hf in keys.items()}
-                                 | {"channels": config.get("num_channels", 3), "eps": config.get("layer_norm_eps", 1e-12)})
+        return ViTArch.from_dict(
+            {ours: config[hf] for ours, hf in keys.items()}
+            | {"channels": config.get("num_channels", 3), "eps": config.get("layer_norm_eps", 1e-12)}
+        )
     except OverflowError as e:  # int(1e999): JSON reads huge numbers as inf
         raise UserError(f"HF config.json has a size out of range ({e})") from None
 
@@ -318,8 +351,10 @@ def load_weights(model: VisionTransformer, path: Path) -> LoadReport:
     for name, want in expected.items():
         got = converted.get(name)
         if got is not None and tuple(got.shape) != tuple(want.shape):
-            raise UserError(f"{path}: tensor {origin.get(name, name)} has shape {list(got.shape)}, "
-                            f"the model expects {list(want.shape)}")
+            raise UserError(
+                f"{path}: tensor {origin.get(name, name)} has shape {list(got.shape)}, "
+                f"the model expects {list(want.shape)}"
+            )
         if got is not None and not np.issubdtype(got.dtype, np.floating):
             raise UserError(f"{path}: tensor {origin.get(name, name)} has dtype {got.dtype}; weights must be float")
     missing = [origin.get(n, n) for n in expected if n not in converted]
@@ -352,10 +387,22 @@ def save_hf_folder(model: VisionTransformer, path: Path) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     a = model.arch
-    config = {"architectures": ["ViTModel"], "model_type": "vit", "hidden_size": a.dim,
-              "num_hidden_layers": a.depth, "num_attention_heads": a.heads, "intermediate_size": a.mlp_dim,
-              "hidden_act": "gelu", "patch_size": a.patch, "image_size": a.image_size,
-              "num_channels": a.channels, "layer_norm_eps": a.eps, "qkv_bias": True}
+    config = {
+        "architectures": ["ViTModel"],
+        "model_type": "vit",
+        "hidden_size": a.dim,
+        "num_hidden_layers": a.depth,
+        "num_attention_heads": a.heads,
+        "intermediate_size": a.mlp_dim,
+        "hidden_act": "gelu",
+        "patch_size": a.patch,
+        "image_size": a.image_size,
+        "num_channels": a.channels,
+        "layer_norm_eps": a.eps,
+        "qkv_bias": True,
+    }
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     tensors = _from_timm(model, _hf_rules(a))
-    safetensors.numpy.save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})  # as transformers writes
+    safetensors.numpy.save_file(
+        tensors, path / "model.safetensors", metadata={"format": "pt"}
+    )  # as transformers writes

@@ -38,9 +38,9 @@ import logging
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import onnx
@@ -64,8 +64,14 @@ class QuantReport:
     settings: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"mode": self.mode, "tool": self.tool, "weights": len(self.weights), "matmuls": self.matmuls,
-                "fp32_weight_bytes": self.fp32_bytes, **self.settings}
+        return {
+            "mode": self.mode,
+            "tool": self.tool,
+            "weights": len(self.weights),
+            "matmuls": self.matmuls,
+            "fp32_weight_bytes": self.fp32_bytes,
+            **self.settings,
+        }
 
 
 def _ort_version() -> str:
@@ -76,8 +82,7 @@ def _ort_version() -> str:
 
 def _constant_matmuls(model: onnx.ModelProto, keep: set[str]) -> list[onnx.NodeProto]:
     inits = {t.name for t in model.graph.initializer}
-    return [n for n in model.graph.node
-            if n.op_type == "MatMul" and n.input[1] in inits and n.input[1] not in keep]
+    return [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits and n.input[1] not in keep]
 
 
 def split_stacked_matmuls(model: onnx.ModelProto, keep: Iterable[str] = ()) -> dict[str, list[tuple[str, str]]]:
@@ -118,9 +123,11 @@ def split_stacked_matmuls(model: onnx.ModelProto, keep: Iterable[str] = ()) -> d
         outs = [f"{base}{_SLICE.format(i)}" for i in range(len(stack))]
         split_sizes = f"{base}/split_sizes"
         model.graph.initializer.append(numpy_helper.from_array(np.ones(len(stack), np.int64), split_sizes))
-        nodes.append(helper.make_node("Split", [x, split_sizes], pieces, name=f"{label}/split", axis=-3)
-                     if opset >= 13 else
-                     helper.make_node("Split", [x], pieces, name=f"{label}/split", axis=-3, split=[1] * len(stack)))
+        nodes.append(
+            helper.make_node("Split", [x, split_sizes], pieces, name=f"{label}/split", axis=-3)
+            if opset >= 13
+            else helper.make_node("Split", [x], pieces, name=f"{label}/split", axis=-3, split=[1] * len(stack))
+        )
         for i, w_l in enumerate(stack):
             name = f"{w}{_SLICE.format(i)}"
             if w not in dropped:  # a weight read by several MatMuls is sliced once
@@ -148,8 +155,11 @@ def _ranks(model: onnx.ModelProto) -> dict[str, int]:
     """Rank of every value onnx's shape inference can tell (graph inputs included)."""
     inferred = onnx.shape_inference.infer_shapes(model)
     g = inferred.graph
-    return {v.name: len(v.type.tensor_type.shape.dim) for v in [*g.input, *g.value_info, *g.output]
-            if v.type.tensor_type.HasField("shape")}
+    return {
+        v.name: len(v.type.tensor_type.shape.dim)
+        for v in [*g.input, *g.value_info, *g.output]
+        if v.type.tensor_type.HasField("shape")
+    }
 
 
 def _prepare(src: Path, keep: Iterable[str]) -> tuple[onnx.ModelProto, dict, int]:
@@ -173,13 +183,29 @@ def quantize_int8(src: Path, dst: Path, keep: Iterable[str] = ()) -> QuantReport
             split = Path(tmp) / "split.onnx"
             onnx.save(model, str(split))
             del model
-            quantize_dynamic(split, Path(dst), op_types_to_quantize=["MatMul"], nodes_to_quantize=names,
-                             weight_type=QuantType.QInt8, per_channel=False,
-                             extra_options={"MatMulConstBOnly": True})
+            quantize_dynamic(
+                split,
+                Path(dst),
+                op_types_to_quantize=["MatMul"],
+                nodes_to_quantize=names,
+                weight_type=QuantType.QInt8,
+                per_channel=False,
+                extra_options={"MatMulConstBOnly": True},
+            )
         _restore_kept(Path(src), Path(dst), keep)
-    return QuantReport("int8", f"onnxruntime {_ort_version()} quantization.quantize_dynamic", list(plan), len(names), nbytes,
-                       {"weight_type": "QInt8", "activations": "uint8, dynamic per tensor", "per_channel": False,
-                        "op_types": ["MatMul"]})
+    return QuantReport(
+        "int8",
+        f"onnxruntime {_ort_version()} quantization.quantize_dynamic",
+        list(plan),
+        len(names),
+        nbytes,
+        {
+            "weight_type": "QInt8",
+            "activations": "uint8, dynamic per tensor",
+            "per_channel": False,
+            "op_types": ["MatMul"],
+        },
+    )
 
 
 def _restore_kept(src: Path, dst: Path, keep: Iterable[str]) -> None:
@@ -199,7 +225,9 @@ def _restore_kept(src: Path, dst: Path, keep: Iterable[str]) -> None:
         t.CopyFrom(original[t.name])
         for node in model.graph.node:
             node.input[:] = [f"{t.name}/T" if i == t.name else i for i in node.input]
-        model.graph.node.insert(0, helper.make_node("Transpose", [t.name], [f"{t.name}/T"], name=f"{t.name}/T", perm=[1, 0]))
+        model.graph.node.insert(
+            0, helper.make_node("Transpose", [t.name], [f"{t.name}/T"], name=f"{t.name}/T", perm=[1, 0])
+        )
     onnx.save(model, str(dst))
 
 
@@ -217,10 +245,20 @@ def quantize_int4(src: Path, dst: Path, keep: Iterable[str] = (), block_size: in
         quantizer = q.MatMul4BitsQuantizer(model, nodes_to_exclude=excluded, algo_config=config)
         quantizer.process()
         quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
-    return QuantReport("int4", f"onnxruntime {_ort_version()} quantization.matmul_4bits_quantizer (HQQ)",
-                       list(plan), count, nbytes,
-                       {"bits": 4, "block_size": block_size, "algorithm": "HQQ", "op": "com.microsoft.MatMulNBits",
-                        "compute": "fp32 on the dequantized weight (accuracy_level unset)"})
+    return QuantReport(
+        "int4",
+        f"onnxruntime {_ort_version()} quantization.matmul_4bits_quantizer (HQQ)",
+        list(plan),
+        count,
+        nbytes,
+        {
+            "bits": 4,
+            "block_size": block_size,
+            "algorithm": "HQQ",
+            "op": "com.microsoft.MatMulNBits",
+            "compute": "fp32 on the dequantized weight (accuracy_level unset)",
+        },
+    )
 
 
 def _matmul_4bits_quantizer():
@@ -271,7 +309,11 @@ def dequantized_weights(fp32: Path, quantized: Path, keep: Iterable[str] = ()) -
     known = set(_ranks(qmodel))
     qmodel.graph.value_info.extend(  # shape inference does not know contrib ops' outputs
         helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
-        for mm in plan.values() for pair in mm for name in pair if name not in known)
+        for mm in plan.values()
+        for pair in mm
+        for name in pair
+        if name not in known
+    )
     extractor = onnx.utils.Extractor(qmodel)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -333,10 +375,15 @@ def quantize_bundle_graphs(out: Path, mode: str, keep: Iterable[str]) -> tuple[d
         if name == mf.HEAD_MODEL:
             values = dequantized_weights(path, tmp, keep)
         tmp.replace(path)
-    record[mf.CHECKPOINT] = {"weights": f"fp32, the dequantized values of {mf.HEAD_MODEL}'s quantized weights "
-                                        "(read back through onnxruntime)"}
-    record["kept_fp32"] = ["the patch embedding Conv (MatMul only: ConvInteger has no CPU kernel)",
-                           "MatMuls without a constant weight (attention)", "the trained tensors: " + ", ".join(sorted(keep))]
+    record[mf.CHECKPOINT] = {
+        "weights": f"fp32, the dequantized values of {mf.HEAD_MODEL}'s quantized weights "
+        "(read back through onnxruntime)"
+    }
+    record["kept_fp32"] = [
+        "the patch embedding Conv (MatMul only: ConvInteger has no CPU kernel)",
+        "MatMuls without a constant weight (attention)",
+        "the trained tensors: " + ", ".join(sorted(keep)),
+    ]
     return record, values
 
 

@@ -102,8 +102,11 @@ class _Chains:
     def __init__(self, mode: str, head: onnx.ModelProto) -> None:
         self.mode = mode
         self.inits = {t.name: t for t in head.graph.initializer}
-        self.nbits = {n.input[1]: {a.name: helper.get_attribute_value(a) for a in n.attribute}
-                      for n in head.graph.node if n.op_type == "MatMulNBits"}
+        self.nbits = {
+            n.input[1]: {a.name: helper.get_attribute_value(a) for a in n.attribute}
+            for n in head.graph.node
+            if n.op_type == "MatMulNBits"
+        }
         self.added: dict[str, TensorProto] = {}  # initializers for the step graph, each added once
         self.count = 0
 
@@ -125,8 +128,14 @@ class _Chains:
             q, scale, zero = (self._tensor(weight + s) for s in INT8_SUFFIXES)
             for t in (q, scale, zero):
                 self._add(t)
-            deq = helper.make_node("DequantizeLinear", [q.name, scale.name, zero.name], [f"{tag}/w" if transposed else out], name=tag)
-            return [deq, helper.make_node("Transpose", [deq.output[0]], [out], name=f"{tag}/t", perm=[1, 0])] if transposed else [deq]
+            deq = helper.make_node(
+                "DequantizeLinear", [q.name, scale.name, zero.name], [f"{tag}/w" if transposed else out], name=tag
+            )
+            return (
+                [deq, helper.make_node("Transpose", [deq.output[0]], [out], name=f"{tag}/t", perm=[1, 0])]
+                if transposed
+                else [deq]
+            )
         q, scale, zero = (self._tensor(weight + s) for s in INT4_SUFFIXES)
         attr = self.nbits[q.name]
         n, k, bs = attr["N"], attr["K"], attr["block_size"]
@@ -136,14 +145,18 @@ class _Chains:
         # The same bytes as an ONNX UINT4 tensor: MatMulNBits packs W^T row by row, low nibble first.
         q4 = self._add(helper.make_tensor(f"{weight}/uint4", TensorProto.UINT4, [n, blocks, bs], q.raw_data, raw=True))
         s = self._add(numpy_helper.from_array(numpy_helper.to_array(scale).reshape(n, blocks, 1), f"{weight}/scales"))
-        z = self._add(numpy_helper.from_array(numpy_helper.to_array(zero).reshape(n, blocks, 1), f"{weight}/zero_points"))
+        z = self._add(
+            numpy_helper.from_array(numpy_helper.to_array(zero).reshape(n, blocks, 1), f"{weight}/zero_points")
+        )
         one = self._add(numpy_helper.from_array(np.array(1.0, np.float32), "dequantize/one"))
         shape = self._add(numpy_helper.from_array(np.array([n, k], np.int64), f"{weight}/shape"))
         wt = out if transposed else f"{tag}/wt"
-        nodes = [helper.make_node("DequantizeLinear", [q4, one], [f"{tag}/q"], name=f"{tag}/q"),
-                 helper.make_node("Sub", [f"{tag}/q", z], [f"{tag}/d"], name=f"{tag}/sub"),
-                 helper.make_node("Mul", [f"{tag}/d", s], [f"{tag}/w3"], name=f"{tag}/mul"),
-                 helper.make_node("Reshape", [f"{tag}/w3", shape], [wt], name=f"{tag}/reshape")]
+        nodes = [
+            helper.make_node("DequantizeLinear", [q4, one], [f"{tag}/q"], name=f"{tag}/q"),
+            helper.make_node("Sub", [f"{tag}/q", z], [f"{tag}/d"], name=f"{tag}/sub"),
+            helper.make_node("Mul", [f"{tag}/d", s], [f"{tag}/w3"], name=f"{tag}/mul"),
+            helper.make_node("Reshape", [f"{tag}/w3", shape], [wt], name=f"{tag}/reshape"),
+        ]
         if not transposed:
             nodes.append(helper.make_node("Transpose", [wt], [out], name=f"{tag}/t", perm=[1, 0]))
         return nodes
@@ -165,7 +178,9 @@ def quantize_step_graph(step: Path, head: Path, values: dict[str, np.ndarray], m
     others = [t.name for t in model.graph.initializer if t.name not in matched]
     plan = split_stacked_matmuls(model, keep=others)
     if set(plan) != set(matched):
-        raise RuntimeError(f"{step}: quantized weights not read by a splittable MatMul: {sorted(set(matched) - set(plan))}")
+        raise RuntimeError(
+            f"{step}: quantized weights not read by a splittable MatMul: {sorted(set(matched) - set(plan))}"
+        )
     chains = _Chains(mode, onnx.load(str(head)))
     rewired: dict[str, tuple[str, bool]] = {}  # fp32 slice initializer -> (head slice, transposed)
     for name, (weight, transposed) in matched.items():
@@ -192,7 +207,13 @@ def quantize_step_graph(step: Path, head: Path, values: dict[str, np.ndarray], m
     onnx.save(model, str(step))
     quantized = sum(len(t.raw_data) or numpy_helper.to_array(t).nbytes for t in chains.added.values())
     largest = max(int(np.prod(values[w].shape[-2:])) * 4 for w, _ in matched.values())
-    return {"weights": len(matched), "transposed": sum(t for _, t in matched.values()), "matmuls": chains.count,
-            "fp32_weight_bytes": fp32_bytes, "quantized_bytes": quantized,
-            "largest_dequantized_bytes": largest, "values": "train/head.onnx's quantized tensors, read by DequantizeLinear",
-            "opset": STEP_QUANT_OPSET if mode == "int4" else None}
+    return {
+        "weights": len(matched),
+        "transposed": sum(t for _, t in matched.values()),
+        "matmuls": chains.count,
+        "fp32_weight_bytes": fp32_bytes,
+        "quantized_bytes": quantized,
+        "largest_dequantized_bytes": largest,
+        "values": "train/head.onnx's quantized tensors, read by DequantizeLinear",
+        "opset": STEP_QUANT_OPSET if mode == "int4" else None,
+    }

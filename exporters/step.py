@@ -114,7 +114,7 @@ def export_step(head: MethodHead, frozen_example: tuple[torch.Tensor, ...], path
     t = head.spec.query_tokens
     sizes = {head.head.out_features, t, arch.heads, arch.head_dim, arch.num_tokens, arch.num_tokens + t}
     b = _distinct_batch([*example, *weights, *(x[0] for x in frozen_example)], sizes)
-    for name, x in zip(input_names, frozen_example):
+    for _name, x in zip(input_names, frozen_example):
         x = x.detach()[torch.arange(b) % x.shape[0]]
         example.append(x)
     if head.spec.has_query_tokens:
@@ -123,7 +123,8 @@ def export_step(head: MethodHead, frozen_example: tuple[torch.Tensor, ...], path
     head.train()
     with _LinearAsMatmul():
         traced = make_fx(step, decomposition_table=core_aten_decompositions(), tracing_mode="symbolic")(
-            *example[:n_train], *weights, *example[n_train:])
+            *example[:n_train], *weights, *example[n_train:]
+        )
     all_inputs = names + input_names
     batch = torch.export.Dim("batch", min=1)
     dynamic = tuple({0: batch} if name in input_names else None for name in all_inputs)
@@ -134,9 +135,16 @@ def export_step(head: MethodHead, frozen_example: tuple[torch.Tensor, ...], path
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore")  # the dynamo exporter warns about every lifted constant
             program = torch.onnx.export(
-                _Traced(traced, n_train, weights), tuple(example), None, dynamo=True, opset_version=STEP_OPSET,
-                input_names=all_inputs, output_names=["loss", "logits", *map(grad_name, names)],
-                dynamic_shapes=(dynamic,), optimize=True, verbose=False,
+                _Traced(traced, n_train, weights),
+                tuple(example),
+                None,
+                dynamo=True,
+                opset_version=STEP_OPSET,
+                input_names=all_inputs,
+                output_names=["loss", "logits", *map(grad_name, names)],
+                dynamic_shapes=(dynamic,),
+                optimize=True,
+                verbose=False,
             )
     finally:
         exporter_log.setLevel(level)

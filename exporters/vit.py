@@ -16,7 +16,7 @@ exporters/methods/, one module per method.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -86,7 +86,11 @@ class VisionTransformer(nn.Module):
         with torch.no_grad():
             for name, p in self.named_parameters():
                 if p.ndim == 1:
-                    p.copy_(torch.ones_like(p) if name.endswith(("norm1.weight", "norm2.weight", "norm.weight")) else torch.zeros_like(p))
+                    p.copy_(
+                        torch.ones_like(p)
+                        if name.endswith(("norm1.weight", "norm2.weight", "norm.weight"))
+                        else torch.zeros_like(p)
+                    )
                 else:
                     fan_in = p[0].numel() if p.ndim > 1 else 1
                     std = 0.02 if "pos_embed" in name or "cls_token" in name else 1.0 / math.sqrt(fan_in)
@@ -219,11 +223,11 @@ class QueryPath(nn.Module):
         self.b2 = stack(lambda b: b.mlp.fc2.bias)
         # Official init: U(-v, v), v = sqrt(6 / (3 * 16 * 16 + D)) (the VPT/VQT "xavier" for prompts).
         bound = math.sqrt(6.0 / (3 * 16 * 16 + d))
-        self.query_tokens = nn.Parameter(torch.empty(len(self.query_layers), spec.query_tokens, d).uniform_(-bound, bound))
+        self.query_tokens = nn.Parameter(
+            torch.empty(len(self.query_layers), spec.query_tokens, d).uniform_(-bound, bound)
+        )
 
-    def forward(
-        self, keys: torch.Tensor, values: torch.Tensor, query_keep: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def forward(self, keys: torch.Tensor, values: torch.Tensor, query_keep: torch.Tensor | None = None) -> torch.Tensor:
         """keys, values [B, Lq, H, N, dh] -> query outputs z [B, Lq, T, D].
 
         `query_keep` [B, Lq, T, D] is a dropout mask already scaled by 1/(1-p) (ones at eval). It is

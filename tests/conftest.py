@@ -58,7 +58,14 @@ def export_tiny_bundle(out: Path, quantize: str = "none") -> Path:
 
     model = VisionTransformer(TINY)
     model.reset_parameters(seed=0)
-    export_bundle(model.eval(), out, AdapterSpec.create(TINY, "vqt", 3, query_tokens=2), model_name="tiny", quantize=quantize, log=lambda _: None)
+    export_bundle(
+        model.eval(),
+        out,
+        AdapterSpec.create(TINY, "vqt", 3, query_tokens=2),
+        model_name="tiny",
+        quantize=quantize,
+        log=lambda _: None,
+    )
     return out
 
 
@@ -107,7 +114,16 @@ def cli_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
 
 
-def run_cli(*args: str, torch_free: bool = True, timeout: float = 300, cwd: Path = REPO, **kw) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, torch_free: bool = True, timeout: float = 300, cwd: Path = REPO, **kw
+) -> subprocess.CompletedProcess:
     """The real `vqt-edge` in a fresh process, run from `cwd`, waited for."""
-    return subprocess.run(cli_command(*args, torch_free=torch_free), capture_output=True, text=True,
-                          timeout=timeout, env=cli_env(), cwd=cwd, **kw)
+    return subprocess.run(
+        cli_command(*args, torch_free=torch_free),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=cli_env(),
+        cwd=cwd,
+        **kw,
+    )

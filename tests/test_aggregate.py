@@ -39,8 +39,13 @@ AGGREGATES = ("mean", "wsum")
 def bundles(tmp_path_factory, tiny_backbone):
     root = tmp_path_factory.mktemp("aggregate")
     for agg in AGGREGATES:
-        export_bundle(tiny_backbone, root / agg, AdapterSpec.create(TINY, "vqt", 3, query_tokens=T, aggregate=agg),
-                      model_name="tiny", log=lambda _: None)
+        export_bundle(
+            tiny_backbone,
+            root / agg,
+            AdapterSpec.create(TINY, "vqt", 3, query_tokens=T, aggregate=agg),
+            model_name="tiny",
+            log=lambda _: None,
+        )
     return {agg: root / agg for agg in AGGREGATES}
 
 
@@ -108,7 +113,9 @@ def test_frozen_then_head_and_merged_model_equal_the_official_formulation(aggreg
     adapter = _adapter(m, seed=1)
     pixels = _pixels(4, seed=2)
     with torch.no_grad():
-        want = _official_logits(tiny_backbone, {k: torch.from_numpy(v) for k, v in adapter.items()}, aggregate, pixels).numpy()
+        want = _official_logits(
+            tiny_backbone, {k: torch.from_numpy(v) for k, v in adapter.items()}, aggregate, pixels
+        ).numpy()
 
     providers = ["CPUExecutionProvider"]
     frozen = onnxruntime.InferenceSession(str(bundle / mf.FROZEN), providers=providers)
@@ -158,8 +165,23 @@ def test_training_graph_loss_and_gradients_equal_the_official_formulation(aggreg
 
 
 def test_cli_export_aggregate_and_refusals(tmp_path):
-    tiny = ["--random-init", "--depth", 3, "--dim", 32, "--heads", 4, "--mlp-dim", 64, "--patch", 8, "--image-size", 32,
-            "--num-classes", 3]
+    tiny = [
+        "--random-init",
+        "--depth",
+        3,
+        "--dim",
+        32,
+        "--heads",
+        4,
+        "--mlp-dim",
+        64,
+        "--patch",
+        8,
+        "--image-size",
+        32,
+        "--num-classes",
+        3,
+    ]
 
     def invoke(*args):
         return CliRunner().invoke(cli, [str(a) for a in args])
@@ -169,8 +191,10 @@ def test_cli_export_aggregate_and_refusals(tmp_path):
     assert "wsum of each layer's query outputs" in result.output
     data = json.loads((tmp_path / "b" / mf.MANIFEST).read_text())
     assert data["aggregate"] == "wsum" and data["trainable_shapes"]["wsum_weights"] == [3, 2]
-    for args, message in ((["--method", "linear", "--aggregate", "mean"], "--aggregate"),
-                          (["--aggregate", "max"], "--aggregate")):
+    for args, message in (
+        (["--method", "linear", "--aggregate", "mean"], "--aggregate"),
+        (["--aggregate", "max"], "--aggregate"),
+    ):
         result = invoke("export", *tiny, "--out", tmp_path / "c", *args)
         assert result.exit_code == 2 and message in result.output, result.output
         assert not (tmp_path / "c").exists()
@@ -190,8 +214,10 @@ def test_cli_trains_wsum_into_a_model_equal_to_the_official_formulation(bundles,
     images = sorted(task["test"].rglob("*.png"))[::9]
     pixels, _ = next(iter_batches([(p, 0) for p in images], len(images), TINY.image_size, m.mean, m.std))
     got = onnxruntime.InferenceSession(str(run / "model.onnx"), providers=["CPUExecutionProvider"]).run(
-        ["logits"], {"pixel_values": pixels})[0]
+        ["logits"], {"pixel_values": pixels}
+    )[0]
     with torch.no_grad():
-        want = _official_logits(tiny_backbone, {k: torch.from_numpy(v) for k, v in adapter.items()}, "wsum",
-                                torch.from_numpy(pixels)).numpy()
+        want = _official_logits(
+            tiny_backbone, {k: torch.from_numpy(v) for k, v in adapter.items()}, "wsum", torch.from_numpy(pixels)
+        ).numpy()
     assert np.abs(got - want).max() <= 1e-4

@@ -21,15 +21,25 @@ from vqt_edge.spec import AdapterSpec
 
 def _python(code: str, *args, timeout: float = 300) -> subprocess.CompletedProcess:
     env_code = "import os; os.environ.setdefault('OMP_NUM_THREADS', '1')\n"
-    return subprocess.run([sys.executable, "-c", env_code + code, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-c", env_code + code, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
 
 
 def test_api_quickstart_runs_in_one_process(tmp_path):
     """examples/api_quickstart.py: export, train (with a test set), evaluate, predict and load the
     adapter in one process, then import torch there."""
-    out = subprocess.run([sys.executable, "examples/api_quickstart.py", "--out", tmp_path, "--tiny"],
-                         capture_output=True, text=True, timeout=600, cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, "examples/api_quickstart.py", "--out", tmp_path, "--tiny"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "import torch after training: ok" in out.stdout
     gap = float(out.stdout.split("largest logit difference to model.onnx ")[1].split()[0])
@@ -71,7 +81,9 @@ def test_library_caller_process_is_left_as_it_was(tmp_path, tiny_bundle, task):
     nothing is drawn on the terminal (no click progress bars)."""
     out = _python(LIBRARY_CALLER, tiny_bundle, task["train"], task["test"], tmp_path / "run")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert len(out.stdout.splitlines()) == 1 and "epoch" not in out.stderr and "frozen pass" not in out.stderr, out.stderr
+    assert len(out.stdout.splitlines()) == 1 and "epoch" not in out.stderr and "frozen pass" not in out.stderr, (
+        out.stderr
+    )
     got = json.loads(out.stdout)
     events = got["events"]
     frozen = [e for e in events if e[0] == "frozen pass (K/V to RAM)"]
@@ -127,8 +139,13 @@ def test_load_adapter_refuses_another_bundle_or_edited_config(tmp_path, tiny_run
     from vqt_edge import api
 
     other = tmp_path / "other"  # same backbone and frozen.onnx (it does not depend on T), another T
-    export_bundle(tiny_backbone, other, AdapterSpec.create(tiny_backbone.arch, "vqt", 3, query_tokens=1), model_name="tiny",
-                  log=lambda _: None)
+    export_bundle(
+        tiny_backbone,
+        other,
+        AdapterSpec.create(tiny_backbone.arch, "vqt", 3, query_tokens=1),
+        model_name="tiny",
+        log=lambda _: None,
+    )
     with pytest.raises(UserError, match="query_tokens is 2, the bundle's is 1"):
         api.load_adapter(tiny_run, bundle=other)
     run = tmp_path / "run"
@@ -143,8 +160,9 @@ def test_load_adapter_refuses_another_bundle_or_edited_config(tmp_path, tiny_run
 def test_cli_train_still_reports_test_accuracy(tmp_path, tiny_bundle, task):
     """`vqt-edge train --test` now runs through api.train: same output, accuracy recorded."""
     run = tmp_path / "run"
-    out = run_cli("train", "--bundle", tiny_bundle, "--data", task["train"], "--run", run, "--epochs", 1,
-                  "--test", task["test"])
+    out = run_cli(
+        "train", "--bundle", tiny_bundle, "--data", task["train"], "--run", run, "--epochs", 1, "--test", task["test"]
+    )
     assert out.returncode == 0, out.stderr
     assert "test accuracy" in out.stdout
     summary = json.loads((run / "summary.json").read_text())

@@ -41,8 +41,13 @@ T = 2
 def bundles(tmp_path_factory, tiny_backbone) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("baselines")
     for method, k in METHODS.items():
-        export_bundle(tiny_backbone, root / method.replace("+", "_"),
-                      AdapterSpec.create(TINY, method, 3, last_k=k, query_tokens=T), model_name="tiny", log=lambda _: None)
+        export_bundle(
+            tiny_backbone,
+            root / method.replace("+", "_"),
+            AdapterSpec.create(TINY, method, 3, last_k=k, query_tokens=T),
+            model_name="tiny",
+            log=lambda _: None,
+        )
     return {m: root / m.replace("+", "_") for m in METHODS}
 
 
@@ -98,7 +103,10 @@ def _random_adapter(manifest: mf.Manifest, backbone, seed: int) -> dict[str, np.
     weights are not zero, and fine-tuned layers move away from the backbone's)."""
     rng = np.random.default_rng(seed)
     init = {n: p.detach().numpy() for n, p in _head(backbone, manifest).named_parameters()}
-    return {name: (init[name] + rng.normal(0, 0.2, init[name].shape)).astype(np.float32) for name in manifest.spec.trainable_shapes}
+    return {
+        name: (init[name] + rng.normal(0, 0.2, init[name].shape)).astype(np.float32)
+        for name in manifest.spec.trainable_shapes
+    }
 
 
 def _pixels(n: int, seed: int) -> torch.Tensor:
@@ -106,8 +114,15 @@ def _pixels(n: int, seed: int) -> torch.Tensor:
 
 
 def test_manifest_names_what_each_method_trains(bundles):
-    want_outputs = {"linear": ["cls"], "vqt": ["cls", "keys", "values"], "vpt": ["hidden"], "adaptformer": ["hidden"],
-                    "finetune": ["hidden"], "vqt+vpt": ["hidden"], "vqt+adaptformer": ["hidden", "keys", "values"]}
+    want_outputs = {
+        "linear": ["cls"],
+        "vqt": ["cls", "keys", "values"],
+        "vpt": ["hidden"],
+        "adaptformer": ["hidden"],
+        "finetune": ["hidden"],
+        "vqt+vpt": ["hidden"],
+        "vqt+adaptformer": ["hidden", "keys", "values"],
+    }
     for method, bundle in bundles.items():
         m = mf.read_manifest(bundle)
         assert m.spec.method == method and m.spec.frozen_outputs == want_outputs[method]
@@ -129,11 +144,19 @@ def test_manifest_names_what_each_method_trains(bundles):
         if method.endswith("vpt"):
             assert shapes["prompts"] == (m.spec.last_k, T, TINY.dim)
         if method.endswith("adaptformer"):
-            assert shapes["adapters.1.down.weight"] == (64, TINY.dim) and shapes["adapters.2.up.weight"] == (TINY.dim, 64)
+            assert shapes["adapters.1.down.weight"] == (64, TINY.dim) and shapes["adapters.2.up.weight"] == (
+                TINY.dim,
+                64,
+            )
             assert not any(n.startswith("adapters.0.") for n in trainable)
         if method == "finetune":
-            assert trainable == {n for n in trainable if n.startswith(("blocks.2.", "norm."))} and "blocks.2.attn.qkv.weight" in trainable
-        assert trainable == {n for n in trainable if n.startswith(("query_tokens", "prompts", "adapters.", "blocks.", "norm."))}
+            assert (
+                trainable == {n for n in trainable if n.startswith(("blocks.2.", "norm."))}
+                and "blocks.2.attn.qkv.weight" in trainable
+            )
+        assert trainable == {
+            n for n in trainable if n.startswith(("query_tokens", "prompts", "adapters.", "blocks.", "norm."))
+        }
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -177,7 +200,9 @@ def test_one_training_step_matches_torch(method, bundles, tiny_backbone):
 
     b, g = 5, torch.Generator().manual_seed(4)
     frozen = onnxruntime.InferenceSession(str(bundle / mf.FROZEN), providers=["CPUExecutionProvider"])
-    feats = [torch.from_numpy(x) for x in frozen.run(m.spec.frozen_outputs, {"pixel_values": _pixels(b, seed=5).numpy()})]
+    feats = [
+        torch.from_numpy(x) for x in frozen.run(m.spec.frozen_outputs, {"pixel_values": _pixels(b, seed=5).numpy()})
+    ]
     keep = [(torch.rand(b, 3, T, TINY.dim, generator=g) >= 0.1).float() / 0.9] if m.spec.query_layers else []
     targets = F.one_hot(torch.randint(0, 3, (b,), generator=g), 3).float() / b
     inputs = [*feats, *keep, targets]
@@ -199,28 +224,48 @@ def test_one_training_step_matches_torch(method, bundles, tiny_backbone):
 
 def test_cli_export_writes_the_method_and_refuses_mismatched_options(tmp_path):
     # The real `vqt-edge export` command, in-process (a new exporting process costs seconds of torch import).
-    tiny = ["--random-init", "--depth", 3, "--dim", 32, "--heads", 4, "--mlp-dim", 64, "--patch", 8, "--image-size", 32,
-            "--num-classes", 3]
+    tiny = [
+        "--random-init",
+        "--depth",
+        3,
+        "--dim",
+        32,
+        "--heads",
+        4,
+        "--mlp-dim",
+        64,
+        "--patch",
+        8,
+        "--image-size",
+        32,
+        "--num-classes",
+        3,
+    ]
 
     def invoke(*args):
         return CliRunner().invoke(cli, [str(a) for a in args])
 
-    result = invoke("export", *tiny, "--out", tmp_path / "b", "--method", "vqt+adaptformer", "--last-k", 1,
-                    "--query-layers", "1,2")
+    result = invoke(
+        "export", *tiny, "--out", tmp_path / "b", "--method", "vqt+adaptformer", "--last-k", 1, "--query-layers", "1,2"
+    )
     assert result.exit_code == 0, result.output
     assert "method vqt+adaptformer, last 1 of 3 layers adapted" in result.output
     data = json.loads((tmp_path / "b" / mf.MANIFEST).read_text())
     assert (data["method"], data["last_k"], data["query_layers"]) == ("vqt+adaptformer", 1, [1, 2])
     assert data["frozen_outputs"] == ["hidden", "keys", "values"]
-    for args, message in ((["--method", "vqt", "--last-k", 2], "--last-k"), (["--method", "vpt", "--last-k", 4], "--last-k 4"),
-                          (["--method", "linear", "--query-layers", "0"], "--query-layers"), (["--method", "lora"], "--method")):
+    for args, message in (
+        (["--method", "vqt", "--last-k", 2], "--last-k"),
+        (["--method", "vpt", "--last-k", 4], "--last-k 4"),
+        (["--method", "linear", "--query-layers", "0"], "--query-layers"),
+        (["--method", "lora"], "--method"),
+    ):
         result = invoke("export", *tiny, "--out", tmp_path / "c", *args)
         assert result.exit_code == 2 and message in result.output, result.output
         assert not (tmp_path / "c").exists()
 
 
 def test_manifest_allows_empty_query_layers_exactly_without_query_tokens(bundles):
-    for method, bundle in bundles.items():
+    for bundle in bundles.values():
         data = json.loads((bundle / mf.MANIFEST).read_text())
         mf.Manifest.from_dict(data)
         data["query_layers"] = [] if data["query_layers"] else [0]
@@ -233,18 +278,36 @@ def test_manifest_allows_empty_query_layers_exactly_without_query_tokens(bundles
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_cli_trains_each_method_into_a_model_equal_to_torch_from_its_adapter(method, bundles, tiny_backbone, task, tmp_path):
+def test_cli_trains_each_method_into_a_model_equal_to_torch_from_its_adapter(
+    method, bundles, tiny_backbone, task, tmp_path
+):
     bundle, run = bundles[method], tmp_path / "run"
-    out = run_cli("train", "--bundle", bundle, "--data", task["train"], "--run", run, "--epochs", 2, "--batch-size", 32,
-                  "--lr", "3e-3")
+    out = run_cli(
+        "train",
+        "--bundle",
+        bundle,
+        "--data",
+        task["train"],
+        "--run",
+        run,
+        "--epochs",
+        2,
+        "--batch-size",
+        32,
+        "--lr",
+        "3e-3",
+    )
     assert out.returncode == 0, out.stderr
     m = mf.read_manifest(bundle)
     adapter = load_adapter(run / "adapter.safetensors", m)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 2 and all(np.isfinite(x["train_loss"]) for x in metrics)
     initial = ort.training_api().CheckpointState.load_checkpoint(str(bundle / mf.CHECKPOINT)).parameters
-    assert all(not np.array_equal(adapter[name], np.array(initial[name].data)) for name in m.spec.trainable_shapes
-               if name.endswith("weight") or name in ("prompts", "query_tokens"))
+    assert all(
+        not np.array_equal(adapter[name], np.array(initial[name].data))
+        for name in m.spec.trainable_shapes
+        if name.endswith("weight") or name in ("prompts", "query_tokens")
+    )
 
     images = sorted(task["test"].rglob("*.png"))[::9]
     pixels, _ = next(iter_batches([(p, 0) for p in images], len(images), TINY.image_size, m.mean, m.std))

@@ -11,8 +11,20 @@ from click.testing import CliRunner
 from tests.conftest import TINY
 from vqt_edge.cli import cli
 
-SIZES = ["--depth", TINY.depth, "--dim", TINY.dim, "--heads", TINY.heads, "--mlp-dim", TINY.mlp_dim,
-         "--patch", TINY.patch, "--image-size", TINY.image_size]
+SIZES = [
+    "--depth",
+    TINY.depth,
+    "--dim",
+    TINY.dim,
+    "--heads",
+    TINY.heads,
+    "--mlp-dim",
+    TINY.mlp_dim,
+    "--patch",
+    TINY.patch,
+    "--image-size",
+    TINY.image_size,
+]
 
 
 def invoke(*args):
@@ -29,8 +41,20 @@ def test_export_from_a_checkpoint_prints_what_it_wrote(tmp_path, tiny_backbone):
     ckpt = tmp_path / "weights.bin"  # misleading name: the format is detected from the content
     torch.save({"model": tiny_backbone.state_dict()}, ckpt)
     out = tmp_path / "bundle"
-    result = invoke("export", *SIZES, "--weights", ckpt, "--classes", "a,b,c,d", "--query-layers", "last:2",
-                    "--query-tokens", 3, "--out", out)
+    result = invoke(
+        "export",
+        *SIZES,
+        "--weights",
+        ckpt,
+        "--classes",
+        "a,b,c,d",
+        "--query-layers",
+        "last:2",
+        "--query-tokens",
+        3,
+        "--out",
+        out,
+    )
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["num_classes"] == 4 and manifest["class_names"] == ["a", "b", "c", "d"]

@@ -34,15 +34,21 @@ def _names(ds: Dataset, root: Path) -> list[tuple[str, int]]:
 
 
 def test_image_folder_recursive_sorted_and_skips_hidden(tmp_path):
-    for rel in ["cat/b.png", "cat/sub/a.jpg", "dog/c.PNG", "dog/.hidden.png",
-                "dog/.ipynb_checkpoints/d.png", ".git/x.png", "cat/z.webp"]:
+    for rel in [
+        "cat/b.png",
+        "cat/sub/a.jpg",
+        "dog/c.PNG",
+        "dog/.hidden.png",
+        "dog/.ipynb_checkpoints/d.png",
+        ".git/x.png",
+        "cat/z.webp",
+    ]:
         _image(tmp_path / rel)
     (tmp_path / "dog" / "notes.txt").write_text("not an image")
     (tmp_path / "stray.png").write_bytes(b"")  # files at the top level are not a class
     ds = data.load_dataset(tmp_path)
     assert ds.classes == ["cat", "dog"]
-    assert _names(ds, tmp_path) == [("cat/b.png", 0), ("cat/sub/a.jpg", 0), ("cat/z.webp", 0),
-                                    ("dog/c.PNG", 1)]
+    assert _names(ds, tmp_path) == [("cat/b.png", 0), ("cat/sub/a.jpg", 0), ("cat/z.webp", 0), ("dog/c.PNG", 1)]
     assert len(ds) == 4
 
 
@@ -117,8 +123,7 @@ def test_list_file_resolves_relative_to_itself(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "elsewhere")  # the working directory must not matter
     ds = data.load_dataset(root / "list.csv")
     assert ds.classes == ["cat", "dog"]
-    assert ds.samples == [(root / "imgs" / "a, b.png", 1), (root / "imgs" / "c.jpg", 0),
-                          (absolute, 1)]
+    assert ds.samples == [(root / "imgs" / "a, b.png", 1), (root / "imgs" / "c.jpg", 0), (absolute, 1)]
     assert all(p.is_file() for p, _ in ds.samples)
 
 
@@ -133,8 +138,12 @@ def test_list_file_labels_follow_given_classes(tmp_path):
 
 @pytest.mark.parametrize(
     "line, message",
-    [("a.png", "expected 'path,label'"), ("a.png,cat,extra", "expected 'path,label'"),
-     ("a.png,", "expected 'path,label'"), ('"a.png,cat', "line 3")],
+    [
+        ("a.png", "expected 'path,label'"),
+        ("a.png,cat,extra", "expected 'path,label'"),
+        ("a.png,", "expected 'path,label'"),
+        ('"a.png,cat', "line 3"),
+    ],
 )
 def test_malformed_list_line_names_file_and_line(tmp_path, line, message):
     _image(tmp_path / "a.png")
@@ -155,10 +164,15 @@ def test_list_file_missing_image_and_bad_encoding(tmp_path):
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(content=st.one_of(st.text(), st.binary(),
-                         st.lists(st.sampled_from(["a.png", ",", '"', "#", "\n", "cat", " ",
-                                                   "\r", "\x00", "dog", "../x", "\ufeff"]))
-                         .map("".join)))
+@given(
+    content=st.one_of(
+        st.text(),
+        st.binary(),
+        st.lists(
+            st.sampled_from(["a.png", ",", '"', "#", "\n", "cat", " ", "\r", "\x00", "dog", "../x", "\ufeff"])
+        ).map("".join),
+    )
+)
 def test_list_parser_only_raises_user_error(tmp_path_factory, content):
     root = tmp_path_factory.getbasetemp() / "fuzz"
     if not (root / "a.png").exists():
@@ -188,7 +202,7 @@ def test_split_is_stratified_disjoint_and_seeded():
     ds = _synthetic([10, 5, 1, 2])
     train, val = data.split(ds, 0.3, seed=7)
     assert train.classes == val.classes == ds.classes
-    count = lambda d: np.bincount([l for _, l in d.samples], minlength=4).tolist()  # noqa: E731
+    count = lambda d: np.bincount([label for _, label in d.samples], minlength=4).tolist()  # noqa: E731
     assert count(val) == [3, 2, 0, 1]  # round half up; a class always keeps a training sample
     assert count(train) == [7, 3, 1, 1]
     assert set(train.samples).isdisjoint(val.samples)

@@ -58,8 +58,13 @@ def long_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("default_kv")
     backbone = VisionTransformer(LONG)
     backbone.reset_parameters(seed=0)
-    export_bundle(backbone.eval(), root / "bundle", AdapterSpec.create(backbone.arch, "vqt", 3), model_name="long",
-                  log=lambda _: None)
+    export_bundle(
+        backbone.eval(),
+        root / "bundle",
+        AdapterSpec.create(backbone.arch, "vqt", 3),
+        model_name="long",
+        log=lambda _: None,
+    )
     data = make_task(root / "data", 16, seed=1, size=64)
     fp = BundleFootprint.from_bundle(root / "bundle")
     plans = {kv: predict_peak(fp, images=48, batch_size=16, micro_batch=None, kv=kv) for kv in ("ram", "disk")}
@@ -72,8 +77,9 @@ def test_train_without_kv_picks_disk_when_the_ram_cache_does_not_fit(fits, long_
     bundle, data, plans = long_run
     need = plans["ram"].needs_mb if fits else plans["ram"].needs_mb - 1  # whole MiB, as the planner compares
     monkeypatch.setenv(AVAILABLE_ENV, f"{need / AVAILABLE_SHARE:.3f}MB")  # inherited by the CLI process
-    out = run_cli("train", "--bundle", bundle, "--data", data, "--run", tmp_path / "run", "--epochs", 1,
-                  "--batch-size", 16)
+    out = run_cli(
+        "train", "--bundle", bundle, "--data", data, "--run", tmp_path / "run", "--epochs", 1, "--batch-size", 16
+    )
     assert out.returncode == 0, out.stderr + out.stdout
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["kv"] == ("ram" if fits else "disk")
@@ -84,7 +90,20 @@ def test_train_without_kv_picks_disk_when_the_ram_cache_does_not_fit(fits, long_
 def test_an_explicit_kv_ram_is_kept_whatever_is_available(long_run, tmp_path, monkeypatch):
     bundle, data, _ = long_run
     monkeypatch.setenv(AVAILABLE_ENV, "1MB")
-    out = run_cli("train", "--bundle", bundle, "--data", data, "--run", tmp_path / "run", "--epochs", 1,
-                  "--batch-size", 16, "--kv", "ram")
+    out = run_cli(
+        "train",
+        "--bundle",
+        bundle,
+        "--data",
+        data,
+        "--run",
+        tmp_path / "run",
+        "--epochs",
+        1,
+        "--batch-size",
+        16,
+        "--kv",
+        "ram",
+    )
     assert out.returncode == 0, out.stderr + out.stdout
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["kv"] == "ram"

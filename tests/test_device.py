@@ -21,17 +21,32 @@ from safetensors.numpy import load_file
 
 from device_runner import ort
 from device_runner.backends import BACKENDS
-from vqt_edge.run_folder import CHECKPOINTS
 from device_runner.data import iter_batches, load_dataset
 from tests.conftest import REPO, run_cli
 from vqt_edge import manifest as mf
+from vqt_edge.run_folder import CHECKPOINTS
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_bundle, task) -> Path:
     run = tmp_path_factory.mktemp("runs") / "run"
-    out = run_cli("train", "--bundle", tiny_bundle, "--data", task["train"], "--run", run, "--test", task["test"],
-                  "--epochs", 12, "--batch-size", 16, "--kv", "disk")
+    out = run_cli(
+        "train",
+        "--bundle",
+        tiny_bundle,
+        "--data",
+        task["train"],
+        "--run",
+        run,
+        "--test",
+        task["test"],
+        "--epochs",
+        12,
+        "--batch-size",
+        16,
+        "--kv",
+        "disk",
+    )
     assert out.returncode == 0, out.stderr
     return run
 
@@ -119,20 +134,45 @@ def _runnable(backend: str):
 
 @pytest.mark.parametrize("backend", [_runnable(b) for b in BACKENDS])
 def test_sigkill_at_any_point_then_resume_equals_uninterrupted(tmp_path, tiny_bundle, task, backend):
-    args = ["--bundle", tiny_bundle, "--data", task["train"], "--epochs", 6, "--batch-size", 8,
-            "--kv", "disk", "--checkpoint-every", 3, "--seed", 7, "--backend", backend]
+    args = [
+        "--bundle",
+        tiny_bundle,
+        "--data",
+        task["train"],
+        "--epochs",
+        6,
+        "--batch-size",
+        8,
+        "--kv",
+        "disk",
+        "--checkpoint-every",
+        3,
+        "--seed",
+        7,
+        "--backend",
+        backend,
+    ]
     checkpoint = CHECKPOINTS[backend]
     reference = tmp_path / "reference"
     out = run_cli("train", "--run", reference, *args)
     assert out.returncode == 0, out.stderr
 
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-c", "import sys; sys.modules['torch'] = None; from vqt_edge.cli import main; "
-           "sys.argv = ['vqt-edge'] + sys.argv[1:]; main()"]
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; sys.modules['torch'] = None; from vqt_edge.cli import main; "
+        "sys.argv = ['vqt-edge'] + sys.argv[1:]; main()",
+    ]
 
     def start(*extra):
-        return subprocess.Popen([*cmd, "train", "--run", str(run), *map(str, extra)], cwd=REPO,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            [*cmd, "train", "--run", str(run), *map(str, extra)],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
     # Kill 1: as soon as the run folder exists (during data loading / the K/V cache pass).
     proc = start(*args)
@@ -141,8 +181,14 @@ def test_sigkill_at_any_point_then_resume_equals_uninterrupted(tmp_path, tiny_bu
     proc.wait()
     # Kill 2: mid-epoch, right after a step checkpoint of epoch 2 has been written.
     proc = start("--resume")
-    _wait_for(lambda: _metrics_lines(run) >= 1 and (run / checkpoint).exists()
-              and (run / checkpoint).stat().st_mtime > (run / "metrics.jsonl").stat().st_mtime, proc)
+    _wait_for(
+        lambda: (
+            _metrics_lines(run) >= 1
+            and (run / checkpoint).exists()
+            and (run / checkpoint).stat().st_mtime > (run / "metrics.jsonl").stat().st_mtime
+        ),
+        proc,
+    )
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     # Kill 3: later, whatever it is doing.
@@ -185,7 +231,9 @@ def test_bad_data_layouts_exit_2_without_traceback(tmp_path, tiny_bundle, task, 
         (data / "purple").mkdir()
     elif layout == "unknown_label":
         data.mkdir()
-        (data / "list.txt").write_text(f"{task['train'] / 'red' / '000.png'},red\n{task['train'] / 'blue' / '000.png'},teal\n")
+        (data / "list.txt").write_text(
+            f"{task['train'] / 'red' / '000.png'},red\n{task['train'] / 'blue' / '000.png'},teal\n"
+        )
         data = data / "list.txt"
     elif layout == "empty_dataset":
         data.mkdir()
@@ -198,7 +246,19 @@ def test_bad_data_layouts_exit_2_without_traceback(tmp_path, tiny_bundle, task, 
 
 
 def test_cuda_request_on_cpu_build_is_a_clear_error(tmp_path, tiny_bundle, task):
-    out = run_cli("train", "--bundle", tiny_bundle, "--data", task["train"], "--run", tmp_path / "run", "--device", "cuda", "--kv", "stream")
+    out = run_cli(
+        "train",
+        "--bundle",
+        tiny_bundle,
+        "--data",
+        task["train"],
+        "--run",
+        tmp_path / "run",
+        "--device",
+        "cuda",
+        "--kv",
+        "stream",
+    )
     assert out.returncode == 2 and "CUDA" in out.stderr and "Traceback" not in out.stderr
 
 

@@ -20,7 +20,9 @@ from vqt_edge.spec import AdapterSpec
 
 
 def _frozen_vs_torch(backbone, path, layers, batch):
-    x = torch.randn(batch, 3, backbone.arch.image_size, backbone.arch.image_size, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(
+        batch, 3, backbone.arch.image_size, backbone.arch.image_size, generator=torch.Generator().manual_seed(3)
+    )
     sess = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = sess.run(["cls", "keys", "values"], {"pixel_values": x.numpy()})
     with torch.no_grad():
@@ -46,7 +48,18 @@ def test_frozen_graph_equals_torch_vit_ti16(tmp_path):
 
 def test_manifest_and_outputs_follow_the_contract(tiny_bundle):
     data = json.loads((tiny_bundle / mf.MANIFEST).read_text())
-    for key in ("format", "arch", "method", "query_layers", "query_tokens", "num_classes", "mean", "std", "feature_norm", "files"):
+    for key in (
+        "format",
+        "arch",
+        "method",
+        "query_layers",
+        "query_tokens",
+        "num_classes",
+        "mean",
+        "std",
+        "feature_norm",
+        "files",
+    ):
         assert key in data
     assert data["format"] == "vqt-edge/2" and data["query_layers"] == [0, 1, 2] and data["query_tokens"] == 2
     for name, digest in data["files"].items():
@@ -67,7 +80,9 @@ def _torch_head(backbone, state, manifest):
     head = build_head(backbone, manifest.spec)
     with torch.no_grad():
         for adapter_name in manifest.spec.trainable_shapes:
-            dict(head.named_parameters())[adapter_name].copy_(torch.from_numpy(np.array(state.parameters[adapter_name].data)))
+            dict(head.named_parameters())[adapter_name].copy_(
+                torch.from_numpy(np.array(state.parameters[adapter_name].data))
+            )
     return head
 
 
@@ -76,7 +91,9 @@ def _batch(backbone, manifest, b, seed):
     x = torch.randn(b, 3, TINY.image_size, TINY.image_size, generator=g)
     with torch.no_grad():
         cls, keys, values = backbone(x, manifest.spec.query_layers)
-    keep = (torch.rand(b, len(manifest.spec.query_layers), manifest.spec.query_tokens, TINY.dim, generator=g) >= 0.1).float() / 0.9
+    keep = (
+        torch.rand(b, len(manifest.spec.query_layers), manifest.spec.query_tokens, TINY.dim, generator=g) >= 0.1
+    ).float() / 0.9
     labels = torch.randint(0, manifest.spec.num_classes, (b,), generator=g)
     targets = torch.nn.functional.one_hot(labels, manifest.spec.num_classes).float() / b
     return cls, keys, values, keep, targets
@@ -104,7 +121,9 @@ def test_one_training_step_matches_torch_loss_and_gradients(tiny_bundle, tiny_ba
     for s in (slice(0, 2), slice(2, 6)):
         module(*[t[s].numpy() for t in inputs])
     for graph_name in manifest.spec.trainable_shapes:
-        np.testing.assert_allclose(np.array(state.parameters[graph_name].grad), params[graph_name].grad.numpy(), atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(
+            np.array(state.parameters[graph_name].grad), params[graph_name].grad.numpy(), atol=1e-4, rtol=1e-4
+        )
 
 
 def test_optimizer_step_matches_reference_adamw(tiny_bundle, tiny_backbone):

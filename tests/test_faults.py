@@ -39,8 +39,15 @@ TRAIN = ["--epochs", 10, "--batch-size", 8, "--seed", 3, "--kv", "ram"]
 
 def start_cli(*args, **kw) -> subprocess.Popen:
     """The real CLI in a background process (as tests.conftest.run_cli, but not waited for)."""
-    return subprocess.Popen([sys.executable, "-c", CLI, *map(str, args)], cwd=REPO, env=ENV, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-c", CLI, *map(str, args)],
+        cwd=REPO,
+        env=ENV,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **kw,
+    )
 
 
 def wait_for(condition, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -115,7 +122,7 @@ def assert_clean_error(out, *needles) -> None:
     lines = out.stderr.splitlines()
     starts = [i for i, line in enumerate(lines) if line.startswith("error: ")]
     assert len(starts) == 1, out.stderr[-3000:]
-    error = "\n".join(lines[starts[0]:])  # onnxruntime's own text may span lines
+    error = "\n".join(lines[starts[0] :])  # onnxruntime's own text may span lines
     for needle in needles:
         assert needle in error, (needle, error)
 
@@ -125,7 +132,9 @@ def assert_same_adapter(run: Path, reference: Path) -> None:
     assert want.keys() == got.keys()
     for name in want:
         assert np.array_equal(want[name], got[name]), name
-    losses = [[json.loads(x)["train_loss"] for x in (r / "metrics.jsonl").read_text().splitlines()] for r in (reference, run)]
+    losses = [
+        [json.loads(x)["train_loss"] for x in (r / "metrics.jsonl").read_text().splitlines()] for r in (reference, run)
+    ]
     assert losses[0] == losses[1]
 
 
@@ -144,7 +153,9 @@ def reference_ort(tmp_path_factory, tiny_bundle, task) -> Path:
     if not ort.has_training_api():
         pytest.skip("no onnxruntime-training here")
     run = tmp_path_factory.mktemp("reference_ort") / "run"
-    out = run_cli("train", "--bundle", tiny_bundle, "--data", task["train"], "--run", run, *TRAIN, "--backend", "ort-training")
+    out = run_cli(
+        "train", "--bundle", tiny_bundle, "--data", task["train"], "--run", run, *TRAIN, "--backend", "ort-training"
+    )
     assert out.returncode == 0, out.stderr
     return run
 
@@ -257,8 +268,18 @@ def test_disk_full_while_writing_a_checkpoint(how, backend, request, tmp_path, t
 def test_disk_full_while_writing_model_onnx(tmp_path, tiny_bundle, task):
     run = tmp_path / "run"
     # 150 KB: every checkpoint (~90 KB) fits, model.onnx (~260 KB) does not.
-    out = run_cli("train", "--run", run, "--bundle", tiny_bundle, "--data", task["train"], "--epochs", 1,
-                  preexec_fn=file_size_limit(150 << 10))
+    out = run_cli(
+        "train",
+        "--run",
+        run,
+        "--bundle",
+        tiny_bundle,
+        "--data",
+        task["train"],
+        "--epochs",
+        1,
+        preexec_fn=file_size_limit(150 << 10),
+    )
     assert checkpoint_of(run).is_file()
     assert_clean_error(out, "model.onnx")
     assert not (run / "model.onnx.tmp").exists()  # the partial file would keep the disk full
@@ -350,8 +371,15 @@ def _predict_peak_kib(run: Path, folder: Path, n: int) -> int:
     names = [f"i/{i:05d}.png" for i in range(n)]
     report = folder / f"peak_{n}"
     with open(folder / f"out_{n}.txt", "w") as stdout:
-        done = subprocess.run([sys.executable, "-c", PEAK, str(report), "predict", "--run", str(run), *names],
-                              cwd=folder, env=ENV, stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-c", PEAK, str(report), "predict", "--run", str(run), *names],
+            cwd=folder,
+            env=ENV,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=300,
+        )
     assert done.returncode == 0, done.stderr[-2000:]
     lines = (folder / f"out_{n}.txt").read_text().splitlines()
     assert len(lines) == n and lines[-1].startswith(names[-1] + "\t")
@@ -366,8 +394,10 @@ def test_predict_10000_images_in_bounded_memory(tmp_path, predict_run, task):
     small = _predict_peak_kib(predict_run, tmp_path, 1_000)
     large = _predict_peak_kib(predict_run, tmp_path, 10_000)
     growth = (large - small) / 1024
-    print(f"\npredict peak RSS: 1,000 images {small / 1024:.1f} MiB, 10,000 images {large / 1024:.1f} MiB "
-          f"(+{growth:.1f} MiB)")
+    print(
+        f"\npredict peak RSS: 1,000 images {small / 1024:.1f} MiB, 10,000 images {large / 1024:.1f} MiB "
+        f"(+{growth:.1f} MiB)"
+    )
     (tmp_path.parent / "predict_peak_rss.json").write_text(json.dumps({"1000": small, "10000": large, "unit": "KiB"}))
     # Not streaming would hold 10,000 x 12 KiB of pixels (120 MiB); the paths themselves cost ~0.6 KiB each.
     assert growth < 20, (small, large)

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO, run_cli
 from safetensors.numpy import load_file
 
-from conftest import REPO, run_cli
 from vqt_edge.errors import UserError
-from vqt_edge.split import Split, assign, parse_split
 from vqt_edge.spec import AdapterSpec
+from vqt_edge.split import Split, assign, parse_split
 
 pytest.importorskip("flwr")
 
@@ -26,8 +26,21 @@ FLEET_TIMEOUT = 420  # seconds for one whole federated run of the tiny model (ab
 
 
 # -- splits -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("text", ["", "iid:3", "dirichlet", "dirichlet:0", "dirichlet:-1", "dirichlet:x",
-                                  "dirichlet:nan", "classes:0", "classes:1.5", "shards:2"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "iid:3",
+        "dirichlet",
+        "dirichlet:0",
+        "dirichlet:-1",
+        "dirichlet:x",
+        "dirichlet:nan",
+        "classes:0",
+        "classes:1.5",
+        "shards:2",
+    ],
+)
 def test_parse_split_refuses_bad_text(text):
     with pytest.raises(UserError, match="--split"):
         parse_split(text)
@@ -48,7 +61,9 @@ def test_every_image_goes_to_exactly_one_client_and_the_split_is_seeded(split):
 
 def test_small_dirichlet_alpha_is_skewed_and_iid_is_balanced():
     labels = np.repeat(np.arange(5), 200)
-    dominant = [np.bincount(labels[p], minlength=5).max() / len(p) for p in assign(labels, 10, Split("dirichlet", 0.3), 0)]
+    dominant = [
+        np.bincount(labels[p], minlength=5).max() / len(p) for p in assign(labels, 10, Split("dirichlet", 0.3), 0)
+    ]
     assert np.mean(dominant) > 0.6
     sizes = [len(p) for p in assign(labels, 10, Split("iid"), 0)]
     assert max(sizes) - min(sizes) <= 1
@@ -71,18 +86,25 @@ def method_bundles(tmp_path_factory, tiny_backbone) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("fleet_bundles")
     for method, k in {"linear": 0, "adaptformer": 2}.items():
-        export_bundle(tiny_backbone, root / method, AdapterSpec.create(tiny_backbone.arch, method, 3, last_k=k or None,
-                      query_tokens=2), model_name="tiny", log=lambda _: None)
+        export_bundle(
+            tiny_backbone,
+            root / method,
+            AdapterSpec.create(tiny_backbone.arch, method, 3, last_k=k or None, query_tokens=2),
+            model_name="tiny",
+            log=lambda _: None,
+        )
     return {m: root / m for m in ("linear", "adaptformer")}
 
 
 @pytest.mark.parametrize("method", ["vqt", "linear", "adaptformer"])
-def test_client_round_starts_from_the_servers_tensors_for_each_method(method, method_bundles, tiny_bundle, task, tmp_path):
+def test_client_round_starts_from_the_servers_tensors_for_each_method(
+    method, method_bundles, tiny_bundle, task, tmp_path
+):
     """Two rounds of the device side in this process: round 1 from tensors S (not the bundle's),
     round 2 resumes the client's run and continues from new tensors S2, with the carried optimizer."""
-    from vqt_edge.fleet.client_app import train_round
-    from vqt_edge.config import TrainConfig
     from vqt_edge import manifest as mf
+    from vqt_edge.config import TrainConfig
+    from vqt_edge.fleet.client_app import train_round
 
     bundle = tiny_bundle if method == "vqt" else method_bundles[method]
     shapes = mf.read_manifest(bundle).spec.trainable_shapes
@@ -122,9 +144,9 @@ def test_logit_adjusted_round_trains_with_the_prior_and_sends_without_it(tiny_bu
     back the bias without the shift: with lr ~ 0 exactly what the server sent."""
     from safetensors.numpy import load_file as load
 
-    from vqt_edge.fleet.client_app import HEAD_BIAS, LocalRule, prior_shift, train_round
-    from vqt_edge.config import TrainConfig
     from vqt_edge import manifest as mf
+    from vqt_edge.config import TrainConfig
+    from vqt_edge.fleet.client_app import HEAD_BIAS, LocalRule, prior_shift, train_round
     from vqt_edge.fleet.server_app import initial_tensors
 
     rng = np.random.default_rng(1)
@@ -132,11 +154,15 @@ def test_logit_adjusted_round_trains_with_the_prior_and_sends_without_it(tiny_bu
     start = {name: (value + rng.normal(0, 0.05, value.shape)).astype(np.float32) for name, value in initial.items()}
     shapes = {name: value.shape for name, value in start.items()}
     data = tmp_path / "skewed.txt"  # 40 blue, 10 green, no red
-    data.write_text("".join(f"{p},{c}\n" for c, k in (("blue", 40), ("green", 10))
-                            for p in sorted((task["train"] / c).iterdir())[:k]))
+    data.write_text(
+        "".join(
+            f"{p},{c}\n" for c, k in (("blue", 40), ("green", 10)) for p in sorted((task["train"] / c).iterdir())[:k]
+        )
+    )
     cfg = TrainConfig(epochs=1, batch_size=16, lr=1e-9, weight_decay=0.0, kv="ram", threads=1, backend="portable")
-    out, _ = train_round(tmp_path / "c", tiny_bundle, data, start, cfg, ["blue", "green", "red"], 1, 1,
-                         LocalRule(logit_adjust=1.0))
+    out, _ = train_round(
+        tmp_path / "c", tiny_bundle, data, start, cfg, ["blue", "green", "red"], 1, 1, LocalRule(logit_adjust=1.0)
+    )
     for name in shapes:
         np.testing.assert_allclose(out[name], start[name], atol=1e-5)
     trained_with = load(str(tmp_path / "c" / "run" / "checkpoint.safetensors"))[f"param/{HEAD_BIAS}"]
@@ -169,14 +195,26 @@ def test_rules_that_need_the_portable_backend_refuse_ort_training_and_auto_picks
         LocalRule(proximal_mu=0.1).check("ort-training")
     LocalRule(logit_adjust=1.0).check("ort-training")  # a bias shift: any backend
     assert LocalRule(proximal_mu=0.1).backend("auto") == "portable"
-    assert LocalRule().backend("auto") == "auto" and LocalRule(proximal_mu=0.1).backend("ort-training") == "ort-training"
+    assert (
+        LocalRule().backend("auto") == "auto" and LocalRule(proximal_mu=0.1).backend("ort-training") == "ort-training"
+    )
 
 
 def test_class_weighted_rows_average_each_class_over_the_clients_that_have_it():
     from vqt_edge.fleet.server_app import class_weighted_rows
 
-    sent = [{"head.weight": np.full((3, 2), 1.0, np.float32), "head.bias": np.ones(3, np.float32), "q": np.zeros(2, np.float32)},
-            {"head.weight": np.full((3, 2), 3.0, np.float32), "head.bias": np.full(3, 3.0, np.float32), "q": np.ones(2, np.float32)}]
+    sent = [
+        {
+            "head.weight": np.full((3, 2), 1.0, np.float32),
+            "head.bias": np.ones(3, np.float32),
+            "q": np.zeros(2, np.float32),
+        },
+        {
+            "head.weight": np.full((3, 2), 3.0, np.float32),
+            "head.bias": np.full(3, 3.0, np.float32),
+            "q": np.ones(2, np.float32),
+        },
+    ]
     fedavg = {k: (sent[0][k] + 3 * sent[1][k]) / 4 for k in sent[0]}  # 1 and 3 images
     out = class_weighted_rows(fedavg, sent, [[1, 0, 0], [0, 3, 0]])
     np.testing.assert_array_equal(out["head.bias"], [1.0, 3.0, 2.5])  # class 2: nobody has it, FedAvg's row
@@ -201,7 +239,10 @@ def test_calibration_pools_client_stats_exactly_and_refits_a_separating_head():
     y = np.repeat(np.arange(classes), [300, 40, 200])
     x = np.concatenate([draw(n, c) for c, n in enumerate([300, 40, 200])])
     first = (y == 0) | ((y == 1) & (np.arange(len(y)) % 2 == 0))  # client 0: all of class 0, half of 1
-    stats = [class_stats(x[first], y[first], classes, diagonal=False), class_stats(x[~first], y[~first], classes, diagonal=False)]
+    stats = [
+        class_stats(x[first], y[first], classes, diagonal=False),
+        class_stats(x[~first], y[~first], classes, diagonal=False),
+    ]
     assert stats[1]["calib.count"][0] == 0 and stats[0]["calib.count"][2] == 0
     count, mean, cov = pool(stats)
     for c in range(classes):
@@ -209,12 +250,19 @@ def test_calibration_pools_client_stats_exactly_and_refits_a_separating_head():
         np.testing.assert_allclose(cov[c], np.cov(x[y == c].T, bias=True), atol=1e-4)
     assert stats_bytes(stats[0]) == 4 * (classes + classes * f + classes * f * (f + 1) // 2)
     assert stats[0][COV].shape == (classes, f * (f + 1) // 2)  # the symmetric matrix's upper triangle
-    diagonal = pool([class_stats(x[first], y[first], classes, diagonal=True),
-                     class_stats(x[~first], y[~first], classes, diagonal=True)])[2]
+    diagonal = pool(
+        [
+            class_stats(x[first], y[first], classes, diagonal=True),
+            class_stats(x[~first], y[~first], classes, diagonal=True),
+        ]
+    )[2]
     np.testing.assert_allclose(diagonal, np.stack([x[y == c].var(0) for c in range(classes)]), atol=1e-4)
 
-    start = {"head.weight": np.zeros((classes, f), np.float32), "head.bias": np.array([5, 0, 0], np.float32),
-             "query": np.ones(4, np.float32)}
+    start = {
+        "head.weight": np.zeros((classes, f), np.float32),
+        "head.bias": np.array([5, 0, 0], np.float32),
+        "query": np.ones(4, np.float32),
+    }
     out = calibrate_head(start, stats, seed=0)
     fresh_y = np.repeat(np.arange(classes), 500)
     fresh = np.concatenate([draw(500, c) for c in range(classes)])
@@ -264,10 +312,37 @@ def _weighted_mean(tensors: list[dict[str, np.ndarray]], weights: list[int]) -> 
 
 def test_simulate_with_real_flower_processes_is_sample_weighted_fedavg(tiny_bundle, task, reaper):
     run = reaper / "run"
-    out = run_cli("fleet", "simulate", "--bundle", tiny_bundle, "--data", task["train"], "--test", task["test"],
-                  "--run", run, "--clients", 2, "--rounds", 2, "--split", "dirichlet:1", "--seed", 1, "--threads", 1,
-                  "--batch-size", 16, "--backend", "portable", "--logit-adjust", 1, "--timeout", FLEET_TIMEOUT - 60,
-                  timeout=FLEET_TIMEOUT)
+    out = run_cli(
+        "fleet",
+        "simulate",
+        "--bundle",
+        tiny_bundle,
+        "--data",
+        task["train"],
+        "--test",
+        task["test"],
+        "--run",
+        run,
+        "--clients",
+        2,
+        "--rounds",
+        2,
+        "--split",
+        "dirichlet:1",
+        "--seed",
+        1,
+        "--threads",
+        1,
+        "--batch-size",
+        16,
+        "--backend",
+        "portable",
+        "--logit-adjust",
+        1,
+        "--timeout",
+        FLEET_TIMEOUT - 60,
+        timeout=FLEET_TIMEOUT,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "round  test_acc" in out.stdout and out.stdout.count(" 2 clients, ") == 2, out.stdout
     clients = sorted((run / "fleet" / "clients").iterdir())
@@ -308,20 +383,70 @@ def test_server_and_two_clients_as_separate_commands(method_bundles, task, reape
     backends = ("portable", "ort-training")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     vqt = [sys.executable, "-m", "vqt_edge.cli"]
-    server = subprocess.Popen([*vqt, "fleet", "server", "--bundle", bundle, "--run", run, "--clients", "2", "--rounds", "2",
-                               "--classes", "blue,green,red", "--host", "127.0.0.1", "--port", str(port),
-                               "--test", task["test"], "--batch-size", "16", "--class-weighted-head",
-                               "--calibrate-head", "full"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+    server = subprocess.Popen(
+        [
+            *vqt,
+            "fleet",
+            "server",
+            "--bundle",
+            bundle,
+            "--run",
+            run,
+            "--clients",
+            "2",
+            "--rounds",
+            "2",
+            "--classes",
+            "blue,green,red",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--test",
+            task["test"],
+            "--batch-size",
+            "16",
+            "--class-weighted-head",
+            "--calibrate-head",
+            "full",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
     clients = []
     try:
         for k, cls in enumerate((["blue", "green"], ["green", "red"])):
             data = reaper / f"data_{k}.txt"  # each device its own images, some classes missing
             data.write_text("".join(f"{p},{c}\n" for c in cls for p in sorted((task["train"] / c).iterdir())[k::2]))
-            clients.append(subprocess.Popen(
-                [*vqt, "fleet", "client", "--superlink", f"127.0.0.1:{port}", "--bundle", bundle, "--data", data,
-                 "--state", reaper / f"state_{k}", "--threads", "1", "--backend", backends[k]],
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO))
+            clients.append(
+                subprocess.Popen(
+                    [
+                        *vqt,
+                        "fleet",
+                        "client",
+                        "--superlink",
+                        f"127.0.0.1:{port}",
+                        "--bundle",
+                        bundle,
+                        "--data",
+                        data,
+                        "--state",
+                        reaper / f"state_{k}",
+                        "--threads",
+                        "1",
+                        "--backend",
+                        backends[k],
+                    ],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    env=env,
+                    cwd=REPO,
+                )
+            )
         out, _ = server.communicate(timeout=FLEET_TIMEOUT)
         assert server.returncode == 0, out
         assert (run / "model.onnx").exists() and json.loads((run / "summary.json").read_text())["rounds"] == 2
@@ -337,18 +462,28 @@ def test_server_and_two_clients_as_separate_commands(method_bundles, task, reape
             if name.startswith("head."):
                 np.testing.assert_allclose(value[0], sent[0][name][0], rtol=1e-5, atol=1e-6)
                 np.testing.assert_allclose(value[2], sent[1][name][2], rtol=1e-5, atol=1e-6)
-                np.testing.assert_allclose(value[1], _weighted_mean([{"r": t[name][1]} for t in sent], greens)["r"],
-                                           rtol=1e-5, atol=1e-6)
+                np.testing.assert_allclose(
+                    value[1], _weighted_mean([{"r": t[name][1]} for t in sent], greens)["r"], rtol=1e-5, atol=1e-6
+                )
             else:
                 np.testing.assert_allclose(value, _weighted_mean(sent, sizes)[name], rtol=1e-5, atol=1e-6)
         # --calibrate-head: after round 2 each client sent its feature statistics under the round's
         # tensors; the head is refitted on them, everything else stays round 2's.
-        from vqt_edge.fleet.client_app import feature_stats
         from vqt_edge.calibrate import calibrate_head, stats_bytes
+        from vqt_edge.fleet.client_app import feature_stats
 
         final = load_file(str(run / "adapter.safetensors"))
-        stats = [feature_stats(reaper / f"state_{k}", bundle, reaper / f"data_{k}.txt", aggregated,
-                               ["blue", "green", "red"], diagonal=False) for k in (0, 1)]
+        stats = [
+            feature_stats(
+                reaper / f"state_{k}",
+                bundle,
+                reaper / f"data_{k}.txt",
+                aggregated,
+                ["blue", "green", "red"],
+                diagonal=False,
+            )
+            for k in (0, 1)
+        ]
         expected = calibrate_head(aggregated, stats, seed=0)
         for name, value in final.items():
             np.testing.assert_allclose(value, expected[name], rtol=1e-4, atol=1e-5)
@@ -384,10 +519,15 @@ def test_server_and_two_clients_as_separate_commands(method_bundles, task, reape
 
 def test_simulate_refuses_bad_input_with_exit_2(tiny_bundle, task, tmp_path):
     base = ["fleet", "simulate", "--bundle", tiny_bundle, "--data", task["train"], "--run", tmp_path / "r"]
-    for extra, words in ((["--split", "dirichlet:-1"], "--split"), (["--clients", "0"], "--clients"),
-                         (["--rounds", "0"], "--rounds"), (["--clients", "500"], "--clients 500"),
-                         (["--test", tmp_path / "nope"], "does not exist"), (["--logit-adjust", "-1"], "--logit-adjust"),
-                         (["--proximal-mu", "0.1", "--backend", "ort-training"], "portable")):
+    for extra, words in (
+        (["--split", "dirichlet:-1"], "--split"),
+        (["--clients", "0"], "--clients"),
+        (["--rounds", "0"], "--rounds"),
+        (["--clients", "500"], "--clients 500"),
+        (["--test", tmp_path / "nope"], "does not exist"),
+        (["--logit-adjust", "-1"], "--logit-adjust"),
+        (["--proximal-mu", "0.1", "--backend", "ort-training"], "portable"),
+    ):
         out = run_cli(*base, *extra)
         assert out.returncode == 2 and out.stderr.startswith("error:") and words in out.stderr, out.stderr
         assert "Traceback" not in out.stderr and not _ours(tmp_path)

@@ -41,16 +41,23 @@ from vqt_edge.errors import UserError
 from vqt_edge.spec import AdapterSpec
 
 
-
 def fuzz(max_examples: int) -> settings:
-    return settings(max_examples=max_examples, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    return settings(
+        max_examples=max_examples,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+
 
 # -- the manifest ----------------------------------------------------------------------------------
 
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.integers(-(10**30), 10**30)
-    | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(-(10**30), 10**30)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=12),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=10,
 )
@@ -60,8 +67,14 @@ HEX = "ab" * 32
 def valid_manifest() -> dict:
     """A manifest as the exporter writes it (the file hashes are placeholders)."""
     arch = ViTArch(depth=3, dim=32, heads=4, mlp_dim=64, patch=8, image_size=32)
-    m = mf.Manifest(model="tiny", spec=AdapterSpec.create(arch, "vqt", 3, query_tokens=2),
-                    mean=[0.5] * 3, std=[0.5] * 3, class_names=["a", "b", "c"], files=dict.fromkeys(mf.REQUIRED_FILES, HEX))
+    m = mf.Manifest(
+        model="tiny",
+        spec=AdapterSpec.create(arch, "vqt", 3, query_tokens=2),
+        mean=[0.5] * 3,
+        std=[0.5] * 3,
+        class_names=["a", "b", "c"],
+        files=dict.fromkeys(mf.REQUIRED_FILES, HEX),
+    )
     d = json.loads(m.to_json())
     assert d["trainable_shapes"] == {"query_tokens": [3, 2, 32], "head.weight": [3, 7 * 32], "head.bias": [3]}
     return d
@@ -73,7 +86,9 @@ def check_parsed(m: mf.Manifest) -> None:
     assert m.spec.query_layers and all(type(i) is int and 0 <= i < m.spec.arch.depth for i in m.spec.query_layers)
     assert all(np.isfinite(m.mean)) and all(s > 0 and np.isfinite(s) for s in m.std)
     assert 0 <= m.spec.dropout < 1
-    assert m.class_names is None or (len(m.class_names) == m.spec.num_classes and all(isinstance(c, str) for c in m.class_names))
+    assert m.class_names is None or (
+        len(m.class_names) == m.spec.num_classes and all(isinstance(c, str) for c in m.class_names)
+    )
     assert all(not mf.bad_file_name(n) for n in m.files)
 
 
@@ -90,8 +105,10 @@ def test_valid_manifest_parses():
 
 
 @fuzz(100)
-@given(d=st.dictionaries(st.sampled_from(sorted(valid_manifest())) | st.text(max_size=6), JSON, max_size=8),
-       fmt=st.booleans())
+@given(
+    d=st.dictionaries(st.sampled_from(sorted(valid_manifest())) | st.text(max_size=6), JSON, max_size=8),
+    fmt=st.booleans(),
+)
 def test_manifest_from_arbitrary_dict(d, fmt):
     if fmt:
         d["format"] = mf.FORMAT
@@ -100,10 +117,16 @@ def test_manifest_from_arbitrary_dict(d, fmt):
 
 # One field replaced by any JSON value, or deleted: the realistic damage (a hand edit, a bad merge).
 FIELD_EDITS = st.lists(
-    st.tuples(st.sampled_from(sorted(valid_manifest()) + ["arch." + k for k in valid_manifest()["arch"]]
-                              + ["files.name", "files.digest", "class_names.0", "query_layers.0"]),
-              st.none() | JSON),
-    min_size=1, max_size=3,
+    st.tuples(
+        st.sampled_from(
+            sorted(valid_manifest())
+            + ["arch." + k for k in valid_manifest()["arch"]]
+            + ["files.name", "files.digest", "class_names.0", "query_layers.0"]
+        ),
+        st.none() | JSON,
+    ),
+    min_size=1,
+    max_size=3,
 )
 
 
@@ -169,8 +192,10 @@ def test_read_manifest_arbitrary_bytes(tmp_path_factory, content):
 
 
 @fuzz(100)
-@given(flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=4),
-       cut=st.none() | st.integers(0, 10**6))
+@given(
+    flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=4),
+    cut=st.none() | st.integers(0, 10**6),
+)
 def test_read_manifest_mutated_bytes(tmp_path_factory, flips, cut):
     folder = tmp_path_factory.getbasetemp() / "fuzz_manifest_mutated"
     folder.mkdir(exist_ok=True)
@@ -223,15 +248,25 @@ def test_list_file_that_is_not_a_regular_file(tmp_path):
 # -- images ----------------------------------------------------------------------------------------
 
 ORIENT = {  # EXIF orientation -> what the displayed image is, as numpy on the stored pixels [H, W]
-    1: lambda a: a, 2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
-    5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, -1), 7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
     8: lambda a: np.rot90(a, 1),
 }
 
 
 @fuzz(50)
-@given(orientation=st.sampled_from([*ORIENT, 0, 9, 255, 65535]), deep=st.booleans(),
-       width=st.integers(1, 40), height=st.integers(1, 40), seed=st.integers(0, 2**32 - 1))
+@given(
+    orientation=st.sampled_from([*ORIENT, 0, 9, 255, 65535]),
+    deep=st.booleans(),
+    width=st.integers(1, 40),
+    height=st.integers(1, 40),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_exif_orientation_on_8_and_16_bit_images(tmp_path_factory, orientation, deep, width, height, seed):
     """Every orientation is applied exactly (lossless PNG), on 8-bit RGB and 16-bit grayscale;
     unknown values leave the image as stored."""
@@ -259,12 +294,21 @@ def _chunk(kind: bytes, payload: bytes) -> bytes:
 def _header(fmt: str, w: int, h: int) -> bytes:
     """A few bytes that claim a w x h image (no pixel data worth the name)."""
     if fmt == "png":
-        return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) + _chunk(b"IEND", b"")
+        return (
+            b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) + _chunk(b"IEND", b"")
+        )
     if fmt == "png16":
-        return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 0, 0, 0, 0)) + _chunk(b"IEND", b"")
+        return (
+            b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 0, 0, 0, 0)) + _chunk(b"IEND", b"")
+        )
     if fmt == "gif":
-        return (b"GIF89a" + struct.pack("<HHBBB", w, h, 0, 0, 0)
-                + b"," + struct.pack("<HHHHB", 0, 0, w, h, 0) + b"\x02\x02\x4c\x01\x00;")
+        return (
+            b"GIF89a"
+            + struct.pack("<HHBBB", w, h, 0, 0, 0)
+            + b","
+            + struct.pack("<HHHHB", 0, 0, w, h, 0)
+            + b"\x02\x02\x4c\x01\x00;"
+        )
     if fmt == "bmp":
         info = struct.pack("<IiiHHIIiiII", 40, w, h, 1, 24, 0, 0, 2835, 2835, 0, 0)
         return b"BM" + struct.pack("<IHHI", 14 + len(info) + 64, 0, 0, 14 + len(info)) + info + b"\0" * 64
@@ -274,11 +318,27 @@ def _header(fmt: str, w: int, h: int) -> bytes:
         sof = struct.pack(">BHHB", 8, h, w, 3) + b"\x01\x11\x00\x02\x11\x00\x03\x11\x00"
         return b"\xff\xd8" + b"\xff\xc0" + struct.pack(">H", len(sof) + 2) + sof + b"\xff\xd9"
     if fmt == "tiff":
-        entries = [(256, 4, 1, w), (257, 4, 1, h), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1),
-                   (273, 4, 1, 8), (277, 3, 1, 1), (278, 4, 1, h), (279, 4, 1, w * h if w * h < 2**32 else 2**32 - 1)]
-        ifd = struct.pack("<H", len(entries)) + b"".join(
-            struct.pack("<HHII", tag, kind, 1, value) if kind == 4 else struct.pack("<HHIHH", tag, kind, 1, value, 0)
-            for tag, kind, _, value in entries) + b"\0\0\0\0"
+        entries = [
+            (256, 4, 1, w),
+            (257, 4, 1, h),
+            (258, 3, 1, 8),
+            (259, 3, 1, 1),
+            (262, 3, 1, 1),
+            (273, 4, 1, 8),
+            (277, 3, 1, 1),
+            (278, 4, 1, h),
+            (279, 4, 1, w * h if w * h < 2**32 else 2**32 - 1),
+        ]
+        ifd = (
+            struct.pack("<H", len(entries))
+            + b"".join(
+                struct.pack("<HHII", tag, kind, 1, value)
+                if kind == 4
+                else struct.pack("<HHIHH", tag, kind, 1, value, 0)
+                for tag, kind, _, value in entries
+            )
+            + b"\0\0\0\0"
+        )
         return b"II*\x00" + struct.pack("<I", 8) + ifd
     raise ValueError(fmt)
 
@@ -345,9 +405,15 @@ def _real_images() -> dict[str, bytes]:
     rng = np.random.default_rng(0)
     rgb = Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8))
     out = {}
-    for fmt, img, kw in [("PNG", rgb, {}), ("JPEG", rgb, {"quality": 90}), ("GIF", rgb.convert("P"), {}),
-                         ("BMP", rgb, {}), ("TIFF", rgb, {}), ("WEBP", rgb, {}),
-                         ("PNG", Image.fromarray(rng.integers(0, 65536, (20, 24), dtype=np.uint16)), {})]:
+    for fmt, img, kw in [
+        ("PNG", rgb, {}),
+        ("JPEG", rgb, {"quality": 90}),
+        ("GIF", rgb.convert("P"), {}),
+        ("BMP", rgb, {}),
+        ("TIFF", rgb, {}),
+        ("WEBP", rgb, {}),
+        ("PNG", Image.fromarray(rng.integers(0, 65536, (20, 24), dtype=np.uint16)), {}),
+    ]:
         buffer = io.BytesIO()
         img.save(buffer, fmt, **kw)
         out[f"{fmt}-{img.mode}"] = buffer.getvalue()
@@ -355,8 +421,13 @@ def _real_images() -> dict[str, bytes]:
 
 
 REAL_IMAGES = _real_images()
-MUTATIONS = st.lists(st.tuples(st.sampled_from(["flip", "set", "insert", "delete", "truncate"]),
-                               st.integers(0, 2**20), st.integers(0, 255)), min_size=1, max_size=4)
+MUTATIONS = st.lists(
+    st.tuples(
+        st.sampled_from(["flip", "set", "insert", "delete", "truncate"]), st.integers(0, 2**20), st.integers(0, 255)
+    ),
+    min_size=1,
+    max_size=4,
+)
 
 
 def mutate(content: bytes, ops) -> bytes:
@@ -424,8 +495,12 @@ def checkpoints(tmp_path_factory) -> dict[str, bytes]:
 
 
 @fuzz(200)
-@given(name=st.sampled_from(["zip.pth", "legacy.pth", "timm.safetensors", "google.npz", "hf/model.safetensors",
-                             "hf/config.json"]), ops=MUTATIONS)
+@given(
+    name=st.sampled_from(
+        ["zip.pth", "legacy.pth", "timm.safetensors", "google.npz", "hf/model.safetensors", "hf/config.json"]
+    ),
+    ops=MUTATIONS,
+)
 def test_mutated_checkpoints_raise_only_user_error(tmp_path_factory, checkpoints, name, ops):
     base = tmp_path_factory.getbasetemp() / "mutated_checkpoint"
     shutil.rmtree(base, ignore_errors=True)
@@ -475,6 +550,8 @@ def test_zero_dimensional_kernel_and_overflowing_hf_config(tmp_path, checkpoints
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "model.safetensors").write_bytes(checkpoints["hf/model.safetensors"])
     config = json.loads(checkpoints["hf/config.json"])
-    (tmp_path / "hf" / "config.json").write_text(json.dumps(config).replace(f'"hidden_size": {SMALL.dim}', '"hidden_size": 1e999'))
+    (tmp_path / "hf" / "config.json").write_text(
+        json.dumps(config).replace(f'"hidden_size": {SMALL.dim}', '"hidden_size": 1e999')
+    )
     with pytest.raises(UserError, match="out of range"):
         load_weights(VisionTransformer(SMALL), tmp_path / "hf")

@@ -41,11 +41,16 @@ def _reference_taps(backbone, pixels: torch.Tensor) -> list[torch.Tensor]:
     seen: dict[str, torch.Tensor] = {}
     hooks = [backbone.blocks[0].register_forward_pre_hook(lambda _m, inp: seen.__setitem__("embeddings", inp[0]))]
     for i, block in enumerate(backbone.blocks):
+
         def keep(name, i=i):
             return lambda _m, _inp, out: seen.__setitem__(f"{i}.{name}", out[0] if isinstance(out, tuple) else out)
-        hooks += [block.norm1.register_forward_hook(keep("pre_attn")), block.attn.register_forward_hook(keep("attn")),
-                  block.mlp.fc2.register_forward_pre_hook(lambda _m, inp, i=i: seen.__setitem__(f"{i}.mlp_1", inp[0])),
-                  block.mlp.register_forward_hook(keep("mlp_2"))]
+
+        hooks += [
+            block.norm1.register_forward_hook(keep("pre_attn")),
+            block.attn.register_forward_hook(keep("attn")),
+            block.mlp.fc2.register_forward_pre_hook(lambda _m, inp, i=i: seen.__setitem__(f"{i}.mlp_1", inp[0])),
+            block.mlp.register_forward_hook(keep("mlp_2")),
+        ]
     try:
         cls, _, _ = backbone(pixels)
     finally:
@@ -76,8 +81,13 @@ def _pixels(n: int, seed: int) -> torch.Tensor:
 def bundles(tmp_path_factory, tiny_backbone):
     root = tmp_path_factory.mktemp("head2toe")
     for target in TARGETS[:2]:
-        export_bundle(tiny_backbone, root / str(target), AdapterSpec.create(TINY, "head2toe", 3, h2t_target=target),
-                      model_name="tiny", log=lambda _: None)
+        export_bundle(
+            tiny_backbone,
+            root / str(target),
+            AdapterSpec.create(TINY, "head2toe", 3, h2t_target=target),
+            model_name="tiny",
+            log=lambda _: None,
+        )
     return {t: root / str(t) for t in TARGETS[:2]}
 
 
@@ -107,8 +117,16 @@ def test_torch_taps_equal_an_independent_reference(target, tiny_backbone):
 def test_frozen_onnx_features_equal_the_reference_and_the_head_reads_them(target, bundles, tiny_backbone):
     bundle = bundles[target]
     m = mf.read_manifest(bundle)
-    assert (m.spec.method, m.spec.frozen_outputs, m.spec.head_input, m.spec.h2t_target) == ("head2toe", ["features"], "features", target)
-    assert m.spec.head_width == h2t.feature_width(TINY, target) and set(m.spec.trainable_shapes) == {"head.weight", "head.bias"}
+    assert (m.spec.method, m.spec.frozen_outputs, m.spec.head_input, m.spec.h2t_target) == (
+        "head2toe",
+        ["features"],
+        "features",
+        target,
+    )
+    assert m.spec.head_width == h2t.feature_width(TINY, target) and set(m.spec.trainable_shapes) == {
+        "head.weight",
+        "head.bias",
+    }
     assert m.spec.trainable_shapes["head.weight"] == (3, m.spec.head_width)
     pixels = _pixels(4, seed=2)
     frozen = onnxruntime.InferenceSession(str(bundle / mf.FROZEN), providers=["CPUExecutionProvider"])
@@ -149,8 +167,21 @@ def test_one_training_step_is_a_linear_probe_on_the_features(bundles, tiny_backb
 
 def test_cli_trains_head2toe_into_a_model_equal_to_the_reference(bundles, tiny_backbone, task, tmp_path):
     bundle, run = bundles[64], tmp_path / "run"
-    out = run_cli("train", "--bundle", bundle, "--data", task["train"], "--run", run, "--epochs", 3, "--lr", "3e-2",
-                  "--test", task["test"])
+    out = run_cli(
+        "train",
+        "--bundle",
+        bundle,
+        "--data",
+        task["train"],
+        "--run",
+        run,
+        "--epochs",
+        3,
+        "--lr",
+        "3e-2",
+        "--test",
+        task["test"],
+    )
     assert out.returncode == 0, out.stderr
     m = mf.read_manifest(bundle)
     adapter = load_adapter(run / "adapter.safetensors", m)
@@ -159,7 +190,8 @@ def test_cli_trains_head2toe_into_a_model_equal_to_the_reference(bundles, tiny_b
     images = sorted(task["test"].rglob("*.png"))[::7]
     pixels, _ = next(iter_batches([(p, 0) for p in images], len(images), TINY.image_size, m.mean, m.std))
     got = onnxruntime.InferenceSession(str(run / "model.onnx"), providers=["CPUExecutionProvider"]).run(
-        ["logits"], {"pixel_values": pixels})[0]
+        ["logits"], {"pixel_values": pixels}
+    )[0]
     with torch.no_grad():
         feats = _reference_features(tiny_backbone, torch.from_numpy(pixels), 64)
     want = feats.numpy() @ adapter["head.weight"].T + adapter["head.bias"]
@@ -167,8 +199,23 @@ def test_cli_trains_head2toe_into_a_model_equal_to_the_reference(bundles, tiny_b
 
 
 def test_cli_export_head2toe_options(tmp_path):
-    tiny = ["--random-init", "--depth", 3, "--dim", 32, "--heads", 4, "--mlp-dim", 64, "--patch", 8, "--image-size", 32,
-            "--num-classes", 3]
+    tiny = [
+        "--random-init",
+        "--depth",
+        3,
+        "--dim",
+        32,
+        "--heads",
+        4,
+        "--mlp-dim",
+        64,
+        "--patch",
+        8,
+        "--image-size",
+        32,
+        "--num-classes",
+        3,
+    ]
 
     def invoke(*args):
         return CliRunner().invoke(cli, [str(a) for a in args])
@@ -177,8 +224,11 @@ def test_cli_export_head2toe_options(tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "b" / mf.MANIFEST).read_text())
     assert data["h2t_target"] == h2t.DEFAULT_TARGET and data["frozen_outputs"] == ["features"]
-    for args in (["--method", "vqt", "--h2t-target", 64], ["--method", "head2toe", "--h2t-target", 0],
-                 ["--method", "head2toe", "--query-layers", "0"]):
+    for args in (
+        ["--method", "vqt", "--h2t-target", 64],
+        ["--method", "head2toe", "--h2t-target", 0],
+        ["--method", "head2toe", "--query-layers", "0"],
+    ):
         result = invoke("export", *tiny, "--out", tmp_path / "c", *args)
         assert result.exit_code == 2 and result.output.startswith("error:"), result.output
         assert not (tmp_path / "c").exists()
@@ -188,13 +238,28 @@ def test_cli_export_head2toe_options(tmp_path):
             mf.Manifest.from_dict(bad)
 
 
-def test_keep_fraction_selects_head2toe_features_and_model_onnx_reads_only_those(bundles, tiny_backbone, task, tmp_path):
+def test_keep_fraction_selects_head2toe_features_and_model_onnx_reads_only_those(
+    bundles, tiny_backbone, task, tmp_path
+):
     """Head2Toe with group-lasso selection (its paper's setting): the head reads a frozen output as
     it is, so the selection takes those features straight from the cache; model.onnx gathers the
     kept columns and equals the reference features times the kept head."""
     bundle, run = bundles[64], tmp_path / "run"
-    out = run_cli("train", "--bundle", bundle, "--data", task["train"], "--run", run, "--epochs", 3, "--lr", "3e-2",
-                  "--keep-fraction", "0.3")
+    out = run_cli(
+        "train",
+        "--bundle",
+        bundle,
+        "--data",
+        task["train"],
+        "--run",
+        run,
+        "--epochs",
+        3,
+        "--lr",
+        "3e-2",
+        "--keep-fraction",
+        "0.3",
+    )
     assert out.returncode == 0, out.stderr
     m = mf.read_manifest(bundle)
     adapter = load_adapter(run / "adapter.safetensors", m)
@@ -203,7 +268,8 @@ def test_keep_fraction_selects_head2toe_features_and_model_onnx_reads_only_those
     images = sorted(task["test"].rglob("*.png"))[::7]
     pixels, _ = next(iter_batches([(p, 0) for p in images], len(images), TINY.image_size, m.mean, m.std))
     got = onnxruntime.InferenceSession(str(run / "model.onnx"), providers=["CPUExecutionProvider"]).run(
-        ["logits"], {"pixel_values": pixels})[0]
+        ["logits"], {"pixel_values": pixels}
+    )[0]
     with torch.no_grad():
         feats = _reference_features(tiny_backbone, torch.from_numpy(pixels), 64).numpy()
     want = feats[:, index] @ adapter["head.weight"].T + adapter["head.bias"]

@@ -30,7 +30,7 @@ from tests.conftest import CLASSES, make_task, run_cli
 ort_hf = pytest.importorskip("optimum.onnxruntime", reason="optimum-onnx is installed in .venv-hf only (make test)")
 transformers = pytest.importorskip("transformers")
 
-from vqt_edge.preprocess import load_rgb, preprocess
+from vqt_edge.preprocess import load_rgb, preprocess  # noqa: E402 (after the skips: .venv has no optimum)
 
 LOGIT_TOL = 1e-4
 
@@ -58,7 +58,7 @@ def _images(root: Path) -> list[Path]:
     Image.fromarray(opaque, "RGBA").save(root / "rgba_opaque.png")
     alpha = np.dstack([field(36, 36, blue), rng.integers(120, 256, (36, 36)).astype(np.uint8)])
     Image.fromarray(alpha, "RGBA").save(root / "rgba_alpha.png")
-    deep = (field(24, 24, red)[..., 0].astype(np.uint16) * 64)  # 16-bit gray, top at 16320 of 65535
+    deep = field(24, 24, red)[..., 0].astype(np.uint16) * 64  # 16-bit gray, top at 16320 of 65535
     Image.fromarray(deep).save(root / "gray16.png")
     return sorted(root.iterdir())
 
@@ -74,7 +74,9 @@ def packaged(tmp_path_factory) -> dict:
         pytest.skip("VQT_EDGE_HF_BUNDLE: the tiny bundle .venv exported (make test)")
     root = tmp_path_factory.mktemp("hf")
     task = make_task(root / "train", 20, seed=1)
-    out = run_cli("train", "--bundle", bundle, "--data", task, "--run", root / "run", "--epochs", 3, "--backend", "portable")
+    out = run_cli(
+        "train", "--bundle", bundle, "--data", task, "--run", root / "run", "--epochs", 3, "--backend", "portable"
+    )
     assert out.returncode == 0, out.stderr
     for fmt in ("hf", "onnx"):
         out = run_cli("package", "--run", root / "run", "--format", fmt, "--out", root / fmt)
@@ -150,8 +152,10 @@ def test_pipeline_matches_vqt_edge_predict(packaged, hf):
     print("\nimage, max |pixel diff| (0-255 steps), max |logit diff|, same top-1 (a path into the pipeline)")
     for row in report:
         print(f"{row[0]:<16} {row[1]:<10.3g} {row[2]:<10.3g} {row[3]}")
-    print(f"worst logit difference on vqt-edge-decoded images: {worst_logit:.3g}; "
-          f"worst pixel difference where decoding agrees: {worst_pixel:.3g}")
+    print(
+        f"worst logit difference on vqt-edge-decoded images: {worst_logit:.3g}; "
+        f"worst pixel difference where decoding agrees: {worst_pixel:.3g}"
+    )
 
 
 def test_ort_model_direct_call(packaged, hf):

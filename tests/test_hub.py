@@ -20,8 +20,20 @@ pytest.importorskip("huggingface_hub")  # the `export` extra
 from exporters.loaders import save_hf_folder  # noqa: E402
 from tests.conftest import REPO, TINY, cli_command, cli_env  # noqa: E402
 
-SIZES = ["--depth", TINY.depth, "--dim", TINY.dim, "--heads", TINY.heads, "--mlp-dim", TINY.mlp_dim,
-         "--patch", TINY.patch, "--image-size", TINY.image_size]
+SIZES = [
+    "--depth",
+    TINY.depth,
+    "--dim",
+    TINY.dim,
+    "--heads",
+    TINY.heads,
+    "--mlp-dim",
+    TINY.mlp_dim,
+    "--patch",
+    TINY.patch,
+    "--image-size",
+    TINY.image_size,
+]
 
 
 def hub_cache(cache: Path, repo: str, files: dict[str, bytes], commit: str) -> None:
@@ -45,8 +57,14 @@ def offline_env(cache: Path) -> dict[str, str]:
 
 def export(out: Path, weights, cache: Path, *extra) -> subprocess.CompletedProcess:
     args = ["export", "--weights", weights, "--num-classes", 3, "--query-tokens", 2, "--out", out, *extra]
-    return subprocess.run(cli_command(*args, torch_free=False), capture_output=True, text=True, timeout=600,
-                          env=offline_env(cache), cwd=REPO)
+    return subprocess.run(
+        cli_command(*args, torch_free=False),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=offline_env(cache),
+        cwd=REPO,
+    )
 
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -56,7 +74,9 @@ def test_hf_hub_export_equals_the_same_checkpoint_given_by_path(tmp_path, tiny_b
     folder = tmp_path / "vit"
     save_hf_folder(tiny_backbone, folder)  # a transformers ViT folder: config.json + model.safetensors
     cache = tmp_path / "hub"
-    hub_cache(cache, "someorg/tiny-vit", {n: (folder / n).read_bytes() for n in ("config.json", "model.safetensors")}, COMMIT)
+    hub_cache(
+        cache, "someorg/tiny-vit", {n: (folder / n).read_bytes() for n in ("config.json", "model.safetensors")}, COMMIT
+    )
 
     by_path = export(tmp_path / "a", folder, cache)
     assert by_path.returncode == 0, by_path.stderr
@@ -86,9 +106,18 @@ def test_timm_names_resolve_to_the_timm_repository(tmp_path):
     its pretrained_cfg mean/std, and an architecture that is a preset gives the preset."""
     cache = tmp_path / "hub"
     weights = b"not read by resolve"
-    for name, arch in (("vit_base_patch16_224.augreg_in21k", "vit_base_patch16_224"), ("vit_odd_patch8_32.x", "vit_odd")):
-        config = {"architecture": arch, "num_classes": 0, "pretrained_cfg": {"mean": [0.4, 0.4, 0.4], "std": [0.2, 0.2, 0.2]}}
-        hub_cache(cache, f"timm/{name}", {"config.json": json.dumps(config).encode(), "model.safetensors": weights}, COMMIT)
+    for name, arch in (
+        ("vit_base_patch16_224.augreg_in21k", "vit_base_patch16_224"),
+        ("vit_odd_patch8_32.x", "vit_odd"),
+    ):
+        config = {
+            "architecture": arch,
+            "num_classes": 0,
+            "pretrained_cfg": {"mean": [0.4, 0.4, 0.4], "std": [0.2, 0.2, 0.2]},
+        }
+        hub_cache(
+            cache, f"timm/{name}", {"config.json": json.dumps(config).encode(), "model.safetensors": weights}, COMMIT
+        )
     code = (
         "import json, sys\n"
         "from exporters import hub\n"
@@ -103,8 +132,14 @@ def test_timm_names_resolve_to_the_timm_repository(tmp_path):
         "print(json.dumps(out))\n"
     )
     names = ["vit_base_patch16_224.augreg_in21k", "hf-hub:timm/vit_odd_patch8_32.x", "vit_nothere_patch16_224.y"]
-    out = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True, env=offline_env(cache),
-                         cwd=REPO, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code, *names],
+        capture_output=True,
+        text=True,
+        env=offline_env(cache),
+        cwd=REPO,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)
     path, source, model, mean, std = got[names[0]]

@@ -33,8 +33,13 @@ def other_bundle(tmp_path_factory, tiny_backbone) -> Path:
     from exporters.export import export_bundle
 
     out = tmp_path_factory.mktemp("bundle4")
-    export_bundle(tiny_backbone, out, AdapterSpec.create(tiny_backbone.arch, "vqt", 4, query_tokens=2), model_name="tiny",
-                  log=lambda _: None)
+    export_bundle(
+        tiny_backbone,
+        out,
+        AdapterSpec.create(tiny_backbone.arch, "vqt", 4, query_tokens=2),
+        model_name="tiny",
+        log=lambda _: None,
+    )
     return out
 
 
@@ -166,12 +171,36 @@ def _no_trainable_shapes(b: Path, other: Path) -> str:
     return "trainable_shapes"
 
 
-DAMAGE = [_truncate, _swap_training_model, _edit_checkpoint, _edit_head, _delete_eval_model, _unlist_and_swap_frozen,
-          _escape_dotdot, _escape_absolute, _escape_symlink, _unknown_format, _garbage_manifest,
-          _deeply_nested_manifest, _class_names_not_a_list, _nan_std, _nul_in_file_name, _no_trainable_shapes]
+DAMAGE = [
+    _truncate,
+    _swap_training_model,
+    _edit_checkpoint,
+    _edit_head,
+    _delete_eval_model,
+    _unlist_and_swap_frozen,
+    _escape_dotdot,
+    _escape_absolute,
+    _escape_symlink,
+    _unknown_format,
+    _garbage_manifest,
+    _deeply_nested_manifest,
+    _class_names_not_a_list,
+    _nan_std,
+    _nul_in_file_name,
+    _no_trainable_shapes,
+]
 # Through the real CLI: one of each kind (the others differ only inside read_manifest, tested below).
-CLI_DAMAGE = [_truncate, _swap_training_model, _edit_checkpoint, _delete_eval_model, _unlist_and_swap_frozen,
-              _escape_dotdot, _escape_symlink, _unknown_format, _garbage_manifest]
+CLI_DAMAGE = [
+    _truncate,
+    _swap_training_model,
+    _edit_checkpoint,
+    _delete_eval_model,
+    _unlist_and_swap_frozen,
+    _escape_dotdot,
+    _escape_symlink,
+    _unknown_format,
+    _garbage_manifest,
+]
 
 
 @pytest.mark.parametrize("damage", DAMAGE, ids=[d.__name__.lstrip("_") for d in DAMAGE])
@@ -239,8 +268,11 @@ def _foreign_model(run: Path, other_bundle: Path) -> str:
 
     m = mf.read_manifest(other_bundle)
     d, c = m.spec.arch.dim, m.spec.num_classes
-    adapter = {"query_tokens": np.zeros((len(m.spec.query_layers), m.spec.query_tokens, d), np.float32),
-               "head.weight": np.zeros((c, m.spec.head_width), np.float32), "head.bias": np.zeros(c, np.float32)}
+    adapter = {
+        "query_tokens": np.zeros((len(m.spec.query_layers), m.spec.query_tokens, d), np.float32),
+        "head.weight": np.zeros((c, m.spec.head_width), np.float32),
+        "head.bias": np.zeros(c, np.float32),
+    }
     build_model(other_bundle, m, adapter, run / "model.onnx")
     return "model.onnx: sha256 does not match"  # the hash summary.json recorded catches it first
 
@@ -305,8 +337,15 @@ def _bundle_manifest_garbage(run: Path, other_bundle: Path) -> str:
 
 #: Damage to the hashes summary.json records: integrity cannot be switched off by editing it.
 SUMMARY_DAMAGE = [_summary_without_hashes, _summary_without_model_hash, _summary_hash_edited, _summary_deleted]
-RUN_DAMAGE = [_foreign_model, _foreign_model_with_its_hash, _truncate_model, _classes_edited, _run_json_without_classes,
-              _bundle_manifest_garbage, *SUMMARY_DAMAGE]
+RUN_DAMAGE = [
+    _foreign_model,
+    _foreign_model_with_its_hash,
+    _truncate_model,
+    _classes_edited,
+    _run_json_without_classes,
+    _bundle_manifest_garbage,
+    *SUMMARY_DAMAGE,
+]
 EVAL_DAMAGE = [_foreign_model, _foreign_model_with_its_hash, _truncate_model, *SUMMARY_DAMAGE]
 
 
@@ -372,8 +411,20 @@ def test_flipped_weight_in_model_onnx_is_refused_by_predict(tmp_path, finished_r
 
 # -- untrusted checkpoints through `vqt-edge export` ----------------------------------------------
 
-SIZES = ["--depth", TINY.depth, "--dim", TINY.dim, "--heads", TINY.heads, "--mlp-dim", TINY.mlp_dim,
-         "--patch", TINY.patch, "--image-size", TINY.image_size]
+SIZES = [
+    "--depth",
+    TINY.depth,
+    "--dim",
+    TINY.dim,
+    "--heads",
+    TINY.heads,
+    "--mlp-dim",
+    TINY.mlp_dim,
+    "--patch",
+    TINY.patch,
+    "--image-size",
+    TINY.image_size,
+]
 
 
 class _Payload:
@@ -424,8 +475,18 @@ def test_evil_pickle_never_runs_through_the_real_cli(tmp_path, tiny_backbone):
     assert (tmp_path / "control").exists()
     weights = tmp_path / "EVIL.pth"
     needles = _evil_pth(weights, tiny_backbone, marker)
-    out = run_cli("export", "--weights", weights, "--num-classes", 3, "--out", tmp_path / "bundle", *SIZES,
-                  torch_free=False, timeout=180)
+    out = run_cli(
+        "export",
+        "--weights",
+        weights,
+        "--num-classes",
+        3,
+        "--out",
+        tmp_path / "bundle",
+        *SIZES,
+        torch_free=False,
+        timeout=180,
+    )
     assert_refused(out, str(weights), *needles)
     assert not marker.exists(), "the checkpoint's code ran"
     assert not (tmp_path / "bundle").exists()
@@ -473,8 +534,12 @@ def test_bundle_of_the_retired_format_is_refused_with_a_re_export_hint(tmp_path,
     manifest = json.loads((bundle / mf.MANIFEST).read_text())
     manifest["format"] = "vqt-edge/1"
     (bundle / mf.MANIFEST).write_text(json.dumps(manifest))
-    for args in (["train", "--bundle", bundle, "--data", task["train"], "--run", tmp_path / "run", "--epochs", 1],
-                 ["plan", "--bundle", bundle, "--images", 10, "--memory-budget", "1GB"]):
+    for args in (
+        ["train", "--bundle", bundle, "--data", task["train"], "--run", tmp_path / "run", "--epochs", 1],
+        ["plan", "--bundle", bundle, "--images", 10, "--memory-budget", "1GB"],
+    ):
         out = run_cli(*args)
-        assert out.returncode == 2 and "re-export the bundle" in out.stderr and "Traceback" not in out.stderr, out.stderr
+        assert out.returncode == 2 and "re-export the bundle" in out.stderr and "Traceback" not in out.stderr, (
+            out.stderr
+        )
     assert not (tmp_path / "run" / "run.json").exists()  # refused before the run started

@@ -4,6 +4,7 @@ core module, so a new vqt_edge module has to be placed in a layer before it can 
 from __future__ import annotations
 
 import pkgutil
+
 import tomllib
 
 import vqt_edge

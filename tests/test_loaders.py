@@ -78,9 +78,18 @@ def write(fmt: str, model: VisionTransformer, path) -> None:
 # Honest names, then misleading ones: detection must go by content only.
 @pytest.mark.parametrize(
     "fmt, name",
-    [("pth", "w.pth"), ("pth-legacy", "w.pth"), ("safetensors", "w.safetensors"), ("npz", "w.npz"),
-     ("hf", "hf_model"), ("pth", "w.npz"), ("safetensors", "w.pth"), ("npz", "w.safetensors"),
-     ("pth-legacy", "w.bin"), ("hf", "w.npz")],
+    [
+        ("pth", "w.pth"),
+        ("pth-legacy", "w.pth"),
+        ("safetensors", "w.safetensors"),
+        ("npz", "w.npz"),
+        ("hf", "hf_model"),
+        ("pth", "w.npz"),
+        ("safetensors", "w.pth"),
+        ("npz", "w.safetensors"),
+        ("pth-legacy", "w.bin"),
+        ("hf", "w.npz"),
+    ],
 )
 def test_round_trip_is_exact(fmt, name, model_a, pixels, tmp_path):
     path = tmp_path / name
@@ -105,7 +114,7 @@ def test_google_npz_layout(model_a, tmp_path):
     assert raw["embedding/kernel"].shape == (8, 8, 3, d)  # HWIO
     qkv = model_a.blocks[1].attn.qkv.weight.detach().numpy()
     for i, n in enumerate(("query", "key", "value")):
-        np.testing.assert_array_equal(raw[att + f"{n}/kernel"].reshape(d, d).T, qkv[i * d:(i + 1) * d])
+        np.testing.assert_array_equal(raw[att + f"{n}/kernel"].reshape(d, d).T, qkv[i * d : (i + 1) * d])
     assert not any(k.startswith("blocks.") for k in raw)
 
 
@@ -115,7 +124,7 @@ def test_hf_layout_and_config(model_a, tmp_path):
     assert arch_from_hf_config(config) == ARCH
     d = ARCH.dim
     qkv = model_a.blocks[0].attn.qkv.weight.detach().numpy()
-    np.testing.assert_array_equal(raw["encoder.layer.0.attention.attention.value.weight"], qkv[2 * d:])
+    np.testing.assert_array_equal(raw["encoder.layer.0.attention.attention.value.weight"], qkv[2 * d :])
     assert set(to_timm(raw, "hf", ARCH, config)) == set(model_a.state_dict())
 
 
@@ -126,9 +135,14 @@ def test_swapped_key_value_changes_outputs(fmt, model_a, pixels, tmp_path):
     write(fmt, model_a, path)
     file = path / "model.safetensors" if fmt == "hf" else path
     raw, _ = read_state_dict(file)
-    k, v = (("Transformer/encoderblock_0/MultiHeadDotProductAttention_1/key/kernel",
-             "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/value/kernel") if fmt == "npz" else
-            ("encoder.layer.0.attention.attention.key.weight", "encoder.layer.0.attention.attention.value.weight"))
+    k, v = (
+        (
+            "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/key/kernel",
+            "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/value/kernel",
+        )
+        if fmt == "npz"
+        else ("encoder.layer.0.attention.attention.key.weight", "encoder.layer.0.attention.attention.value.weight")
+    )
     raw[k], raw[v] = raw[v], raw[k]
     if fmt == "npz":
         with open(path, "wb") as f:
@@ -155,8 +169,13 @@ def test_hf_names_in_a_bare_safetensors_file(model_a, pixels, tmp_path):
 
 def test_mae_wrapper_with_decoder_and_head(model_a, pixels, tmp_path):
     sd = {"module." + k: v for k, v in state(model_a).items()}  # DDP prefix too
-    sd |= {"mask_token": torch.zeros(1, 1, 32), "decoder_embed.weight": torch.zeros(16, 32),
-           "decoder_pred.bias": torch.zeros(3), "head.weight": torch.zeros(5, 32), "fc_norm.bias": torch.zeros(32)}
+    sd |= {
+        "mask_token": torch.zeros(1, 1, 32),
+        "decoder_embed.weight": torch.zeros(16, 32),
+        "decoder_pred.bias": torch.zeros(3),
+        "head.weight": torch.zeros(5, 32),
+        "fc_norm.bias": torch.zeros(32),
+    }
     torch.save({"model": sd, "epoch": 3}, tmp_path / "mae.pth")
     b = fresh()
     report = load_weights(b, tmp_path / "mae.pth")
@@ -168,7 +187,9 @@ def test_google_head_is_unused(model_a, tmp_path):
     save_npz_google(model_a, tmp_path / "g.npz")
     raw, _ = read_state_dict(tmp_path / "g.npz")
     with open(tmp_path / "g.npz", "wb") as f:
-        np.savez(f, **raw, **{"head/kernel": np.zeros((32, 10), np.float32), "pre_logits/bias": np.zeros(32, np.float32)})
+        np.savez(
+            f, **raw, **{"head/kernel": np.zeros((32, 10), np.float32), "pre_logits/bias": np.zeros(32, np.float32)}
+        )
     assert load_weights(fresh(), tmp_path / "g.npz").unused == ["head/kernel", "pre_logits/bias"]
 
 
@@ -188,7 +209,9 @@ def test_wrong_shape_names_first_tensor(model_a, tmp_path):
 
 def test_wrong_shape_google_names_source(model_a, tmp_path):
     save_npz_google(VisionTransformer(dataclasses.replace(ARCH, image_size=40)), tmp_path / "g.npz")
-    with pytest.raises(UserError, match=r"pos_embed \(from Transformer/posembed_input/pos_embedding\) has shape \[1, 26, 32\]"):
+    with pytest.raises(
+        UserError, match=r"pos_embed \(from Transformer/posembed_input/pos_embedding\) has shape \[1, 26, 32\]"
+    ):
         load_weights(fresh(), tmp_path / "g.npz")
 
 
@@ -301,16 +324,25 @@ def test_executable_pickle_refused(legacy, model_a, tmp_path):
     pickle.loads(pickle.dumps(_Payload(str(control))))  # the payload is live: plain unpickling runs it
     assert control.exists()
     marker = tmp_path / "marker"
-    torch.save({"model": state(model_a) | {"x": _Payload(str(marker))}}, tmp_path / "evil.pth",
-               _use_new_zipfile_serialization=not legacy)
+    torch.save(
+        {"model": state(model_a) | {"x": _Payload(str(marker))}},
+        tmp_path / "evil.pth",
+        _use_new_zipfile_serialization=not legacy,
+    )
     with pytest.raises(UserError, match=r"executable pickle content \(.*exec\)"):
         load_weights(fresh(), tmp_path / "evil.pth")
     assert not marker.exists()
 
 
 def test_arch_from_hf_config_errors():
-    config = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
-              "patch_size": 8, "image_size": 32}
+    config = {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 64,
+        "patch_size": 8,
+        "image_size": 32,
+    }
     assert arch_from_hf_config(config) == dataclasses.replace(ARCH, eps=1e-12)  # HF's default eps
     with pytest.raises(UserError, match="hidden_act is 'gelu_new'"):
         arch_from_hf_config(config | {"hidden_act": "gelu_new"})

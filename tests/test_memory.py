@@ -14,13 +14,25 @@ import pytest
 from click.testing import CliRunner
 
 from tests.conftest import TINY, run_cli
-from vqt_edge.memory import model as memory
 from vqt_edge.cli import cli
 from vqt_edge.errors import UserError
 from vqt_edge.memory import BundleFootprint, NoPlan, choose, parse_size_mb, peak_rss_mb, predict_peak
+from vqt_edge.memory import model as memory
 
-SIZES = ["--depth", TINY.depth, "--dim", TINY.dim, "--heads", TINY.heads, "--mlp-dim", TINY.mlp_dim,
-         "--patch", TINY.patch, "--image-size", TINY.image_size]
+SIZES = [
+    "--depth",
+    TINY.depth,
+    "--dim",
+    TINY.dim,
+    "--heads",
+    TINY.heads,
+    "--mlp-dim",
+    TINY.mlp_dim,
+    "--patch",
+    TINY.patch,
+    "--image-size",
+    TINY.image_size,
+]
 
 
 def invoke(*args):
@@ -41,10 +53,23 @@ def test_parse_size_mb():
 def _vitb_like() -> BundleFootprint:
     """A footprint with ViT-B/16's sizes (as exported by vqt-edge), without exporting it."""
     return BundleFootprint(
-        name="vit_b16", method="vqt", last_k=0, query_layers=12, query_tokens=1, frozen_bytes=342_880_695,
-        head_bytes=283_794_435, ckpt_bytes=283_958_448, trainable_bytes=436_264, pixels_per_sample=602_112,
-        feed_per_sample=14_527_488, cache_per_sample=7_265_280, layer_work=4_888_752, query_path_per_sample=816_768,
-        largest_weight_bytes=9_437_184, step_bytes=283_871_223, model_bytes=343_723_514,
+        name="vit_b16",
+        method="vqt",
+        last_k=0,
+        query_layers=12,
+        query_tokens=1,
+        frozen_bytes=342_880_695,
+        head_bytes=283_794_435,
+        ckpt_bytes=283_958_448,
+        trainable_bytes=436_264,
+        pixels_per_sample=602_112,
+        feed_per_sample=14_527_488,
+        cache_per_sample=7_265_280,
+        layer_work=4_888_752,
+        query_path_per_sample=816_768,
+        largest_weight_bytes=9_437_184,
+        step_bytes=283_871_223,
+        model_bytes=343_723_514,
     )
 
 
@@ -68,7 +93,9 @@ def test_choose_prefers_ram_then_largest_micro_batch_and_names_the_smallest_budg
     fp = _vitb_like()
     roomy = choose(fp, 64_000, images=64, batch_size=32)
     assert (roomy.kv, roomy.micro_batch) == ("ram", 32)
-    ram_min = min(predict_peak(fp, images=64, batch_size=32, micro_batch=m, kv="ram").needs_mb for m in (1, 2, 4, 8, 16))
+    ram_min = min(
+        predict_peak(fp, images=64, batch_size=32, micro_batch=m, kv="ram").needs_mb for m in (1, 2, 4, 8, 16)
+    )
     tight = choose(fp, ram_min, images=64, batch_size=32)
     assert tight.needs_mb <= ram_min and tight.kv == "ram" and tight.micro_batch < 32
     below = choose(fp, ram_min - 1, images=64, batch_size=32)  # RAM no longer fits: the disk cache
@@ -108,8 +135,13 @@ def test_planner_takes_the_portable_backend_where_ort_training_cannot_fit():
     assert drop == pytest.approx(100 * memory.STEP_LOAD)
     # The test pass runs model.onnx at the frozen-pass batch, counted by model.onnx's size.
     test = choose(fp, 1000, images=64, batch_size=32, backends=both, test=True)
-    assert test.phases["test"] == pytest.approx(predict_peak(fp, **{**kw, "backend": test.backend, "kv": test.kv,
-                                                "micro_batch": test.micro_batch}, test_batch=test.frozen_batch).phases["test"])
+    assert test.phases["test"] == pytest.approx(
+        predict_peak(
+            fp,
+            **{**kw, "backend": test.backend, "kv": test.kv, "micro_batch": test.micro_batch},
+            test_batch=test.frozen_batch,
+        ).phases["test"]
+    )
 
 
 def test_plan_picks_a_config_for_the_tiny_bundle(tiny_bundle):
@@ -135,8 +167,21 @@ def test_plan_refuses_an_impossible_budget_naming_the_smallest_that_fits(tiny_bu
 @pytest.fixture(scope="module")
 def budget_run(tmp_path_factory, tiny_bundle, task):
     run = tmp_path_factory.mktemp("budget") / "run"
-    out = run_cli("train", "--bundle", tiny_bundle, "--data", task["train"], "--run", run, "--epochs", 2,
-                  "--batch-size", 16, "--memory-budget", "300MB")
+    out = run_cli(
+        "train",
+        "--bundle",
+        tiny_bundle,
+        "--data",
+        task["train"],
+        "--run",
+        run,
+        "--epochs",
+        2,
+        "--batch-size",
+        16,
+        "--memory-budget",
+        "300MB",
+    )
     assert out.returncode == 0, out.stderr
     return out, json.loads((run / "summary.json").read_text())
 
@@ -154,8 +199,23 @@ def test_train_within_budget_records_measured_and_predicted_peak(budget_run):
 def test_budget_just_below_the_measured_peak_is_refused_or_flagged(budget_run, tiny_bundle, task, tmp_path):
     _, summary = budget_run
     budget = int(summary["peak_rss_mb"]) - 2
-    out = run_cli("train", "--bundle", tiny_bundle, "--data", task["train"], "--run", tmp_path / "run", "--epochs", 2,
-                  "--batch-size", 16, "--memory-budget", f"{budget}MB", "--kv", "ram")
+    out = run_cli(
+        "train",
+        "--bundle",
+        tiny_bundle,
+        "--data",
+        task["train"],
+        "--run",
+        tmp_path / "run",
+        "--epochs",
+        2,
+        "--batch-size",
+        16,
+        "--memory-budget",
+        f"{budget}MB",
+        "--kv",
+        "ram",
+    )
     if out.returncode == 2:  # refused before any work
         assert "smallest budget that fits" in out.stderr and not (tmp_path / "run" / "run.json").exists()
     else:
@@ -169,16 +229,38 @@ def test_a_broken_promise_exits_3_with_the_flag_in_summary(tiny_bundle, task, tm
     told that the runtime costs nothing, predicts: the run must fail loudly, not warn."""
     monkeypatch.setattr(memory, "BASE_MB", 0.0)
     assert peak_rss_mb() > 60
-    result = invoke("train", "--bundle", tiny_bundle, "--data", task["train"], "--run", tmp_path / "run", "--epochs", 1,
-                    "--memory-budget", "60MB")
+    result = invoke(
+        "train",
+        "--bundle",
+        tiny_bundle,
+        "--data",
+        task["train"],
+        "--run",
+        tmp_path / "run",
+        "--epochs",
+        1,
+        "--memory-budget",
+        "60MB",
+    )
     assert result.exit_code == 3, result.output
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["budget_exceeded"] is True and summary["peak_rss_mb"] > 60 and summary["memory_budget_mb"] == 60
 
 
 def test_train_refuses_a_user_choice_that_cannot_fit(tiny_bundle, task, tmp_path):
-    result = invoke("train", "--bundle", tiny_bundle, "--data", task["train"], "--run", tmp_path / "run",
-                    "--memory-budget", "20MB", "--kv", "stream")
+    result = invoke(
+        "train",
+        "--bundle",
+        tiny_bundle,
+        "--data",
+        task["train"],
+        "--run",
+        tmp_path / "run",
+        "--memory-budget",
+        "20MB",
+        "--kv",
+        "stream",
+    )
     assert result.exit_code == 2 and "smallest budget that fits" in result.output
     assert not (tmp_path / "run" / "run.json").exists()
 
@@ -198,16 +280,24 @@ def test_streamed_model_onnx_equals_the_onnx_compose_merge(tiny_bundle, tmp_path
     learned = {g: rng.standard_normal(list(inits[g].dims)).astype(np.float32) for g in manifest.spec.trainable_shapes}
     for name, value in learned.items():
         inits[name].CopyFrom(numpy_helper.from_array(value, name))
-    reference = compose.merge_models(onnx.load(str(tiny_bundle / mf.FROZEN)), compose.add_prefix(head, "head/"),
-                                     io_map=[(n, "head/" + n) for n in manifest.spec.frozen_outputs], outputs=["head/logits"])
+    reference = compose.merge_models(
+        onnx.load(str(tiny_bundle / mf.FROZEN)),
+        compose.add_prefix(head, "head/"),
+        io_map=[(n, "head/" + n) for n in manifest.spec.frozen_outputs],
+        outputs=["head/logits"],
+    )
     onnx.save(reference, str(tmp_path / "reference.onnx"))
-    merge_streaming(tiny_bundle / mf.FROZEN, tiny_bundle / mf.HEAD_MODEL, tmp_path / "model.onnx", learned, doc_string="d")
+    merge_streaming(
+        tiny_bundle / mf.FROZEN, tiny_bundle / mf.HEAD_MODEL, tmp_path / "model.onnx", learned, doc_string="d"
+    )
     model = onnx.load(str(tmp_path / "model.onnx"))
     onnx.checker.check_model(model)
     assert [o.name for o in model.graph.output] == ["logits"] and model.doc_string == "d"
     x = rng.standard_normal((3, 3, TINY.image_size, TINY.image_size)).astype(np.float32)
-    got, want = (onnxruntime.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"pixel_values": x})
-                 for p in (tmp_path / "model.onnx", tmp_path / "reference.onnx"))
+    got, want = (
+        onnxruntime.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"pixel_values": x})
+        for p in (tmp_path / "model.onnx", tmp_path / "reference.onnx")
+    )
     np.testing.assert_array_equal(got[0], want[0])
 
 
@@ -216,8 +306,22 @@ def test_sweep_memory_only_writes_results_and_plot(tmp_path):
 
     methods = "vqt,linear" if "linear" in METHODS else "vqt"  # linear: a single point, no k
     out = tmp_path / "sweep"
-    result = run_cli("sweep", *SIZES, "--random-init", "--methods", methods, "--last-k", "1,3", "--batch-size", 8,
-                     "--steps", 2, "--out", out, torch_free=False)
+    result = run_cli(
+        "sweep",
+        *SIZES,
+        "--random-init",
+        "--methods",
+        methods,
+        "--last-k",
+        "1,3",
+        "--batch-size",
+        8,
+        "--steps",
+        2,
+        "--out",
+        out,
+        torch_free=False,
+    )
     assert result.returncode == 0, result.stderr + result.stdout
     assert "[1/" in result.stdout and "peak" in result.stdout
     rows = list(csv.DictReader(open(out / "results.csv")))

@@ -19,8 +19,25 @@ def portable_budget_run(request, tmp_path_factory, task):
     QUANTIZED_STEP_DEQUANT term, scaled by the bundle's own largest dequantized weight)."""
     bundle = request.getfixturevalue(request.param)
     run = tmp_path_factory.mktemp("portable_budget") / "run"
-    out = run_cli("train", "--bundle", bundle, "--data", task["train"], "--run", run, "--epochs", 2,
-                  "--batch-size", 16, "--backend", "portable", "--memory-budget", "300MB", "--test", task["test"])
+    out = run_cli(
+        "train",
+        "--bundle",
+        bundle,
+        "--data",
+        task["train"],
+        "--run",
+        run,
+        "--epochs",
+        2,
+        "--batch-size",
+        16,
+        "--backend",
+        "portable",
+        "--memory-budget",
+        "300MB",
+        "--test",
+        task["test"],
+    )
     assert out.returncode == 0, out.stderr + out.stdout
     return out, json.loads((run / "summary.json").read_text())
 
@@ -52,7 +69,9 @@ def test_portable_prediction_is_within_the_planners_margin_of_the_measured_peak(
 
 
 def test_plan_names_the_backend_it_planned_for(tiny_bundle):
-    out = run_cli("plan", "--bundle", tiny_bundle, "--memory-budget", "300MB", "--images", 40, "--backend", "portable", "--json")
+    out = run_cli(
+        "plan", "--bundle", tiny_bundle, "--memory-budget", "300MB", "--images", 40, "--backend", "portable", "--json"
+    )
     assert out.returncode == 0, out.stderr
     plan = json.loads(out.stdout)
     assert plan["fits"] and plan["backend"] == "portable" and 1 <= plan["frozen_batch"] <= plan["micro_batch"]

@@ -58,14 +58,17 @@ def test_predict_model_alone_equals_predict_run(tiny_run, images, tmp_path):
     assert [line.split("\t")[1] for line in text.stdout.splitlines()] == [r["label"] for r in json.loads(by_run.stdout)]
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda p: {}, "no vqt-edge metadata"),
-    (lambda p: {**p, "class_names": json.dumps(CLASSES[:2])}, "class_names"),
-    (lambda p: {**p, "resize": "center crop"}, "preprocessing this vqt-edge does not implement"),
-    (lambda p: {**p, "image_size": "64"}, "image_size"),
-    (lambda p: {**p, "adapter_spec": "{"}, "not JSON"),
-    (lambda p: {**p, "std": "[0.5, 0, 0.5]"}, "std"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda p: {}, "no vqt-edge metadata"),
+        (lambda p: {**p, "class_names": json.dumps(CLASSES[:2])}, "class_names"),
+        (lambda p: {**p, "resize": "center crop"}, "preprocessing this vqt-edge does not implement"),
+        (lambda p: {**p, "image_size": "64"}, "image_size"),
+        (lambda p: {**p, "adapter_spec": "{"}, "not JSON"),
+        (lambda p: {**p, "std": "[0.5, 0, 0.5]"}, "std"),
+    ],
+)
 def test_predict_model_refuses_bad_metadata(tiny_run, tmp_path, edit, message):
     from device_runner.model_file import open_model
 
@@ -103,7 +106,12 @@ def test_package_onnx_and_hf(tiny_run, tmp_path):
     out = run_cli("package", "--run", tiny_run, "--format", "hf", "--out", tmp_path / "hf")
     assert out.returncode == 0, out.stderr
     hf = tmp_path / "hf"
-    assert sorted(p.name for p in hf.iterdir()) == ["README.md", "config.json", "model.onnx", "preprocessor_config.json"]
+    assert sorted(p.name for p in hf.iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.onnx",
+        "preprocessor_config.json",
+    ]
     config = json.loads((hf / "config.json").read_text())
     assert config["model_type"] == "vit" and config["id2label"] == {"0": "blue", "1": "green", "2": "red"}
     assert config["label2id"] == {"blue": 0, "green": 1, "red": 2} and config["image_size"] == 32

@@ -34,16 +34,26 @@ def bundles(tmp_path_factory, tiny_backbone):
     wide = VisionTransformer(WIDE)
     wide.reset_parameters(seed=0)
     out = {}
-    for key, backbone, method, k in (("vqt", tiny_backbone, "vqt", None), ("vqt+adaptformer", tiny_backbone, "vqt+adaptformer", 2),
-                                     ("wide", wide.eval(), "vqt", None)):
+    for key, backbone, method, k in (
+        ("vqt", tiny_backbone, "vqt", None),
+        ("vqt+adaptformer", tiny_backbone, "vqt+adaptformer", 2),
+        ("wide", wide.eval(), "vqt", None),
+    ):
         out[key] = (root / key.replace("+", "_"), backbone)
-        export_bundle(backbone, out[key][0], AdapterSpec.create(backbone.arch, method, 3, last_k=k, query_tokens=2),
-                      model_name=key, log=lambda _: None)
+        export_bundle(
+            backbone,
+            out[key][0],
+            AdapterSpec.create(backbone.arch, method, 3, last_k=k, query_tokens=2),
+            model_name=key,
+            log=lambda _: None,
+        )
     return out
 
 
 def _logits(path, pixels: np.ndarray) -> np.ndarray:
-    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["logits"], {"pixel_values": pixels})[0]
+    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        ["logits"], {"pixel_values": pixels}
+    )[0]
 
 
 def _learned(m: mf.Manifest, adapter: dict) -> dict[str, np.ndarray]:
@@ -67,7 +77,9 @@ def test_shared_model_predicts_as_the_copying_merge_and_torch(key, bundles, tmp_
     onnx.checker.check_model(model)
     names = {t.name for t in model.graph.initializer}
     assert not any("head/" + n in names for n in shared)
-    saved = sum(4 * int(np.prod(t.dims)) for t in onnx.load(str(bundle / mf.HEAD_MODEL)).graph.initializer if t.name in shared)
+    saved = sum(
+        4 * int(np.prod(t.dims)) for t in onnx.load(str(bundle / mf.HEAD_MODEL)).graph.initializer if t.name in shared
+    )
     nodes = 16 * 1024  # the nodes that read the sources instead (names included)
     assert (tmp_path / "model.onnx").stat().st_size <= (tmp_path / "copy.onnx").stat().st_size - saved + nodes
 

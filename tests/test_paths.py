@@ -35,7 +35,9 @@ CHANGED = "the images changed since this run started"
 def reference(tmp_path_factory, tiny_bundle, task) -> Path:
     """The uninterrupted run, started with absolute paths from the repository."""
     run = tmp_path_factory.mktemp("reference") / "run"
-    out = run_cli("train", "--bundle", tiny_bundle, "--data", task["train"], "--val", task["test"], "--run", run, *TRAIN)
+    out = run_cli(
+        "train", "--bundle", tiny_bundle, "--data", task["train"], "--val", task["test"], "--run", run, *TRAIN
+    )
     assert out.returncode == 0, out.stderr
     return run
 
@@ -64,7 +66,7 @@ def kill_mid_epoch(proc: subprocess.Popen, run: Path) -> dict:
         return st.st_ino, st.st_mtime_ns
 
     while True:
-        wait_for(lambda: version() not in (None, seen), proc)
+        wait_for(lambda seen=seen: version() not in (None, seen), proc)
         stop(proc)
         seen = version()
         position = load_checkpoint(ckpt)
@@ -84,10 +86,25 @@ def test_relative_paths_killed_mid_epoch_resume_from_another_cwd(tmp_path, tiny_
     if layout == "list":
         write_list(start_dir / "my_images", start_dir / "lists" / "train.csv")
         data = "./lists/train.csv"
-    args = ["--bundle", os.path.relpath(tiny_bundle, start_dir), "--data", data,
-            "--val", os.path.relpath(task["test"], start_dir), "--run", "run1/", *TRAIN]
-    proc = subprocess.Popen(cli_command("train", *args), cwd=start_dir, env=cli_env(), text=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    args = [
+        "--bundle",
+        os.path.relpath(tiny_bundle, start_dir),
+        "--data",
+        data,
+        "--val",
+        os.path.relpath(task["test"], start_dir),
+        "--run",
+        "run1/",
+        *TRAIN,
+    ]
+    proc = subprocess.Popen(
+        cli_command("train", *args),
+        cwd=start_dir,
+        env=cli_env(),
+        text=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         position = kill_mid_epoch(proc, start_dir / "run1")
     finally:
@@ -106,8 +123,19 @@ def test_relative_paths_killed_mid_epoch_resume_from_another_cwd(tmp_path, tiny_
 def test_two_identical_runs_write_identical_adapter_bytes(tmp_path, tiny_bundle, task):
     files = []
     for name in ("one", "two"):
-        out = run_cli("train", "--bundle", tiny_bundle, "--data", task["train"], "--run", tmp_path / name,
-                      "--epochs", 1, "--batch-size", 16)
+        out = run_cli(
+            "train",
+            "--bundle",
+            tiny_bundle,
+            "--data",
+            task["train"],
+            "--run",
+            tmp_path / name,
+            "--epochs",
+            1,
+            "--batch-size",
+            16,
+        )
         assert out.returncode == 0, out.stderr
         files.append(tmp_path / name / "adapter.safetensors")
     assert files[0].read_bytes() == files[1].read_bytes()
@@ -214,8 +242,9 @@ def finished(tmp_path_factory, tiny_bundle, task) -> tuple[Path, Path]:
     """A finished one-epoch run on its own copy of the images, started with relative paths."""
     root = tmp_path_factory.mktemp("finished")
     shutil.copytree(task["test"], root / "x")
-    out = run_cli("train", "--bundle", tiny_bundle, "--data", "x", "--run", "run", "--epochs", 1,
-                  "--val-split", 0.25, cwd=root)
+    out = run_cli(
+        "train", "--bundle", tiny_bundle, "--data", "x", "--run", "run", "--epochs", 1, "--val-split", 0.25, cwd=root
+    )
     assert out.returncode == 0, out.stderr
     return root / "x", root / "run"
 
@@ -249,8 +278,16 @@ def photos(tmp_path_factory, task) -> Path:
     """photos/{b.png, a.png, notes.txt, .hidden.png, sub/c.png, sub/deeper/d.png}, empty/, only_sub/sub/e.png"""
     root = tmp_path_factory.mktemp("photos")
     src = sorted((task["test"] / "red").iterdir())
-    for i, rel in enumerate(["photos/b.png", "photos/a.png", "photos/.hidden.png", "photos/sub/c.png",
-                             "photos/sub/deeper/d.png", "only_sub/sub/e.png"]):
+    for i, rel in enumerate(
+        [
+            "photos/b.png",
+            "photos/a.png",
+            "photos/.hidden.png",
+            "photos/sub/c.png",
+            "photos/sub/deeper/d.png",
+            "only_sub/sub/e.png",
+        ]
+    ):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(src[i], root / rel)
     (root / "photos" / "notes.txt").write_text("not an image")
@@ -276,14 +313,20 @@ def test_predict_mixed_files_and_folders_in_the_given_order(tiny_run, photos):
     out = run_cli("predict", "--run", tiny_run, "photos/sub/c.png", "photos", "photos/a.png", "--json", cwd=photos)
     assert predicted(out) == ["photos/sub/c.png", "photos/a.png", "photos/b.png", "photos/a.png"]
     text = run_cli("predict", "--run", tiny_run, "photos", cwd=photos)
-    assert text.returncode == 0 and [line.split("\t")[0] for line in text.stdout.splitlines()] == ["photos/a.png", "photos/b.png"]
+    assert text.returncode == 0 and [line.split("\t")[0] for line in text.stdout.splitlines()] == [
+        "photos/a.png",
+        "photos/b.png",
+    ]
 
 
-@pytest.mark.parametrize("folder, extra, needles", [
-    ("empty", [], ["empty: folder has no images"]),
-    ("only_sub", [], ["only_sub: folder has no images", "--recursive also reads its sub-folders"]),
-    ("empty", ["--recursive"], ["empty: folder has no images"]),
-])
+@pytest.mark.parametrize(
+    "folder, extra, needles",
+    [
+        ("empty", [], ["empty: folder has no images"]),
+        ("only_sub", [], ["only_sub: folder has no images", "--recursive also reads its sub-folders"]),
+        ("empty", ["--recursive"], ["empty: folder has no images"]),
+    ],
+)
 def test_predict_a_folder_without_images_is_a_clear_error(tiny_run, photos, folder, extra, needles):
     out = run_cli("predict", "--run", tiny_run, "photos/a.png", folder, *extra, "--json", cwd=photos)
     assert_clean_error(out, *needles)
@@ -307,8 +350,15 @@ def test_disk_cache_reuses_the_identity_hashes(tmp_path, tiny_bundle, task, monk
     monkeypatch.setattr(identity, "image_sha256", counted)
     monkeypatch.setattr(trainer, "image_sha256", counted)
     run = tmp_path / "run"
-    t = trainer.Trainer(tiny_bundle, run, trainer.TrainConfig(epochs=1, kv="disk"), task["train"], task["test"], False,
-                        echo=lambda _: None)
+    t = trainer.Trainer(
+        tiny_bundle,
+        run,
+        trainer.TrainConfig(epochs=1, kv="disk"),
+        task["train"],
+        task["test"],
+        False,
+        echo=lambda _: None,
+    )
     t._prepare_features()
     images = [p for p, _ in t.data.train.samples + t.data.val.samples]
     assert len(images) == 180 and sorted(calls) == sorted(images)  # each image once

@@ -34,8 +34,29 @@ def test_both_backends_follow_the_same_trajectory(tmp_path, tiny_bundle, task):
     runs = {}
     for backend in ("portable", "ort-training"):
         runs[backend] = tmp_path / backend
-        out = run_cli("train", "--bundle", tiny_bundle, "--data", task["train"], "--run", runs[backend], "--epochs", 5,
-                      "--batch-size", 24, "--val-split", 0.2, "--kv", "ram", "--seed", 5, "--weight-decay", 0.05, "--backend", backend)
+        out = run_cli(
+            "train",
+            "--bundle",
+            tiny_bundle,
+            "--data",
+            task["train"],
+            "--run",
+            runs[backend],
+            "--epochs",
+            5,
+            "--batch-size",
+            24,
+            "--val-split",
+            0.2,
+            "--kv",
+            "ram",
+            "--seed",
+            5,
+            "--weight-decay",
+            0.05,
+            "--backend",
+            backend,
+        )
         assert out.returncode == 0, out.stderr
         assert json.loads((runs[backend] / "summary.json").read_text())["backend"] == backend
     metrics = {b: [json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()] for b, r in runs.items()}
@@ -90,7 +111,9 @@ def test_damaged_portable_checkpoint_is_a_clean_error_on_resume(tmp_path, tiny_b
     path = run / CHECKPOINTS["portable"]
     path.write_bytes(path.read_bytes()[:200])
     out = run_cli("train", "--run", run, "--resume")
-    assert out.returncode == 2 and out.stderr.splitlines()[-1].startswith("error: ") and "Traceback" not in out.stderr, out.stderr
+    assert (
+        out.returncode == 2 and out.stderr.splitlines()[-1].startswith("error: ") and "Traceback" not in out.stderr
+    ), out.stderr
     assert str(path) in out.stderr
 
 
@@ -102,8 +125,19 @@ def test_backend_choice_follows_what_this_onnxruntime_can_run(tmp_path, tiny_bun
     chosen = json.loads((tmp_path / "auto" / "summary.json").read_text())["backend"]
     assert chosen == "portable"
     if not TRAINING:
-        out = run_cli("train", "--bundle", tiny_bundle, "--data", task["train"], "--run", tmp_path / "ort",
-                      "--epochs", 1, "--backend", "ort-training")
+        out = run_cli(
+            "train",
+            "--bundle",
+            tiny_bundle,
+            "--data",
+            task["train"],
+            "--run",
+            tmp_path / "ort",
+            "--epochs",
+            1,
+            "--backend",
+            "ort-training",
+        )
         assert out.returncode == 2 and "no training API" in out.stderr and "Traceback" not in out.stderr
 
 
@@ -115,8 +149,19 @@ def test_tampered_step_graph_is_refused(tmp_path, tiny_bundle, task):
         path = bundle / "train" / name
         original = path.read_bytes()
         path.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
-        out = run_cli("train", "--bundle", bundle, "--data", task["train"], "--run", tmp_path / name, "--epochs", 1,
-                      "--backend", "portable")
+        out = run_cli(
+            "train",
+            "--bundle",
+            bundle,
+            "--data",
+            task["train"],
+            "--run",
+            tmp_path / name,
+            "--epochs",
+            1,
+            "--backend",
+            "portable",
+        )
         assert out.returncode == 2 and "sha256 does not match" in out.stderr and "Traceback" not in out.stderr
         path.write_bytes(original)
 
@@ -125,8 +170,19 @@ def test_quantized_bundle_trains_on_the_portable_backend_with_this_onnxruntime(t
     """An int4 bundle trains and evaluates with the portable backend on whichever onnxruntime runs
     the tests (`make test`: the training build, then stock onnxruntime; exporters/quantize_step.py)."""
     run = tmp_path / "run"
-    out = run_cli("train", "--bundle", tiny_int4_bundle, "--data", task["train"], "--run", run, "--epochs", 3,
-                  "--backend", "portable")
+    out = run_cli(
+        "train",
+        "--bundle",
+        tiny_int4_bundle,
+        "--data",
+        task["train"],
+        "--run",
+        run,
+        "--epochs",
+        3,
+        "--backend",
+        "portable",
+    )
     assert out.returncode == 0, out.stderr
     ev = run_cli("eval", "--run", run, "--data", task["test"], "--json")
     assert ev.returncode == 0, ev.stderr

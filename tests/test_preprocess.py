@@ -231,8 +231,7 @@ def _random_image(mode: str, width: int, height: int, seed: int) -> Image.Image:
     return img.convert(mode)
 
 
-MODES = ["1", "L", "LA", "P", "P+transparency", "PA", "RGB", "RGBA", "CMYK", "YCbCr",
-         "I;16", "I", "F"]
+MODES = ["1", "L", "LA", "P", "P+transparency", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "I;16", "I", "F"]
 
 
 @settings(max_examples=60, deadline=None)

@@ -42,8 +42,14 @@ MODES = ("int8", "int4")
 @pytest.fixture(scope="module", params=MODES)
 def quant_bundle(request, tmp_path_factory, tiny_backbone):
     out = tmp_path_factory.mktemp(f"bundle_{request.param}")
-    export_bundle(tiny_backbone, out, AdapterSpec.create(tiny_backbone.arch, "vqt", 3, query_tokens=2), model_name="tiny",
-                  quantize=request.param, log=lambda _: None)
+    export_bundle(
+        tiny_backbone,
+        out,
+        AdapterSpec.create(tiny_backbone.arch, "vqt", 3, query_tokens=2),
+        model_name="tiny",
+        quantize=request.param,
+        log=lambda _: None,
+    )
     return out
 
 
@@ -125,8 +131,12 @@ KV_TOLERANCE = 0.05
 
 def _kv_error(frozen, quantized, shape, seed=0):
     x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-    runs = [onnxruntime.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(["keys", "values"], {"pixel_values": x})
-            for p in (frozen, quantized)]
+    runs = [
+        onnxruntime.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(
+            ["keys", "values"], {"pixel_values": x}
+        )
+        for p in (frozen, quantized)
+    ]
     return [float(np.abs(q - f).mean() / np.abs(f).mean()) for f, q in zip(*runs)]
 
 
@@ -197,12 +207,16 @@ def test_quantized_bundle_trains_on_the_dequantized_weights(quant_bundle, tiny_b
     targets = np.eye(manifest.spec.num_classes, dtype=np.float32)[[0, 1, 2, 0]] / 4
     module.train()
     loss, _ = module(cls, keys, values_, keep, targets)
-    t_loss = -(torch.log_softmax(head(*map(torch.from_numpy, (cls, keys, values_, keep))), -1) * torch.from_numpy(targets)).sum()
+    t_loss = -(
+        torch.log_softmax(head(*map(torch.from_numpy, (cls, keys, values_, keep))), -1) * torch.from_numpy(targets)
+    ).sum()
     t_loss.backward()
     assert abs(float(loss) - t_loss.item()) <= 1e-4
     params = dict(head.named_parameters())
     for name in manifest.spec.trainable_shapes:
-        np.testing.assert_allclose(np.array(state.parameters[name].grad), params[name].grad.numpy(), atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(
+            np.array(state.parameters[name].grad), params[name].grad.numpy(), atol=1e-4, rtol=1e-4
+        )
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -216,13 +230,23 @@ def test_layer_major_step_like_graph(mode, tmp_path):
     rng = np.random.default_rng(0)
     L, M, K, N = 3, 5, 64, 32
     w = rng.standard_normal((L, K, N)).astype(np.float32) * 0.1
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="fwd"),
-             helper.make_node("MatMul", ["dy", "w_t"], ["dx"], name="bwd")]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["y"], name="fwd"),
+        helper.make_node("MatMul", ["dy", "w_t"], ["dx"], name="bwd"),
+    ]
     graph = helper.make_graph(
-        nodes, "step",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [L, "m", K]), helper.make_tensor_value_info("dy", TensorProto.FLOAT, [L, "m", N])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [L, "m", N]), helper.make_tensor_value_info("dx", TensorProto.FLOAT, [L, "m", K])],
-        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.ascontiguousarray(w.transpose(0, 2, 1)), "w_t")])
+        nodes,
+        "step",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [L, "m", K]),
+            helper.make_tensor_value_info("dy", TensorProto.FLOAT, [L, "m", N]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [L, "m", N]),
+            helper.make_tensor_value_info("dx", TensorProto.FLOAT, [L, "m", K]),
+        ],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.ascontiguousarray(w.transpose(0, 2, 1)), "w_t")],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
     onnx.save(model, str(tmp_path / "step.onnx"))
     report = quantize(mode, tmp_path / "step.onnx", tmp_path / "q.onnx")
@@ -230,7 +254,9 @@ def test_layer_major_step_like_graph(mode, tmp_path):
     deq = numpy_dequantized(tmp_path / "q.onnx")
     assert deq["w"].shape == (L, K, N) and deq["w_t"].shape == (L, N, K)
     x, dy = rng.standard_normal((L, M, K)).astype(np.float32), rng.standard_normal((L, M, N)).astype(np.float32)
-    y, dx = onnxruntime.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x, "dy": dy})
+    y, dx = onnxruntime.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x, "dy": dy}
+    )
     tol = 1e-5 if mode == "int4" else 5e-2
     for got, want in ((y, x @ deq["w"]), (dx, dy @ deq["w_t"])):
         assert np.abs(got - want).max() <= tol * np.abs(want).max()
@@ -255,7 +281,9 @@ def _step_against_torch(bundle, backbone, session_options=None) -> dict[str, flo
     keys, values_ = (x.astype(np.float16).astype(np.float32) for x in (keys, values_))  # as cached, as fed
     keep = (rng.random((5, *manifest.spec.query_keep_shape)) >= 0.1).astype(np.float32) / 0.9
     targets = np.eye(manifest.spec.num_classes, dtype=np.float32)[[0, 1, 2, 0, 1]] / 5
-    sess = onnxruntime.InferenceSession(str(bundle / mf.STEP_MODEL), session_options, providers=["CPUExecutionProvider"])
+    sess = onnxruntime.InferenceSession(
+        str(bundle / mf.STEP_MODEL), session_options, providers=["CPUExecutionProvider"]
+    )
     feed = dict(trainable)
     feed.update(cls=cls, keys=keys, values=values_, query_keep=keep, targets=targets)
     got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
@@ -264,8 +292,11 @@ def _step_against_torch(bundle, backbone, session_options=None) -> dict[str, flo
     loss = -(torch.log_softmax(logits, -1) * torch.from_numpy(targets)).sum()
     loss.backward()
     params = dict(head.named_parameters())
-    want = {"loss": loss.detach().numpy(), "logits": logits.detach().numpy(),
-            **{grad_name(n): params[n].grad.numpy() for n in trainable}}
+    want = {
+        "loss": loss.detach().numpy(),
+        "logits": logits.detach().numpy(),
+        **{grad_name(n): params[n].grad.numpy() for n in trainable},
+    }
     return {k: float(np.abs(got[k] - w).max() / np.abs(w).max()) for k, w in want.items()}
 
 
@@ -283,30 +314,65 @@ def test_quantized_step_equals_torch_on_the_dequantized_weights(quant_bundle, ti
     assert max(errors.values()) <= STEP_RTOL, errors
 
 
-@pytest.mark.parametrize("backend", ["portable", pytest.param("ort-training", marks=pytest.mark.skipif(
-    not ort.has_training_api(), reason="no onnxruntime-training here"))])
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "portable",
+        pytest.param(
+            "ort-training", marks=pytest.mark.skipif(not ort.has_training_api(), reason="no onnxruntime-training here")
+        ),
+    ],
+)
 def test_quantized_bundle_trains_evaluates_predicts_and_resumes(quant_bundle, task, tmp_path, backend):
     """Either backend on a quantized bundle: killed right after a mid-run checkpoint, `--resume`
     ends with exactly the parameters and losses of an uninterrupted run; the result evaluates and
     predicts through its quantized model.onnx."""
-    args = ["--bundle", quant_bundle, "--data", task["train"], "--epochs", 3, "--batch-size", 8,
-            "--checkpoint-every", 3, "--seed", 3, "--backend", backend]
+    args = [
+        "--bundle",
+        quant_bundle,
+        "--data",
+        task["train"],
+        "--epochs",
+        3,
+        "--batch-size",
+        8,
+        "--checkpoint-every",
+        3,
+        "--seed",
+        3,
+        "--backend",
+        backend,
+    ]
     reference = tmp_path / "reference"
     out = run_cli("train", "--run", reference, *args)
     assert out.returncode == 0, out.stderr
     run = tmp_path / "killed"
     checkpoint = RunFolder(run).checkpoint(backend)
-    proc = subprocess.Popen(cli_command("train", "--run", run, *args), cwd=REPO, env=cli_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: _metrics_lines(run) >= 1 and checkpoint.exists()
-              and checkpoint.stat().st_mtime > (run / "metrics.jsonl").stat().st_mtime, proc)
+    proc = subprocess.Popen(
+        cli_command("train", "--run", run, *args),
+        cwd=REPO,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for(
+        lambda: (
+            _metrics_lines(run) >= 1
+            and checkpoint.exists()
+            and checkpoint.stat().st_mtime > (run / "metrics.jsonl").stat().st_mtime
+        ),
+        proc,
+    )
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     out = run_cli("train", "--run", run, "--resume")
     assert out.returncode == 0, out.stderr
     want, got = (load_file(str(r / "adapter.safetensors")) for r in (reference, run))
     assert all(np.array_equal(want[n], got[n]) for n in want)
-    losses = [[json.loads(x)["train_loss"] for x in (r / "metrics.jsonl").read_text().splitlines()] for r in (reference, run)]
+    losses = [
+        [json.loads(x)["train_loss"] for x in (r / "metrics.jsonl").read_text().splitlines()] for r in (reference, run)
+    ]
     assert losses[0] == losses[1]
     ev = run_cli("eval", "--run", run, "--data", task["test"], "--json")
     assert ev.returncode == 0, ev.stderr
@@ -323,10 +389,32 @@ def test_both_backends_follow_the_same_trajectory_on_a_quantized_bundle(quant_bu
     runs = {}
     for backend in ("portable", "ort-training"):
         runs[backend] = tmp_path / backend
-        out = run_cli("train", "--bundle", quant_bundle, "--data", task["train"], "--run", runs[backend], "--epochs", 3,
-                      "--batch-size", 24, "--kv", "ram", "--seed", 5, "--weight-decay", 0.05, "--backend", backend)
+        out = run_cli(
+            "train",
+            "--bundle",
+            quant_bundle,
+            "--data",
+            task["train"],
+            "--run",
+            runs[backend],
+            "--epochs",
+            3,
+            "--batch-size",
+            24,
+            "--kv",
+            "ram",
+            "--seed",
+            5,
+            "--weight-decay",
+            0.05,
+            "--backend",
+            backend,
+        )
         assert out.returncode == 0, out.stderr
-    metrics = {b: [json.loads(x)["train_loss"] for x in (r / "metrics.jsonl").read_text().splitlines()] for b, r in runs.items()}
+    metrics = {
+        b: [json.loads(x)["train_loss"] for x in (r / "metrics.jsonl").read_text().splitlines()]
+        for b, r in runs.items()
+    }
     assert len(metrics["portable"]) == 3
     for got, want in zip(metrics["portable"], metrics["ort-training"]):
         assert abs(got - want) <= 1e-5 * abs(want)
@@ -336,9 +424,17 @@ def test_both_backends_follow_the_same_trajectory_on_a_quantized_bundle(quant_bu
 
 
 # Each method in one mode (all ten pairs passed when this was written; an export costs ~15 s here).
-@pytest.mark.parametrize("method,last_k,mode", [("linear", None, "int8"), ("vpt", 2, "int4"), ("adaptformer", 2, "int8"),
-                                                ("finetune", 1, "int4"), ("vqt+adaptformer", 2, "int4"),
-                                                ("vqt+adaptformer", 2, "int8")])
+@pytest.mark.parametrize(
+    "method,last_k,mode",
+    [
+        ("linear", None, "int8"),
+        ("vpt", 2, "int4"),
+        ("adaptformer", 2, "int8"),
+        ("finetune", 1, "int4"),
+        ("vqt+adaptformer", 2, "int4"),
+        ("vqt+adaptformer", 2, "int8"),
+    ],
+)
 def test_other_methods_export_and_train_quantized(method, last_k, mode, tiny_backbone, task, tmp_path):
     """Every method exports with --quantize and trains on the portable backend. frozen.onnx is
     quantized for all; the step graph reads exactly the head weights head.onnx quantized (VQT's
@@ -354,7 +450,9 @@ def test_other_methods_export_and_train_quantized(method, last_k, mode, tiny_bac
     assert q[mf.STEP_MODEL]["weights"] == 2 * q[mf.HEAD_MODEL]["weights"]
     assert (q[mf.HEAD_MODEL]["weights"] > 0) == (method in QUERY_METHODS)
     run = tmp_path / "run"
-    out = run_cli("train", "--bundle", bundle, "--data", task["train"], "--run", run, "--epochs", 1, "--backend", "portable")
+    out = run_cli(
+        "train", "--bundle", bundle, "--data", task["train"], "--run", run, "--epochs", 1, "--backend", "portable"
+    )
     assert out.returncode == 0, out.stderr
     assert (run / "model.onnx").exists()
 
@@ -379,20 +477,32 @@ def test_step_rewrite_reads_one_quantization_for_forward_stored_transposed_and_f
         g = helper.make_graph(nodes, "g", [vi(n, s) for n, s in inputs], [vi(n, s) for n, s in outputs], inits)
         return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
 
-    head = graph([helper.make_node("MatMul", ["x", "w"], ["y"])], [("x", [L, "m", K])], [("y", [L, "m", N])],
-                 [numpy_helper.from_array(w, "w")])
+    head = graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        [("x", [L, "m", K])],
+        [("y", [L, "m", N])],
+        [numpy_helper.from_array(w, "w")],
+    )
     onnx.save(head, str(tmp_path / "head.onnx"))
     quantize(mode, tmp_path / "head.onnx", tmp_path / "head_q.onnx")
     deq = dequantized_weights(tmp_path / "head.onnx", tmp_path / "head_q.onnx")["w"]
-    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"]),
-             helper.make_node("MatMul", ["dy", "W_t"], ["dx1"]),
-             helper.make_node("Transpose", ["W"], ["W_T"], perm=[0, 2, 1]),
-             helper.make_node("MatMul", ["dy", "W_T"], ["dx2"]),
-             helper.make_node("Transpose", ["dy"], ["dy_T"], perm=[0, 2, 1]),
-             helper.make_node("MatMul", ["W", "dy_T"], ["dx3_T"])]
-    step = graph(nodes, [("x", [L, "m", K]), ("dy", [L, "m", N])],
-                 [("y", [L, "m", N]), ("dx1", [L, "m", K]), ("dx2", [L, "m", K]), ("dx3_T", [L, K, "m"])],
-                 [numpy_helper.from_array(deq, "W"), numpy_helper.from_array(np.ascontiguousarray(deq.transpose(0, 2, 1)), "W_t")])
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["y"]),
+        helper.make_node("MatMul", ["dy", "W_t"], ["dx1"]),
+        helper.make_node("Transpose", ["W"], ["W_T"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["dy", "W_T"], ["dx2"]),
+        helper.make_node("Transpose", ["dy"], ["dy_T"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["W", "dy_T"], ["dx3_T"]),
+    ]
+    step = graph(
+        nodes,
+        [("x", [L, "m", K]), ("dy", [L, "m", N])],
+        [("y", [L, "m", N]), ("dx1", [L, "m", K]), ("dx2", [L, "m", K]), ("dx3_T", [L, K, "m"])],
+        [
+            numpy_helper.from_array(deq, "W"),
+            numpy_helper.from_array(np.ascontiguousarray(deq.transpose(0, 2, 1)), "W_t"),
+        ],
+    )
     onnx.save(step, str(tmp_path / "step.onnx"))
     record = quantize_step_graph(tmp_path / "step.onnx", tmp_path / "head_q.onnx", {"w": deq}, mode)
     assert record["weights"] == 3 and record["transposed"] == 2 and record["matmuls"] == 4 * L
@@ -400,8 +510,13 @@ def test_step_rewrite_reads_one_quantization_for_forward_stored_transposed_and_f
     floats = [t for t in rewritten.graph.initializer if t.data_type == TensorProto.FLOAT]
     assert max(int(np.prod(t.dims)) for t in floats) <= K * N // 32  # int4's scales and zero points, no weight
     x, dy = rng.standard_normal((L, M, K)).astype(np.float32), rng.standard_normal((L, M, N)).astype(np.float32)
-    y, dx1, dx2, dx3_t = onnxruntime.InferenceSession(str(tmp_path / "step.onnx"), providers=["CPUExecutionProvider"]).run(
-        None, {"x": x, "dy": dy})
-    for got, want in ((y, x @ deq), (dx1, dy @ deq.transpose(0, 2, 1)), (dx2, dy @ deq.transpose(0, 2, 1)),
-                      (dx3_t, deq @ dy.transpose(0, 2, 1))):
+    y, dx1, dx2, dx3_t = onnxruntime.InferenceSession(
+        str(tmp_path / "step.onnx"), providers=["CPUExecutionProvider"]
+    ).run(None, {"x": x, "dy": dy})
+    for got, want in (
+        (y, x @ deq),
+        (dx1, dy @ deq.transpose(0, 2, 1)),
+        (dx2, dy @ deq.transpose(0, 2, 1)),
+        (dx3_t, deq @ dy.transpose(0, 2, 1)),
+    ):
         assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()

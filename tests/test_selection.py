@@ -66,8 +66,21 @@ def test_select_features_keeps_the_largest_columns():
 @pytest.fixture(scope="module")
 def selected_run(tmp_path_factory, tiny_bundle, task) -> Path:
     run = tmp_path_factory.mktemp("runs") / "keep03"
-    out = run_cli("train", "--bundle", tiny_bundle, "--data", task["train"], "--run", run, "--epochs", 3,
-                  "--val-split", 0.2, "--keep-fraction", 0.3)
+    out = run_cli(
+        "train",
+        "--bundle",
+        tiny_bundle,
+        "--data",
+        task["train"],
+        "--run",
+        run,
+        "--epochs",
+        3,
+        "--val-split",
+        0.2,
+        "--keep-fraction",
+        0.3,
+    )
     assert out.returncode == 0, out.stderr
     return run
 
@@ -123,7 +136,9 @@ def test_predictions_of_the_run_equal_model_onnx(selected_run, tiny_bundle, task
 
 
 def test_bad_keep_fraction_is_a_user_error(tmp_path, tiny_bundle, task):
-    out = run_cli("train", "--bundle", tiny_bundle, "--data", task["train"], "--run", tmp_path / "r", "--keep-fraction", 0)
+    out = run_cli(
+        "train", "--bundle", tiny_bundle, "--data", task["train"], "--run", tmp_path / "r", "--keep-fraction", 0
+    )
     assert out.returncode == 2 and out.stderr.startswith("error:") and "Traceback" not in out.stderr
 
 

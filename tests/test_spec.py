@@ -22,7 +22,7 @@ from vqt_edge.spec import METHODS, QUERY_TOKENS, AdapterSpec
 def _all_specs() -> list[AdapterSpec]:
     specs = []
     for method in METHODS:
-        for aggregate in (("concat", "mean", "wsum") if method.startswith("vqt") else ("concat",)):
+        for aggregate in ("concat", "mean", "wsum") if method.startswith("vqt") else ("concat",):
             last_k = None if method in ("linear", "vqt", "head2toe") else 2
             specs.append(AdapterSpec.create(TINY, method, 3, query_tokens=2, aggregate=aggregate, last_k=last_k))
     return specs
@@ -38,8 +38,9 @@ def test_torch_modules_have_exactly_the_shapes_the_spec_derives(spec, tiny_backb
     with torch.no_grad():
         outs = build_frozen(tiny_backbone, spec)(torch.randn(2, 3, TINY.image_size, TINY.image_size))
     outs = outs if isinstance(outs, tuple) else (outs,)
-    assert {n: tuple(o.shape[1:]) for n, o in zip(spec.frozen_outputs, outs)} == \
-        {n: shape for n, (shape, _) in spec.frozen_output_specs.items()}
+    assert {n: tuple(o.shape[1:]) for n, o in zip(spec.frozen_outputs, outs)} == {
+        n: shape for n, (shape, _) in spec.frozen_output_specs.items()
+    }
     extra = [torch.ones(2, *spec.query_keep_shape)] if spec.has_query_tokens else []
     loss, logits = head(*outs, *extra, torch.full((2, 3), 0.5))
     assert logits.shape == (2, 3) and torch.isfinite(loss)
@@ -53,13 +54,24 @@ def test_head_width_is_d_plus_lq_t_d():
     assert spec.query_keep_shape == (2, 4, TINY.dim) and AdapterSpec.create(TINY, "vpt", 3).query_keep_shape is None
 
 
-@pytest.mark.parametrize("changes,field", [
-    (dict(query_tokens=0), "query_tokens"), (dict(query_tokens=True), "query_tokens"),
-    (dict(last_k=1), "last_k"), (dict(query_layers=(0, 0)), "query_layers"), (dict(query_layers=(2, 1)), "query_layers"),
-    (dict(query_layers=(3,)), "query_layers"), (dict(aggregate="max"), "aggregate"), (dict(dropout=1.0), "dropout"),
-    (dict(dropout=float("nan")), "dropout"), (dict(feature_norm="l1"), "feature_norm"), (dict(num_classes=1), "num_classes"),
-    (dict(h2t_target=8), "h2t_target"), (dict(method="lora"), "method"),
-])
+@pytest.mark.parametrize(
+    "changes,field",
+    [
+        (dict(query_tokens=0), "query_tokens"),
+        (dict(query_tokens=True), "query_tokens"),
+        (dict(last_k=1), "last_k"),
+        (dict(query_layers=(0, 0)), "query_layers"),
+        (dict(query_layers=(2, 1)), "query_layers"),
+        (dict(query_layers=(3,)), "query_layers"),
+        (dict(aggregate="max"), "aggregate"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(dropout=float("nan")), "dropout"),
+        (dict(feature_norm="l1"), "feature_norm"),
+        (dict(num_classes=1), "num_classes"),
+        (dict(h2t_target=8), "h2t_target"),
+        (dict(method="lora"), "method"),
+    ],
+)
 def test_a_bad_value_is_refused_when_the_spec_is_made(changes, field):
     spec = AdapterSpec.create(TINY, "vqt", 3)
     with pytest.raises(UserError, match=field):
@@ -67,10 +79,31 @@ def test_a_bad_value_is_refused_when_the_spec_is_made(changes, field):
 
 
 def test_bad_export_values_exit_2_with_one_line(tmp_path):
-    tiny = ["--random-init", "--depth", 3, "--dim", 32, "--heads", 4, "--mlp-dim", 64, "--patch", 8, "--image-size", 32,
-            "--num-classes", 3, "--out", tmp_path / "b"]
-    for args, flag in ((["--query-tokens", 0], "--query-tokens"), (["--dropout", 1.5], "--dropout"),
-                       (["--method", "vpt", "--last-k", 0], "--last-k 0"), (["--method", "linear", "--aggregate", "wsum"], "--aggregate")):
+    tiny = [
+        "--random-init",
+        "--depth",
+        3,
+        "--dim",
+        32,
+        "--heads",
+        4,
+        "--mlp-dim",
+        64,
+        "--patch",
+        8,
+        "--image-size",
+        32,
+        "--num-classes",
+        3,
+        "--out",
+        tmp_path / "b",
+    ]
+    for args, flag in (
+        (["--query-tokens", 0], "--query-tokens"),
+        (["--dropout", 1.5], "--dropout"),
+        (["--method", "vpt", "--last-k", 0], "--last-k 0"),
+        (["--method", "linear", "--aggregate", "wsum"], "--aggregate"),
+    ):
         result = CliRunner().invoke(cli, ["export", *map(str, tiny), *map(str, args)])
         assert result.exit_code == 2 and result.output.startswith("error:") and flag in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "b").exists()
@@ -80,9 +113,16 @@ def test_manifest_round_trips_the_spec_and_refuses_edited_derived_fields(tiny_bu
     m = mf.read_manifest(tiny_bundle)
     data = json.loads((tiny_bundle / mf.MANIFEST).read_text())
     assert mf.Manifest.from_dict(json.loads(m.to_json())).spec == m.spec
-    assert data["trainable_shapes"]["query_tokens"] == [3, 2, TINY.dim] and data["frozen_outputs"] == ["cls", "keys", "values"]
-    for key, value in (("trainable_shapes", {**data["trainable_shapes"], "query_tokens": [3, 1, TINY.dim]}),
-                       ("frozen_outputs", ["cls"]), ("query_tokens", 0)):
+    assert data["trainable_shapes"]["query_tokens"] == [3, 2, TINY.dim] and data["frozen_outputs"] == [
+        "cls",
+        "keys",
+        "values",
+    ]
+    for key, value in (
+        ("trainable_shapes", {**data["trainable_shapes"], "query_tokens": [3, 1, TINY.dim]}),
+        ("frozen_outputs", ["cls"]),
+        ("query_tokens", 0),
+    ):
         with pytest.raises(UserError, match=key):
             mf.Manifest.from_dict({**data, key: value})
 

@@ -65,7 +65,10 @@ def _weight_operands(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> 
             if x not in read:
                 continue
             name, transposed = read[x]
-            if node.op_type == "Transpose" and list(attrs["perm"][-2:]) == [len(attrs["perm"]) - 1, len(attrs["perm"]) - 2]:
+            if node.op_type == "Transpose" and list(attrs["perm"][-2:]) == [
+                len(attrs["perm"]) - 1,
+                len(attrs["perm"]) - 2,
+            ]:
                 read[node.output[0]] = (name, not transposed)
             elif node.op_type in ("MatMul", "FusedMatMul"):
                 uses[name].add((pos, transposed != bool(attrs.get("transB" if pos else "transA", 0))))
@@ -103,12 +106,18 @@ def _check(backbone: VisionTransformer, method: str, last_k: int, tokens: int, t
     assert {n.domain for n in model.graph.node} <= {""}  # standard ops only
     options = onnxruntime.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")  # the graph onnxruntime runs
-    session = onnxruntime.InferenceSession(str(tmp_path / "step.onnx"), options, providers=["CPUExecutionProvider"],
-                                           disabled_optimizers=STEP_DISABLED_OPTIMIZERS)
+    session = onnxruntime.InferenceSession(
+        str(tmp_path / "step.onnx"),
+        options,
+        providers=["CPUExecutionProvider"],
+        disabled_optimizers=STEP_DISABLED_OPTIMIZERS,
+    )
     optimized = onnx.load(str(tmp_path / "optimized.onnx"))
     copies = _transposes_reading(optimized, {"keys", "values"})
     assert not copies, f"the step copies K/V through {copies} (docs/design.md section 10)"
-    if spec.has_query_tokens:  # the backward reads the frozen weights as MLAS's A operand (exporters/vit.py _FrozenMatmul)
+    if (
+        spec.has_query_tokens
+    ):  # the backward reads the frozen weights as MLAS's A operand (exporters/vit.py _FrozenMatmul)
         frozen_weights = {n: params[f"query_path.{n}"].detach().numpy() for n in ("wq", "wo", "w1", "w2")}
         uses = _weight_operands(optimized, frozen_weights)
         assert uses == dict.fromkeys(frozen_weights, {(1, False), (0, False)}), f"{uses} (docs/design.md section 10)"
@@ -132,9 +141,18 @@ def _check(backbone: VisionTransformer, method: str, last_k: int, tokens: int, t
         assert _relative_error(got[grad_name(n)], want) <= RTOL, (n, _relative_error(got[grad_name(n)], want))
 
 
-@pytest.mark.parametrize("method,last_k", [
-    ("linear", 0), ("vqt", 0), ("vpt", 2), ("adaptformer", 2), ("finetune", 2), ("vqt+vpt", 2), ("vqt+adaptformer", 1),
-])
+@pytest.mark.parametrize(
+    "method,last_k",
+    [
+        ("linear", 0),
+        ("vqt", 0),
+        ("vpt", 2),
+        ("adaptformer", 2),
+        ("finetune", 2),
+        ("vqt+vpt", 2),
+        ("vqt+adaptformer", 1),
+    ],
+)
 def test_step_graph_gradients_equal_torch_autograd_tiny(tiny_backbone, method, last_k, tmp_path):
     _check(tiny_backbone, method, last_k, tokens=2, tmp_path=tmp_path)
 

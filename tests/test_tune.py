@@ -43,7 +43,8 @@ def assert_same_result(a: Path, b: Path) -> None:
 def test_tune_runs_the_frozen_pass_once_for_a_3x2_grid(tuned, task):
     result = json.loads((workspace(tuned) / "tune.json").read_text())
     assert len(result["grid"]) == 6 and {(r["lr"], r["weight_decay"]) for r in result["grid"]} == {
-        (lr, wd) for lr in (0.003, 0.01, 0.03) for wd in (0.0, 0.01)}
+        (lr, wd) for lr in (0.003, 0.01, 0.03) for wd in (0.0, 0.01)
+    }
     # 7 trainings (6 configurations + the final run), one frozen pass over the 120 images.
     assert result["images"] == 120
     assert result["frozen_passes"] == 1 and result["frozen_images"] == 120
@@ -64,8 +65,27 @@ def test_a_configuration_equals_a_separate_train_run(tuned, tmp_path, tiny_bundl
     """The shared K/V serve each run exactly the rows a run of its own would compute."""
     row = json.loads((workspace(tuned) / "tune.json").read_text())["grid"][3]
     run = tmp_path / "alone"
-    out = run_cli("train", "--bundle", tiny_bundle, "--data", task["train"], "--run", run, "--lr", row["lr"],
-                  "--weight-decay", row["weight_decay"], "--val-split", 0.2, "--epochs", 2, "--batch-size", 16, "--seed", 1)
+    out = run_cli(
+        "train",
+        "--bundle",
+        tiny_bundle,
+        "--data",
+        task["train"],
+        "--run",
+        run,
+        "--lr",
+        row["lr"],
+        "--weight-decay",
+        row["weight_decay"],
+        "--val-split",
+        0.2,
+        "--epochs",
+        2,
+        "--batch-size",
+        16,
+        "--seed",
+        1,
+    )
     assert out.returncode == 0, out.stderr
     assert_same_result(run, workspace(tuned) / row["run"])
 
@@ -73,9 +93,26 @@ def test_a_configuration_equals_a_separate_train_run(tuned, tmp_path, tiny_bundl
 def test_killed_tune_resumes_per_configuration(tuned, tmp_path, tiny_bundle, task):
     run = tmp_path / "best"
     space = workspace(run)
-    proc = subprocess.Popen([sys.executable, "-c", CLI, "tune", "--bundle", str(tiny_bundle), "--data", str(task["train"]),
-                             "--run", str(run), *map(str, GRID)], cwd=REPO, env=ENV, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            CLI,
+            "tune",
+            "--bundle",
+            str(tiny_bundle),
+            "--data",
+            str(task["train"]),
+            "--run",
+            str(run),
+            *map(str, GRID),
+        ],
+        cwd=REPO,
+        env=ENV,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     first = space / "lr0.003_wd0" / "summary.json"
     wait_for(first.exists, proc)
     proc.send_signal(signal.SIGKILL)

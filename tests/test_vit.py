@@ -27,11 +27,15 @@ def test_backbone_features_bit_identical_with_and_without_query_tokens(tiny_back
     x = torch.randn(3, 3, TINY.image_size, TINY.image_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         plain_blocks, (plain_cls, _, _) = _block_outputs(tiny_backbone, lambda: tiny_backbone(x))
-        model = VQTClassifier(tiny_backbone, build_head(tiny_backbone, AdapterSpec.create(TINY, "vqt", 5, query_tokens=4)))
+        model = VQTClassifier(
+            tiny_backbone, build_head(tiny_backbone, AdapterSpec.create(TINY, "vqt", 5, query_tokens=4))
+        )
         for tokens in (model.vqt.query_path.query_tokens.clone(), torch.randn(3, 4, TINY.dim) * 10):
             model.vqt.query_path.query_tokens.copy_(tokens)
             captured_cls = []
-            hook = tiny_backbone.norm.register_forward_hook(lambda _m, _i, out: captured_cls.append(out[:, 0].clone()))
+            hook = tiny_backbone.norm.register_forward_hook(
+                lambda _m, _i, out, captured_cls=captured_cls: captured_cls.append(out[:, 0].clone())
+            )
             vqt_blocks, _ = _block_outputs(tiny_backbone, lambda: model(x))
             hook.remove()
             assert len(vqt_blocks) == TINY.depth
@@ -82,6 +86,7 @@ def test_query_outputs_equal_independent_formulation(tiny_backbone):
 def test_head_features_layout_and_normalization():
     cls = torch.randn(2, 4)
     z = torch.randn(2, 3, 2, 4)  # [B, Lq, T, D]
+
     def groups(z):  # [n(cls), n(z_l1), ...]: each layer's T outputs concatenated (the default)
         return [cls] + list(aggregate_tokens(z, "concat").unbind(1))
 

@@ -27,8 +27,16 @@ from tests.conftest import make_task, run_cli
 CHROMIUM = "/usr/bin/chromium"
 # Headless on a closed network: without the background-networking flags Chromium keeps trying to
 # reach Google's hosts (/work/.library/env/machines/python.md).
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def _missing() -> str | None:
@@ -57,8 +65,10 @@ def b64(a: np.ndarray) -> str:
 
 
 FROM_B64 = "const f32 = (s) => new Float32Array(Uint8Array.from(atob(s), (c) => c.charCodeAt(0)).buffer);"
-TO_B64 = "const b64 = (a) => { const u = new Uint8Array(a.buffer, a.byteOffset, a.byteLength); let s = ''; " \
-         "for (let i = 0; i < u.length; i += 32768) s += String.fromCharCode(...u.subarray(i, i + 32768)); return btoa(s); };"
+TO_B64 = (
+    "const b64 = (a) => { const u = new Uint8Array(a.buffer, a.byteOffset, a.byteLength); let s = ''; "
+    "for (let i = 0; i < u.length; i += 32768) s += String.fromCharCode(...u.subarray(i, i + 32768)); return btoa(s); };"
+)
 
 
 def unb64(s: str) -> np.ndarray:
@@ -118,13 +128,16 @@ def page(browser, site_url):
 # -- 1: the optimizer, the schedule and the generator equal numpy's --------------------------------------
 def test_js_adamw_schedule_and_generator_equal_numpy(page, fmnist_bundle, tmp_path):
     from device_runner.backends import PortableBackend
-    from vqt_edge.optim import lr_at
     from vqt_edge import manifest as mf
+    from vqt_edge.optim import lr_at
 
     shapes = mf.read_manifest(fmnist_bundle).spec.trainable_shapes
     rng = np.random.default_rng(5)
     params = {n: rng.normal(size=s).astype(np.float32) for n, s in shapes.items()}
-    grads = [{n: (rng.normal(size=s) * 10.0 ** rng.integers(-4, 1)).astype(np.float32) for n, s in shapes.items()} for _ in range(20)]
+    grads = [
+        {n: (rng.normal(size=s) * 10.0 ** rng.integers(-4, 1)).astype(np.float32) for n, s in shapes.items()}
+        for _ in range(20)
+    ]
     total, warmup, base, wd = 20, 2, 1e-2, 1e-4
     # The real update: PortableBackend.step on the same gradients (set where forward() accumulates them);
     # parameters and moments read back from the checkpoint it writes.
@@ -149,14 +162,24 @@ def test_js_adamw_schedule_and_generator_equal_numpy(page, fmnist_bundle, tmp_pa
                  random: Array.from(new v.Generator([0, 1, 2]).randomArray(1000)),
                  perm: new v.Generator([3, 4]).permutation(97)}};
         }}""",
-        [{n: b64(p) for n, p in params.items()}, [{n: b64(g) for n, g in s.items()} for s in grads],
-         {n: list(s) for n, s in shapes.items()}, total, warmup, base, wd],
+        [
+            {n: b64(p) for n, p in params.items()},
+            [{n: b64(g) for n, g in s.items()} for s in grads],
+            {n: list(s) for n, s in shapes.items()},
+            total,
+            warmup,
+            base,
+            wd,
+        ],
     )
     assert out["lrs"] == pytest.approx([lr_at(i, total, warmup, base) for i in range(total)], rel=1e-12)
     assert out["warm"] == [round(w * s) for w, s in [(3.0, 4), (0.7, 3), (0.5, 5), (0.3, 5)]]
     for n in shapes:
-        for got, want in ((out["params"][n], saved[f"param/{n}"]), (out["m"][n], saved[f"exp_avg/{n}"]),
-                          (out["v"][n], saved[f"exp_avg_sq/{n}"])):
+        for got, want in (
+            (out["params"][n], saved[f"param/{n}"]),
+            (out["m"][n], saved[f"exp_avg/{n}"]),
+            (out["v"][n], saved[f"exp_avg_sq/{n}"]),
+        ):
             want = want.ravel()
             np.testing.assert_allclose(unb64(got), want, rtol=1e-6, atol=1e-6 * float(np.abs(want).max()))
         assert not np.array_equal(saved[f"param/{n}"], params[n])  # it moved: the comparison can fail
@@ -172,7 +195,9 @@ def test_step_graph_in_the_page_equals_python(page, fmnist_bundle):
     m = mf.read_manifest(fmnist_bundle)
     spec, b = m.spec, 4
     rng = np.random.default_rng(0)
-    feeds = {name: rng.normal(size=(b, *shape)).astype(np.float32) for name, (shape, _) in spec.frozen_output_specs.items()}
+    feeds = {
+        name: rng.normal(size=(b, *shape)).astype(np.float32) for name, (shape, _) in spec.frozen_output_specs.items()
+    }
     feeds["query_keep"] = ((rng.random((b, *spec.query_keep_shape)) >= 0.1) / np.float32(0.9)).astype(np.float32)
     feeds["targets"] = np.eye(spec.num_classes, dtype=np.float32)[rng.integers(0, spec.num_classes, b)] / np.float32(b)
     backend = PortableBackend(fmnist_bundle, m, "cpu", 1, None)
@@ -186,7 +211,11 @@ def test_step_graph_in_the_page_equals_python(page, fmnist_bundle):
         const out = await v.runStep(p, t);
         return Object.fromEntries(Object.entries(out).map(([n, a]) => [n, b64(a)]));
         }}""",
-        [{n: b64(p) for n, p in params.items()}, {n: b64(a) for n, a in feeds.items()}, {n: list(a.shape) for n, a in feeds.items()}],
+        [
+            {n: b64(p) for n, p in params.items()},
+            {n: b64(a) for n, a in feeds.items()},
+            {n: list(a.shape) for n, a in feeds.items()},
+        ],
     )
     want = {"loss": np.float32(loss).reshape(1), "logits": logits, **{f"grad.{n}": g for n, g in backend.grads.items()}}
     assert set(out) == set(want)
@@ -206,9 +235,17 @@ def test_page_preprocessing_matches_pillow(page, fmnist_bundle, tmp_path):
 
     m = mf.read_manifest(fmnist_bundle)
     rng = np.random.default_rng(3)
-    images = {"down.png": (97, 130), "up.png": (11, 17), "same.png": (28, 28), "wide.png": (28, 90), "photo.jpg": (120, 160)}
+    images = {
+        "down.png": (97, 130),
+        "up.png": (11, 17),
+        "same.png": (28, 28),
+        "wide.png": (28, 90),
+        "photo.jpg": (120, 160),
+    }
     for name, (h, w) in images.items():
-        smooth = np.asarray(Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((w, h), Image.Resampling.BILINEAR))
+        smooth = np.asarray(
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((w, h), Image.Resampling.BILINEAR)
+        )
         noisy = np.clip(smooth.astype(int) + rng.integers(-40, 40, smooth.shape), 0, 255).astype(np.uint8)
         Image.fromarray(noisy).save(tmp_path / name, quality=90)
     Image.fromarray(rng.integers(0, 256, (40, 30, 4), dtype=np.uint8), "RGBA").save(tmp_path / "alpha.png")
@@ -255,16 +292,36 @@ def test_whole_run_in_the_page_download_import_predict(browser, site_url, fmnist
         download.value.save_as(tmp_path / "dl" / name)
     # The same run in Python (same data order, dropout masks, split and schedule): the same adapter.
     py_run = tmp_path / "py_run"
-    result = run_cli("train", "--bundle", fmnist_bundle, "--data", data, "--run", py_run, "--epochs", 3, "--val-split", 0.2,
-                     "--backend", "portable", "--kv", "ram")
+    result = run_cli(
+        "train",
+        "--bundle",
+        fmnist_bundle,
+        "--data",
+        data,
+        "--run",
+        py_run,
+        "--epochs",
+        3,
+        "--val-split",
+        0.2,
+        "--backend",
+        "portable",
+        "--kv",
+        "ram",
+    )
     assert result.returncode == 0, result.stderr
-    page_adapter, py_adapter = load_file(str(tmp_path / "dl" / "adapter.safetensors")), load_file(str(py_run / "adapter.safetensors"))
+    page_adapter, py_adapter = (
+        load_file(str(tmp_path / "dl" / "adapter.safetensors")),
+        load_file(str(py_run / "adapter.safetensors")),
+    )
     assert set(page_adapter) == set(py_adapter)
     for n in py_adapter:
         np.testing.assert_allclose(page_adapter[n], py_adapter[n], atol=2e-4 * float(np.abs(py_adapter[n]).max()))
     # Import the download, then predict the same photos in Python and in the page.
     run = tmp_path / "imported"
-    result = run_cli("import-adapter", "--bundle", fmnist_bundle, "--adapter", tmp_path / "dl" / "adapter.safetensors", "--run", run)
+    result = run_cli(
+        "import-adapter", "--bundle", fmnist_bundle, "--adapter", tmp_path / "dl" / "adapter.safetensors", "--run", run
+    )
     assert result.returncode == 0, result.stderr
     photos = sorted(test.rglob("*.png"))
     page.set_input_files("#predict-files", [str(p) for p in photos])
@@ -284,8 +341,17 @@ def test_whole_run_in_the_page_download_import_predict(browser, site_url, fmnist
     # An adapter config of another frozen graph is refused, and no run is left behind.
     config = json.loads((tmp_path / "dl" / "adapter_config.json").read_text())
     (tmp_path / "other.json").write_text(json.dumps({**config, "frozen_sha256": "0" * 64}))
-    result = run_cli("import-adapter", "--bundle", fmnist_bundle, "--adapter", tmp_path / "dl" / "adapter.safetensors",
-                     "--config", tmp_path / "other.json", "--run", tmp_path / "refused")
+    result = run_cli(
+        "import-adapter",
+        "--bundle",
+        fmnist_bundle,
+        "--adapter",
+        tmp_path / "dl" / "adapter.safetensors",
+        "--config",
+        tmp_path / "other.json",
+        "--run",
+        tmp_path / "refused",
+    )
     assert result.returncode == 2 and "another frozen graph" in result.stderr and not (tmp_path / "refused").exists()
     assert page.errors == []  # type: ignore[attr-defined]
     page.close()
@@ -294,6 +360,7 @@ def test_whole_run_in_the_page_download_import_predict(browser, site_url, fmnist
 # -- 4: bad files get a clear message; the page keeps working ---------------------------------------------
 def _huge_png(path: Path, side: int = 10_001) -> None:
     """A grey PNG above the 100 MP limit, written row by row (a few hundred KB on disk)."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
@@ -301,8 +368,12 @@ def _huge_png(path: Path, side: int = 10_001) -> None:
     for _ in range(side):
         parts.append(z.compress(row))
     parts.append(z.flush())
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
-                     + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", b"".join(parts))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_bad_files_get_a_clear_message_and_nothing_breaks(browser, site_url, tmp_path):

@@ -69,9 +69,11 @@ def read(folder: Path) -> dict:
 def check_matches(config: dict, manifest: Manifest, source: Path) -> None:
     """Refuse a bundle the adapter was not trained on: another frozen graph, architecture or head."""
     if config["frozen_sha256"] != manifest.files.get(mf.FROZEN):
-        raise UserError(f"{source}: was trained on another frozen graph (frozen.onnx sha256 "
-                        f"{config['frozen_sha256'][:12]}..., the bundle's is {manifest.files.get(mf.FROZEN, '?')[:12]}...); "
-                        "give the bundle it was trained on")
+        raise UserError(
+            f"{source}: was trained on another frozen graph (frozen.onnx sha256 "
+            f"{config['frozen_sha256'][:12]}..., the bundle's is {manifest.files.get(mf.FROZEN, '?')[:12]}...); "
+            "give the bundle it was trained on"
+        )
     for key, value in _bundle_fields(manifest).items():
         if config[key] != value:
             raise UserError(f"{source}: {key} is {config[key]!r}, the bundle's is {value!r}")

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from vqt_edge.config import TrainConfig
 from vqt_edge.errors import UserError
@@ -56,13 +57,28 @@ def parse_query_layers(text: str, depth: int) -> list[int]:
 
 
 def export(
-    out: PathLike, *, model: str | None = None, weights: PathLike | None = None, random_init: bool = False,
-    num_classes: int | None = None, classes: Sequence[str] | None = None, method: str = "vqt", last_k: int | None = None,
-    query_tokens: int = 1, query_layers: str | Sequence[int] = "all", feature_norm: str = "l2", dropout: float = 0.1,
-    aggregate: str = "concat", h2t_target: int | None = None,
-    mean: Sequence[float] | None = None, std: Sequence[float] | None = None, seed: int = 0,
-    sizes: dict[str, int | None] | None = None, progress: Progress | None = None, quantize: str = "none",
-) -> "Manifest":
+    out: PathLike,
+    *,
+    model: str | None = None,
+    weights: PathLike | None = None,
+    random_init: bool = False,
+    num_classes: int | None = None,
+    classes: Sequence[str] | None = None,
+    method: str = "vqt",
+    last_k: int | None = None,
+    query_tokens: int = 1,
+    query_layers: str | Sequence[int] = "all",
+    feature_norm: str = "l2",
+    dropout: float = 0.1,
+    aggregate: str = "concat",
+    h2t_target: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    seed: int = 0,
+    sizes: dict[str, int | None] | None = None,
+    progress: Progress | None = None,
+    quantize: str = "none",
+) -> Manifest:
     """Write a bundle to `out` (needs torch); the options are `vqt-edge export`'s. Returns its manifest.
 
     `weights`: a checkpoint file or folder, `hf-hub:ORG/NAME[@REVISION]`, or a timm model name such as
@@ -90,13 +106,27 @@ def export(
     level = root.level  # exporters/export.py lowers the root logger to WARNING (generate_artifacts is chatty)
     try:
         run_export(
-            model_name=model, weights=weights if weights is None or isinstance(weights, str) else Path(weights),
+            model_name=model,
+            weights=weights if weights is None or isinstance(weights, str) else Path(weights),
             random_init=random_init,
-            num_classes=num_classes, class_names=class_names, out=out, method=method, last_k=last_k, query_tokens=query_tokens,
-            query_layers=layers, feature_norm=feature_norm, dropout=dropout, aggregate=aggregate, h2t_target=h2t_target,
-            mean=list(mean) if mean is not None else None, std=list(std) if std is not None else None, seed=seed,
+            num_classes=num_classes,
+            class_names=class_names,
+            out=out,
+            method=method,
+            last_k=last_k,
+            query_tokens=query_tokens,
+            query_layers=layers,
+            feature_norm=feature_norm,
+            dropout=dropout,
+            aggregate=aggregate,
+            h2t_target=h2t_target,
+            mean=list(mean) if mean is not None else None,
+            std=list(std) if std is not None else None,
+            seed=seed,
             sizes={k: (sizes or {}).get(k) for k in ("depth", "dim", "heads", "mlp_dim", "patch", "image_size")},
-            parse_layers=parse_query_layers, log=progress or log.info, quantize=quantize,
+            parse_layers=parse_query_layers,
+            log=progress or log.info,
+            quantize=quantize,
         )
     finally:
         root.setLevel(level)
@@ -104,9 +134,17 @@ def export(
 
 
 def train(
-    bundle: PathLike | None, data: PathLike | None, run: PathLike, config: TrainConfig | None = None, *,
-    val: PathLike | None = None, test: PathLike | None = None, resume: bool = False,
-    progress: Progress | None = None, on_progress: "OnProgress | None" = None, process_wide: bool = False,
+    bundle: PathLike | None,
+    data: PathLike | None,
+    run: PathLike,
+    config: TrainConfig | None = None,
+    *,
+    val: PathLike | None = None,
+    test: PathLike | None = None,
+    resume: bool = False,
+    progress: Progress | None = None,
+    on_progress: OnProgress | None = None,
+    process_wide: bool = False,
 ) -> dict:
     """Train (or with `resume`, continue) a run to its end and return its summary (summary.json).
 
@@ -123,8 +161,10 @@ def train(
     `process_wide`: set lean malloc for the process (the memory model assumes it: pass it with a
     memory budget) and turn SIGINT/SIGTERM into checkpoint-and-stop during this call.
     """
-    from device_runner.evaluate import FinishedRun, evaluate as run_evaluate
-    from device_runner.trainer import enforce_budget, train as run_training
+    from device_runner.evaluate import FinishedRun
+    from device_runner.evaluate import evaluate as run_evaluate
+    from device_runner.trainer import enforce_budget
+    from device_runner.trainer import train as run_training
     from vqt_edge.run_folder import RunFolder
 
     cfg = config if config is not None else TrainConfig()
@@ -132,9 +172,18 @@ def train(
     if not resume and (bundle is None or data is None):
         raise UserError("give --bundle and --data (or --resume to continue a run)")
     echo = progress or log.info
-    summary = run_training(Path(bundle) if bundle is not None else None, run, cfg,
-                           Path(data) if data is not None else None, Path(val) if val is not None else None, resume,
-                           echo=echo, with_test=test is not None, process_wide=process_wide, progress=on_progress)
+    summary = run_training(
+        Path(bundle) if bundle is not None else None,
+        run,
+        cfg,
+        Path(data) if data is not None else None,
+        Path(val) if val is not None else None,
+        resume,
+        echo=echo,
+        with_test=test is not None,
+        process_wide=process_wide,
+        progress=on_progress,
+    )
     if test is not None:
         # at the frozen-pass batch: what the memory plan counted (vqt_edge/memory.py), as fast per image as larger ones
         result = run_evaluate(FinishedRun.open(run, cfg.device), Path(test), summary["memory_plan"]["frozen_batch"])
@@ -146,23 +195,37 @@ def train(
 
 def evaluate(run: PathLike, data: PathLike, batch_size: int = 32, device: str = "cpu") -> dict:
     """Accuracy (in [0,1]), per-class accuracy and confusion matrix of a finished run on labelled images."""
-    from device_runner.evaluate import FinishedRun, evaluate as run_evaluate
+    from device_runner.evaluate import FinishedRun
+    from device_runner.evaluate import evaluate as run_evaluate
 
     return run_evaluate(FinishedRun.open(Path(run), device), Path(data), batch_size)
 
 
-def predict(run: PathLike | None, images: Sequence[PathLike], batch_size: int = 32, device: str = "cpu", *,
-            model: PathLike | None = None) -> list[dict]:
+def predict(
+    run: PathLike | None,
+    images: Sequence[PathLike],
+    batch_size: int = 32,
+    device: str = "cpu",
+    *,
+    model: PathLike | None = None,
+) -> list[dict]:
     """One {path, label, logits} per image through the run's model.onnx (or, with `model` instead of a
     run, a model.onnx alone: it carries its classes and preprocessing); an unreadable image gives
     {path, error} instead (the CLI prints those as warnings and exits 2)."""
     return list(predictions(run, images, batch_size, device, model=model))
 
 
-def predictions(run: PathLike | None, images: Sequence[PathLike], batch_size: int = 32, device: str = "cpu", *,
-                model: PathLike | None = None) -> Iterator[dict]:
+def predictions(
+    run: PathLike | None,
+    images: Sequence[PathLike],
+    batch_size: int = 32,
+    device: str = "cpu",
+    *,
+    model: PathLike | None = None,
+) -> Iterator[dict]:
     """`predict`, one result at a time as batches finish: memory does not grow with the number of images."""
-    from device_runner.evaluate import FinishedRun, predict as run_predict
+    from device_runner.evaluate import FinishedRun
+    from device_runner.evaluate import predict as run_predict
     from device_runner.model_file import open_model
 
     if (run is None) == (model is None):
@@ -179,8 +242,9 @@ def package(run: PathLike, format: str, out: PathLike) -> list[Path]:
     return write_package(Path(run), format, Path(out))
 
 
-def load_adapter(run_or_dir: PathLike, bundle: PathLike | None = None, device: str = "cpu",
-                 threads: int | None = None) -> "AdapterModel":
+def load_adapter(
+    run_or_dir: PathLike, bundle: PathLike | None = None, device: str = "cpu", threads: int | None = None
+) -> AdapterModel:
     """The adapter in `run_or_dir` (a run folder, or adapter.safetensors + adapter_config.json)
     applied to `bundle`'s frozen graph (default: the bundle its run.json names). Its `predict`
     (paths or PIL images) and `logits` (pixels) give the run's model.onnx outputs."""

@@ -5,10 +5,9 @@ One frozen dataclass describes a ViT; the named presets are the sizes `export --
 
 from __future__ import annotations
 
-from typing import Any
-
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 from vqt_edge.errors import UserError
 
@@ -47,7 +46,7 @@ class ViTArch:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ViTArch":
+    def from_dict(cls, d: dict) -> ViTArch:
         names = {f.name for f in dataclasses.fields(cls)}
         missing = {"depth", "dim", "heads", "mlp_dim", "patch", "image_size"} - set(d)
         if missing:

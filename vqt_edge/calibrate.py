@@ -65,14 +65,19 @@ def pool(stats: list[dict[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np
         cov = raw - mean**2
     else:
         f = stats[0][MEAN].shape[1]
-        raw = sum(s[COUNT][:, None, None] * (unpack(s[COV], f) + s[MEAN][:, :, None] * s[MEAN][:, None, :])
-                  for s in stats) / safe[:, None, None]
+        raw = (
+            sum(
+                s[COUNT][:, None, None] * (unpack(s[COV], f) + s[MEAN][:, :, None] * s[MEAN][:, None, :]) for s in stats
+            )
+            / safe[:, None, None]
+        )
         cov = raw - mean[:, :, None] * mean[:, None, :]
     return count, mean, cov
 
 
-def virtual_features(count: np.ndarray, mean: np.ndarray, cov: np.ndarray, per_class: int,
-                     seed: int) -> tuple[np.ndarray, np.ndarray]:
+def virtual_features(
+    count: np.ndarray, mean: np.ndarray, cov: np.ndarray, per_class: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """`per_class` draws from N(mean_c, cov_c) for every class some client holds (seeded)."""
     rng = np.random.default_rng(seed)
     xs, ys = [], []
@@ -87,8 +92,9 @@ def virtual_features(count: np.ndarray, mean: np.ndarray, cov: np.ndarray, per_c
     return np.concatenate(xs).astype(np.float32), np.concatenate(ys)
 
 
-def refit_head(x: np.ndarray, y: np.ndarray, weight: np.ndarray, bias: np.ndarray, steps: int = STEPS,
-               lr: float = LR) -> tuple[np.ndarray, np.ndarray]:
+def refit_head(
+    x: np.ndarray, y: np.ndarray, weight: np.ndarray, bias: np.ndarray, steps: int = STEPS, lr: float = LR
+) -> tuple[np.ndarray, np.ndarray]:
     """Softmax regression on (x, y) by full-batch Adam, starting from the aggregated head (W [C, F], b [C])."""
     params = {"w": weight.astype(np.float64), "b": bias.astype(np.float64)}
     adam = AdamW.zeros_like(params, dtype=np.float64, eps=EPS)
@@ -104,8 +110,9 @@ def refit_head(x: np.ndarray, y: np.ndarray, weight: np.ndarray, bias: np.ndarra
     return w.astype(np.float32), b.astype(np.float32)
 
 
-def calibrate_head(tensors: dict[str, np.ndarray], stats: list[dict[str, np.ndarray]], seed: int,
-                   per_class: int = VIRTUAL_PER_CLASS) -> dict[str, np.ndarray]:
+def calibrate_head(
+    tensors: dict[str, np.ndarray], stats: list[dict[str, np.ndarray]], seed: int, per_class: int = VIRTUAL_PER_CLASS
+) -> dict[str, np.ndarray]:
     """The aggregated tensors with head.weight/head.bias refitted on virtual features from the
     clients' pooled per-class Gaussians; every other tensor as it was."""
     count, mean, cov = pool(stats)

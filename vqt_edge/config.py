@@ -52,7 +52,8 @@ class TrainConfig:
         metavar="SIZE",
     )
     keep_fraction: float = _opt(
-        1.0, "After training, keep this fraction of the head's input features (group-lasso selection, paper B.2); 1: off."
+        1.0,
+        "After training, keep this fraction of the head's input features (group-lasso selection, paper B.2); 1: off.",
     )
     lasso: float = _opt(1e-4, "Group-lasso penalty of --keep-fraction's selection.")
     backend: str = _opt(

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 #: errno values that mean "no room for this write": a full disk, a full quota, or a file-size limit
 #: (RLIMIT_FSIZE, with SIGXFSZ ignored). All are reported as a full disk, not as a crash.

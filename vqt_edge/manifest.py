@@ -81,12 +81,14 @@ class Manifest:
         return json.dumps(d, indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = MANIFEST) -> "Manifest":
+    def from_dict(cls, d: dict, source: str = MANIFEST) -> Manifest:
         if not isinstance(d, dict):
             raise UserError(f"{source}: not a JSON object")
         if d.get("format") in RETIRED_FORMATS:
-            raise UserError(f"{source}: exported by an older vqt-edge (format {d['format']!r}; this one reads {FORMAT!r}): "
-                            "re-export the bundle with `vqt-edge export`")
+            raise UserError(
+                f"{source}: exported by an older vqt-edge (format {d['format']!r}; this one reads {FORMAT!r}): "
+                "re-export the bundle with `vqt-edge export`"
+            )
         if d.get("format") != FORMAT:
             raise UserError(f"{source}: unknown bundle format {d.get('format')!r} (this vqt-edge reads {FORMAT!r})")
         check_field_types(d, source)  # a manifest is input: types first, so nothing below can crash on it
@@ -101,8 +103,10 @@ class Manifest:
         except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise UserError(f"{source}: missing or malformed field: {e}") from None
         m.validate(source)
-        for key, want in (("frozen_outputs", spec.frozen_outputs),
-                          ("trainable_shapes", {k: list(v) for k, v in spec.trainable_shapes.items()})):
+        for key, want in (
+            ("frozen_outputs", spec.frozen_outputs),
+            ("trainable_shapes", {k: list(v) for k, v in spec.trainable_shapes.items()}),
+        ):
             if d.get(key) != want:
                 raise UserError(f"{source}: {key} of this adapter spec must be {want}, not {d.get(key)!r}")
         return m

@@ -24,15 +24,34 @@ from vqt_edge.spec import AdapterSpec
 #: How vqt_edge/preprocess.py turns an image into pixel_values; `parse` refuses any other rule, so a
 #: future change of the preprocessing cannot be applied silently to an old file.
 RESIZE = "bicubic squash: pillow Image.resize((S, S), BICUBIC) of the whole image, no crop, aspect ratio not kept"
-COLOR = ("8-bit RGB after EXIF orientation; transparency composited over white; 16-bit and float gray scaled "
-         "to 0-255 (16-bit: 65535 -> 255), not clipped")
+COLOR = (
+    "8-bit RGB after EXIF orientation; transparency composited over white; 16-bit and float gray scaled "
+    "to 0-255 (16-bit: 65535 -> 255), not clipped"
+)
 INPUT = "pixel_values float32 [B,3,S,S], channels first: (RGB / 255 - mean) / std"
 OUTPUT = "logits float32 [B,C]: one per class, in class_names order"
 
 #: Keys every vqt-edge model.onnx carries, in the order they are written.
-KEYS = ("vqt_edge.version", "vqt_edge.format", "base_model", "class_names", "image_size", "resize", "color",
-        "rescale", "mean", "std", "input", "output", "method", "adapter_spec", "quantize", "bundle_sha256",
-        "frozen_sha256", "adapter_sha256")
+KEYS = (
+    "vqt_edge.version",
+    "vqt_edge.format",
+    "base_model",
+    "class_names",
+    "image_size",
+    "resize",
+    "color",
+    "rescale",
+    "mean",
+    "std",
+    "input",
+    "output",
+    "method",
+    "adapter_spec",
+    "quantize",
+    "bundle_sha256",
+    "frozen_sha256",
+    "adapter_sha256",
+)
 
 
 PACKAGE_FORMATS = ("hf", "onnx")  # `vqt-edge package --format`: a Hugging Face folder, or model.onnx alone
@@ -72,10 +91,14 @@ def parse(props: dict[str, str], source: str) -> tuple[Manifest, list[str]]:
     recorded them, or by another tool) is refused with what to do instead."""
     missing = [k for k in KEYS if k not in props]
     if missing:
-        hint = ("it was not written by vqt-edge, or by one older than metadata_props; use `predict --run RUN`, "
-                "or `vqt-edge package --run RUN --format onnx` to write a self-describing copy")
-        raise UserError(f"{source}: no vqt-edge metadata ({', '.join(missing[:3])}{'...' if len(missing) > 3 else ''} "
-                        f"missing): {hint}")
+        hint = (
+            "it was not written by vqt-edge, or by one older than metadata_props; use `predict --run RUN`, "
+            "or `vqt-edge package --run RUN --format onnx` to write a self-describing copy"
+        )
+        raise UserError(
+            f"{source}: no vqt-edge metadata ({', '.join(missing[:3])}{'...' if len(missing) > 3 else ''} "
+            f"missing): {hint}"
+        )
 
     def bad(key: str, why: str) -> UserError:
         return UserError(f"{source}: metadata {key!r} {why}: {props[key][:200]!r}")
@@ -104,14 +127,23 @@ def parse(props: dict[str, str], source: str) -> tuple[Manifest, list[str]]:
         raise bad("image_size", f"does not match the adapter spec's {spec.arch.image_size}")
     for key in ("mean", "std"):
         v = values[key]
-        if not (isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                                                              and math.isfinite(x) for x in v)):
+        if not (
+            isinstance(v, list)
+            and len(v) == 3
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+        ):
             raise bad(key, "must be a list of 3 numbers")
     if any(s <= 0 for s in values["std"]):
         raise bad("std", "must be positive")
     if props["method"] != spec.method:
         raise bad("method", f"does not match the adapter spec's {spec.method!r}")
-    manifest = Manifest(model=props["base_model"], spec=spec, mean=[float(x) for x in values["mean"]],
-                        std=[float(x) for x in values["std"]], class_names=list(names), quantize=props["quantize"])
+    manifest = Manifest(
+        model=props["base_model"],
+        spec=spec,
+        mean=[float(x) for x in values["mean"]],
+        std=[float(x) for x in values["std"]],
+        class_names=list(names),
+        quantize=props["quantize"],
+    )
     manifest.validate(f"{source} (metadata)")
     return manifest, list(names)

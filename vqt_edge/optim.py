@@ -44,7 +44,9 @@ class AdamW:
     dtype: type[np.floating] = field(default=np.float32)
 
     @classmethod
-    def zeros_like(cls, params: dict[str, np.ndarray], dtype: type[np.floating] = np.float32, eps: float = EPS) -> AdamW:
+    def zeros_like(
+        cls, params: dict[str, np.ndarray], dtype: type[np.floating] = np.float32, eps: float = EPS
+    ) -> AdamW:
         zeros = {n: np.zeros_like(p, dtype=dtype) for n, p in params.items()}
         return cls({n: z.copy() for n, z in zeros.items()}, zeros, 0, eps, dtype)
 

@@ -63,9 +63,7 @@ def load_rgb(path: str | os.PathLike[str], *, draft_size: int | None = None) -> 
             with Image.open(os.fspath(path)) as img:
                 width, height = img.size
                 if width * height > MAX_PIXELS:
-                    raise ImageTooLarge(
-                        path, f"{width}x{height} pixels is above the limit of {MAX_PIXELS:,}"
-                    )
+                    raise ImageTooLarge(path, f"{width}x{height} pixels is above the limit of {MAX_PIXELS:,}")
                 if draft_size is not None:
                     img.draft("RGB", (draft_size, draft_size))
                 img.load()
@@ -127,9 +125,7 @@ def _to_uint8(img: Image.Image) -> np.ndarray:
     return np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8)
 
 
-def preprocess(
-    img: Image.Image, image_size: int, mean: Sequence[float], std: Sequence[float]
-) -> np.ndarray:
+def preprocess(img: Image.Image, image_size: int, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """Return float32 [3,S,S]: resize straight to SxS (bicubic), scale to [0,1], normalize.
 
     A plain squash without crop or aspect-ratio preservation is what the VTAB-1k pipelines of

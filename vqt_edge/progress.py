@@ -9,8 +9,8 @@ trains through the API sees no terminal output it did not ask for.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 log = logging.getLogger("vqt_edge")
 

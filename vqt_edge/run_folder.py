@@ -20,9 +20,9 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 from vqt_edge import adapter_config
 from vqt_edge import manifest as mf
@@ -94,10 +94,19 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         text = (bundle / mf.MANIFEST).read_text()
         atomic_write_text(self.path / BUNDLE_MANIFEST, text)
-        atomic_write_text(self.path / RUN_FILE, json.dumps({
-            "bundle": str(bundle.resolve()), **fields, "classes": list(classes),
-            "bundle_manifest_sha256": mf.sha256_file(bundle / mf.MANIFEST),
-        }, indent=2) + "\n")
+        atomic_write_text(
+            self.path / RUN_FILE,
+            json.dumps(
+                {
+                    "bundle": str(bundle.resolve()),
+                    **fields,
+                    "classes": list(classes),
+                    "bundle_manifest_sha256": mf.sha256_file(bundle / mf.MANIFEST),
+                },
+                indent=2,
+            )
+            + "\n",
+        )
 
     def info(self) -> dict:
         """run.json; a missing or damaged one is a UserError."""
@@ -160,8 +169,9 @@ class RunFolder:
         except BaseException as e:
             (self.path / (MODEL + ".tmp")).unlink(missing_ok=True)  # a partial file would keep a full disk full
             if isinstance(e, OSError) and e.errno in DISK_FULL:
-                raise UserError(f"{self.path / MODEL}: disk full while writing it ({os.strerror(e.errno)}); "
-                                f"{resume_hint}") from None
+                raise UserError(
+                    f"{self.path / MODEL}: disk full while writing it ({os.strerror(e.errno)}); {resume_hint}"
+                ) from None
             raise
 
     def finish(self, summary: dict) -> dict:
@@ -211,13 +221,17 @@ class RunFolder:
                 raise UserError(f"{path}: names an unexpected file {name!r}")
         for name in RUN_FILES:
             if name not in files:
-                raise UserError(f"{path}: records no sha256 for {name}, so the run cannot be checked; "
-                                "copy the run folder again, or train again.")
+                raise UserError(
+                    f"{path}: records no sha256 for {name}, so the run cannot be checked; "
+                    "copy the run folder again, or train again."
+                )
             if not (self.path / name).is_file():
                 raise UserError(f"{self.path / name}: missing from the run folder")
             if mf.sha256_file(self.path / name) != files[name]:
-                raise UserError(f"{self.path / name}: sha256 does not match {SUMMARY}; the file is damaged or was "
-                                "replaced. Copy the run folder again, or train again.")
+                raise UserError(
+                    f"{self.path / name}: sha256 does not match {SUMMARY}; the file is damaged or was "
+                    "replaced. Copy the run folder again, or train again."
+                )
 
     def open_finished(self) -> tuple[Manifest, list[str]]:
         """A finished run's bundle manifest and class names, after its files were verified."""
@@ -226,14 +240,20 @@ class RunFolder:
                 raise UserError(f"{self.path}: no {name}; is this a finished `vqt-edge train` run?")
         info = self.info()
         try:
-            manifest = Manifest.from_dict(json.loads((self.path / BUNDLE_MANIFEST).read_text()),
-                                          str(self.path / BUNDLE_MANIFEST))
+            manifest = Manifest.from_dict(
+                json.loads((self.path / BUNDLE_MANIFEST).read_text()), str(self.path / BUNDLE_MANIFEST)
+            )
             classes = info["classes"]
         except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:  # ValueError: bad JSON or UTF-8
             raise UserError(f"{self.path}: damaged run files ({type(e).__name__}: {e})") from None
-        if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)
-                and len(classes) == manifest.spec.num_classes):
-            raise UserError(f"{self.path / RUN_FILE}: damaged: its classes do not match the "
-                            f"{manifest.spec.num_classes} of the bundle")
+        if not (
+            isinstance(classes, list)
+            and all(isinstance(c, str) for c in classes)
+            and len(classes) == manifest.spec.num_classes
+        ):
+            raise UserError(
+                f"{self.path / RUN_FILE}: damaged: its classes do not match the "
+                f"{manifest.spec.num_classes} of the bundle"
+            )
         self.verify()
         return manifest, list(classes)

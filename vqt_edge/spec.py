@@ -49,8 +49,15 @@ QUERY_TOKENS = "query_tokens"
 ADAPTER_BOTTLENECK = 64
 
 # Upper bounds far above any real ViT, low enough that no field can ask for absurd allocations.
-ARCH_LIMITS = {"depth": 1024, "dim": 1 << 16, "heads": 1024, "mlp_dim": 1 << 18, "patch": 4096,
-               "image_size": 8192, "channels": 64}
+ARCH_LIMITS = {
+    "depth": 1024,
+    "dim": 1 << 16,
+    "heads": 1024,
+    "mlp_dim": 1 << 18,
+    "patch": 4096,
+    "image_size": 8192,
+    "channels": 64,
+}
 _INT_LIMITS = {"query_tokens": 4096, "num_classes": 1_000_000, "last_k": 1024, "h2t_target": 1 << 24}
 #: Cache dtype of each frozen output: the CLS vector fp32, the large tensors fp16 (half the memory
 #: and disk; docs/design.md section 6). Head2Toe's `features` are large (F values per image).
@@ -82,8 +89,17 @@ class AdapterSpec:
     h2t_target: int = 0
 
     @classmethod
-    def create(cls, arch: ViTArch, method: str, num_classes: int, *, query_layers=None, last_k: int | None = None,
-               h2t_target: int | None = None, **fields) -> "AdapterSpec":
+    def create(
+        cls,
+        arch: ViTArch,
+        method: str,
+        num_classes: int,
+        *,
+        query_layers=None,
+        last_k: int | None = None,
+        h2t_target: int | None = None,
+        **fields,
+    ) -> AdapterSpec:
         """A spec with `export`'s defaults filled in: all layers carry query tokens, an adaptation
         changes all layers, head2toe pools to vqt_edge/head2toe.py's DEFAULT_TARGET. A value given
         for a method that has no use for it is refused (by the checks of `__post_init__`)."""
@@ -97,8 +113,15 @@ class AdapterSpec:
             h2t_target = DEFAULT_TARGET if method == "head2toe" else 0
         # Sorted: K/V are stacked in layer order, and the query path stacks its weights in this order.
         layers = tuple(sorted(query_layers)) if all(map(_is_int, query_layers)) else tuple(query_layers)
-        return cls(arch=arch, method=method, num_classes=num_classes, query_layers=layers, last_k=last_k,
-                   h2t_target=h2t_target, **fields)
+        return cls(
+            arch=arch,
+            method=method,
+            num_classes=num_classes,
+            query_layers=layers,
+            last_k=last_k,
+            h2t_target=h2t_target,
+            **fields,
+        )
 
     def __post_init__(self) -> None:
         """The one validation of these fields (types first: a manifest is untrusted input)."""
@@ -115,7 +138,9 @@ class AdapterSpec:
         if self.query_tokens < 1:
             raise UserError(f"{_flag('query_tokens')} must be a positive integer, not {self.query_tokens}")
         if self.feature_norm not in FEATURE_NORMS:
-            raise UserError(f"{_flag('feature_norm')} must be one of {', '.join(FEATURE_NORMS)}, not {self.feature_norm!r}")
+            raise UserError(
+                f"{_flag('feature_norm')} must be one of {', '.join(FEATURE_NORMS)}, not {self.feature_norm!r}"
+            )
         d = self.dropout
         if not (isinstance(d, (int, float)) and not isinstance(d, bool) and 0 <= d < 1):  # NaN compares False
             raise UserError(f"{_flag('dropout')} must be a number in [0, 1), not {d!r}")
@@ -130,28 +155,48 @@ class AdapterSpec:
             raise UserError(f"{_flag('query_layers')} must be a list of layer indices, not {layers!r}")
         if self.method not in QUERY_METHODS:
             if layers:
-                raise UserError(f"{_flag('query_layers')} is for {', '.join(QUERY_METHODS)}; {self.method} has no query tokens")
+                raise UserError(
+                    f"{_flag('query_layers')} is for {', '.join(QUERY_METHODS)}; {self.method} has no query tokens"
+                )
         elif not layers or any(not 0 <= i < depth for i in layers) or list(layers) != sorted(set(layers)):
-            raise UserError(f"{_flag('query_layers')} must be distinct layer indices in [0, {depth}), "
-                            f"in increasing order, not {list(layers)}")
+            raise UserError(
+                f"{_flag('query_layers')} must be distinct layer indices in [0, {depth}), "
+                f"in increasing order, not {list(layers)}"
+            )
         if self.aggregate not in AGGREGATES or (self.aggregate != "concat" and self.method not in QUERY_METHODS):
-            raise UserError(f"{_flag('aggregate')} must be one of {', '.join(AGGREGATES)} "
-                            f"(concat for {self.method}, which has no query tokens), not {self.aggregate!r}")
+            raise UserError(
+                f"{_flag('aggregate')} must be one of {', '.join(AGGREGATES)} "
+                f"(concat for {self.method}, which has no query tokens), not {self.aggregate!r}"
+            )
         if (self.method == "head2toe") != (self.h2t_target > 0):
-            raise UserError(f"{_flag('h2t_target')} must be at least 1 for head2toe and is for head2toe only "
-                            f"(method {self.method}, h2t_target {self.h2t_target})")
+            raise UserError(
+                f"{_flag('h2t_target')} must be at least 1 for head2toe and is for head2toe only "
+                f"(method {self.method}, h2t_target {self.h2t_target})"
+            )
 
     # -- the manifest's fields ---------------------------------------------------------------
-    FIELDS = ("method", "num_classes", "query_layers", "query_tokens", "last_k", "aggregate", "feature_norm",
-              "dropout", "h2t_target")
+    FIELDS = (
+        "method",
+        "num_classes",
+        "query_layers",
+        "query_tokens",
+        "last_k",
+        "aggregate",
+        "feature_norm",
+        "dropout",
+        "h2t_target",
+    )
 
     def to_dict(self) -> dict:
         """The spec as JSON fields (query_layers a list), as manifest.json and adapter_config.json hold it."""
-        return {"arch": self.arch.to_dict(), **{k: getattr(self, k) for k in self.FIELDS},
-                "query_layers": list(self.query_layers)}
+        return {
+            "arch": self.arch.to_dict(),
+            **{k: getattr(self, k) for k in self.FIELDS},
+            "query_layers": list(self.query_layers),
+        }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "AdapterSpec":
+    def from_dict(cls, d: dict) -> AdapterSpec:
         """Parse the spec's fields of a manifest (untrusted: every failure is a UserError)."""
         arch = d.get("arch")
         if not isinstance(arch, dict):
@@ -175,7 +220,7 @@ class AdapterSpec:
                 raise UserError(f"{key} must be a string, not {fields[key]!r}")
         return cls(arch=ViTArch.from_dict(arch), **fields)
 
-    def replace(self, **changes) -> "AdapterSpec":
+    def replace(self, **changes) -> AdapterSpec:
         return dataclasses.replace(self, **changes)
 
     # -- derived -----------------------------------------------------------------------------
@@ -216,8 +261,13 @@ class AdapterSpec:
         """Per-image shape and cache dtype (a numpy dtype name) of each frozen output, in order."""
         a = self.arch
         kv = (len(self.frozen_kv_layers), a.heads, a.num_tokens, a.head_dim)
-        shapes = {"features": (self.head_width,), "cls": (a.dim,), "keys": kv, "values": kv,
-                  "hidden": (a.num_tokens, a.dim)}
+        shapes = {
+            "features": (self.head_width,),
+            "cls": (a.dim,),
+            "keys": kv,
+            "values": kv,
+            "hidden": (a.num_tokens, a.dim),
+        }
         return {name: (shapes[name], CACHE_DTYPES[name]) for name in self.frozen_outputs}
 
     @property
@@ -266,8 +316,14 @@ class AdapterSpec:
                     shapes[f"blocks.{i}.{name}"] = shape
             elif self.adaptation == "adaptformer":
                 b = ADAPTER_BOTTLENECK
-                shapes.update({f"adapters.{i}.down.weight": (b, d), f"adapters.{i}.down.bias": (b,),
-                               f"adapters.{i}.up.weight": (d, b), f"adapters.{i}.up.bias": (d,)})
+                shapes.update(
+                    {
+                        f"adapters.{i}.down.weight": (b, d),
+                        f"adapters.{i}.down.bias": (b,),
+                        f"adapters.{i}.up.weight": (d, b),
+                        f"adapters.{i}.up.bias": (d,),
+                    }
+                )
         if self.adaptation == "finetune":
             shapes.update({"norm.weight": (d,), "norm.bias": (d,)})
         shapes.update({"head.weight": (self.num_classes, self.head_width), "head.bias": (self.num_classes,)})
@@ -277,6 +333,17 @@ class AdapterSpec:
 def _block_shapes(a: ViTArch) -> dict[str, tuple[int, ...]]:
     """The parameters of one pre-norm transformer block (timm names) and their shapes."""
     d, m = a.dim, a.mlp_dim
-    return {"norm1.weight": (d,), "norm1.bias": (d,), "attn.qkv.weight": (3 * d, d), "attn.qkv.bias": (3 * d,),
-            "attn.proj.weight": (d, d), "attn.proj.bias": (d,), "norm2.weight": (d,), "norm2.bias": (d,),
-            "mlp.fc1.weight": (m, d), "mlp.fc1.bias": (m,), "mlp.fc2.weight": (d, m), "mlp.fc2.bias": (d,)}
+    return {
+        "norm1.weight": (d,),
+        "norm1.bias": (d,),
+        "attn.qkv.weight": (3 * d, d),
+        "attn.qkv.bias": (3 * d,),
+        "attn.proj.weight": (d, d),
+        "attn.proj.bias": (d,),
+        "norm2.weight": (d,),
+        "norm2.bias": (d,),
+        "mlp.fc1.weight": (m, d),
+        "mlp.fc1.bias": (m,),
+        "mlp.fc2.weight": (d, m),
+        "mlp.fc2.bias": (d,),
+    }

@@ -60,7 +60,9 @@ def assign(labels: np.ndarray, clients: int, split: Split, seed: int) -> list[np
     return [np.sort(p).astype(np.int64) for p in parts]
 
 
-def _dirichlet(labels: np.ndarray, classes: int, clients: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:
+def _dirichlet(
+    labels: np.ndarray, classes: int, clients: int, alpha: float, rng: np.random.Generator
+) -> list[np.ndarray]:
     for _ in range(MAX_DRAWS):
         parts: list[list[int]] = [[] for _ in range(clients)]
         for c in range(classes):
@@ -70,15 +72,19 @@ def _dirichlet(labels: np.ndarray, classes: int, clients: int, alpha: float, rng
                 parts[i] += chunk.tolist()
         if all(parts):
             return [np.array(p) for p in parts]
-    raise UserError(f"dirichlet:{alpha:g}: {MAX_DRAWS} draws all left a client without images; "
-                    "use fewer --clients or a larger ALPHA")
+    raise UserError(
+        f"dirichlet:{alpha:g}: {MAX_DRAWS} draws all left a client without images; "
+        "use fewer --clients or a larger ALPHA"
+    )
 
 
 def _by_classes(labels: np.ndarray, classes: int, clients: int, k: int, rng: np.random.Generator) -> list[np.ndarray]:
     if k > classes:
         raise UserError(f"--split classes:{k}: the data has only {classes} classes")
     if clients * k < classes:
-        raise UserError(f"--split classes:{k}: {clients} clients x {k} classes cannot cover the data's {classes} classes")
+        raise UserError(
+            f"--split classes:{k}: {clients} clients x {k} classes cannot cover the data's {classes} classes"
+        )
     order = rng.permutation(classes)
     held = [[int(order[(i * k + j) % classes]) for j in range(k)] for i in range(clients)]
     parts: list[list[int]] = [[] for _ in range(clients)]
@@ -87,5 +93,7 @@ def _by_classes(labels: np.ndarray, classes: int, clients: int, k: int, rng: np.
         for holder, chunk in zip(holders, np.array_split(rng.permutation(np.flatnonzero(labels == c)), len(holders))):
             parts[holder] += chunk.tolist()
     if not all(parts):
-        raise UserError(f"--split classes:{k}: some client got no images (too few images per class for {clients} clients)")
+        raise UserError(
+            f"--split classes:{k}: some client got no images (too few images per class for {clients} clients)"
+        )
     return [np.array(p) for p in parts]

@@ -15,15 +15,28 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from vqt_edge.errors import UserError
 from vqt_edge.spec import LAST_K_METHODS, METHODS
 
-FIELDS = ["method", "k", "T", "batch", "micro_batch", "kv", "peak_mb", "predicted_peak_mb", "seconds_per_step",
-          "accuracy", "accuracy_on", "status", "error"]
+FIELDS = [
+    "method",
+    "k",
+    "T",
+    "batch",
+    "micro_batch",
+    "kv",
+    "peak_mb",
+    "predicted_peak_mb",
+    "seconds_per_step",
+    "accuracy",
+    "accuracy_on",
+    "status",
+    "error",
+]
 
 
 @dataclass
@@ -54,7 +67,9 @@ def configurations(cfg: SweepConfig, depth: int) -> list[tuple[str, int | None]]
     vqt, none for a method that has neither (linear). k larger than the depth is dropped."""
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown:
-        raise UserError(f"--methods: {', '.join(unknown)} not supported by this export (supported: {', '.join(METHODS)})")
+        raise UserError(
+            f"--methods: {', '.join(unknown)} not supported by this export (supported: {', '.join(METHODS)})"
+        )
     ks = sorted({k for k in cfg.last_k if 1 <= k <= depth})
     bad = [k for k in cfg.last_k if not 1 <= k <= depth]
     if not ks:
@@ -77,7 +92,9 @@ def _cli(*args: object) -> list[str]:
 def _run(cmd: list[str], log: Path, timeout: float | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log, "w") as f:
-        return subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout, text=True)
+        return subprocess.run(
+            [str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout, text=True
+        )
 
 
 def _tail(log: Path, lines: int = 3) -> str:
@@ -128,8 +145,10 @@ def run_sweep(cfg: SweepConfig, echo: Callable[[str], None] = print) -> list[dic
         assert data is not None  # SweepConfig: --data or --steps
         classes = classes or len(load_dataset(data).classes)
         epochs = cfg.epochs
-    echo(f"sweep: {len(todo)} configurations on {cfg.model_name or 'custom'} (depth {arch.depth}, dim {arch.dim}), "
-         f"batch {cfg.batch_size}, {'memory only, ' + str(cfg.steps) + ' steps' if cfg.steps else str(epochs) + ' epochs'}")
+    echo(
+        f"sweep: {len(todo)} configurations on {cfg.model_name or 'custom'} (depth {arch.depth}, dim {arch.dim}), "
+        f"batch {cfg.batch_size}, {'memory only, ' + str(cfg.steps) + ' steps' if cfg.steps else str(epochs) + ' epochs'}"
+    )
     results: list[dict] = []
     for i, (method, k) in enumerate(todo, 1):
         name = method.replace("+", "_") + (f"_k{k}" if k else "")
@@ -139,14 +158,35 @@ def run_sweep(cfg: SweepConfig, echo: Callable[[str], None] = print) -> list[dic
                 shutil.rmtree(path)
         bundle.parent.mkdir(parents=True, exist_ok=True)
         run.parent.mkdir(parents=True, exist_ok=True)
-        row = {"method": method, "k": k, "T": cfg.query_tokens, "batch": cfg.batch_size, "micro_batch": cfg.micro_batch,
-               "kv": cfg.kv, "peak_mb": None, "predicted_peak_mb": None, "seconds_per_step": None, "accuracy": None,
-               "accuracy_on": None, "status": "ok", "error": None}
+        row = {
+            "method": method,
+            "k": k,
+            "T": cfg.query_tokens,
+            "batch": cfg.batch_size,
+            "micro_batch": cfg.micro_batch,
+            "kv": cfg.kv,
+            "peak_mb": None,
+            "predicted_peak_mb": None,
+            "seconds_per_step": None,
+            "accuracy": None,
+            "accuracy_on": None,
+            "status": "ok",
+            "error": None,
+        }
         label = f"[{i}/{len(todo)}] {method}" + (f" k={k}" if k else "")
-        export = _cli("export", *(["--model", cfg.model_name] if cfg.model_name else []),
-                      *(["--weights", cfg.weights] if cfg.weights else []), *(["--random-init"] if cfg.random_init else []),
-                      "--num-classes", classes, "--query-tokens", cfg.query_tokens, "--out", bundle,
-                      *[a for key, v in cfg.sizes.items() for a in (f"--{key.replace('_', '-')}", v)])
+        export = _cli(
+            "export",
+            *(["--model", cfg.model_name] if cfg.model_name else []),
+            *(["--weights", cfg.weights] if cfg.weights else []),
+            *(["--random-init"] if cfg.random_init else []),
+            "--num-classes",
+            classes,
+            "--query-tokens",
+            cfg.query_tokens,
+            "--out",
+            bundle,
+            *[a for key, v in cfg.sizes.items() for a in (f"--{key.replace('_', '-')}", v)],
+        )
         if method != "vqt":  # export's default, also where export has no --method yet
             export += ["--method", method]
         if k is not None:
@@ -161,8 +201,20 @@ def run_sweep(cfg: SweepConfig, echo: Callable[[str], None] = print) -> list[dic
             _write(cfg.out, results)
             continue
         echo(f"{label}: exported in {time.perf_counter() - t0:.0f} s; training ...")
-        train = _cli("train", "--bundle", bundle, "--data", data, "--run", run, "--epochs", epochs,
-                     "--batch-size", cfg.batch_size, *(["--kv", cfg.kv] if cfg.kv else []))
+        train = _cli(
+            "train",
+            "--bundle",
+            bundle,
+            "--data",
+            data,
+            "--run",
+            run,
+            "--epochs",
+            epochs,
+            "--batch-size",
+            cfg.batch_size,
+            *(["--kv", cfg.kv] if cfg.kv else []),
+        )
         if cfg.micro_batch:
             train += ["--micro-batch", str(cfg.micro_batch)]
         if cfg.lr:
@@ -179,8 +231,13 @@ def run_sweep(cfg: SweepConfig, echo: Callable[[str], None] = print) -> list[dic
             echo(f"{label}: train FAILED ({row['error']})")
         else:
             s = json.loads(summary_path.read_text())
-            row.update(peak_mb=s["peak_rss_mb"], predicted_peak_mb=s["predicted_peak_mb"], kv=s["kv"],
-                       micro_batch=s["micro_batch"] or cfg.micro_batch, seconds_per_step=s["seconds_per_step"])
+            row.update(
+                peak_mb=s["peak_rss_mb"],
+                predicted_peak_mb=s["predicted_peak_mb"],
+                kv=s["kv"],
+                micro_batch=s["micro_batch"] or cfg.micro_batch,
+                seconds_per_step=s["seconds_per_step"],
+            )
             final = s.get("final") or {}
             if cfg.steps is None:
                 if "test_accuracy" in s:
@@ -190,14 +247,20 @@ def run_sweep(cfg: SweepConfig, echo: Callable[[str], None] = print) -> list[dic
                 else:
                     row.update(accuracy=final.get("train_acc"), accuracy_on="train")
             acc = f", accuracy {row['accuracy']:.4f} ({row['accuracy_on']})" if row["accuracy"] is not None else ""
-            echo(f"{label}: peak {row['peak_mb']:.0f} MiB (predicted {row['predicted_peak_mb']}), "
-                 f"{row['seconds_per_step']} s/step{acc}; {time.perf_counter() - t0:.0f} s")
+            echo(
+                f"{label}: peak {row['peak_mb']:.0f} MiB (predicted {row['predicted_peak_mb']}), "
+                f"{row['seconds_per_step']} s/step{acc}; {time.perf_counter() - t0:.0f} s"
+            )
         if not cfg.keep_bundles:
             shutil.rmtree(bundle, ignore_errors=True)
         results.append(row)
         _write(cfg.out, results)
-    plot = plot_results(results, cfg.out / "accuracy_vs_memory.png", memory_only=cfg.steps is not None,
-                        title=f"{cfg.model_name or 'custom'}, batch {cfg.batch_size}")
+    plot = plot_results(
+        results,
+        cfg.out / "accuracy_vs_memory.png",
+        memory_only=cfg.steps is not None,
+        title=f"{cfg.model_name or 'custom'}, batch {cfg.batch_size}",
+    )
     echo(f"wrote {cfg.out / 'results.csv'}, {cfg.out / 'results.json'}, {plot}")
     if all(r["status"] != "ok" for r in results):
         raise UserError(f"every configuration failed; see the logs in {cfg.out / 'runs'}")
@@ -226,11 +289,16 @@ def plot_results(results: list[dict], path: Path, memory_only: bool = False, tit
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     methods = list(dict.fromkeys(r["method"] for r in results))
     for method in methods:
-        rows = sorted((r for r in results if r["method"] == method and r["peak_mb"] is not None), key=lambda r: r["k"] or 0)
+        rows = sorted(
+            (r for r in results if r["method"] == method and r["peak_mb"] is not None), key=lambda r: r["k"] or 0
+        )
         if not rows:
             continue
         xs = [r["peak_mb"] for r in rows]
-        ys = [(r["k"] or 0) if memory_only else (r["accuracy"] if r["accuracy"] is not None else float("nan")) for r in rows]
+        ys = [
+            (r["k"] or 0) if memory_only else (r["accuracy"] if r["accuracy"] is not None else float("nan"))
+            for r in rows
+        ]
         ax.plot(xs, ys, marker="o", label=method)
         for r, x, y in zip(rows, xs, ys):
             if r["k"] is not None:
@@ -244,4 +312,3 @@ def plot_results(results: list[dict], path: Path, memory_only: bool = False, tit
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-

@@ -30,9 +30,10 @@ at a time, and source tensors are read one at a time (the largest, an MLP matrix
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable
+from typing import BinaryIO
 
 import numpy as np
 import onnx
@@ -89,8 +90,6 @@ def _header(f: BinaryIO, start: int, end: int) -> _Header:
 def _initializers(f: BinaryIO, size: int) -> list[_Header]:
     g0, g1 = graph_span(f, size)
     return [_header(f, b, e) for field, _, b, e in fields(f, g0, g1) if field == GRAPH_INIT]
-
-
 
 
 def _digest_file(f: BinaryIO, start: int, end: int) -> bytes:
@@ -167,7 +166,8 @@ def _match_source(f: BinaryIO, src: _Header, in_head: bool, wanted: dict, widths
             key = (part.shape, _digest_array(part))
             if key in wanted:
                 found.setdefault(key, []).append(
-                    Piece(src.name, in_head, transpose, None if width == view.shape[-1] else width))
+                    Piece(src.name, in_head, transpose, None if width == view.shape[-1] else width)
+                )
 
 
 def _resolve(candidates: dict[str, list], found: dict, h_inits: list[_Header]) -> Sharing:
@@ -195,7 +195,9 @@ def _resolve(candidates: dict[str, list], found: dict, h_inits: list[_Header]) -
                 shared[name] = kept
         if not changed:
             break
-    return Sharing({name: Shared(tuple(opts[0] for opts in options), stacked[name]) for name, options in shared.items()})
+    return Sharing(
+        {name: Shared(tuple(opts[0] for opts in options), stacked[name]) for name, options in shared.items()}
+    )
 
 
 class Sharing:
@@ -211,8 +213,12 @@ class Sharing:
 
     def reads_layers(self, node: onnx.NodeProto) -> bool:
         """A MatMul of activations against a stacked shared weight: rewritten per layer."""
-        return (node.op_type == "MatMul" and node.input[1] in self.tensors and self.tensors[node.input[1]].stacked
-                and node.input[0] not in self.tensors)
+        return (
+            node.op_type == "MatMul"
+            and node.input[1] in self.tensors
+            and self.tensors[node.input[1]].stacked
+            and node.input[0] not in self.tensors
+        )
 
     def per_layer(self, node: onnx.NodeProto, rename: Callable[[str], str]) -> list[onnx.NodeProto]:
         """x @ W with W [Lq, D, D'] stacked: x split along its layer axis (-3, the axis numpy-style
@@ -222,8 +228,11 @@ class Sharing:
         step = self.base + (node.name or node.output[0])
         n = len(how.pieces)
         xs, ys = [f"{step}/x{i}" for i in range(n)], []
-        out = [onnx.helper.make_node("Split", [rename(node.input[0]), self._const(f"ones{n}", [1] * n)], xs,
-                                     step + "/Split", axis=-3)]
+        out = [
+            onnx.helper.make_node(
+                "Split", [rename(node.input[0]), self._const(f"ones{n}", [1] * n)], xs, step + "/Split", axis=-3
+            )
+        ]
         for i, piece in enumerate(how.pieces):
             w = self._source(piece, f"{step}/{i}", rename, out)
             y = f"{step}/y{i}"
@@ -250,7 +259,11 @@ class Sharing:
                     out.append(self._first_columns(x, piece.width, step))
                     x = out[-1].output[0]
                 if how.stacked:
-                    out.append(onnx.helper.make_node("Unsqueeze", [x, self._const("zero", [0])], [step + "/u"], step + "/Unsqueeze"))
+                    out.append(
+                        onnx.helper.make_node(
+                            "Unsqueeze", [x, self._const("zero", [0])], [step + "/u"], step + "/Unsqueeze"
+                        )
+                    )
                     x = step + "/u"
                 parts.append(x)
             op, attrs = ("Concat", {"axis": 0}) if how.stacked else ("Identity", {})
@@ -275,5 +288,9 @@ class Sharing:
         return x
 
     def _first_columns(self, x: str, width: int, step: str) -> onnx.NodeProto:
-        return onnx.helper.make_node("Slice", [x, self._const("zero", [0]), self._const(f"width{width}", [width]),
-                                              self._const("last", [-1])], [step + "/s"], step + "/Slice")
+        return onnx.helper.make_node(
+            "Slice",
+            [x, self._const("zero", [0]), self._const(f"width{width}", [width]), self._const("last", [-1])],
+            [step + "/s"],
+            step + "/Slice",
+        )

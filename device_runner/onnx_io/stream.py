@@ -24,8 +24,9 @@ equal to frozen.onnx's) are read from the initializers they equal, by rewritten 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Sequence
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 import onnx
@@ -33,23 +34,49 @@ from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
 from device_runner.onnx_io.wire import (
-    GRAPH_DOC, GRAPH_INIT, GRAPH_INPUT, GRAPH_NAME, GRAPH_NODE, GRAPH_OUTPUT, GRAPH_VALUE_INFO, MODEL_DOC,
-    MODEL_GRAPH, MODEL_METADATA, MODEL_OPSET, copy_range, fields, graph_span, key, opsets, read, read_varint,
+    GRAPH_DOC,
+    GRAPH_INIT,
+    GRAPH_INPUT,
+    GRAPH_NAME,
+    GRAPH_NODE,
+    GRAPH_OUTPUT,
+    GRAPH_VALUE_INFO,
+    MODEL_DOC,
+    MODEL_GRAPH,
+    MODEL_METADATA,
+    MODEL_OPSET,
+    copy_range,
+    fields,
+    graph_span,
+    key,
+    opsets,
+    read,
+    read_varint,
 )
 from vqt_edge.errors import UserError
 
 if TYPE_CHECKING:
     from device_runner.onnx_io.share import Sharing
 
+
 def _check_no_subgraphs(node: onnx.NodeProto) -> None:
     for attr in node.attribute:
         if attr.HasField("g") or len(attr.graphs):
-            raise ValueError(f"node {node.name or node.op_type} has a subgraph; streaming merge does not rename inside it")
+            raise ValueError(
+                f"node {node.name or node.op_type} has a subgraph; streaming merge does not rename inside it"
+            )
 
 
 def merge_streaming(
-    frozen: Path, head: Path, out: Path, replace: dict[str, np.ndarray], *, prefix: str = "head/",
-    output: str = "logits", doc_string: str | None = None, shared: Sharing | None = None,
+    frozen: Path,
+    head: Path,
+    out: Path,
+    replace: dict[str, np.ndarray],
+    *,
+    prefix: str = "head/",
+    output: str = "logits",
+    doc_string: str | None = None,
+    shared: Sharing | None = None,
     metadata: dict[str, str] | None = None,
 ) -> None:
     """Write `out` = frozen -> head: every head input is wired to the frozen output of the same
@@ -66,7 +93,8 @@ def merge_streaming(
             g0, g1 = graph_span(fz, fsize)
             frozen_outputs = {
                 onnx.ValueInfoProto.FromString(read(fz, b, e)).name
-                for field, _, b, e in fields(fz, g0, g1) if field == GRAPH_OUTPUT
+                for field, _, b, e in fields(fz, g0, g1)
+                if field == GRAPH_OUTPUT
             }
             h0, h1 = graph_span(hd, hsize)
             head_inputs, out_info = set(), None
@@ -103,8 +131,14 @@ def merge_streaming(
             with open(tmp_head, "wb") as th:
                 if shared:
                     if fz_ops.get("", 0) < 13 or hd_ops.get("", 0) < 13:
-                        raise ValueError("sharing weights needs opset 13 or later (Split/Slice/Unsqueeze with tensor inputs)")
-                    nodes = (onnx.NodeProto.FromString(read(hd, b, e)) for f, _, b, e in fields(hd, h0, h1) if f == GRAPH_NODE)
+                        raise ValueError(
+                            "sharing weights needs opset 13 or later (Split/Slice/Unsqueeze with tensor inputs)"
+                        )
+                    nodes = (
+                        onnx.NodeProto.FromString(read(hd, b, e))
+                        for f, _, b, e in fields(hd, h0, h1)
+                        if f == GRAPH_NODE
+                    )
                     for node in shared.rebuild_nodes(nodes, rename):  # first: their inputs are initializers
                         _write(th, GRAPH_NODE, node)
                 for field, _, b, e in fields(hd, h0, h1):
@@ -250,8 +284,13 @@ def _tensor_name(f: BinaryIO, start: int, end: int) -> str:
 
 
 def rewrite_streaming(
-    src: Path, out: Path, *, replace: dict[str, np.ndarray] | None = None, add: Sequence[onnx.TensorProto] = (),
-    edit_nodes=None, outputs: list[onnx.ValueInfoProto] | None = None,
+    src: Path,
+    out: Path,
+    *,
+    replace: dict[str, np.ndarray] | None = None,
+    add: Sequence[onnx.TensorProto] = (),
+    edit_nodes=None,
+    outputs: list[onnx.ValueInfoProto] | None = None,
 ) -> None:
     """Write `out` = the model `src` with the initializers named in `replace` given those values
     (their shapes may change), `add` appended, its node list passed through `edit_nodes` (nodes
@@ -281,8 +320,11 @@ def rewrite_streaming(
                     pieces.append((s, e))
             if set(replace) - found:
                 raise ValueError(f"no initializers {sorted(set(replace) - found)}")
-            for message, field in ([(n, GRAPH_NODE) for n in (edit_nodes(nodes) if edit_nodes else nodes)]
-                                   + [(t, GRAPH_INIT) for t in add] + [(o, GRAPH_OUTPUT) for o in outputs or ()]):
+            for message, field in (
+                [(n, GRAPH_NODE) for n in (edit_nodes(nodes) if edit_nodes else nodes)]
+                + [(t, GRAPH_INIT) for t in add]
+                + [(o, GRAPH_OUTPUT) for o in outputs or ()]
+            ):
                 data = message.SerializeToString()
                 pieces.append(key(field, len(data)) + data)
             length = sum(len(p) if isinstance(p, bytes) else p[1] - p[0] for p in pieces)

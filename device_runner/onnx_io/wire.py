@@ -6,7 +6,8 @@ of parsing whole models (docs/design.md section 6: a memory budget covers the wh
 
 from __future__ import annotations
 
-from typing import BinaryIO, Iterator
+from collections.abc import Iterator
+from typing import BinaryIO
 
 import onnx
 

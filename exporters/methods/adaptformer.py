@@ -40,7 +40,9 @@ class AdaptFormerHead(AdaptedHead):
         super().add_adaptation(backbone)
         self.adapters = nn.ModuleDict({i: Adapter(self.arch.dim) for i in self.blocks})
 
-    def layer(self, j: int, name: str, block: Block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def layer(
+        self, j: int, name: str, block: Block, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         attn_out, k, v = block.attn(block.norm1(x))
         x = x + attn_out
         return x + block.mlp(block.norm2(x)) + self.adapters[name](x), k, v

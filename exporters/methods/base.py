@@ -10,6 +10,7 @@ when it is built that its trainable parameters are exactly the spec's, by name a
 from __future__ import annotations
 
 import copy
+
 import torch
 from torch import nn
 
@@ -124,7 +125,9 @@ class AdaptedHead(MethodHead):
         for p in [*self.blocks.parameters(), *self.norm.parameters()]:
             p.requires_grad_(False)
 
-    def layer(self, j: int, name: str, block: Block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def layer(
+        self, j: int, name: str, block: Block, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Adapted layer j (absolute index `name`): tokens out and the K/V [B,H,N,dh] of the original tokens."""
         return block(x)
 

@@ -26,9 +26,13 @@ class VPTHead(AdaptedHead):
     def add_adaptation(self, backbone: VisionTransformer) -> None:
         super().add_adaptation(backbone)
         bound = prompt_bound(self.arch.dim)
-        self.prompts = nn.Parameter(torch.empty(self.spec.last_k, self.spec.query_tokens, self.arch.dim).uniform_(-bound, bound))
+        self.prompts = nn.Parameter(
+            torch.empty(self.spec.last_k, self.spec.query_tokens, self.arch.dim).uniform_(-bound, bound)
+        )
 
-    def layer(self, j: int, name: str, block: Block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def layer(
+        self, j: int, name: str, block: Block, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         t = self.spec.query_tokens
         prompts = self.prompts[j].unsqueeze(0).expand(x.shape[0], -1, -1)
         x, k, v = block(torch.cat([x[:, :1], prompts, x[:, 1:]], dim=1))  # prompts after CLS

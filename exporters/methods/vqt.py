@@ -48,8 +48,9 @@ def aggregate_tokens(z: torch.Tensor, aggregate: str, wsum_weights: torch.Tensor
     raise ValueError(f"aggregate must be concat, mean or wsum, not {aggregate!r}")
 
 
-def query_groups(module: nn.Module, keys: torch.Tensor, values: torch.Tensor,
-                 query_keep: torch.Tensor | None) -> list[torch.Tensor]:
+def query_groups(
+    module: nn.Module, keys: torch.Tensor, values: torch.Tensor, query_keep: torch.Tensor | None
+) -> list[torch.Tensor]:
     """The head's groups from the query layers, one [B, *] per layer, in query_layers order."""
     z = module.query_path(keys, values, query_keep)
     return list(aggregate_tokens(z, module.spec.aggregate, getattr(module, "wsum_weights", None)).unbind(1))

@@ -73,4 +73,3 @@ _register_commands()
 
 def main() -> None:
     cli(prog_name="vqt-edge")
-

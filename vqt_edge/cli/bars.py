@@ -22,14 +22,15 @@ class ClickBars:
         if event.task != self.task:
             self.close()
             self.task = event.task
-            self.bar = click.progressbar(length=event.total, label=event.task, file=sys.stderr,
-                                         item_show_func=lambda info: info)
+            self.bar = click.progressbar(
+                length=event.total, label=event.task, file=sys.stderr, item_show_func=lambda info: info
+            )
             self.bar.__enter__()
         self.bar.update(event.done - self.bar.pos, event.info)
         if event.done >= event.total:
             self.close()
 
-    def __enter__(self) -> "ClickBars":
+    def __enter__(self) -> ClickBars:
         return self
 
     def __exit__(self, *exc) -> None:

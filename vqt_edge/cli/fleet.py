@@ -32,28 +32,64 @@ def _common(command):
     """Options the server decides for every client (they reach the clients in each round's config)."""
     options = [
         click.option("--bundle", type=click.Path(path_type=Path), required=True, help="Bundle from `vqt-edge export`."),
-        click.option("--run", "run_dir", type=click.Path(path_type=Path), required=True,
-                     help="Run folder for the federated result (adapter, model.onnx, metrics per round)."),
+        click.option(
+            "--run",
+            "run_dir",
+            type=click.Path(path_type=Path),
+            required=True,
+            help="Run folder for the federated result (adapter, model.onnx, metrics per round).",
+        ),
         click.option("--rounds", type=int, default=10, show_default=True, help="Federated rounds."),
-        click.option("--local-epochs", type=int, default=1, show_default=True, help="Epochs each client trains per round."),
-        click.option("--test", type=click.Path(path_type=Path), help="Test images: the server reports accuracy after every round."),
-        config_options(TrainConfig, ["batch_size", "lr", "weight_decay", "warmup_epochs", "seed"],
-                       lr={"help": "Peak learning rate (AdamW; warm-up then cosine over rounds x local epochs)."},
-                       warmup_epochs={"help": "Warm-up, in epochs of rounds x local epochs [default: 10%]."},
-                       seed={"help": "Seeds the split, data order and dropout."}),
-        click.option("--round-timeout", type=float, default=3600, show_default=True, help="Seconds to wait for the clients of a round."),
-        click.option("--logit-adjust", type=float, default=0.0, show_default=True,
-                     help="Each client trains with tau * log(its class prior) added to the head's bias, removed before "
-                     "sending: the fix for clients that see different classes (tau; 0: plain FedAvg)."),
-        click.option("--proximal-mu", type=float, default=0.0, show_default=True,
-                     help="FedProx: mu * (w - the round's start) added to every gradient (portable backend only)."),
-        click.option("--class-weighted-head", is_flag=True,
-                     help="Average each class's head row over the clients weighted by their images of that class "
-                     "(clients then send their per-class image counts)."),
-        click.option("--calibrate-head", type=click.Choice(["diagonal", "full"]),
-                     help="After the last round, refit the head on virtual features drawn from the clients' per-class "
-                     "feature means and covariances (full) or variances (diagonal): CCVR. Clients send only these "
-                     "statistics (full: about C x F^2 / 2 floats)."),
+        click.option(
+            "--local-epochs", type=int, default=1, show_default=True, help="Epochs each client trains per round."
+        ),
+        click.option(
+            "--test",
+            type=click.Path(path_type=Path),
+            help="Test images: the server reports accuracy after every round.",
+        ),
+        config_options(
+            TrainConfig,
+            ["batch_size", "lr", "weight_decay", "warmup_epochs", "seed"],
+            lr={"help": "Peak learning rate (AdamW; warm-up then cosine over rounds x local epochs)."},
+            warmup_epochs={"help": "Warm-up, in epochs of rounds x local epochs [default: 10%]."},
+            seed={"help": "Seeds the split, data order and dropout."},
+        ),
+        click.option(
+            "--round-timeout",
+            type=float,
+            default=3600,
+            show_default=True,
+            help="Seconds to wait for the clients of a round.",
+        ),
+        click.option(
+            "--logit-adjust",
+            type=float,
+            default=0.0,
+            show_default=True,
+            help="Each client trains with tau * log(its class prior) added to the head's bias, removed before "
+            "sending: the fix for clients that see different classes (tau; 0: plain FedAvg).",
+        ),
+        click.option(
+            "--proximal-mu",
+            type=float,
+            default=0.0,
+            show_default=True,
+            help="FedProx: mu * (w - the round's start) added to every gradient (portable backend only).",
+        ),
+        click.option(
+            "--class-weighted-head",
+            is_flag=True,
+            help="Average each class's head row over the clients weighted by their images of that class "
+            "(clients then send their per-class image counts).",
+        ),
+        click.option(
+            "--calibrate-head",
+            type=click.Choice(["diagonal", "full"]),
+            help="After the last round, refit the head on virtual features drawn from the clients' per-class "
+            "feature means and covariances (full) or variances (diagonal): CCVR. Clients send only these "
+            "statistics (full: about C x F^2 / 2 floats).",
+        ),
     ]
     for option in reversed(options):
         command = option(command)
@@ -64,12 +100,22 @@ def _client_options(command):
     """What each device decides for itself (passed to its SuperNode as node config)."""
     options = [
         config_options(TrainConfig, ["threads"], threads={"help": "Threads per client [default: all cores]."}),
-        click.option("--kv", type=click.Choice(["disk", "ram", "stream"]), default="disk", show_default=True,
-                     help="K/V of the frozen backbone: disk caches them once for all rounds (each round is a new process)."),
-        config_options(TrainConfig, ["memory_budget_mb", "backend"],
-                       memory_budget_mb={"help": "Peak memory each client's training must stay within, e.g. 600MB."},
-                       backend={"help": "Each client's training step, as `train --backend`; auto also picks portable "
-                                        "when --proximal-mu needs it."}),
+        click.option(
+            "--kv",
+            type=click.Choice(["disk", "ram", "stream"]),
+            default="disk",
+            show_default=True,
+            help="K/V of the frozen backbone: disk caches them once for all rounds (each round is a new process).",
+        ),
+        config_options(
+            TrainConfig,
+            ["memory_budget_mb", "backend"],
+            memory_budget_mb={"help": "Peak memory each client's training must stay within, e.g. 600MB."},
+            backend={
+                "help": "Each client's training step, as `train --backend`; auto also picks portable "
+                "when --proximal-mu needs it."
+            },
+        ),
     ]
     for option in reversed(options):
         command = option(command)
@@ -109,8 +155,14 @@ def _settings(bundle: Path, run_dir: Path, clients: int, classes: list[str], **k
     test = kw.pop("test")
     if test is not None and not test.exists():
         raise UserError(f"--test {test} does not exist")
-    return FleetSettings(bundle=str(bundle.resolve()), run=str(run_dir.resolve()), clients=clients, classes=classes,
-                         test=str(test.resolve()) if test else None, **kw)
+    return FleetSettings(
+        bundle=str(bundle.resolve()),
+        run=str(run_dir.resolve()),
+        clients=clients,
+        classes=classes,
+        test=str(test.resolve()) if test else None,
+        **kw,
+    )
 
 
 def _write_settings(run_dir: Path, settings) -> Path:
@@ -130,8 +182,10 @@ def _format_row(record: dict) -> str:
     up = max(c["bytes_up"] for c in clients)
     peak = max(c["peak_rss_mb"] for c in clients)
     fails = f"  {len(record['failures'])} client(s) failed" if record.get("failures") else ""
-    return (f"{record['round']:>5}  {acc:>8}  {record['train_loss']:>10.4f}  {record['bytes_down']:>9}  {up:>9}  "
-            f"{peak:>8.0f}  {len(clients)} clients, {record['round_seconds']:.1f} s{fails}")
+    return (
+        f"{record['round']:>5}  {acc:>8}  {record['train_loss']:>10.4f}  {record['bytes_down']:>9}  {up:>9}  "
+        f"{peak:>8.0f}  {len(clients)} clients, {record['round_seconds']:.1f} s{fails}"
+    )
 
 
 HEADER = f"{'round':>5}  {'test_acc':>8}  {'train_loss':>10}  {'bytes_down':>9}  {'bytes_up':>9}  {'peak_MiB':>8}"
@@ -150,13 +204,16 @@ def _stalled(client_logs: list[Path]) -> Path | None:
     return None
 
 
-def _follow(run_dir: Path, submit: subprocess.Popen, timeout: float | None, logs: Path,
-            client_logs: list[Path] = ()) -> None:
+def _follow(
+    run_dir: Path, submit: subprocess.Popen, timeout: float | None, logs: Path, client_logs: list[Path] = ()
+) -> None:
     """Print each round's row as the server appends it, until `flwr run` ends; then check the result."""
     from vqt_edge.run_folder import METRICS, RunFolder
 
-    click.echo("per client: bytes_down = tensors received, bytes_up = tensors sent (largest client), "
-               "peak_MiB = largest client process peak (VmHWM)")
+    click.echo(
+        "per client: bytes_down = tensors received, bytes_up = tensors sent (largest client), "
+        "peak_MiB = largest client process peak (VmHWM)"
+    )
     click.echo(HEADER)
     shown, start = 0, time.monotonic()
     while True:
@@ -172,23 +229,32 @@ def _follow(run_dir: Path, submit: subprocess.Popen, timeout: float | None, logs
         if stalled is not None:
             raise click.ClickException(
                 "Flower keeps restarting a client's ClientApp because it does not start within 30 s "
-                f"(see {stalled}): this machine is too loaded for {len(client_logs)} clients; use fewer --clients")
+                f"(see {stalled}): this machine is too loaded for {len(client_logs)} clients; use fewer --clients"
+            )
         if timeout is not None and time.monotonic() - start > timeout:
             raise click.ClickException(f"the fleet run did not finish within --timeout {timeout:.0f} s; logs in {logs}")
         time.sleep(POLL_SECONDS)
     folder = RunFolder(run_dir)
     if not folder.is_finished():
-        errors = [line.strip() for line in (logs / "flwr_run.log").read_text(errors="replace").splitlines()
-                  if re.match(r"\s*\w+(Error|Exception): ", line)]
+        errors = [
+            line.strip()
+            for line in (logs / "flwr_run.log").read_text(errors="replace").splitlines()
+            if re.match(r"\s*\w+(Error|Exception): ", line)
+        ]
         raise click.ClickException(f"the fleet run failed ({errors[-1] if errors else 'no result'}); logs in {logs}")
     summary = folder.summary()
     acc = summary.get("test_accuracy")
     if summary.get("calibration"):
         c = summary["calibration"]
-        click.echo(f"head calibrated ({c['covariance']}): {c['clients']} clients sent {c['bytes_up_per_client']} bytes "
-                   f"of feature statistics each, {c['seconds']:.1f} s")
-    click.echo(f"done in {summary['seconds']:.1f} s" + (f": test accuracy {acc:.4f}" if acc is not None else "")
-               + f"; wrote {run_dir}/adapter.safetensors, {run_dir}/model.onnx")
+        click.echo(
+            f"head calibrated ({c['covariance']}): {c['clients']} clients sent {c['bytes_up_per_client']} bytes "
+            f"of feature statistics each, {c['seconds']:.1f} s"
+        )
+    click.echo(
+        f"done in {summary['seconds']:.1f} s"
+        + (f": test accuracy {acc:.4f}" if acc is not None else "")
+        + f"; wrote {run_dir}/adapter.safetensors, {run_dir}/model.onnx"
+    )
 
 
 def _stop_on_sigterm() -> None:
@@ -210,14 +276,38 @@ def fleet() -> None:
 
 @fleet.command()
 @_common
-@click.option("--data", type=click.Path(path_type=Path), required=True, help="All training images; split over the clients.")
+@click.option(
+    "--data", type=click.Path(path_type=Path), required=True, help="All training images; split over the clients."
+)
 @click.option("--clients", type=int, default=10, show_default=True, help="Simulated clients (SuperNode processes).")
 @click.option("--split", "split_text", default="iid", show_default=True, help="iid, dirichlet:ALPHA or classes:K.")
 @click.option("--timeout", type=float, help="Give up (and stop every process) after this many seconds.")
 @_client_options
-def simulate(bundle, run_dir, rounds, local_epochs, test, batch_size, lr, weight_decay, warmup_epochs, seed, round_timeout,
-             logit_adjust, proximal_mu, class_weighted_head, calibrate_head, data, clients, split_text, timeout, threads, kv,
-             memory_budget_mb, backend) -> None:
+def simulate(
+    bundle,
+    run_dir,
+    rounds,
+    local_epochs,
+    test,
+    batch_size,
+    lr,
+    weight_decay,
+    warmup_epochs,
+    seed,
+    round_timeout,
+    logit_adjust,
+    proximal_mu,
+    class_weighted_head,
+    calibrate_head,
+    data,
+    clients,
+    split_text,
+    timeout,
+    threads,
+    kv,
+    memory_budget_mb,
+    backend,
+) -> None:
     """Simulate a fleet on this machine: every client a real Flower SuperNode process with its own shard."""
     import numpy as np
 
@@ -231,11 +321,26 @@ def simulate(bundle, run_dir, rounds, local_epochs, test, batch_size, lr, weight
     if proximal_mu and backend == "ort-training":
         raise UserError("--proximal-mu needs the portable backend: onnxruntime-training's optimizer cannot take it")
     dataset = load_dataset(data)
-    settings = _settings(bundle, run_dir, clients, dataset.classes, rounds=rounds, local_epochs=local_epochs, test=test,
-                         batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed,
-                         round_timeout=round_timeout, logit_adjust=logit_adjust, proximal_mu=proximal_mu,
-                         class_weighted_head=class_weighted_head, calibrate_head=calibrate_head,
-                         extra={"split": str(split), "data": str(data.resolve())})
+    settings = _settings(
+        bundle,
+        run_dir,
+        clients,
+        dataset.classes,
+        rounds=rounds,
+        local_epochs=local_epochs,
+        test=test,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_epochs=warmup_epochs,
+        seed=seed,
+        round_timeout=round_timeout,
+        logit_adjust=logit_adjust,
+        proximal_mu=proximal_mu,
+        class_weighted_head=class_weighted_head,
+        calibrate_head=calibrate_head,
+        extra={"split": str(split), "data": str(data.resolve())},
+    )
     parts = assign(np.array([label for _, label in dataset.samples]), clients, split, seed)
     path = _write_settings(run_dir, settings)
     workdir = run_dir / FLEET_DIR
@@ -246,22 +351,61 @@ def simulate(bundle, run_dir, rounds, local_epochs, test, batch_size, lr, weight
             home = workdir / "clients" / f"client_{k}"
             home.mkdir(parents=True, exist_ok=True)
             shard = home / "train.txt"
-            shard.write_text("".join(f"{json.dumps(str(Path(dataset.samples[i][0]).resolve()))},"
-                                     f"{json.dumps(dataset.classes[dataset.samples[i][1]])}\n" for i in rows))
-            fed.supernode(superlink, {"bundle": str(bundle.resolve()), "data": str(shard.resolve()),
-                                      "state": str((home / "state").resolve()), **node}, f"client_{k}")
-        _follow(run_dir, fed.submit(path), timeout, workdir / "logs",
-                [workdir / "logs" / f"client_{k}.log" for k in range(clients)])
+            shard.write_text(
+                "".join(
+                    f"{json.dumps(str(Path(dataset.samples[i][0]).resolve()))},"
+                    f"{json.dumps(dataset.classes[dataset.samples[i][1]])}\n"
+                    for i in rows
+                )
+            )
+            fed.supernode(
+                superlink,
+                {
+                    "bundle": str(bundle.resolve()),
+                    "data": str(shard.resolve()),
+                    "state": str((home / "state").resolve()),
+                    **node,
+                },
+                f"client_{k}",
+            )
+        _follow(
+            run_dir,
+            fed.submit(path),
+            timeout,
+            workdir / "logs",
+            [workdir / "logs" / f"client_{k}.log" for k in range(clients)],
+        )
 
 
 @fleet.command()
 @_common
 @click.option("--clients", type=int, required=True, help="Clients that must connect; all train in every round.")
-@click.option("--classes", "class_list", help="Comma-separated class names [default: the bundle's, else --test's folders].")
+@click.option(
+    "--classes", "class_list", help="Comma-separated class names [default: the bundle's, else --test's folders]."
+)
 @click.option("--host", default="0.0.0.0", show_default=True, help="Address the SuperLink listens on.")
 @click.option("--port", type=int, default=9091, show_default=True, help="The SuperLink's port (clients connect here).")
-def server(bundle, run_dir, rounds, local_epochs, test, batch_size, lr, weight_decay, warmup_epochs, seed, round_timeout,
-           logit_adjust, proximal_mu, class_weighted_head, calibrate_head, clients, class_list, host, port) -> None:
+def server(
+    bundle,
+    run_dir,
+    rounds,
+    local_epochs,
+    test,
+    batch_size,
+    lr,
+    weight_decay,
+    warmup_epochs,
+    seed,
+    round_timeout,
+    logit_adjust,
+    proximal_mu,
+    class_weighted_head,
+    calibrate_head,
+    clients,
+    class_list,
+    host,
+    port,
+) -> None:
     """Run the fleet's server: a Flower SuperLink, then the FedAvg ServerApp once --clients have connected.
 
     Insecure (no TLS): for a trusted network. Ends when the last round is written.
@@ -270,17 +414,34 @@ def server(bundle, run_dir, rounds, local_epochs, test, batch_size, lr, weight_d
     from vqt_edge.fleet.launch import Federation
 
     _stop_on_sigterm()
-    classes = parse_list(class_list, str, "--classes") if class_list else mf.read_manifest(bundle, verify=False).class_names
+    classes = (
+        parse_list(class_list, str, "--classes") if class_list else mf.read_manifest(bundle, verify=False).class_names
+    )
     if classes is None and test is not None:
         from device_runner.data import load_dataset
 
         classes = load_dataset(test).classes
     if classes is None:
         raise UserError("the bundle names no classes: give --classes (or --test, whose folders name them)")
-    settings = _settings(bundle, run_dir, clients, classes, rounds=rounds, local_epochs=local_epochs, test=test,
-                         batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed,
-                         round_timeout=round_timeout, logit_adjust=logit_adjust, proximal_mu=proximal_mu,
-                         class_weighted_head=class_weighted_head, calibrate_head=calibrate_head)
+    settings = _settings(
+        bundle,
+        run_dir,
+        clients,
+        classes,
+        rounds=rounds,
+        local_epochs=local_epochs,
+        test=test,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_epochs=warmup_epochs,
+        seed=seed,
+        round_timeout=round_timeout,
+        logit_adjust=logit_adjust,
+        proximal_mu=proximal_mu,
+        class_weighted_head=class_weighted_head,
+        calibrate_head=calibrate_head,
+    )
     path = _write_settings(run_dir, settings)
     with Federation(run_dir / FLEET_DIR) as fed:
         fed.superlink(host=host, port=port)
@@ -291,9 +452,15 @@ def server(bundle, run_dir, rounds, local_epochs, test, batch_size, lr, weight_d
 @fleet.command()
 @click.option("--superlink", required=True, help="The server's address, HOST:PORT.")
 @click.option("--bundle", type=click.Path(path_type=Path), required=True, help="The same bundle as the server's.")
-@click.option("--data", type=click.Path(path_type=Path), required=True, help="This device's training images (never sent).")
-@click.option("--state", type=click.Path(path_type=Path), required=True,
-              help="Folder this client keeps between rounds: K/V cache, checkpoint, the tensors it sent.")
+@click.option(
+    "--data", type=click.Path(path_type=Path), required=True, help="This device's training images (never sent)."
+)
+@click.option(
+    "--state",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Folder this client keeps between rounds: K/V cache, checkpoint, the tensors it sent.",
+)
 @_client_options
 def client(superlink, bundle, data, state, threads, kv, memory_budget_mb, backend) -> None:
     """Join a fleet as one device: a Flower SuperNode that trains on --data each round (until Ctrl-C)."""
@@ -308,8 +475,12 @@ def client(superlink, bundle, data, state, threads, kv, memory_budget_mb, backen
     elif not data.exists():
         raise UserError(f"data path {data} does not exist")
     state.mkdir(parents=True, exist_ok=True)
-    node = {"bundle": str(bundle.resolve()), "data": str(data.resolve()), "state": str(state.resolve()),
-            **_node_values(threads, kv, memory_budget_mb, backend)}
+    node = {
+        "bundle": str(bundle.resolve()),
+        "data": str(data.resolve()),
+        "state": str(state.resolve()),
+        **_node_values(threads, kv, memory_budget_mb, backend),
+    }
     with Federation(state / "flower") as fed:
         proc = fed.supernode(superlink, node, "supernode")
         click.echo(f"connected to {superlink} as a fleet client; logs in {state / 'flower' / 'logs'}; Ctrl-C to leave")

@@ -6,8 +6,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar, Union, get_args, get_origin, get_type_hints, overload
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints, overload
 
 import click
 
@@ -64,7 +65,11 @@ def config_options(config: type, names: list[str], **overrides: dict[str, Any]) 
             if "metavar" in f.metadata:
                 spec["metavar"] = f.metadata["metavar"]
             spec.update(overrides.get(name, {}))
-            if spec["default"] is None or spec["default"] == "auto" and "auto" not in getattr(spec["type"], "choices", ()):
+            if (
+                spec["default"] is None
+                or spec["default"] == "auto"
+                and "auto" not in getattr(spec["type"], "choices", ())
+            ):
                 spec["default"], spec["show_default"] = None, False
             command = click.option(_flag(f), name, **spec)(command)
         return command

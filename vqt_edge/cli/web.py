@@ -10,13 +10,22 @@ from vqt_edge.errors import UserError
 
 
 @click.command("web")
-@click.option("--bundle", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Bundle to adapt in the page.")
+@click.option(
+    "--bundle", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Bundle to adapt in the page."
+)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Folder to write the static site into.")
-@click.option("--serve", "serve_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Serve this site on localhost (after writing it, if --out is given too).")
+@click.option(
+    "--serve",
+    "serve_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Serve this site on localhost (after writing it, if --out is given too).",
+)
 @click.option("--port", type=int, default=8026, show_default=True, help="Port on 127.0.0.1 for --serve.")
-@click.option("--ort-web", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Folder with onnxruntime-web's dist/ files (default: this checkout's node_modules, `npm ci`).")
+@click.option(
+    "--ort-web",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Folder with onnxruntime-web's dist/ files (default: this checkout's node_modules, `npm ci`).",
+)
 def web(bundle: Path | None, out: Path | None, serve_dir: Path | None, port: int, ort_web: Path | None) -> None:
     """A static site that adapts BUNDLE in a browser tab: the photos never leave the page.
 
@@ -49,10 +58,18 @@ def web(bundle: Path | None, out: Path | None, serve_dir: Path | None, port: int
 
 @click.command("import-adapter")
 @click.option("--bundle", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--adapter", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="adapter.safetensors (downloaded from the page).")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Its adapter_config.json (default: the one beside --adapter).")
+@click.option(
+    "--adapter",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="adapter.safetensors (downloaded from the page).",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Its adapter_config.json (default: the one beside --adapter).",
+)
 @click.option("--run", required=True, type=click.Path(file_okay=False, path_type=Path), help="New run folder.")
 def import_adapter(bundle: Path, adapter: Path, config_path: Path | None, run: Path) -> None:
     """Make a finished run folder from an adapter trained in the page (or anywhere else)."""

@@ -36,10 +36,10 @@ from device_runner.deploy import save_adapter
 from device_runner.features import DiskCache, FrozenBackbone, image_sha256
 from device_runner.selection import compute_features, feature_source
 from device_runner.trainer import Trainer
-from vqt_edge.config import TrainConfig
 from vqt_edge import manifest as mf
-from vqt_edge.errors import UserError
 from vqt_edge.calibrate import class_stats
+from vqt_edge.config import TrainConfig
+from vqt_edge.errors import UserError
 from vqt_edge.memory import lean_malloc, peak_rss_mb
 from vqt_edge.run_folder import RunFolder
 
@@ -81,8 +81,10 @@ class LocalRule:
         if self.proximal_mu < 0 or self.logit_adjust < 0 or self.optimizer not in ("carry", "reset"):
             raise UserError("--proximal-mu and --logit-adjust must be non-negative, --optimizer carry or reset")
         if backend != "portable" and (self.proximal_mu or self.optimizer != "carry"):
-            raise UserError("--proximal-mu and --optimizer reset need --backend portable "
-                            "(onnxruntime-training's optimizer cannot take them)")
+            raise UserError(
+                "--proximal-mu and --optimizer reset need --backend portable "
+                "(onnxruntime-training's optimizer cannot take them)"
+            )
 
 
 def prior_shift(labels: np.ndarray, classes: int, tau: float) -> np.ndarray:
@@ -110,9 +112,17 @@ def set_tensors(trainer: Trainer, tensors: dict[str, np.ndarray]) -> None:
     trainer.backend.set_parameters(tensors)
 
 
-def train_round(state: Path, bundle: Path, data: Path, tensors: dict[str, np.ndarray], cfg: TrainConfig,
-                classes: list[str], server_round: int, local_epochs: int,
-                rule: LocalRule = LocalRule()) -> tuple[dict[str, np.ndarray], dict]:
+def train_round(
+    state: Path,
+    bundle: Path,
+    data: Path,
+    tensors: dict[str, np.ndarray],
+    cfg: TrainConfig,
+    classes: list[str],
+    server_round: int,
+    local_epochs: int,
+    rule: LocalRule = LocalRule(),
+) -> tuple[dict[str, np.ndarray], dict]:
     """One round on this device: (returned tensors, metrics). Round r trains epochs
     (r-1)*E+1 .. r*E of the client's run, which `cfg.epochs` (= rounds x E) sizes."""
     run = state / CLIENT_RUN
@@ -150,16 +160,25 @@ def train_round(state: Path, bundle: Path, data: Path, tensors: dict[str, np.nda
     save_adapter(state / ROUNDS / f"round_{server_round}.safetensors", out, trainer.manifest)
     last = folder.metrics()[-1]
     metrics = {
-        NUM_EXAMPLES: int(done["train_images"]), "train_loss": float(last["train_loss"]),
-        "train_acc": float(last["train_acc"]), "seconds": float(sum(trainer.step_times)),
+        NUM_EXAMPLES: int(done["train_images"]),
+        "train_loss": float(last["train_loss"]),
+        "train_acc": float(last["train_acc"]),
+        "seconds": float(sum(trainer.step_times)),
         "peak_rss_mb": float(peak_rss_mb()),
         CLASS_COUNTS: np.bincount(trainer.labels[: trainer.n_train], minlength=len(classes)).tolist(),
     }
     return out, metrics
 
 
-def feature_stats(state: Path, bundle: Path, data: Path, tensors: dict[str, np.ndarray], classes: list[str],
-                  diagonal: bool, threads: int | None = None) -> dict[str, np.ndarray]:
+def feature_stats(
+    state: Path,
+    bundle: Path,
+    data: Path,
+    tensors: dict[str, np.ndarray],
+    classes: list[str],
+    diagonal: bool,
+    threads: int | None = None,
+) -> dict[str, np.ndarray]:
     """Per-class count, mean and covariance (or variance) of this device's head input features under
     the server's final `tensors` (CCVR, vqt_edge/calibrate.py). The frozen outputs come from the
     client run's K/V disk cache, filled in the rounds (any image missing from it is run once now)."""
@@ -169,8 +188,9 @@ def feature_stats(state: Path, bundle: Path, data: Path, tensors: dict[str, np.n
     labels = np.array([y for _, y in dataset.samples], np.int64)
     cache = DiskCache.for_bundle(state / CLIENT_RUN, manifest)
     hashes = [image_sha256(p) for p in paths]
-    cache.fill(lambda: FrozenBackbone(bundle, manifest, "cpu", threads), paths, hashes, manifest, FEATURE_BATCH,
-               lambda _: None)
+    cache.fill(
+        lambda: FrozenBackbone(bundle, manifest, "cpu", threads), paths, hashes, manifest, FEATURE_BATCH, lambda _: None
+    )
     store = cache.store(hashes)
     source = feature_source(bundle, manifest, tensors, lambda rows: store.gather(rows), threads=threads, scratch=state)
     x = compute_features(source, len(paths), FEATURE_BATCH)
@@ -191,28 +211,48 @@ def train(msg: Message, context: Context) -> Message:
     bundle, data, state = Path(str(node["bundle"])), Path(str(node["data"])), Path(str(node["state"]))
     sha = mf.sha256_file(bundle / mf.MANIFEST)
     if sha != config["bundle-sha256"]:
-        raise UserError(f"{bundle}: not the bundle the server federates (manifest sha256 {sha[:12]} != "
-                        f"{str(config['bundle-sha256'])[:12]})")
+        raise UserError(
+            f"{bundle}: not the bundle the server federates (manifest sha256 {sha[:12]} != "
+            f"{str(config['bundle-sha256'])[:12]})"
+        )
     rounds, local_epochs = int(config["rounds"]), int(config["local-epochs"])
-    rule = LocalRule(proximal_mu=float(config.get("proximal-mu", 0.0)), logit_adjust=float(config.get("logit-adjust", 0.0)))
+    rule = LocalRule(
+        proximal_mu=float(config.get("proximal-mu", 0.0)), logit_adjust=float(config.get("logit-adjust", 0.0))
+    )
     cfg = TrainConfig(
-        epochs=rounds * local_epochs, batch_size=int(config["batch-size"]), lr=float(config["lr"]),
-        weight_decay=float(config["weight-decay"]), warmup_epochs=float(config["warmup-epochs"]),
-        seed=int(config["seed"]), kv=str(node.get("kv", "disk")), threads=int(node["threads"]) if "threads" in node else None,
+        epochs=rounds * local_epochs,
+        batch_size=int(config["batch-size"]),
+        lr=float(config["lr"]),
+        weight_decay=float(config["weight-decay"]),
+        warmup_epochs=float(config["warmup-epochs"]),
+        seed=int(config["seed"]),
+        kv=str(node.get("kv", "disk")),
+        threads=int(node["threads"]) if "threads" in node else None,
         micro_batch=int(node["micro-batch"]) if "micro-batch" in node else None,
         memory_budget_mb=float(node["memory-budget-mb"]) if "memory-budget-mb" in node else None,
         backend=rule.backend(str(node.get("backend", "auto"))),
     )
     state.mkdir(parents=True, exist_ok=True)
     tensors = {name: array.numpy() for name, array in msg.content[ARRAYS].items()}
-    out, metrics = train_round(state, bundle, data, tensors, cfg, [str(c) for c in config["classes"]],
-                               int(config["server-round"]), local_epochs, rule)
+    out, metrics = train_round(
+        state,
+        bundle,
+        data,
+        tensors,
+        cfg,
+        [str(c) for c in config["classes"]],
+        int(config["server-round"]),
+        local_epochs,
+        rule,
+    )
     if not config.get("class-weighted-head", False):
         del metrics[CLASS_COUNTS]  # the label histogram leaves the device only when the server's rule needs it
-    content = RecordDict({
-        ARRAYS: ArrayRecord({name: Array(value) for name, value in out.items()}),
-        METRICS_KEY: MetricRecord(metrics),
-    })
+    content = RecordDict(
+        {
+            ARRAYS: ArrayRecord({name: Array(value) for name, value in out.items()}),
+            METRICS_KEY: MetricRecord(metrics),
+        }
+    )
     return Message(content=content, reply_to=msg)
 
 
@@ -226,9 +266,19 @@ def query(msg: Message, context: Context) -> Message:
     config = msg.content[CONFIG]
     bundle, data, state = Path(str(node["bundle"])), Path(str(node["data"])), Path(str(node["state"]))
     tensors = {name: array.numpy() for name, array in msg.content[ARRAYS].items()}
-    stats = feature_stats(state, bundle, data, tensors, [str(c) for c in config["classes"]],
-                          str(config[CALIBRATE]) == "diagonal", int(node["threads"]) if "threads" in node else None)
-    content = RecordDict({ARRAYS: ArrayRecord({name: Array(value) for name, value in stats.items()}),
-                          METRICS_KEY: MetricRecord({"peak_rss_mb": float(peak_rss_mb())})})
+    stats = feature_stats(
+        state,
+        bundle,
+        data,
+        tensors,
+        [str(c) for c in config["classes"]],
+        str(config[CALIBRATE]) == "diagonal",
+        int(node["threads"]) if "threads" in node else None,
+    )
+    content = RecordDict(
+        {
+            ARRAYS: ArrayRecord({name: Array(value) for name, value in stats.items()}),
+            METRICS_KEY: MetricRecord({"peak_rss_mb": float(peak_rss_mb())}),
+        }
+    )
     return Message(content=content, reply_to=msg)
-

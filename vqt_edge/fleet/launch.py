@@ -104,10 +104,14 @@ class Federation:
         self.home = workdir / "flwr_home"  # FLWR_HOME: Flower's config and installed apps, per run
         self.procs: list[subprocess.Popen] = []
         bindir = str(Path(sys.executable).parent)  # Flower finds its helpers (flower-superexec) on PATH
-        self.env = {**os.environ, "FLWR_HOME": str(self.home), "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
-                    "FLWR_DISABLE_UPDATE_CHECK": "1"}
+        self.env = {
+            **os.environ,
+            "FLWR_HOME": str(self.home),
+            "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+        }
 
-    def __enter__(self) -> "Federation":
+    def __enter__(self) -> Federation:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -118,34 +122,59 @@ class Federation:
         if not exe.exists():
             raise UserError(f"{exe} not found: install the fleet extra (pip install 'vqt-edge[fleet]')")
         log = open(self.logs / log_name, "w")
-        proc = subprocess.Popen([str(exe), *args], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=self.env, cwd=self.workdir)
+        proc = subprocess.Popen(
+            [str(exe), *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self.env,
+            cwd=self.workdir,
+        )
         log.close()
         self.procs.append(proc)
         return proc
 
     def superlink(self, host: str = "127.0.0.1", port: int | None = None, timeout: float = 60.0) -> str:
         port = port or free_port()
-        proc = self._start("flower-superlink", ["--insecure", "--host", host, "--port", str(port),
-                                                "--database", str(self.workdir / "superlink.db")], "superlink.log")
-        wait_for_port("127.0.0.1" if host in ("0.0.0.0", "::") else host, port, timeout, proc, self.logs / "superlink.log")
+        proc = self._start(
+            "flower-superlink",
+            ["--insecure", "--host", host, "--port", str(port), "--database", str(self.workdir / "superlink.db")],
+            "superlink.log",
+        )
+        wait_for_port(
+            "127.0.0.1" if host in ("0.0.0.0", "::") else host, port, timeout, proc, self.logs / "superlink.log"
+        )
         self.home.mkdir(parents=True, exist_ok=True)
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+            f'address = "127.0.0.1:{port}"\ninsecure = true\n'
+        )
         return f"127.0.0.1:{port}"
 
     def supernode(self, superlink: str, config: dict[str, object], name: str) -> subprocess.Popen:
-        return self._start("flower-supernode", ["--insecure", "--superlink", superlink, "--port", str(free_port()),
-                                                "--node-config", node_config(config)], f"{name}.log")
+        return self._start(
+            "flower-supernode",
+            ["--insecure", "--superlink", superlink, "--port", str(free_port()), "--node-config", node_config(config)],
+            f"{name}.log",
+        )
 
     def submit(self, settings: Path) -> subprocess.Popen:
         """`flwr run` of vqt-edge's Flower App; streams the ServerApp's log until the run ends."""
         app = self.workdir / "app"
         app.mkdir(exist_ok=True)
         (app / "pyproject.toml").write_text(APP_PYPROJECT)
-        return self._start("flwr", ["run", str(app), CONNECTION, "--stream", "--run-config",
-                                    f"settings={json.dumps(str(settings.resolve()))}"], "flwr_run.log")
+        return self._start(
+            "flwr",
+            [
+                "run",
+                str(app),
+                CONNECTION,
+                "--stream",
+                "--run-config",
+                f"settings={json.dumps(str(settings.resolve()))}",
+            ],
+            "flwr_run.log",
+        )
 
     def close(self) -> None:
         """SIGTERM to every process started here and all their descendants, SIGKILL after a grace period

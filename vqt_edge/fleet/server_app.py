@@ -26,10 +26,10 @@ from flwr.serverapp.strategy import FedAvg
 from device_runner import ort
 from device_runner.data import Sample, drop_unreadable, iter_batches, load_dataset
 from device_runner.deploy import build_model, save_adapter
-from vqt_edge.fleet.client_app import ARRAYS, CALIBRATE, CLASS_COUNTS, CONFIG, HEAD_ROWS, METRICS_KEY, NUM_EXAMPLES
 from vqt_edge import adapter_config
 from vqt_edge import manifest as mf
 from vqt_edge.calibrate import calibrate_head
+from vqt_edge.fleet.client_app import ARRAYS, CALIBRATE, CLASS_COUNTS, CONFIG, HEAD_ROWS, METRICS_KEY, NUM_EXAMPLES
 from vqt_edge.manifest import Manifest
 from vqt_edge.memory import peak_rss_mb
 from vqt_edge.run_folder import ADAPTER, MODEL, RunFolder
@@ -64,13 +64,23 @@ class FleetSettings:
 
     def round_config(self, bundle_sha256: str) -> ConfigRecord:
         epochs = self.rounds * self.local_epochs
-        return ConfigRecord({
-            "rounds": self.rounds, "local-epochs": self.local_epochs, "batch-size": self.batch_size, "lr": self.lr,
-            "weight-decay": self.weight_decay, "seed": self.seed, "classes": list(self.classes),
-            "warmup-epochs": float(self.warmup_epochs if self.warmup_epochs is not None else 0.1 * epochs),
-            "bundle-sha256": bundle_sha256, "logit-adjust": self.logit_adjust, "proximal-mu": self.proximal_mu,
-            "class-weighted-head": self.class_weighted_head, CALIBRATE: self.calibrate_head or "",
-        })
+        return ConfigRecord(
+            {
+                "rounds": self.rounds,
+                "local-epochs": self.local_epochs,
+                "batch-size": self.batch_size,
+                "lr": self.lr,
+                "weight-decay": self.weight_decay,
+                "seed": self.seed,
+                "classes": list(self.classes),
+                "warmup-epochs": float(self.warmup_epochs if self.warmup_epochs is not None else 0.1 * epochs),
+                "bundle-sha256": bundle_sha256,
+                "logit-adjust": self.logit_adjust,
+                "proximal-mu": self.proximal_mu,
+                "class-weighted-head": self.class_weighted_head,
+                CALIBRATE: self.calibrate_head or "",
+            }
+        )
 
 
 def initial_tensors(bundle: Path, manifest: Manifest) -> dict[str, np.ndarray]:
@@ -101,15 +111,18 @@ class TestSet:
 
     def accuracy(self, model: Path) -> float:
         rt = ort.onnxruntime()
-        session = rt.InferenceSession(str(model), sess_options=ort.session_options(), providers=["CPUExecutionProvider"])
+        session = rt.InferenceSession(
+            str(model), sess_options=ort.session_options(), providers=["CPUExecutionProvider"]
+        )
         correct = 0
         for pixels, labels in self.cached if self.cached is not None else self._batches():
             correct += int((session.run(["logits"], {"pixel_values": pixels})[0].argmax(-1) == labels).sum())
         return correct / max(1, len(self.samples))
 
 
-def class_weighted_rows(mean: dict[str, np.ndarray], sent: list[dict[str, np.ndarray]],
-                        counts: np.ndarray) -> dict[str, np.ndarray]:
+def class_weighted_rows(
+    mean: dict[str, np.ndarray], sent: list[dict[str, np.ndarray]], counts: np.ndarray
+) -> dict[str, np.ndarray]:
     """FedAvg's `mean` with each class's head row (weight row and bias) re-averaged over the clients'
     tensors `sent`, weighted by their training images *of that class* (`counts`: clients x classes;
     docs/design.md section 12). Under label skew a client that never saw class c only pushed row c
@@ -147,19 +160,31 @@ class _RecordingFedAvg(FedAvg):
                 failures.append({"node": int(msg.metadata.src_node_id), "error": str(msg.error.reason)})
                 continue
             metrics = dict(msg.content[METRICS_KEY])
-            clients.append({"node": int(msg.metadata.src_node_id), "bytes_up": array_bytes(msg.content[ARRAYS]),
-                            **{k: (int(v) if k == NUM_EXAMPLES else list(v) if k == CLASS_COUNTS else float(v))
-                               for k, v in metrics.items()}})
-        self.last.update(clients=sorted(clients, key=lambda c: c["node"]), failures=failures,
-                         round_seconds=round(time.perf_counter() - self.last["started"], 2))
+            clients.append(
+                {
+                    "node": int(msg.metadata.src_node_id),
+                    "bytes_up": array_bytes(msg.content[ARRAYS]),
+                    **{
+                        k: (int(v) if k == NUM_EXAMPLES else list(v) if k == CLASS_COUNTS else float(v))
+                        for k, v in metrics.items()
+                    },
+                }
+            )
+        self.last.update(
+            clients=sorted(clients, key=lambda c: c["node"]),
+            failures=failures,
+            round_seconds=round(time.perf_counter() - self.last["started"], 2),
+        )
         if not clients:
             raise RuntimeError(f"round {server_round}: every client failed: {failures}")
         arrays, metrics = super().aggregate_train(server_round, replies)
         if self.class_weighted_head and arrays is not None:
             ok = [msg for msg in replies if not msg.has_error()]
-            rows = class_weighted_rows({name: array.numpy() for name, array in arrays.items()},
-                                       [{name: a.numpy() for name, a in msg.content[ARRAYS].items()} for msg in ok],
-                                       [list(msg.content[METRICS_KEY][CLASS_COUNTS]) for msg in ok])
+            rows = class_weighted_rows(
+                {name: array.numpy() for name, array in arrays.items()},
+                [{name: a.numpy() for name, a in msg.content[ARRAYS].items()} for msg in ok],
+                [list(msg.content[METRICS_KEY][CLASS_COUNTS]) for msg in ok],
+            )
             arrays = ArrayRecord({name: Array(value) for name, value in rows.items()})
         return arrays, metrics
 
@@ -170,9 +195,16 @@ def run_fleet(grid: Grid, settings: FleetSettings) -> dict:
     manifest = mf.read_manifest(bundle, verify=True)
     (run / ROUNDS).mkdir(parents=True, exist_ok=True)
     test = TestSet(Path(settings.test), manifest, settings.classes, settings.batch_size) if settings.test else None
-    strategy = _RecordingFedAvg(class_weighted_head=settings.class_weighted_head, fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=settings.clients,
-                                min_available_nodes=settings.clients, arrayrecord_key=ARRAYS,
-                                configrecord_key=CONFIG, weighted_by_key=NUM_EXAMPLES)
+    strategy = _RecordingFedAvg(
+        class_weighted_head=settings.class_weighted_head,
+        fraction_train=1.0,
+        fraction_evaluate=0.0,
+        min_train_nodes=settings.clients,
+        min_available_nodes=settings.clients,
+        arrayrecord_key=ARRAYS,
+        configrecord_key=CONFIG,
+        weighted_by_key=NUM_EXAMPLES,
+    )
     folder = RunFolder(run)
     folder.clear_metrics()
 
@@ -186,8 +218,14 @@ def run_fleet(grid: Grid, settings: FleetSettings) -> dict:
             total = sum(c[NUM_EXAMPLES] for c in record["clients"])
             record["train_loss"] = sum(c["train_loss"] * c[NUM_EXAMPLES] for c in record["clients"]) / total
         if test is not None:
-            build_model(bundle, manifest, tensors, run / ROUNDS / MODEL, classes=settings.classes,
-                        adapter_sha256=mf.sha256_file(path))
+            build_model(
+                bundle,
+                manifest,
+                tensors,
+                run / ROUNDS / MODEL,
+                classes=settings.classes,
+                adapter_sha256=mf.sha256_file(path),
+            )
             record["test_acc"] = test.accuracy(run / ROUNDS / MODEL)
         folder.append_metrics(record)
         return MetricRecord({"test_acc": record["test_acc"]}) if "test_acc" in record else None
@@ -195,8 +233,11 @@ def run_fleet(grid: Grid, settings: FleetSettings) -> dict:
     t0 = time.perf_counter()
     initial = initial_tensors(bundle, manifest)
     result = strategy.start(
-        grid=grid, initial_arrays=ArrayRecord({k: Array(v) for k, v in initial.items()}), num_rounds=settings.rounds,
-        timeout=settings.round_timeout, train_config=settings.round_config(mf.sha256_file(bundle / mf.MANIFEST)),
+        grid=grid,
+        initial_arrays=ArrayRecord({k: Array(v) for k, v in initial.items()}),
+        num_rounds=settings.rounds,
+        timeout=settings.round_timeout,
+        train_config=settings.round_config(mf.sha256_file(bundle / mf.MANIFEST)),
         evaluate_fn=after_round,
     )
     final = {name: array.numpy() for name, array in result.arrays.items()}
@@ -210,23 +251,31 @@ def run_fleet(grid: Grid, settings: FleetSettings) -> dict:
     return _finish(run, bundle, manifest, settings, final, time.perf_counter() - t0, calibration)
 
 
-def _calibrate(grid: Grid, settings: FleetSettings, tensors: dict[str, np.ndarray],
-               bundle_sha256: str) -> tuple[dict[str, np.ndarray], dict]:
+def _calibrate(
+    grid: Grid, settings: FleetSettings, tensors: dict[str, np.ndarray], bundle_sha256: str
+) -> tuple[dict[str, np.ndarray], dict]:
     """One query message to every client with the final tensors; their per-class feature statistics
     back; the head refitted on virtual features (vqt_edge/calibrate.py)."""
     t0 = time.perf_counter()
-    content = RecordDict({ARRAYS: ArrayRecord({k: Array(v) for k, v in tensors.items()}),
-                          CONFIG: settings.round_config(bundle_sha256)})
-    messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=node) for node in grid.get_node_ids()]
+    content = RecordDict(
+        {ARRAYS: ArrayRecord({k: Array(v) for k, v in tensors.items()}), CONFIG: settings.round_config(bundle_sha256)}
+    )
+    messages = [
+        Message(content=content, message_type=MessageType.QUERY, dst_node_id=node) for node in grid.get_node_ids()
+    ]
     replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
     ok = [msg for msg in replies if not msg.has_error()]
-    failures = [{"node": int(msg.metadata.src_node_id), "error": str(msg.error.reason)} for msg in replies if msg.has_error()]
+    failures = [
+        {"node": int(msg.metadata.src_node_id), "error": str(msg.error.reason)} for msg in replies if msg.has_error()
+    ]
     if not ok:
         raise RuntimeError(f"calibration: every client failed: {failures}")
     stats = [{name: array.numpy() for name, array in msg.content[ARRAYS].items()} for msg in ok]
     calibrated = calibrate_head(tensors, stats, settings.seed)
     return calibrated, {
-        "covariance": settings.calibrate_head, "clients": len(ok), "failures": failures,
+        "covariance": settings.calibrate_head,
+        "clients": len(ok),
+        "failures": failures,
         "bytes_down_per_client": array_bytes(content[ARRAYS]),
         "bytes_up_per_client": max(array_bytes(msg.content[ARRAYS]) for msg in ok),
         "client_peak_rss_mb": max(float(msg.content[METRICS_KEY]["peak_rss_mb"]) for msg in ok),
@@ -234,22 +283,37 @@ def _calibrate(grid: Grid, settings: FleetSettings, tensors: dict[str, np.ndarra
     }
 
 
-def _finish(run: Path, bundle: Path, manifest: Manifest, settings: FleetSettings, tensors: dict[str, np.ndarray],
-            seconds: float, calibration: dict | None = None) -> dict:
+def _finish(
+    run: Path,
+    bundle: Path,
+    manifest: Manifest,
+    settings: FleetSettings,
+    tensors: dict[str, np.ndarray],
+    seconds: float,
+    calibration: dict | None = None,
+) -> dict:
     """The ordinary run folder (vqt_edge/run_folder.py): adapter, model.onnx, run.json, summary.json."""
     (run / ROUNDS / MODEL).unlink(missing_ok=True)
     folder = RunFolder(run)
-    folder.write_outputs(lambda path: save_adapter(path, tensors, manifest),
-                         adapter_config.from_manifest(manifest, settings.classes),
-                         lambda path: build_model(bundle, manifest, tensors, path, classes=settings.classes,
-                                                     adapter_sha256=mf.sha256_file(run / ADAPTER)),
-                         f"the aggregated tensors are in {run / ROUNDS}; free space and run the fleet again")
+    folder.write_outputs(
+        lambda path: save_adapter(path, tensors, manifest),
+        adapter_config.from_manifest(manifest, settings.classes),
+        lambda path: build_model(
+            bundle, manifest, tensors, path, classes=settings.classes, adapter_sha256=mf.sha256_file(run / ADAPTER)
+        ),
+        f"the aggregated tensors are in {run / ROUNDS}; free space and run the fleet again",
+    )
     folder.start(bundle, settings.classes, data=None, val=None, fleet=asdict(settings))
     rounds = folder.metrics()
     clients = [c for r in rounds for c in r.get("clients", [])]
     summary = {
-        "fleet": True, "rounds": settings.rounds, "clients": settings.clients, "local_epochs": settings.local_epochs,
-        "train_images": max((sum(c[NUM_EXAMPLES] for c in r["clients"]) for r in rounds if r.get("clients")), default=0),
+        "fleet": True,
+        "rounds": settings.rounds,
+        "clients": settings.clients,
+        "local_epochs": settings.local_epochs,
+        "train_images": max(
+            (sum(c[NUM_EXAMPLES] for c in r["clients"]) for r in rounds if r.get("clients")), default=0
+        ),
         "test_accuracy": (calibration or {}).get("test_acc", rounds[-1].get("test_acc") if rounds else None),
         "calibration": calibration,  # the head refitted after the last round; the rounds' test_acc are before it
         "final": rounds[-1] if rounds else None,

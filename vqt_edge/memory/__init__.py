@@ -19,7 +19,22 @@ from vqt_edge.memory.model import FROZEN_BATCH_MAX, MARGIN, BundleFootprint, Pla
 from vqt_edge.memory.planner import AVAILABLE_SHARE, NoPlan, choose, default_kv, micro_batches
 
 __all__ = [
-    "AVAILABLE_ENV", "AVAILABLE_SHARE", "FROZEN_BATCH_MAX", "MARGIN", "BundleFootprint", "MiB", "NoPlan", "Plan",
-    "available_mb", "choose", "default_kv", "frozen_batch", "lean_malloc", "micro_batches", "parse_size_mb",
-    "peak_rss_mb", "predict_peak", "trim_malloc",
+    "AVAILABLE_ENV",
+    "AVAILABLE_SHARE",
+    "FROZEN_BATCH_MAX",
+    "MARGIN",
+    "BundleFootprint",
+    "MiB",
+    "NoPlan",
+    "Plan",
+    "available_mb",
+    "choose",
+    "default_kv",
+    "frozen_batch",
+    "lean_malloc",
+    "micro_batches",
+    "parse_size_mb",
+    "peak_rss_mb",
+    "predict_peak",
+    "trim_malloc",
 ]

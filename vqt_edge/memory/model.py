@@ -87,7 +87,7 @@ class BundleFootprint:
     step_fed_per_sample: int | None = None
 
     @classmethod
-    def from_bundle(cls, bundle: Path) -> "BundleFootprint":
+    def from_bundle(cls, bundle: Path) -> BundleFootprint:
         import numpy as np
 
         from vqt_edge import manifest as mf
@@ -107,17 +107,33 @@ class BundleFootprint:
         frozen, head = _size(bundle / mf.FROZEN), _size(bundle / mf.HEAD_MODEL)
         # model.onnx reads the query path's frozen weights (Wq, Wo, fc1, fc2 per query layer) from
         # frozen.onnx's initializers (device_runner/onnx_io/share.py): only fp32 weights match by value.
-        shared = 4 * lq * 2 * a.dim * (a.dim + a.mlp_dim) if m.quantize == "none" and spec.method.startswith("vqt") else 0
+        shared = (
+            4 * lq * 2 * a.dim * (a.dim + a.mlp_dim) if m.quantize == "none" and spec.method.startswith("vqt") else 0
+        )
         step = bundle / mf.STEP_MODEL
         return cls(
-            name=str(bundle), method=spec.method, last_k=spec.last_k, query_layers=lq,
-            query_tokens=t, frozen_bytes=frozen, head_bytes=head,
-            ckpt_bytes=_size(bundle / mf.CHECKPOINT), trainable_bytes=4 * sum(int(np.prod(shape)) for shape in spec.trainable_shapes.values()),
-            pixels_per_sample=4 * a.channels * a.image_size**2, feed_per_sample=feed, cache_per_sample=cache,
-            layer_work=work, query_path_per_sample=query_path, frozen_taps_per_sample=taps,
-            largest_weight_bytes=4 * a.dim * max(3 * a.dim, a.mlp_dim), quantize=m.quantize,
-            step_bytes=step.stat().st_size if step.exists() else 0, model_bytes=frozen + max(0, head - shared),
-            step_dequantized_bytes=int((m.quantization or {}).get(mf.STEP_MODEL, {}).get("largest_dequantized_bytes", 0)),
+            name=str(bundle),
+            method=spec.method,
+            last_k=spec.last_k,
+            query_layers=lq,
+            query_tokens=t,
+            frozen_bytes=frozen,
+            head_bytes=head,
+            ckpt_bytes=_size(bundle / mf.CHECKPOINT),
+            trainable_bytes=4 * sum(int(np.prod(shape)) for shape in spec.trainable_shapes.values()),
+            pixels_per_sample=4 * a.channels * a.image_size**2,
+            feed_per_sample=feed,
+            cache_per_sample=cache,
+            layer_work=work,
+            query_path_per_sample=query_path,
+            frozen_taps_per_sample=taps,
+            largest_weight_bytes=4 * a.dim * max(3 * a.dim, a.mlp_dim),
+            quantize=m.quantize,
+            step_bytes=step.stat().st_size if step.exists() else 0,
+            model_bytes=frozen + max(0, head - shared),
+            step_dequantized_bytes=int(
+                (m.quantization or {}).get(mf.STEP_MODEL, {}).get("largest_dequantized_bytes", 0)
+            ),
             step_fed_per_sample=feed if m.step_feed == "float32" else cache + feed,
         )
 
@@ -155,13 +171,23 @@ class Plan:
 
     def describe(self) -> str:
         top = max(self.phases, key=self.phases.__getitem__)
-        return (f"kv {self.kv}, micro-batch {self.micro_batch} (batch {self.batch_size}, frozen pass {self.frozen_batch} "
-                f"images at a time), backend {self.backend}: predicted peak {self.peak_mb:.0f} MiB, set by the {top} phase")
+        return (
+            f"kv {self.kv}, micro-batch {self.micro_batch} (batch {self.batch_size}, frozen pass {self.frozen_batch} "
+            f"images at a time), backend {self.backend}: predicted peak {self.peak_mb:.0f} MiB, set by the {top} phase"
+        )
 
     def to_dict(self) -> dict:
-        return {"backend": self.backend, "kv": self.kv, "micro_batch": self.micro_batch, "batch_size": self.batch_size,
-                "frozen_batch": self.frozen_batch, "images": self.images, "predicted_peak_mb": round(self.peak_mb, 1),
-                "needs_mb": self.needs_mb, "phases_mb": {k: round(v, 1) for k, v in self.phases.items()}}
+        return {
+            "backend": self.backend,
+            "kv": self.kv,
+            "micro_batch": self.micro_batch,
+            "batch_size": self.batch_size,
+            "frozen_batch": self.frozen_batch,
+            "images": self.images,
+            "predicted_peak_mb": round(self.peak_mb, 1),
+            "needs_mb": self.needs_mb,
+            "phases_mb": {k: round(v, 1) for k, v in self.phases.items()},
+        }
 
 
 def frozen_batch(batch_size: int, micro_batch: int | None) -> int:
@@ -169,8 +195,17 @@ def frozen_batch(batch_size: int, micro_batch: int | None) -> int:
     return max(1, min(micro_batch or batch_size, FROZEN_BATCH_MAX))
 
 
-def predict_peak(fp: BundleFootprint, *, images: int, batch_size: int, micro_batch: int | None, kv: str,
-                 test_batch: int | None = None, backend: str = DEFAULT_BACKEND, frozen_batch_size: int | None = None) -> Plan:
+def predict_peak(
+    fp: BundleFootprint,
+    *,
+    images: int,
+    batch_size: int,
+    micro_batch: int | None,
+    kv: str,
+    test_batch: int | None = None,
+    backend: str = DEFAULT_BACKEND,
+    frozen_batch_size: int | None = None,
+) -> Plan:
     """Predicted VmHWM (MiB) of `vqt-edge train` on `images` images (train + validation).
 
     peak = BASE_MB + max over the phases the run goes through, each in MiB above the baseline:
@@ -212,8 +247,16 @@ def predict_peak(fp: BundleFootprint, *, images: int, batch_size: int, micro_bat
     mb = 1 / MiB
 
     def act_frozen(b: int) -> float:
-        return b * (fp.pixels_per_sample + fp.feed_per_sample + FROZEN_WORK * fp.layer_work
-                + H2T_TAPS * fp.frozen_taps_per_sample) * mb
+        return (
+            b
+            * (
+                fp.pixels_per_sample
+                + fp.feed_per_sample
+                + FROZEN_WORK * fp.layer_work
+                + H2T_TAPS * fp.frozen_taps_per_sample
+            )
+            * mb
+        )
 
     def loaded(file_mb: float) -> tuple[float, float]:
         """(load peak, resident) of an inference session on a graph file of this size."""
@@ -246,7 +289,9 @@ def predict_peak(fp: BundleFootprint, *, images: int, batch_size: int, micro_bat
         store = cache if kv == "ram" else 0.0
         phases["train"] = 2 * SESSION_MB + store + max(load, module + max(step, save))
     else:
-        phases["train"] = 2 * SESSION_MB + max(frozen_load, frozen_res + max(load, module + max(step + act_frozen(micro), save)))
+        phases["train"] = 2 * SESSION_MB + max(
+            frozen_load, frozen_res + max(load, module + max(step + act_frozen(micro), save))
+        )
     phases["finish"] = 2 * SESSION_MB + 2 * trainable + FINISH_MB + fp.largest_weight_bytes * mb
     if test_batch:
         model_load, model_res = loaded((fp.model_bytes or fp.frozen_bytes + fp.head_bytes) * mb)
@@ -255,4 +300,3 @@ def predict_peak(fp: BundleFootprint, *, images: int, batch_size: int, micro_bat
         # measured), within 2.3 MiB of 2; the third session reuses what the first two left.
         phases["test"] = 2 * SESSION_MB + max(model_load, model_res + work)
     return Plan(kv, micro, batch_size, images, BASE_MB + max(phases.values()), phases, backend, fb)
-

@@ -43,7 +43,13 @@ def import_adapter(bundle: Path, adapter: Path, run: Path, config_path: Path | N
     with folder.lock():
         if folder.is_run():
             raise UserError(f"{run}: already holds a run; choose another --run")
-        folder.start(bundle, classes, data=None, val=None, config={"backend": "portable"}, imported_from=str(adapter.absolute()))
-        folder.write_outputs(lambda p: save_adapter(p, tensors, manifest), adapter_config.from_manifest(manifest, classes),
-                             lambda p: build_model(bundle, manifest, tensors, p), "free space and import again into a new --run")
+        folder.start(
+            bundle, classes, data=None, val=None, config={"backend": "portable"}, imported_from=str(adapter.absolute())
+        )
+        folder.write_outputs(
+            lambda p: save_adapter(p, tensors, manifest),
+            adapter_config.from_manifest(manifest, classes),
+            lambda p: build_model(bundle, manifest, tensors, p),
+            "free space and import again into a new --run",
+        )
         return folder.finish({"imported_from": str(adapter.absolute()), "backend": "portable", "train_images": None})

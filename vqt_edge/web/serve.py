@@ -15,8 +15,15 @@ from pathlib import Path
 
 from vqt_edge.errors import UserError
 
-MIME = {".wasm": "application/wasm", ".mjs": "text/javascript", ".js": "text/javascript", ".json": "application/json",
-        ".onnx": "application/octet-stream", ".safetensors": "application/octet-stream", ".html": "text/html"}
+MIME = {
+    ".wasm": "application/wasm",
+    ".mjs": "text/javascript",
+    ".js": "text/javascript",
+    ".json": "application/json",
+    ".onnx": "application/octet-stream",
+    ".safetensors": "application/octet-stream",
+    ".html": "text/html",
+}
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
@@ -44,7 +51,9 @@ class _Server(http.server.ThreadingHTTPServer):
 def make_server(site: Path, port: int = 8026) -> http.server.ThreadingHTTPServer:
     """A server for `site` on 127.0.0.1:`port` (0: any free port; `server.server_address[1]` says which)."""
     if not (site / "index.html").is_file() or not (site / "site.json").is_file():
-        raise UserError(f"{site}: not a `vqt-edge web` site (no index.html / site.json); write one with --bundle B --out SITE")
+        raise UserError(
+            f"{site}: not a `vqt-edge web` site (no index.html / site.json); write one with --bundle B --out SITE"
+        )
     handler = functools.partial(_Handler, directory=str(site))
     try:
         return _Server(("127.0.0.1", port), handler)

@@ -40,13 +40,17 @@ def ort_dist(explicit: Path | None = None) -> Path:
     folder = explicit or REPO / "node_modules" / "onnxruntime-web" / "dist"
     missing = [name for name in ORT_FILES if not (folder / name).is_file()]
     if missing:
-        raise UserError(f"{folder}: onnxruntime-web's files {missing} are missing; run `npm ci` in the repository "
-                        f"(package.json pins onnxruntime-web {ORT_WEB_VERSION}) or pass --ort-web DIR")
+        raise UserError(
+            f"{folder}: onnxruntime-web's files {missing} are missing; run `npm ci` in the repository "
+            f"(package.json pins onnxruntime-web {ORT_WEB_VERSION}) or pass --ort-web DIR"
+        )
     package = folder.parent / "package.json"
     if explicit is None and package.is_file():
         version = json.loads(package.read_text()).get("version")
         if version != ORT_WEB_VERSION:
-            raise UserError(f"{package}: onnxruntime-web {version}, the page is tested with {ORT_WEB_VERSION}; run `npm ci`")
+            raise UserError(
+                f"{package}: onnxruntime-web {version}, the page is tested with {ORT_WEB_VERSION}; run `npm ci`"
+            )
     return folder
 
 
@@ -61,15 +65,22 @@ def site_config(manifest: mf.Manifest) -> dict:
         "num_classes": spec.num_classes,
         "class_names": manifest.class_names,
         "trainable_shapes": {k: list(v) for k, v in spec.trainable_shapes.items()},
-        "frozen_outputs": {name: {"shape": list(shape), "cache_dtype": dtype}
-                           for name, (shape, dtype) in spec.frozen_output_specs.items()},
+        "frozen_outputs": {
+            name: {"shape": list(shape), "cache_dtype": dtype}
+            for name, (shape, dtype) in spec.frozen_output_specs.items()
+        },
         "query_keep_shape": list(spec.query_keep_shape) if spec.query_keep_shape else None,
         "dropout": spec.dropout,
         "max_pixels": MAX_PIXELS,
         "defaults": DEFAULTS,
-        "adapter_metadata": {"format": mf.FORMAT, "method": spec.method, "last_k": str(spec.last_k),
-                             "feature_norm": spec.feature_norm, "query_layers": ",".join(map(str, spec.query_layers)),
-                             "aggregate": spec.aggregate},
+        "adapter_metadata": {
+            "format": mf.FORMAT,
+            "method": spec.method,
+            "last_k": str(spec.last_k),
+            "feature_norm": spec.feature_norm,
+            "query_layers": ",".join(map(str, spec.query_layers)),
+            "aggregate": spec.aggregate,
+        },
         "adapter_config": adapter_config.from_manifest(manifest, []),  # the page fills class_names
         "ort_web": ORT_WEB_VERSION,
     }
@@ -80,7 +91,9 @@ def write_site(bundle: Path, out: Path, ort_web: Path | None = None) -> dict:
     Returns {relative path: size in bytes}."""
     manifest = mf.read_manifest(bundle, verify=True)
     if mf.STEP_MODEL not in manifest.files or mf.STEP_INIT not in manifest.files:
-        raise UserError(f"{bundle}: no {mf.STEP_MODEL}; the page trains with the portable step graph: re-export the bundle")
+        raise UserError(
+            f"{bundle}: no {mf.STEP_MODEL}; the page trains with the portable step graph: re-export the bundle"
+        )
     dist = ort_dist(ort_web)
     if out.exists() and not (out / "site.json").is_file() and any(out.iterdir()):
         raise UserError(f"{out}: exists and is not a `vqt-edge web` site; give an empty or new folder")
@@ -95,7 +108,11 @@ def write_site(bundle: Path, out: Path, ort_web: Path | None = None) -> dict:
     if licence.is_file():
         shutil.copyfile(licence, out / "ort" / "LICENSE")
     (out / "bundle").mkdir(exist_ok=True)
-    for name, target in ((mf.FROZEN, "frozen.onnx"), (mf.STEP_MODEL, "step.onnx"), (mf.STEP_INIT, "step_init.safetensors")):
+    for name, target in (
+        (mf.FROZEN, "frozen.onnx"),
+        (mf.STEP_MODEL, "step.onnx"),
+        (mf.STEP_INIT, "step_init.safetensors"),
+    ):
         shutil.copyfile(bundle / name, out / "bundle" / target)
     (out / "site.json").write_text(json.dumps(site_config(manifest), indent=1) + "\n")
     return {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
