@@ -62,7 +62,9 @@ def load_adapter(path: Path, manifest: Manifest) -> dict[str, np.ndarray]:
         tensors = load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for damaged files
         raise UserError(f"{path}: not a readable safetensors file ({e})") from None
-    expected = {name: (shape, np.float32) for name, shape in manifest.spec.trainable_shapes.items()}
+    expected: dict[str, tuple[tuple[int, ...], type[np.generic]]] = {
+        name: (shape, np.float32) for name, shape in manifest.spec.trainable_shapes.items()
+    }
     index = tensors.get(FEATURE_INDEX)
     if index is not None:  # feature selection (device_runner/selection.py): the head reads k features
         k = index.shape[0] if index.ndim == 1 else -1

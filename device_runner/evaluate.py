@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from vqt_edge.run_folder import MODEL, RunFolder
 class FinishedRun:
     manifest: Manifest
     classes: list[str]
-    session: object
+    session: Any  # an onnxruntime InferenceSession (onnxruntime ships no type hints)
 
     @classmethod
     def open(cls, run: Path, device: str = "cpu") -> FinishedRun:

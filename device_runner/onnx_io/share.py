@@ -33,7 +33,7 @@ import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import onnx
@@ -266,7 +266,8 @@ class Sharing:
                     )
                     x = step + "/u"
                 parts.append(x)
-            op, attrs = ("Concat", {"axis": 0}) if how.stacked else ("Identity", {})
+            attrs: dict[str, Any] = {"axis": 0} if how.stacked else {}
+            op = "Concat" if how.stacked else "Identity"
             out.append(onnx.helper.make_node(op, parts, [rename(name)], f"{self.base}{name}/{op}", **attrs))
         return out
 
