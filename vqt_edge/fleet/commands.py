@@ -19,6 +19,9 @@ from pathlib import Path
 import click
 
 from vqt_edge.errors import UserError
+from vqt_edge.fleet.guard import (certs, client_security, client_security_options, enroll_command, guard_options,
+                                  guard_settings, insecure_option, resume_settings, server_security_options,
+                                  simulate_security, start_server)
 from vqt_edge.spec import BACKENDS
 
 FLEET_DIR = "fleet"  # inside the run folder: settings, logs, Flower's state, the simulated clients
@@ -131,6 +134,7 @@ def _format_row(record: dict) -> str:
     up = max(c["bytes_up"] for c in clients)
     peak = max(c["peak_rss_mb"] for c in clients)
     fails = f"  {len(record['failures'])} client(s) failed" if record.get("failures") else ""
+    fails += "".join(f"; rejected node {r['node']}: {r['reason']}" for r in record.get("rejected", []))
     return (f"{record['round']:>5}  {acc:>8}  {record['train_loss']:>10.4f}  {record['bytes_down']:>9}  {up:>9}  "
             f"{peak:>8.0f}  {len(clients)} clients, {record['round_seconds']:.1f} s{fails}")
 
@@ -216,9 +220,11 @@ def fleet() -> None:
 @click.option("--split", "split_text", default="iid", show_default=True, help="iid, dirichlet:ALPHA or classes:K.")
 @click.option("--timeout", type=float, help="Give up (and stop every process) after this many seconds.")
 @_client_options
+@guard_options
+@insecure_option
 def simulate(bundle, run_dir, rounds, local_epochs, test, batch_size, lr, weight_decay, warmup_epochs, seed, round_timeout,
              logit_adjust, proximal_mu, class_weighted_head, calibrate_head, data, clients, split_text, timeout, threads, kv, memory_budget,
-             backend) -> None:
+             backend, insecure, **guard) -> None:
     """Simulate a fleet on this machine: every client a real Flower SuperNode process with its own shard."""
     import numpy as np
 
@@ -236,13 +242,17 @@ def simulate(bundle, run_dir, rounds, local_epochs, test, batch_size, lr, weight
                          batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed,
                          round_timeout=round_timeout, logit_adjust=logit_adjust, proximal_mu=proximal_mu,
                          class_weighted_head=class_weighted_head, calibrate_head=calibrate_head,
-                         extra={"split": str(split), "data": str(data.resolve())})
+                         extra={"split": str(split), "data": str(data.resolve())}, **guard_settings(guard))
     parts = assign(np.array([label for _, label in dataset.samples]), clients, split, seed)
     path = _write_settings(run_dir, settings)
     workdir = run_dir / FLEET_DIR
     click.echo(f"{clients} clients, split {split}: " + ", ".join(str(len(p)) for p in parts) + " images")
+    tls, keys = simulate_security(workdir, clients, insecure)
     with Federation(workdir) as fed:
-        superlink = fed.superlink()
+        superlink = fed.superlink(tls=tls, auth=tls is not None)
+        for key in keys:
+            if key is not None:
+                fed.register(key.with_suffix(".pub"))
         for k, rows in enumerate(parts):
             home = workdir / "clients" / f"client_{k}"
             home.mkdir(parents=True, exist_ok=True)
@@ -250,7 +260,8 @@ def simulate(bundle, run_dir, rounds, local_epochs, test, batch_size, lr, weight
             shard.write_text("".join(f"{json.dumps(str(Path(dataset.samples[i][0]).resolve()))},"
                                      f"{json.dumps(dataset.classes[dataset.samples[i][1]])}\n" for i in rows))
             fed.supernode(superlink, {"bundle": str(bundle.resolve()), "data": str(shard.resolve()),
-                                      "state": str((home / "state").resolve()), **node}, f"client_{k}")
+                                      "state": str((home / "state").resolve()), **node}, f"client_{k}",
+                          tls.ca if tls else None, keys[k])
         _follow(run_dir, fed.submit(path), timeout, workdir / "logs",
                 [workdir / "logs" / f"client_{k}.log" for k in range(clients)])
 
@@ -261,16 +272,27 @@ def simulate(bundle, run_dir, rounds, local_epochs, test, batch_size, lr, weight
 @click.option("--classes", "class_list", help="Comma-separated class names [default: the bundle's, else --test's folders].")
 @click.option("--host", default="0.0.0.0", show_default=True, help="Address the SuperLink listens on.")
 @click.option("--port", type=int, default=9091, show_default=True, help="The SuperLink's port (clients connect here).")
+@guard_options
+@server_security_options
 def server(bundle, run_dir, rounds, local_epochs, test, batch_size, lr, weight_decay, warmup_epochs, seed, round_timeout,
-           logit_adjust, proximal_mu, class_weighted_head, calibrate_head, clients, class_list, host, port) -> None:
+           logit_adjust, proximal_mu, class_weighted_head, calibrate_head, clients, class_list, host, port, certificates,
+           allow_dir, resume, insecure, **guard) -> None:
     """Run the fleet's server: a Flower SuperLink, then the FedAvg ServerApp once --clients have connected.
 
-    Insecure (no TLS): for a trusted network. Ends when the last round is written.
+    TLS with --certificates (only enrolled devices may join), or plain HTTP with --insecure.
+    Ends when the last round is written; --resume continues a stopped run from its last round.
     """
     from vqt_edge import manifest as mf
     from vqt_edge.fleet.launch import Federation
 
     _stop_on_sigterm()
+    if resume:
+        settings = resume_settings(run_dir, bundle)
+        click.echo(f"resuming {run_dir} after round {settings.resume_from} of {settings.rounds}")
+        with Federation(run_dir / FLEET_DIR) as fed:
+            start_server(fed, host, port, certificates, allow_dir, insecure)
+            _follow(run_dir, fed.submit(run_dir / "fleet.json"), None, run_dir / FLEET_DIR / "logs")
+        return
     classes = [c.strip() for c in class_list.split(",")] if class_list else mf.read_manifest(bundle, verify=False).class_names
     if classes is None and test is not None:
         from device_runner.data import load_dataset
@@ -281,11 +303,12 @@ def server(bundle, run_dir, rounds, local_epochs, test, batch_size, lr, weight_d
     settings = _settings(bundle, run_dir, clients, classes, rounds=rounds, local_epochs=local_epochs, test=test,
                          batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed,
                          round_timeout=round_timeout, logit_adjust=logit_adjust, proximal_mu=proximal_mu,
-                         class_weighted_head=class_weighted_head, calibrate_head=calibrate_head)
+                         class_weighted_head=class_weighted_head, calibrate_head=calibrate_head, **guard_settings(guard))
     path = _write_settings(run_dir, settings)
     with Federation(run_dir / FLEET_DIR) as fed:
-        fed.superlink(host=host, port=port)
-        click.echo(f"SuperLink listening on {host}:{port}; waiting for {clients} clients")
+        _, enrolled = start_server(fed, host, port, certificates, allow_dir, insecure)
+        click.echo(f"SuperLink listening on {host}:{port} ({f'TLS, {enrolled} enrolled devices' if enrolled else 'insecure'}); "
+                   f"waiting for {clients} clients")
         _follow(run_dir, fed.submit(path), None, run_dir / FLEET_DIR / "logs")
 
 
@@ -296,13 +319,15 @@ def server(bundle, run_dir, rounds, local_epochs, test, batch_size, lr, weight_d
 @click.option("--state", type=click.Path(path_type=Path), required=True,
               help="Folder this client keeps between rounds: K/V cache, checkpoint, the tensors it sent.")
 @_client_options
-def client(superlink, bundle, data, state, threads, kv, memory_budget, backend) -> None:
+@client_security_options
+def client(superlink, bundle, data, state, threads, kv, memory_budget, backend, root_certificate, key, insecure) -> None:
     """Join a fleet as one device: a Flower SuperNode that trains on --data each round (until Ctrl-C)."""
     from device_runner.data import load_dataset
     from vqt_edge import manifest as mf
     from vqt_edge.fleet.launch import Federation
 
     _stop_on_sigterm()
+    root_certificate, key = client_security(root_certificate, key, insecure)
     manifest = mf.read_manifest(bundle, verify=True)
     if manifest.class_names is not None:
         load_dataset(data, classes=manifest.class_names)  # bad --data fails here, not in the first round
@@ -312,9 +337,16 @@ def client(superlink, bundle, data, state, threads, kv, memory_budget, backend) 
     node = {"bundle": str(bundle.resolve()), "data": str(data.resolve()), "state": str(state.resolve()),
             **_node_values(threads, kv, memory_budget, backend)}
     with Federation(state / "flower") as fed:
-        proc = fed.supernode(superlink, node, "supernode")
+        proc = fed.supernode(superlink, node, "supernode", root_certificate, key)
         click.echo(f"connected to {superlink} as a fleet client; logs in {state / 'flower' / 'logs'}; Ctrl-C to leave")
         try:
-            proc.wait()
+            code = proc.wait()
         except KeyboardInterrupt:
-            pass
+            return
+        if code:
+            raise click.ClickException(f"the SuperNode stopped with code {code} (305: the server refused the connection, "
+                                       f"e.g. this device is not enrolled); see {state / 'flower' / 'logs' / 'supernode.log'}")
+
+
+fleet.add_command(certs)
+fleet.add_command(enroll_command)

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from vqt_edge.errors import UserError
+from vqt_edge.fleet.certs import ServerFiles
 
 #: The Flower App that `flwr run` submits: the apps are the installed vqt-edge modules.
 APP_PYPROJECT = """\
@@ -124,26 +125,47 @@ class Federation:
         self.procs.append(proc)
         return proc
 
-    def superlink(self, host: str = "127.0.0.1", port: int | None = None, timeout: float = 60.0) -> str:
+    def superlink(self, host: str = "127.0.0.1", port: int | None = None, timeout: float = 60.0,
+                  tls: ServerFiles | None = None, auth: bool = False) -> str:
+        """Start the SuperLink: with TLS when `tls` is given (else plain HTTP), with SuperNode
+        authentication when `auth` (Flower requires TLS for it); `register` then adds devices."""
         port = port or free_port()
-        proc = self._start("flower-superlink", ["--insecure", "--host", host, "--port", str(port),
+        security = (["--ssl-ca-certfile", str(tls.ca), "--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.key)]
+                    if tls else ["--insecure"]) + (["--enable-supernode-auth"] if auth else [])
+        proc = self._start("flower-superlink", [*security, "--host", host, "--port", str(port),
                                                 "--database", str(self.workdir / "superlink.db")], "superlink.log")
         wait_for_port("127.0.0.1" if host in ("0.0.0.0", "::") else host, port, timeout, proc, self.logs / "superlink.log")
         self.home.mkdir(parents=True, exist_ok=True)
+        trust = f'root-certificates = "{tls.ca.resolve()}"\n' if tls else "insecure = true\n"
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+            f'address = "127.0.0.1:{port}"\n{trust}')
         return f"127.0.0.1:{port}"
 
-    def supernode(self, superlink: str, config: dict[str, object], name: str) -> subprocess.Popen:
-        return self._start("flower-supernode", ["--insecure", "--superlink", superlink, "--port", str(free_port()),
+    def register(self, public_key: Path) -> None:
+        """Put one device's public key on the SuperLink's allow-list (`flwr supernode register`)."""
+        exe = Path(sys.executable).parent / "flwr"
+        out = subprocess.run([str(exe), "supernode", "register", str(public_key), CONNECTION], capture_output=True,
+                             text=True, env=self.env, cwd=self.workdir, stdin=subprocess.DEVNULL, timeout=120)
+        if out.returncode != 0 or "registered successfully" not in out.stdout:
+            raise UserError(f"could not enroll {public_key.name} on the SuperLink: {(out.stdout + out.stderr).strip()}")
+
+    def supernode(self, superlink: str, config: dict[str, object], name: str, root_certificate: Path | None = None,
+                  key: Path | None = None) -> subprocess.Popen:
+        """A SuperNode: TLS trusting `root_certificate` when given (else plain HTTP), authenticated by
+        the private `key` when given."""
+        security = ["--root-certificates", str(root_certificate)] if root_certificate else ["--insecure"]
+        if key is not None:
+            security += ["--auth-supernode-private-key", str(key)]
+        return self._start("flower-supernode", [*security, "--superlink", superlink, "--port", str(free_port()),
                                                 "--node-config", node_config(config)], f"{name}.log")
 
-    def submit(self, settings: Path) -> subprocess.Popen:
-        """`flwr run` of vqt-edge's Flower App; streams the ServerApp's log until the run ends."""
+    def submit(self, settings: Path, clientapp: str = "device_runner.fleet:app") -> subprocess.Popen:
+        """`flwr run` of vqt-edge's Flower App; streams the ServerApp's log until the run ends.
+        `clientapp` is for tests only (tests/fleet_attack.py); devices run device_runner.fleet."""
         app = self.workdir / "app"
         app.mkdir(exist_ok=True)
-        (app / "pyproject.toml").write_text(APP_PYPROJECT)
+        (app / "pyproject.toml").write_text(APP_PYPROJECT.replace("device_runner.fleet:app", clientapp))
         return self._start("flwr", ["run", str(app), CONNECTION, "--stream", "--run-config",
                                     f"settings={json.dumps(str(settings.resolve()))}"], "flwr_run.log")
 
