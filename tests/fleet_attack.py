@@ -1,7 +1,7 @@
 """TEST ONLY: a Flower ClientApp that misbehaves on purpose, for tests/test_fleet_security.py.
 
-A SuperNode whose node config has `test-attack=MODE` answers every training message with a bad
-update made from the server's tensors, without training; every other node runs the real device
+A SuperNode whose node config has `test-attack="MODE1,MODE2"` answers round r's training message with
+the bad update of the r-th mode, made from the server's tensors, without training; every other node runs the real device
 ClientApp (device_runner/fleet.py). Nothing outside tests/ imports this module: the tests submit it
 with `Federation.submit(..., clientapp="fleet_attack:app")` and put tests/ on the PYTHONPATH.
 """
@@ -43,13 +43,13 @@ def attack(mode: str, start: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarra
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    mode = str(context.node_config.get("test-attack", ""))
-    if not mode:
+    modes = str(context.node_config.get("test-attack", ""))  # one mode per round: "nan,inf" = nan in round 1, ...
+    if not modes:
         from device_runner.fleet import train as honest
 
         return honest(msg, context)
     start = {name: a.numpy() for name, a in msg.content[ARRAYS].items()}
-    out, n = attack(mode, start)
+    out, n = attack(modes.split(",")[int(msg.content["config"]["server-round"]) - 1], start)
     content = RecordDict({ARRAYS: ArrayRecord({k: Array(v) for k, v in out.items()}),
                           METRICS: MetricRecord({NUM_EXAMPLES: n, "train_loss": 0.0, "train_acc": 0.0, "seconds": 0.0,
                                                  "peak_rss_mb": 0.0})})

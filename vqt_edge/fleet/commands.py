@@ -250,9 +250,7 @@ def simulate(bundle, run_dir, rounds, local_epochs, test, batch_size, lr, weight
     tls, keys = simulate_security(workdir, clients, insecure)
     with Federation(workdir) as fed:
         superlink = fed.superlink(tls=tls, auth=tls is not None)
-        for key in keys:
-            if key is not None:
-                fed.register(key.with_suffix(".pub"))
+        fed.register([key.with_suffix(".pub") for key in keys if key is not None])
         for k, rows in enumerate(parts):
             home = workdir / "clients" / f"client_{k}"
             home.mkdir(parents=True, exist_ok=True)

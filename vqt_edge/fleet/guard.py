@@ -108,8 +108,7 @@ def start_server(fed, host: str, port: int | None, certificates: Path | None, al
         raise UserError(f"no enrolled devices in {allow_dir or certificates / DEVICES}: run "
                         f"`vqt-edge fleet enroll --certificates {certificates} NAME` for each device")
     superlink = fed.superlink(host=host, port=port, tls=files, auth=True)
-    for key in keys:
-        fed.register(key)
+    fed.register(keys)
     return superlink, len(keys)
 
 

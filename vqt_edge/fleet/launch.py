@@ -132,8 +132,9 @@ class Federation:
         port = port or free_port()
         security = (["--ssl-ca-certfile", str(tls.ca), "--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.key)]
                     if tls else ["--insecure"]) + (["--enable-supernode-auth"] if auth else [])
-        proc = self._start("flower-superlink", [*security, "--host", host, "--port", str(port),
-                                                "--database", str(self.workdir / "superlink.db")], "superlink.log")
+        # Flower's in-memory state, not --database FILE: its SQLite file gave "database is locked" errors
+        # that failed rounds with 9 SuperNodes on 2 cores; a stopped run is resumed from its round files.
+        proc = self._start("flower-superlink", [*security, "--host", host, "--port", str(port)], "superlink.log")
         wait_for_port("127.0.0.1" if host in ("0.0.0.0", "::") else host, port, timeout, proc, self.logs / "superlink.log")
         self.home.mkdir(parents=True, exist_ok=True)
         trust = f'root-certificates = "{tls.ca.resolve()}"\n' if tls else "insecure = true\n"
@@ -142,13 +143,16 @@ class Federation:
             f'address = "127.0.0.1:{port}"\n{trust}')
         return f"127.0.0.1:{port}"
 
-    def register(self, public_key: Path) -> None:
-        """Put one device's public key on the SuperLink's allow-list (`flwr supernode register`)."""
+    def register(self, public_keys: list[Path]) -> None:
+        """Put devices' public keys on the SuperLink's allow-list (`flwr supernode register`, all at once)."""
         exe = Path(sys.executable).parent / "flwr"
-        out = subprocess.run([str(exe), "supernode", "register", str(public_key), CONNECTION], capture_output=True,
-                             text=True, env=self.env, cwd=self.workdir, stdin=subprocess.DEVNULL, timeout=120)
-        if out.returncode != 0 or "registered successfully" not in out.stdout:
-            raise UserError(f"could not enroll {public_key.name} on the SuperLink: {(out.stdout + out.stderr).strip()}")
+        procs = [subprocess.Popen([str(exe), "supernode", "register", str(key), CONNECTION], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, env=self.env, cwd=self.workdir,
+                                  stdin=subprocess.DEVNULL) for key in public_keys]
+        for key, proc in zip(public_keys, procs):
+            out, _ = proc.communicate(timeout=300)
+            if proc.returncode != 0 or "registered successfully" not in out:
+                raise UserError(f"could not enroll {key.name} on the SuperLink: {out.strip()}")
 
     def supernode(self, superlink: str, config: dict[str, object], name: str, root_certificate: Path | None = None,
                   key: Path | None = None) -> subprocess.Popen:
