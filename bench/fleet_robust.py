@@ -2,13 +2,13 @@
 
 N honest clients train the tiny test bundle on iid shards of the generated colour task with the
 device's own round function (device_runner.fleet.train_round: real ONNX graphs, onnxruntime); one
-more client (30 images claimed) sends the round's start moved against the honest clients' mean update,
+more client (claiming --claim images, default 30) sends the round's start moved against the honest clients' mean update,
 with a norm of 0.95 x the default update bound: finite, well-formed and accepted by the checks. Each round the server's own code path decides:
 vqt_edge.fleet.checks.screen (the checks) then Flower's FedAvg / FedMedian / FedTrimmedAvg
 (checks.aggregator). Test accuracy after the last round, per rule, with and without the attacker.
 Not Flower processes: the rounds of the rules run side by side in this one process.
 
-    python bench/fleet_robust.py [--rounds 3] [--clients 4] [--scale 0.95]
+    python bench/fleet_robust.py [--rounds 3] [--clients 4] [--scale 0.95] [--claim 30] [--out FILE]
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--clients", type=int, default=4, help="honest clients")
     ap.add_argument("--scale", type=float, default=0.95, help="the attacker's update norm, as a fraction of the bound")
+    ap.add_argument("--claim", type=int, default=30, help="num_examples the attacker claims (<= --max-examples)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/fleet_robust.json"))
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="fleet_robust_"))
@@ -83,12 +84,12 @@ def main() -> None:
                 for k in range(args.clients):
                     out, metrics = train_round(state / f"c{k}", bundle, shards[k], tensors, cfg, CLASSES, r, 1)
                     replies.append(Reply(out, metrics["num-examples"], k + 1))
-                if attacked:  # against the honest mean update, at `scale` x the default bound for 30 images
+                if attacked:  # against the honest mean update, at `scale` x the default bound for its claim
                     honest = {n: np.mean([r.content["arrays"][n].numpy() for r in replies], 0) - v for n, v in tensors.items()}
                     size = np.sqrt(sum(float(np.sum(d.astype(np.float64) ** 2)) for d in honest.values()))
-                    step = args.scale * update_bound(limits, 30) / size
+                    step = args.scale * update_bound(limits, args.claim) / size
                     bad = {n: (v - step * honest[n]).astype(np.float32) for n, v in tensors.items()}
-                    replies.append(Reply(bad, 30, 99))
+                    replies.append(Reply(bad, args.claim, 99))
                 kept, rej, accepted = screen(replies, tensors, limits, "arrays", "metrics", "num-examples")
                 rejected += rej
                 norms.append({str(n): a["update_norm"] / a["norm_bound"] for n, a in accepted.items()})

@@ -311,7 +311,7 @@ def test_server_and_two_clients_as_separate_commands(method_bundles, task, reape
     server = subprocess.Popen([*vqt, "fleet", "server", "--bundle", bundle, "--run", run, "--clients", "2", "--rounds", "2",
                                "--classes", "blue,green,red", "--host", "127.0.0.1", "--port", str(port),
                                "--test", task["test"], "--batch-size", "16", "--class-weighted-head",
-                               "--calibrate-head", "full"],
+                               "--calibrate-head", "full", "--insecure"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
     clients = []
     try:
@@ -320,7 +320,7 @@ def test_server_and_two_clients_as_separate_commands(method_bundles, task, reape
             data.write_text("".join(f"{p},{c}\n" for c in cls for p in sorted((task["train"] / c).iterdir())[k::2]))
             clients.append(subprocess.Popen(
                 [*vqt, "fleet", "client", "--superlink", f"127.0.0.1:{port}", "--bundle", bundle, "--data", data,
-                 "--state", reaper / f"state_{k}", "--threads", "1", "--backend", backends[k]],
+                 "--state", reaper / f"state_{k}", "--threads", "1", "--backend", backends[k], "--insecure"],
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO))
         out, _ = server.communicate(timeout=FLEET_TIMEOUT)
         assert server.returncode == 0, out
@@ -364,7 +364,7 @@ def test_server_and_two_clients_as_separate_commands(method_bundles, task, reape
         image = next((task["test"] / "red").iterdir())
         pr = run_cli("predict", "--run", run, image)
         assert pr.returncode == 0 and str(image) in pr.stdout, pr.stderr
-        assert "head calibrated (full)" in out
+        assert "head calibrated (full)" in out and out.count("warning: --insecure") == 1
         for c in clients:
             c.send_signal(signal.SIGTERM)
         for c in clients:

@@ -180,6 +180,7 @@ class Federation:
         for proc in self.procs:
             if proc.poll() is None:
                 pids += [proc.pid, *_children(proc.pid)]
+        pids += _adopted([proc.pid for proc in self.procs], pids)
         started = {pid: _start_time(pid) for pid in pids}
         for pid in pids:
             _signal(pid, signal.SIGTERM, started[pid])
@@ -194,6 +195,22 @@ class Federation:
         for proc in self.procs:
             proc.wait()
         self.procs.clear()
+
+
+def _adopted(parents: list[int], known: list[int]) -> list[int]:
+    """Flower helpers started with `--parent-pid P` for one of `parents` whose parent already exited
+    (a SuperNode the SuperLink refused leaves its SuperExec retrying for seconds), and their children."""
+    wanted = {f"--parent-pid\0{p}\0".encode() for p in parents}
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) not in known:
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if any(w in cmdline for w in wanted):
+                out += [int(entry), *_children(int(entry))]
+    return out
 
 
 def _start_time(pid: int) -> str | None:
