@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=4, help="honest clients")
     ap.add_argument("--scale", type=float, default=0.95, help="the attacker's update norm, as a fraction of the bound")
     ap.add_argument("--claim", type=int, default=30, help="num_examples the attacker claims (<= --max-examples)")
-    ap.add_argument("--out", type=Path, default=Path("bench/results/fleet_robust.json"))
+    ap.add_argument("--out", type=Path, default=Path("bench/results/fleet_robust_claim30.json"))
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="fleet_robust_"))
     bundle = export_tiny_bundle(root / "bundle")

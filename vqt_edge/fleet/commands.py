@@ -27,7 +27,8 @@ from vqt_edge.spec import BACKENDS
 FLEET_DIR = "fleet"  # inside the run folder: settings, logs, Flower's state, the simulated clients
 POLL_SECONDS = 0.5
 TOKEN_FAILED = "Runtime task-token authentication failed"  # Flower's log line for a ClientApp it gave up on
-STALL_LINES = 9  # about three restarts: each given-up ClientApp logs TOKEN_FAILED three times
+STALL_LINES = 9
+RECONNECT_SECONDS = 5.0  # `fleet client` restarts its SuperNode after this when it stops  # about three restarts: each given-up ClientApp logs TOKEN_FAILED three times
 
 
 def _common(command):
@@ -335,16 +336,16 @@ def client(superlink, bundle, data, state, threads, kv, memory_budget, backend, 
     node = {"bundle": str(bundle.resolve()), "data": str(data.resolve()), "state": str(state.resolve()),
             **_node_values(threads, kv, memory_budget, backend)}
     with Federation(state / "flower") as fed:
-        proc = fed.supernode(superlink, node, "supernode", root_certificate, key)
-        click.echo(f"connected to {superlink} as a fleet client; logs in {state / 'flower' / 'logs'}; Ctrl-C to leave")
-        try:
-            code = proc.wait()
-        except KeyboardInterrupt:
-            return
-        if code:
-            raise click.ClickException(f"the SuperNode stopped with code {code} (305: the server refused the connection, "
-                                       f"e.g. this device is not enrolled); see {state / 'flower' / 'logs' / 'supernode.log'}")
-
-
-fleet.add_command(certs)
-fleet.add_command(enroll_command)
+        log = state / "flower" / "logs" / "supernode.log"
+        click.echo(f"connecting to {superlink} as a fleet client; logs in {log.parent}; Ctrl-C to leave")
+        while True:  # Flower's SuperNode gives up when the server is away (not started, restarting): start it again
+            proc = fed.supernode(superlink, node, "supernode", root_certificate, key)
+            try:
+                code = proc.wait()
+            except KeyboardInterrupt:
+                return
+            reason = next((line for line in log.read_text(errors="replace").splitlines() if "[code:" in line), "")
+            click.echo(f"the SuperNode stopped (code {code}{': ' + reason.strip() if reason else ''}); "
+                       f"retrying in {RECONNECT_SECONDS:.0f} s (a device the server has not enrolled is refused "
+                       "every time)", err=True)
+            time.sleep(RECONNECT_SECONDS)
