@@ -349,3 +349,7 @@ def client(superlink, bundle, data, state, threads, kv, memory_budget, backend, 
                        f"retrying in {RECONNECT_SECONDS:.0f} s (a device the server has not enrolled is refused "
                        "every time)", err=True)
             time.sleep(RECONNECT_SECONDS)
+
+
+fleet.add_command(certs)
+fleet.add_command(enroll_command)
