@@ -22,7 +22,7 @@ from vqt_edge.fleet.checks import DEFAULT_MAX_EXAMPLES, parse_aggregation
 
 INSECURE_WARNING = ("warning: --insecure: fleet traffic is plain HTTP and any machine that reaches the port can read "
                     "the adapter, join the fleet and send updates; use only on a network you trust")
-GUARD_KEYS = ("aggregation", "max_examples", "max_update_norm", "min_clients")
+GUARD_KEYS = ("aggregation", "max_examples", "max_update_norm", "min_clients", "max_concurrent")
 
 
 def _add(command, options):
@@ -44,12 +44,17 @@ def guard_options(command):
                      "move them in the client's steps: lr x steps x sqrt(parameters)]."),
         click.option("--min-clients", type=int, default=1, show_default=True,
                      help="Stop with an error when fewer client updates than this pass the checks in a round."),
+        click.option("--max-concurrent", type=int, default=0,
+                     help="Start at most this many clients at once in a round (waves); on a small machine this "
+                     "avoids Flower's ClientApp restart loop [default: all at once]."),
     ])
 
 
 def guard_settings(values: dict) -> dict:
     """The FleetSettings fields of the guard options, checked."""
     parse_aggregation(values["aggregation"])
+    if values["max_concurrent"] < 0:
+        raise UserError("--max-concurrent must be 0 (all at once) or more")
     if values["max_examples"] < 1 or values["min_clients"] < 1:
         raise UserError("--max-examples and --min-clients must be at least 1")
     if values["max_update_norm"] is not None and not values["max_update_norm"] > 0:

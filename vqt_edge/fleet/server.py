@@ -31,6 +31,7 @@ from vqt_edge import adapter_config
 from vqt_edge import manifest as mf
 from vqt_edge.fleet.calibrate import calibrate_head
 from vqt_edge.fleet.checks import DEFAULT_MAX_EXAMPLES, Limits, aggregator, screen
+from vqt_edge.fleet.waves import WaveGrid
 from vqt_edge.manifest import Manifest
 from vqt_edge.memory import peak_rss_mb
 from vqt_edge.run_folder import MODEL, RunFolder
@@ -66,6 +67,7 @@ class FleetSettings:
     max_update_norm: float | None = None  # None: checks.update_bound
     min_clients: int = 1  # fewer accepted updates than this stops the run
     resume_from: int = 0  # rounds already in the run folder (`fleet server --resume`)
+    max_concurrent: int = 0  # clients started at once in a round (vqt_edge/fleet/waves.py); 0: all
     extra: dict = field(default_factory=dict)  # recorded in summary.json as given (e.g. the split)
 
     def round_config(self, bundle_sha256: str) -> ConfigRecord:
@@ -303,4 +305,4 @@ def main(grid: Grid, context: Context) -> None:
     """Flower's entry: the run config's `settings` names the run folder's fleet.json."""
     ort.block_torch()  # Flower started this process for the run: onnxruntime must not pull torch in
     settings = FleetSettings(**json.loads(Path(str(context.run_config["settings"])).read_text()))
-    run_fleet(grid, settings)
+    run_fleet(WaveGrid(grid, settings.max_concurrent), settings)  # type: ignore[arg-type]
