@@ -320,3 +320,26 @@ def test_server_killed_after_a_round_resumes_to_the_uninterrupted_adapter(tiny_b
             np.testing.assert_array_equal(value, tensors[name], err_msg=f"round {r} {name}")
     final = load_file(str(run / "adapter.safetensors"))
     assert all(np.array_equal(v, tensors[k]) for k, v in final.items())
+
+
+def test_wave_grid_sends_at_most_cap_messages_at_once_and_returns_every_reply():
+    from vqt_edge.fleet.waves import WaveGrid
+
+    class Grid:
+        def __init__(self) -> None:
+            self.calls: list[tuple[list[int], float | None]] = []
+
+        def send_and_receive(self, messages, *, timeout=None):
+            self.calls.append((list(messages), timeout))
+            return [m * 10 for m in messages]
+
+        def get_node_ids(self):
+            return [1, 2, 3]
+
+    inner = Grid()
+    grid = WaveGrid(inner, cap=2)
+    assert list(grid.send_and_receive([1, 2, 3, 4, 5], timeout=7.0)) == [10, 20, 30, 40, 50]
+    assert inner.calls == [([1, 2], 7.0), ([3, 4], 7.0), ([5], 7.0)]
+    assert grid.get_node_ids() == [1, 2, 3]  # everything else is the wrapped grid's
+    WaveGrid(inner, cap=0).send_and_receive([1, 2, 3])
+    assert inner.calls[-1] == ([1, 2, 3], None)
