@@ -157,7 +157,7 @@ def _stalled(client_logs: list[Path]) -> Path | None:
 
 
 def _follow(run_dir: Path, submit: subprocess.Popen, timeout: float | None, logs: Path,
-            client_logs: list[Path] = ()) -> None:
+            client_logs: list[Path] = (), watch=lambda: None) -> None:
     """Print each round's row as the server appends it, until `flwr run` ends; then check the result."""
     from vqt_edge.run_folder import METRICS, RunFolder
 
@@ -174,6 +174,7 @@ def _follow(run_dir: Path, submit: subprocess.Popen, timeout: float | None, logs
         shown = len(lines)
         if done:
             break
+        watch()
         stalled = _stalled(client_logs)
         if stalled is not None:
             raise click.ClickException(
@@ -252,17 +253,26 @@ def simulate(bundle, run_dir, rounds, local_epochs, test, batch_size, lr, weight
     with Federation(workdir) as fed:
         superlink = fed.superlink(tls=tls, auth=tls is not None)
         fed.register([key.with_suffix(".pub") for key in keys if key is not None])
+        nodes: list[list] = []  # per client: how to start its SuperNode, the running one
         for k, rows in enumerate(parts):
             home = workdir / "clients" / f"client_{k}"
             home.mkdir(parents=True, exist_ok=True)
             shard = home / "train.txt"
             shard.write_text("".join(f"{json.dumps(str(Path(dataset.samples[i][0]).resolve()))},"
                                      f"{json.dumps(dataset.classes[dataset.samples[i][1]])}\n" for i in rows))
-            fed.supernode(superlink, {"bundle": str(bundle.resolve()), "data": str(shard.resolve()),
-                                      "state": str((home / "state").resolve()), **node}, f"client_{k}",
-                          tls.ca if tls else None, keys[k])
+            config = {"bundle": str(bundle.resolve()), "data": str(shard.resolve()),
+                      "state": str((home / "state").resolve()), **node}
+            start = (lambda k=k, config=config: fed.supernode(superlink, config, f"client_{k}", tls.ca if tls else None,
+                                                              keys[k]))
+            nodes.append([start, start()])
+
+        def restart_stopped() -> None:  # a SuperNode gives up when activation times out on a loaded machine
+            for entry in nodes:
+                if entry[1].poll() is not None:
+                    entry[1] = entry[0]()
+
         _follow(run_dir, fed.submit(path), timeout, workdir / "logs",
-                [workdir / "logs" / f"client_{k}.log" for k in range(clients)])
+                [workdir / "logs" / f"client_{k}.log" for k in range(clients)], restart_stopped)
 
 
 @fleet.command()
