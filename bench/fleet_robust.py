@@ -3,7 +3,8 @@
 N honest clients train the tiny test bundle on iid shards of the generated colour task with the
 device's own round function (device_runner.fleet.train_round: real ONNX graphs, onnxruntime); one
 more client (claiming --claim images, default 30) sends the round's start moved against the honest clients' mean update,
-with a norm of 0.95 x the default update bound: finite, well-formed and accepted by the checks. Each round the server's own code path decides:
+with a norm of 0.95 x lr x steps x sqrt(P) (the default bound without its slack): finite, well-formed
+and accepted by the checks. Each round the server's own code path decides:
 vqt_edge.fleet.checks.screen (the checks) then Flower's FedAvg / FedMedian / FedTrimmedAvg
 (checks.aggregator). Test accuracy after the last round, per rule, with and without the attacker.
 Not Flower processes: the rounds of the rules run side by side in this one process.
@@ -31,7 +32,7 @@ from device_runner.deploy import build_model  # noqa: E402
 from device_runner.fleet import train_round  # noqa: E402
 from device_runner.trainer import TrainConfig  # noqa: E402
 from vqt_edge import manifest as mf  # noqa: E402
-from vqt_edge.fleet.checks import Limits, aggregator, screen, update_bound  # noqa: E402
+from vqt_edge.fleet.checks import BOUND_SLACK, Limits, aggregator, screen, update_bound  # noqa: E402
 from vqt_edge.fleet.server import TestSet, initial_tensors  # noqa: E402
 
 CLASSES = ["blue", "green", "red"]
@@ -52,7 +53,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--clients", type=int, default=4, help="honest clients")
-    ap.add_argument("--scale", type=float, default=0.95, help="the attacker's update norm, as a fraction of the bound")
+    ap.add_argument("--scale", type=float, default=0.95, help="the attacker's update norm, as a fraction of lr x steps x sqrt(P)")
     ap.add_argument("--claim", type=int, default=30, help="num_examples the attacker claims (<= --max-examples)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/fleet_robust_claim30.json"))
     args = ap.parse_args()
@@ -87,7 +88,7 @@ def main() -> None:
                 if attacked:  # against the honest mean update, at `scale` x the default bound for its claim
                     honest = {n: np.mean([r.content["arrays"][n].numpy() for r in replies], 0) - v for n, v in tensors.items()}
                     size = np.sqrt(sum(float(np.sum(d.astype(np.float64) ** 2)) for d in honest.values()))
-                    step = args.scale * update_bound(limits, args.claim) / size
+                    step = args.scale * update_bound(limits, args.claim) / BOUND_SLACK / size
                     bad = {n: (v - step * honest[n]).astype(np.float32) for n, v in tensors.items()}
                     replies.append(Reply(bad, args.claim, 99))
                 kept, rej, accepted = screen(replies, tensors, limits, "arrays", "metrics", "num-examples")
