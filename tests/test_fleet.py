@@ -409,6 +409,7 @@ def test_server_and_two_clients_as_separate_commands(method_bundles, task, reape
             "--class-weighted-head",
             "--calibrate-head",
             "full",
+            "--insecure",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -439,6 +440,7 @@ def test_server_and_two_clients_as_separate_commands(method_bundles, task, reape
                         "1",
                         "--backend",
                         backends[k],
+                        "--insecure",
                     ],
                     stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT,
@@ -499,7 +501,7 @@ def test_server_and_two_clients_as_separate_commands(method_bundles, task, reape
         image = next((task["test"] / "red").iterdir())
         pr = run_cli("predict", "--run", run, image)
         assert pr.returncode == 0 and str(image) in pr.stdout, pr.stderr
-        assert "head calibrated (full)" in out
+        assert "head calibrated (full)" in out and out.count("warning: --insecure") == 1
         for c in clients:
             c.send_signal(signal.SIGTERM)
         for c in clients:

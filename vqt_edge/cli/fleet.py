@@ -18,6 +18,19 @@ from pathlib import Path
 
 import click
 
+from vqt_edge.cli.fleet_guard import (
+    certs,
+    client_security,
+    client_security_options,
+    enroll_command,
+    guard_options,
+    guard_settings,
+    insecure_option,
+    resume_settings,
+    server_security_options,
+    simulate_security,
+    start_server,
+)
 from vqt_edge.cli.options import config_options, parse_list
 from vqt_edge.config import TrainConfig
 from vqt_edge.errors import UserError
@@ -25,7 +38,8 @@ from vqt_edge.errors import UserError
 FLEET_DIR = "fleet"  # inside the run folder: settings, logs, Flower's state, the simulated clients
 POLL_SECONDS = 0.5
 TOKEN_FAILED = "Runtime task-token authentication failed"  # Flower's log line for a ClientApp it gave up on
-STALL_LINES = 9  # about three restarts: each given-up ClientApp logs TOKEN_FAILED three times
+STALL_LINES = 9
+RECONNECT_SECONDS = 5.0  # `fleet client` restarts its SuperNode after this when it stops  # about three restarts: each given-up ClientApp logs TOKEN_FAILED three times
 
 
 def _common(command):
@@ -122,7 +136,7 @@ def _client_options(command):
     return command
 
 
-def _node_values(threads: int | None, kv: str, memory_budget: str | None, backend: str) -> dict[str, object]:
+def _node_values(threads: int | None, kv: str, memory_budget_mb: str | None, backend: str) -> dict[str, object]:
     from vqt_edge.memory import parse_size_mb
 
     values: dict[str, object] = {"kv": kv, "backend": backend}
@@ -130,8 +144,8 @@ def _node_values(threads: int | None, kv: str, memory_budget: str | None, backen
         if threads < 1:
             raise UserError("--threads must be at least 1")
         values["threads"] = threads
-    if memory_budget is not None:
-        values["memory-budget-mb"] = float(parse_size_mb(memory_budget))
+    if memory_budget_mb is not None:
+        values["memory-budget-mb"] = float(parse_size_mb(memory_budget_mb))
     return values
 
 
@@ -182,6 +196,7 @@ def _format_row(record: dict) -> str:
     up = max(c["bytes_up"] for c in clients)
     peak = max(c["peak_rss_mb"] for c in clients)
     fails = f"  {len(record['failures'])} client(s) failed" if record.get("failures") else ""
+    fails += "".join(f"; rejected node {r['node']}: {r['reason']}" for r in record.get("rejected", []))
     return (
         f"{record['round']:>5}  {acc:>8}  {record['train_loss']:>10.4f}  {record['bytes_down']:>9}  {up:>9}  "
         f"{peak:>8.0f}  {len(clients)} clients, {record['round_seconds']:.1f} s{fails}"
@@ -205,7 +220,12 @@ def _stalled(client_logs: list[Path]) -> Path | None:
 
 
 def _follow(
-    run_dir: Path, submit: subprocess.Popen, timeout: float | None, logs: Path, client_logs: list[Path] = ()
+    run_dir: Path,
+    submit: subprocess.Popen,
+    timeout: float | None,
+    logs: Path,
+    client_logs: list[Path] = (),
+    watch=lambda: None,
 ) -> None:
     """Print each round's row as the server appends it, until `flwr run` ends; then check the result."""
     from vqt_edge.run_folder import METRICS, RunFolder
@@ -225,6 +245,7 @@ def _follow(
         shown = len(lines)
         if done:
             break
+        watch()
         stalled = _stalled(client_logs)
         if stalled is not None:
             raise click.ClickException(
@@ -283,6 +304,8 @@ def fleet() -> None:
 @click.option("--split", "split_text", default="iid", show_default=True, help="iid, dirichlet:ALPHA or classes:K.")
 @click.option("--timeout", type=float, help="Give up (and stop every process) after this many seconds.")
 @_client_options
+@guard_options
+@insecure_option
 def simulate(
     bundle,
     run_dir,
@@ -307,6 +330,8 @@ def simulate(
     kv,
     memory_budget_mb,
     backend,
+    insecure,
+    **guard,
 ) -> None:
     """Simulate a fleet on this machine: every client a real Flower SuperNode process with its own shard."""
     import numpy as np
@@ -340,13 +365,17 @@ def simulate(
         class_weighted_head=class_weighted_head,
         calibrate_head=calibrate_head,
         extra={"split": str(split), "data": str(data.resolve())},
+        **guard_settings(guard),
     )
     parts = assign(np.array([label for _, label in dataset.samples]), clients, split, seed)
     path = _write_settings(run_dir, settings)
     workdir = run_dir / FLEET_DIR
     click.echo(f"{clients} clients, split {split}: " + ", ".join(str(len(p)) for p in parts) + " images")
+    tls, keys = simulate_security(workdir, clients, insecure)
     with Federation(workdir) as fed:
-        superlink = fed.superlink()
+        superlink = fed.superlink(tls=tls, auth=tls is not None)
+        fed.register([key.with_suffix(".pub") for key in keys if key is not None])
+        nodes: list[list] = []  # per client: how to start its SuperNode, the running one
         for k, rows in enumerate(parts):
             home = workdir / "clients" / f"client_{k}"
             home.mkdir(parents=True, exist_ok=True)
@@ -358,22 +387,30 @@ def simulate(
                     for i in rows
                 )
             )
-            fed.supernode(
-                superlink,
-                {
-                    "bundle": str(bundle.resolve()),
-                    "data": str(shard.resolve()),
-                    "state": str((home / "state").resolve()),
-                    **node,
-                },
-                f"client_{k}",
-            )
+            config = {
+                "bundle": str(bundle.resolve()),
+                "data": str(shard.resolve()),
+                "state": str((home / "state").resolve()),
+                **node,
+            }
+
+            def start(k: int = k, config: dict = config) -> subprocess.Popen:  # restarts this client's SuperNode
+                return fed.supernode(superlink, config, f"client_{k}", tls.ca if tls else None, keys[k])
+
+            nodes.append([start, start()])
+
+        def restart_stopped() -> None:  # a SuperNode gives up when activation times out on a loaded machine
+            for entry in nodes:
+                if entry[1].poll() is not None:
+                    entry[1] = entry[0]()
+
         _follow(
             run_dir,
             fed.submit(path),
             timeout,
             workdir / "logs",
             [workdir / "logs" / f"client_{k}.log" for k in range(clients)],
+            restart_stopped,
         )
 
 
@@ -385,6 +422,8 @@ def simulate(
 )
 @click.option("--host", default="0.0.0.0", show_default=True, help="Address the SuperLink listens on.")
 @click.option("--port", type=int, default=9091, show_default=True, help="The SuperLink's port (clients connect here).")
+@guard_options
+@server_security_options
 def server(
     bundle,
     run_dir,
@@ -405,15 +444,28 @@ def server(
     class_list,
     host,
     port,
+    certificates,
+    allow_dir,
+    resume,
+    insecure,
+    **guard,
 ) -> None:
     """Run the fleet's server: a Flower SuperLink, then the FedAvg ServerApp once --clients have connected.
 
-    Insecure (no TLS): for a trusted network. Ends when the last round is written.
+    TLS with --certificates (only enrolled devices may join), or plain HTTP with --insecure.
+    Ends when the last round is written; --resume continues a stopped run from its last round.
     """
     from vqt_edge import manifest as mf
     from vqt_edge.fleet.launch import Federation
 
     _stop_on_sigterm()
+    if resume:
+        settings = resume_settings(run_dir, bundle)
+        click.echo(f"resuming {run_dir} after round {settings.resume_from} of {settings.rounds}")
+        with Federation(run_dir / FLEET_DIR) as fed:
+            start_server(fed, host, port, certificates, allow_dir, insecure)
+            _follow(run_dir, fed.submit(run_dir / "fleet.json"), None, run_dir / FLEET_DIR / "logs")
+        return
     classes = (
         parse_list(class_list, str, "--classes") if class_list else mf.read_manifest(bundle, verify=False).class_names
     )
@@ -441,11 +493,15 @@ def server(
         proximal_mu=proximal_mu,
         class_weighted_head=class_weighted_head,
         calibrate_head=calibrate_head,
+        **guard_settings(guard),
     )
     path = _write_settings(run_dir, settings)
     with Federation(run_dir / FLEET_DIR) as fed:
-        fed.superlink(host=host, port=port)
-        click.echo(f"SuperLink listening on {host}:{port}; waiting for {clients} clients")
+        _, enrolled = start_server(fed, host, port, certificates, allow_dir, insecure)
+        click.echo(
+            f"SuperLink listening on {host}:{port} ({f'TLS, {enrolled} enrolled devices' if enrolled else 'insecure'}); "
+            f"waiting for {clients} clients"
+        )
         _follow(run_dir, fed.submit(path), None, run_dir / FLEET_DIR / "logs")
 
 
@@ -462,13 +518,17 @@ def server(
     help="Folder this client keeps between rounds: K/V cache, checkpoint, the tensors it sent.",
 )
 @_client_options
-def client(superlink, bundle, data, state, threads, kv, memory_budget_mb, backend) -> None:
+@client_security_options
+def client(
+    superlink, bundle, data, state, threads, kv, memory_budget_mb, backend, root_certificate, key, insecure
+) -> None:
     """Join a fleet as one device: a Flower SuperNode that trains on --data each round (until Ctrl-C)."""
     from device_runner.data import load_dataset
     from vqt_edge import manifest as mf
     from vqt_edge.fleet.launch import Federation
 
     _stop_on_sigterm()
+    root_certificate, key = client_security(root_certificate, key, insecure)
     manifest = mf.read_manifest(bundle, verify=True)
     if manifest.class_names is not None:
         load_dataset(data, classes=manifest.class_names)  # bad --data fails here, not in the first round
@@ -482,9 +542,23 @@ def client(superlink, bundle, data, state, threads, kv, memory_budget_mb, backen
         **_node_values(threads, kv, memory_budget_mb, backend),
     }
     with Federation(state / "flower") as fed:
-        proc = fed.supernode(superlink, node, "supernode")
-        click.echo(f"connected to {superlink} as a fleet client; logs in {state / 'flower' / 'logs'}; Ctrl-C to leave")
-        try:
-            proc.wait()
-        except KeyboardInterrupt:
-            pass
+        log = state / "flower" / "logs" / "supernode.log"
+        click.echo(f"connecting to {superlink} as a fleet client; logs in {log.parent}; Ctrl-C to leave")
+        while True:  # Flower's SuperNode gives up when the server is away (not started, restarting): start it again
+            proc = fed.supernode(superlink, node, "supernode", root_certificate, key)
+            try:
+                code = proc.wait()
+            except KeyboardInterrupt:
+                return
+            reason = next((line for line in log.read_text(errors="replace").splitlines() if "[code:" in line), "")
+            click.echo(
+                f"the SuperNode stopped (code {code}{': ' + reason.strip() if reason else ''}); "
+                f"retrying in {RECONNECT_SECONDS:.0f} s (a device the server has not enrolled is refused "
+                "every time)",
+                err=True,
+            )
+            time.sleep(RECONNECT_SECONDS)
+
+
+fleet.add_command(certs)
+fleet.add_command(enroll_command)

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from vqt_edge.errors import UserError
+from vqt_edge.fleet.certs import ServerFiles
 
 #: The Flower App that `flwr run` submits: the apps are the installed vqt-edge modules.
 APP_PYPROJECT = """\
@@ -134,35 +135,80 @@ class Federation:
         self.procs.append(proc)
         return proc
 
-    def superlink(self, host: str = "127.0.0.1", port: int | None = None, timeout: float = 60.0) -> str:
+    def superlink(
+        self,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        timeout: float = 60.0,
+        tls: ServerFiles | None = None,
+        auth: bool = False,
+    ) -> str:
+        """Start the SuperLink: with TLS when `tls` is given (else plain HTTP), with SuperNode
+        authentication when `auth` (Flower requires TLS for it); `register` then adds devices."""
         port = port or free_port()
-        proc = self._start(
-            "flower-superlink",
-            ["--insecure", "--host", host, "--port", str(port), "--database", str(self.workdir / "superlink.db")],
-            "superlink.log",
-        )
+        security = (
+            ["--ssl-ca-certfile", str(tls.ca), "--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.key)]
+            if tls
+            else ["--insecure"]
+        ) + (["--enable-supernode-auth"] if auth else [])
+        # Flower's in-memory state, not --database FILE: its SQLite file gave "database is locked" errors
+        # that failed rounds with 9 SuperNodes on 2 cores; a stopped run is resumed from its round files.
+        proc = self._start("flower-superlink", [*security, "--host", host, "--port", str(port)], "superlink.log")
         wait_for_port(
             "127.0.0.1" if host in ("0.0.0.0", "::") else host, port, timeout, proc, self.logs / "superlink.log"
         )
         self.home.mkdir(parents=True, exist_ok=True)
+        trust = f'root-certificates = "{tls.ca.resolve()}"\n' if tls else "insecure = true\n"
         (self.home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "127.0.0.1:{port}"\ninsecure = true\n'
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\n{trust}'
         )
         return f"127.0.0.1:{port}"
 
-    def supernode(self, superlink: str, config: dict[str, object], name: str) -> subprocess.Popen:
+    def register(self, public_keys: list[Path]) -> None:
+        """Put devices' public keys on the SuperLink's allow-list (`flwr supernode register`, all at once)."""
+        exe = Path(sys.executable).parent / "flwr"
+        procs = [
+            subprocess.Popen(
+                [str(exe), "supernode", "register", str(key), CONNECTION],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=self.env,
+                cwd=self.workdir,
+                stdin=subprocess.DEVNULL,
+            )
+            for key in public_keys
+        ]
+        for key, proc in zip(public_keys, procs):
+            out, _ = proc.communicate(timeout=300)
+            if proc.returncode != 0 or "registered successfully" not in out:
+                raise UserError(f"could not enroll {key.name} on the SuperLink: {out.strip()}")
+
+    def supernode(
+        self,
+        superlink: str,
+        config: dict[str, object],
+        name: str,
+        root_certificate: Path | None = None,
+        key: Path | None = None,
+    ) -> subprocess.Popen:
+        """A SuperNode: TLS trusting `root_certificate` when given (else plain HTTP), authenticated by
+        the private `key` when given."""
+        security = ["--root-certificates", str(root_certificate)] if root_certificate else ["--insecure"]
+        if key is not None:
+            security += ["--auth-supernode-private-key", str(key)]
         return self._start(
             "flower-supernode",
-            ["--insecure", "--superlink", superlink, "--port", str(free_port()), "--node-config", node_config(config)],
+            [*security, "--superlink", superlink, "--port", str(free_port()), "--node-config", node_config(config)],
             f"{name}.log",
         )
 
-    def submit(self, settings: Path) -> subprocess.Popen:
-        """`flwr run` of vqt-edge's Flower App; streams the ServerApp's log until the run ends."""
+    def submit(self, settings: Path, clientapp: str = "vqt_edge.fleet.client_app:app") -> subprocess.Popen:
+        """`flwr run` of vqt-edge's Flower App; streams the ServerApp's log until the run ends.
+        `clientapp` is for tests only (tests/fleet_attack.py); devices run vqt_edge.fleet.client_app."""
         app = self.workdir / "app"
         app.mkdir(exist_ok=True)
-        (app / "pyproject.toml").write_text(APP_PYPROJECT)
+        (app / "pyproject.toml").write_text(APP_PYPROJECT.replace("vqt_edge.fleet.client_app:app", clientapp))
         return self._start(
             "flwr",
             [
@@ -183,6 +229,7 @@ class Federation:
         for proc in self.procs:
             if proc.poll() is None:
                 pids += [proc.pid, *_children(proc.pid)]
+        pids += _adopted([proc.pid for proc in self.procs], pids)
         started = {pid: _start_time(pid) for pid in pids}
         for pid in pids:
             _signal(pid, signal.SIGTERM, started[pid])
@@ -197,6 +244,22 @@ class Federation:
         for proc in self.procs:
             proc.wait()
         self.procs.clear()
+
+
+def _adopted(parents: list[int], known: list[int]) -> list[int]:
+    """Flower helpers started with `--parent-pid P` for one of `parents` whose parent already exited
+    (a SuperNode the SuperLink refused leaves its SuperExec retrying for seconds), and their children."""
+    wanted = {f"--parent-pid\0{p}\0".encode() for p in parents}
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) not in known:
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if any(w in cmdline for w in wanted):
+                out += [int(entry), *_children(int(entry))]
+    return out
 
 
 def _start_time(pid: int) -> str | None:

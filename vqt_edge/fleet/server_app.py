@@ -29,7 +29,9 @@ from device_runner.deploy import build_model, save_adapter
 from vqt_edge import adapter_config
 from vqt_edge import manifest as mf
 from vqt_edge.calibrate import calibrate_head
+from vqt_edge.fleet.checks import DEFAULT_MAX_EXAMPLES, Limits, aggregator, screen
 from vqt_edge.fleet.client_app import ARRAYS, CALIBRATE, CLASS_COUNTS, CONFIG, HEAD_ROWS, METRICS_KEY, NUM_EXAMPLES
+from vqt_edge.fleet.waves import WaveGrid
 from vqt_edge.manifest import Manifest
 from vqt_edge.memory import peak_rss_mb
 from vqt_edge.run_folder import ADAPTER, MODEL, RunFolder
@@ -60,6 +62,12 @@ class FleetSettings:
     proximal_mu: float = 0.0
     class_weighted_head: bool = False  # average head row c by each client's images of class c (class_weighted_rows)
     calibrate_head: str | None = None  # "diagonal" | "full": CCVR after the last round (vqt_edge/calibrate.py)
+    aggregation: str = "fedavg"  # fedavg | median | trimmed:BETA (vqt_edge/fleet/checks.py)
+    max_examples: int = DEFAULT_MAX_EXAMPLES  # the update checks (checks.py): num_examples cap
+    max_update_norm: float | None = None  # None: checks.update_bound
+    min_clients: int = 1  # fewer accepted updates than this stops the run
+    resume_from: int = 0  # rounds already in the run folder (`fleet server --resume`)
+    max_concurrent: int = 0  # clients started at once in a round (vqt_edge/fleet/waves.py); 0: all
     extra: dict = field(default_factory=dict)  # recorded in summary.json as given (e.g. the split)
 
     def round_config(self, bundle_sha256: str) -> ConfigRecord:
@@ -87,6 +95,16 @@ def initial_tensors(bundle: Path, manifest: Manifest) -> dict[str, np.ndarray]:
     """The bundle's initial trainable tensors (its ORT checkpoint): every client starts from these."""
     state = ort.training_api().CheckpointState.load_checkpoint(str(bundle / mf.CHECKPOINT))
     return {name: np.array(state.parameters[name].data, np.float32) for name in manifest.spec.trainable_shapes}
+
+
+def resume_tensors(rounds: Path, done: int) -> dict[str, np.ndarray]:
+    """The aggregated tensors of round `done`, written before the server stopped: a resumed run starts there."""
+    from safetensors.numpy import load_file
+
+    return {
+        name: np.asarray(value, np.float32)
+        for name, value in load_file(str(rounds / f"round_{done}.safetensors")).items()
+    }
 
 
 def array_bytes(record: ArrayRecord) -> int:
@@ -143,17 +161,38 @@ class _RecordingFedAvg(FedAvg):
     """Flower's FedAvg that also notes per client what each round sent and received, and with
     `class_weighted_head` re-averages the head's rows per class on top of it (class_weighted_rows)."""
 
-    def __init__(self, class_weighted_head: bool = False, **kwargs) -> None:
+    def __init__(
+        self,
+        class_weighted_head: bool = False,
+        limits: Limits | None = None,
+        aggregation: str = "fedavg",
+        min_clients: int = 1,
+        round_offset: int = 0,
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
         self.class_weighted_head = class_weighted_head
+        self.limits, self.min_clients, self.round_offset = limits, min_clients, round_offset
+        self.aggregator = aggregator(aggregation, **{k: v for k, v in kwargs.items() if k.endswith("_key")})
+        self.round_start: dict[str, np.ndarray] = {}
         self.last: dict = {}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         self.last = {"bytes_down": array_bytes(arrays), "started": time.perf_counter()}
-        return super().configure_train(server_round, arrays, config, grid)
+        self.round_start = {name: array.numpy() for name, array in arrays.items()}
+        return super().configure_train(server_round + self.round_offset, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies):
-        replies = list(replies)
+        server_round += self.round_offset
+        replies, rejected, norms = screen(
+            list(replies), self.round_start, self.limits, ARRAYS, METRICS_KEY, NUM_EXAMPLES
+        )
+        self.last["rejected"] = rejected
+        if len([m for m in replies if not m.has_error()]) < self.min_clients:
+            raise RuntimeError(
+                f"round {server_round}: only {len([m for m in replies if not m.has_error()])} client "
+                f"update(s) passed the checks, --min-clients is {self.min_clients}; rejected: {rejected}"
+            )
         clients, failures = [], []
         for msg in replies:
             if msg.has_error():
@@ -164,6 +203,7 @@ class _RecordingFedAvg(FedAvg):
                 {
                     "node": int(msg.metadata.src_node_id),
                     "bytes_up": array_bytes(msg.content[ARRAYS]),
+                    **norms.get(int(msg.metadata.src_node_id), {}),
                     **{
                         k: (int(v) if k == NUM_EXAMPLES else list(v) if k == CLASS_COUNTS else float(v))
                         for k, v in metrics.items()
@@ -177,12 +217,15 @@ class _RecordingFedAvg(FedAvg):
         )
         if not clients:
             raise RuntimeError(f"round {server_round}: every client failed: {failures}")
-        arrays, metrics = super().aggregate_train(server_round, replies)
+        ok = [msg for msg in replies if not msg.has_error()]
+        sent = [{name: a.numpy() for name, a in msg.content[ARRAYS].items()} for msg in ok]  # median pops them
+        arrays, metrics = self.aggregator.aggregate_train(server_round, replies)
+        if arrays is not None:
+            arrays = ArrayRecord({name: Array(np.asarray(a.numpy(), np.float32)) for name, a in arrays.items()})
         if self.class_weighted_head and arrays is not None:
-            ok = [msg for msg in replies if not msg.has_error()]
             rows = class_weighted_rows(
                 {name: array.numpy() for name, array in arrays.items()},
-                [{name: a.numpy() for name, a in msg.content[ARRAYS].items()} for msg in ok],
+                sent,
                 [list(msg.content[METRICS_KEY][CLASS_COUNTS]) for msg in ok],
             )
             arrays = ArrayRecord({name: Array(value) for name, value in rows.items()})
@@ -195,8 +238,21 @@ def run_fleet(grid: Grid, settings: FleetSettings) -> dict:
     manifest = mf.read_manifest(bundle, verify=True)
     (run / ROUNDS).mkdir(parents=True, exist_ok=True)
     test = TestSet(Path(settings.test), manifest, settings.classes, settings.batch_size) if settings.test else None
+    limits = Limits(
+        {n: tuple(s) for n, s in manifest.spec.trainable_shapes.items()},
+        settings.max_examples,
+        settings.max_update_norm,
+        settings.lr,
+        settings.batch_size,
+        settings.local_epochs,
+    )
+    offset = settings.resume_from
     strategy = _RecordingFedAvg(
         class_weighted_head=settings.class_weighted_head,
+        limits=limits,
+        aggregation=settings.aggregation,
+        min_clients=settings.min_clients,
+        round_offset=offset,
         fraction_train=1.0,
         fraction_evaluate=0.0,
         min_train_nodes=settings.clients,
@@ -206,9 +262,13 @@ def run_fleet(grid: Grid, settings: FleetSettings) -> dict:
         weighted_by_key=NUM_EXAMPLES,
     )
     folder = RunFolder(run)
-    folder.clear_metrics()
+    if not offset:
+        folder.clear_metrics()
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if offset and not server_round:
+            return None  # the resumed round's record is already in metrics.jsonl
+        server_round += offset
         tensors = {name: array.numpy() for name, array in arrays.items()}
         path = run / ROUNDS / f"round_{server_round}.safetensors"
         save_adapter(path, tensors, manifest)
@@ -231,11 +291,11 @@ def run_fleet(grid: Grid, settings: FleetSettings) -> dict:
         return MetricRecord({"test_acc": record["test_acc"]}) if "test_acc" in record else None
 
     t0 = time.perf_counter()
-    initial = initial_tensors(bundle, manifest)
+    initial = resume_tensors(run / ROUNDS, offset) if offset else initial_tensors(bundle, manifest)
     result = strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord({k: Array(v) for k, v in initial.items()}),
-        num_rounds=settings.rounds,
+        num_rounds=settings.rounds - offset,
         timeout=settings.round_timeout,
         train_config=settings.round_config(mf.sha256_file(bundle / mf.MANIFEST)),
         evaluate_fn=after_round,
@@ -334,4 +394,4 @@ def main(grid: Grid, context: Context) -> None:
     """Flower's entry: the run config's `settings` names the run folder's fleet.json."""
     ort.block_torch()  # Flower started this process for the run: onnxruntime must not pull torch in
     settings = FleetSettings(**json.loads(Path(str(context.run_config["settings"])).read_text()))
-    run_fleet(grid, settings)
+    run_fleet(WaveGrid(grid, settings.max_concurrent), settings)  # type: ignore[arg-type]
