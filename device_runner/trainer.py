@@ -25,6 +25,7 @@ from device_runner.data import Dataset, check_trainable, drop_unreadable, iter_b
 from device_runner.deploy import build_model, save_adapter
 from device_runner.features import DiskCache, FeatureStore, FrozenBackbone, build_ram_store, image_sha256
 from device_runner.identity import samples_sha256
+from device_runner.kv_int8 import KV_DTYPES
 from device_runner.selection import compress_adapter
 from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
@@ -58,6 +59,7 @@ class TrainConfig:
     keep_fraction: float = 1.0  # < 1: group-lasso feature selection of the head after training (selection.py)
     lasso: float = 1e-4  # its penalty, LRP_COEF of the official code (docs/design.md section 11)
     backend: str = "auto"  # portable | ort-training (device_runner/backends.py); auto: the default that runs here
+    kv_dtype: str = "fp16"  # the ram/disk cache's rows: fp16, or int8 with per-token scales (device_runner/kv_int8.py)
 
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -76,6 +78,8 @@ class TrainConfig:
             raise UserError("--keep-fraction must be in (0, 1] and --lasso non-negative")
         if self.backend not in backends.BACKENDS + ("auto",):
             raise UserError(f"--backend must be one of {', '.join(backends.BACKENDS)}")
+        if self.kv_dtype not in KV_DTYPES:
+            raise UserError(f"--kv-dtype must be one of {', '.join(KV_DTYPES)}")
 
 
 def lr_at(step: int, total: int, warmup: int, base: float) -> float:
@@ -261,11 +265,11 @@ class Trainer:
         if self.cfg.kv == "ram":
             backbone = self._backbone()
             done = Counter(self.progress, "frozen pass (K/V to RAM)", len(self.paths))
-            self.store = build_ram_store(backbone, self.paths, self.manifest, bs, _stoppable(done))
+            self.store = build_ram_store(backbone, self.paths, self.manifest, bs, _stoppable(done), self.cfg.kv_dtype)
             backbone.close()
             trim_malloc()
         else:
-            cache = DiskCache.for_bundle(self.run, self.manifest)
+            cache = DiskCache.for_bundle(self.run, self.manifest, self.cfg.kv_dtype)
             hashes = [self.image_hashes.get(p) or image_sha256(p) for p in self.paths]
             done = Counter(self.progress, "frozen pass (K/V to disk cache)", cache.missing(hashes))
             cache.fill(self._backbone, self.paths, hashes, self.manifest, bs, _stoppable(done))
@@ -462,6 +466,7 @@ class Trainer:
             "skipped": [{"path": p, "reason": why} for p, why in self.data.skipped],
             "epochs": self.cfg.epochs,
             "kv": self.cfg.kv,
+            "kv_dtype": self.cfg.kv_dtype,
             "backend": self.cfg.backend,
             "final": metrics[-1] if metrics else None,
             "seconds": round(time.perf_counter() - t_start, 3),

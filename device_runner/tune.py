@@ -97,14 +97,15 @@ class SharedPass:
             return FrozenBackbone(self.bundle, m, cfg.device, cfg.threads)
 
         if cfg.kv == "disk":
-            cache = DiskCache.for_bundle(self.folder, m)
+            cache = DiskCache.for_bundle(self.folder, m, cfg.kv_dtype)
             hashes = [image_sha256(p) for p in self.paths]
             done = Counter(self.progress, "frozen pass (K/V to disk cache)", cache.missing(hashes))
             cache.fill(backbone, self.paths, hashes, m, batch, done)
             store = cache.store(hashes)
         else:
             session = backbone()
-            store = build_ram_store(session, self.paths, m, batch, Counter(self.progress, "frozen pass (K/V to RAM)", len(self.paths)))
+            store = build_ram_store(session, self.paths, m, batch, Counter(self.progress, "frozen pass (K/V to RAM)", len(self.paths)),
+                                    cfg.kv_dtype)
             session.close()
         trim_malloc()
         self.seconds = time.perf_counter() - t0

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from vqt_edge.cli_options import arch_size_options
+from vqt_edge.cli_options import arch_size_options, kv_dtype_option
 from vqt_edge.errors import UserError
 from vqt_edge.head2toe import DEFAULT_TARGET as H2T_DEFAULT_TARGET
 from vqt_edge.manifest import QUANTIZE_MODES
@@ -154,8 +154,9 @@ def export(model_name, weights, random_init, num_classes, classes, out, method, 
 @click.option("--keep-fraction", type=float, default=1.0, show_default=True,
               help="After training, keep this fraction of the head's input features (group-lasso selection, paper B.2); 1: off.")
 @click.option("--lasso", type=float, default=1e-4, show_default=True, help="Group-lasso penalty of --keep-fraction's selection.")
+@kv_dtype_option
 def train(bundle, data, run_dir, val, val_split, test, epochs, batch_size, micro_batch, lr, weight_decay, warmup_epochs,
-          seed, kv, device, threads, checkpoint_every, resume, backend, memory_budget, keep_fraction, lasso) -> None:
+          seed, kv, device, threads, checkpoint_every, resume, backend, memory_budget, keep_fraction, lasso, kv_dtype) -> None:
     """Adapt the bundle's ViT to your images with VQT (torch-free, resumable).
 
     A killed run continues with --resume and ends exactly where an uninterrupted run would.
@@ -172,7 +173,7 @@ def train(bundle, data, run_dir, val, val_split, test, epochs, batch_size, micro
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, micro_batch=micro_batch, lr=lr, weight_decay=weight_decay,
                       warmup_epochs=warmup_epochs, seed=seed, kv=kv or "auto", device=device, threads=threads,
                       val_split=val_split, checkpoint_every=checkpoint_every, keep_fraction=keep_fraction, lasso=lasso,
-                      backend=backend)
+                      backend=backend, kv_dtype=kv_dtype)
     if memory_budget is not None:
         cfg.memory_budget_mb = parse_size_mb(memory_budget)  # an explicit --kv is kept if it fits
     try:

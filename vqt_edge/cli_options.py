@@ -21,3 +21,13 @@ def arch_size_options(command: Callable) -> Callable:
     for flag, what in reversed(ARCH_SIZES):
         command = click.option(flag, type=int, help=f"Override/define: {what}.")(command)
     return command
+
+
+KV_DTYPE_HELP = ("Rows of the K/V cache (--kv ram/disk): fp16, or int8 with a float32 scale per token "
+                 "(about half the bytes; docs/kv-cache.md).")
+
+
+def kv_dtype_option(command: Callable) -> Callable:
+    """--kv-dtype fp16|int8 (device_runner/kv_int8.py)."""
+    return click.option("--kv-dtype", type=click.Choice(["fp16", "int8"]), default="fp16", show_default=True,
+                        help=KV_DTYPE_HELP)(command)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from vqt_edge.cli_options import kv_dtype_option
 from vqt_edge.errors import UserError
 from vqt_edge.spec import CACHED_KV_MODES
 
@@ -39,8 +40,9 @@ def _numbers(text: str | None, flag: str) -> list[float] | None:
 @click.option("--keep-fraction", type=float, default=1.0, show_default=True, help="Feature selection of every run, as in `train`.")
 @click.option("--lasso", type=float, default=1e-4, show_default=True, help="Group-lasso penalty of --keep-fraction.")
 @click.option("--resume", is_flag=True, help="Continue a killed tune of --run with its saved settings.")
+@kv_dtype_option
 def tune(bundle, data, run_dir, lrs, weight_decays, epochs, batch_size, micro_batch, warmup_epochs, seed, kv, device, threads,
-         keep_fraction, lasso, resume) -> None:
+         keep_fraction, lasso, resume, kv_dtype) -> None:
     """Choose lr and weight decay on a seeded per-class 80/20 split, every configuration reading the
     K/V of one frozen pass, then retrain the best on all the data into --run (torch-free).
 
@@ -54,7 +56,8 @@ def tune(bundle, data, run_dir, lrs, weight_decays, epochs, batch_size, micro_ba
     from vqt_edge.progress import ClickBars
 
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, micro_batch=micro_batch, warmup_epochs=warmup_epochs, seed=seed,
-                      kv=kv, device=device, threads=threads, keep_fraction=keep_fraction, lasso=lasso)
+                      kv=kv, device=device, threads=threads, keep_fraction=keep_fraction, lasso=lasso,
+                      kv_dtype=kv_dtype)
     try:
         with ClickBars() as bars:
             result = run_tune(bundle, data, run_dir, cfg, _numbers(lrs, "--lrs"), _numbers(weight_decays, "--weight-decays"),

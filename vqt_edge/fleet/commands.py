@@ -18,6 +18,7 @@ from pathlib import Path
 
 import click
 
+from vqt_edge.cli_options import KV_DTYPE_HELP
 from vqt_edge.errors import UserError
 from vqt_edge.spec import BACKENDS
 
@@ -71,16 +72,18 @@ def _client_options(command):
         click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default="auto", show_default=True,
                      help="Each client's training step, as `train --backend`; auto also picks portable when "
                      "--proximal-mu needs it."),
+        click.option("--kv-dtype", type=click.Choice(["fp16", "int8"]), default="fp16", show_default=True, help=KV_DTYPE_HELP),
     ]
     for option in reversed(options):
         command = option(command)
     return command
 
 
-def _node_values(threads: int | None, kv: str, memory_budget: str | None, backend: str) -> dict[str, object]:
+def _node_values(threads: int | None, kv: str, memory_budget: str | None, backend: str,
+                 kv_dtype: str = "fp16") -> dict[str, object]:
     from vqt_edge.memory import parse_size_mb
 
-    values: dict[str, object] = {"kv": kv, "backend": backend}
+    values: dict[str, object] = {"kv": kv, "backend": backend, "kv-dtype": kv_dtype}
     if threads is not None:
         if threads < 1:
             raise UserError("--threads must be at least 1")
@@ -218,7 +221,7 @@ def fleet() -> None:
 @_client_options
 def simulate(bundle, run_dir, rounds, local_epochs, test, batch_size, lr, weight_decay, warmup_epochs, seed, round_timeout,
              logit_adjust, proximal_mu, class_weighted_head, calibrate_head, data, clients, split_text, timeout, threads, kv, memory_budget,
-             backend) -> None:
+             backend, kv_dtype) -> None:
     """Simulate a fleet on this machine: every client a real Flower SuperNode process with its own shard."""
     import numpy as np
 
@@ -228,7 +231,7 @@ def simulate(bundle, run_dir, rounds, local_epochs, test, batch_size, lr, weight
 
     _stop_on_sigterm()
     split = parse_split(split_text)
-    node = _node_values(threads, kv, memory_budget, backend)
+    node = _node_values(threads, kv, memory_budget, backend, kv_dtype)
     if proximal_mu and backend == "ort-training":
         raise UserError("--proximal-mu needs the portable backend: onnxruntime-training's optimizer cannot take it")
     dataset = load_dataset(data)
@@ -296,7 +299,7 @@ def server(bundle, run_dir, rounds, local_epochs, test, batch_size, lr, weight_d
 @click.option("--state", type=click.Path(path_type=Path), required=True,
               help="Folder this client keeps between rounds: K/V cache, checkpoint, the tensors it sent.")
 @_client_options
-def client(superlink, bundle, data, state, threads, kv, memory_budget, backend) -> None:
+def client(superlink, bundle, data, state, threads, kv, memory_budget, backend, kv_dtype) -> None:
     """Join a fleet as one device: a Flower SuperNode that trains on --data each round (until Ctrl-C)."""
     from device_runner.data import load_dataset
     from vqt_edge import manifest as mf
@@ -310,7 +313,7 @@ def client(superlink, bundle, data, state, threads, kv, memory_budget, backend) 
         raise UserError(f"data path {data} does not exist")
     state.mkdir(parents=True, exist_ok=True)
     node = {"bundle": str(bundle.resolve()), "data": str(data.resolve()), "state": str(state.resolve()),
-            **_node_values(threads, kv, memory_budget, backend)}
+            **_node_values(threads, kv, memory_budget, backend, kv_dtype)}
     with Federation(state / "flower") as fed:
         proc = fed.supernode(superlink, node, "supernode")
         click.echo(f"connected to {superlink} as a fleet client; logs in {state / 'flower' / 'logs'}; Ctrl-C to leave")

@@ -1,0 +1,111 @@
+"""The int8 K/V cache: symmetric int8 rows with float32 scales, dequantized into the step's fp32 feed.
+
+`train --kv-dtype int8` stores every cached K/V tensor (and Head2Toe's features, and `hidden`) as
+int8 plus one float32 scale per group, about half of the fp16 cache's bytes (docs/kv-cache.md).
+
+Scales are per token: one per (layer, head, token) of K and V, over that head's head_dim channels
+(`GROUPS`), the choice measured by bench/kv_int8_error.py on the shipped backbone's real K/V (the
+per-channel and per-head variants it compares lost more; docs/kv-cache.md has the table). A
+token's scale is amax / 127 and its values are rounded to the nearest integer:
+
+    q = clip(rint(x / s), -127, 127),   x' = float32(q) * s
+
+Dequantization writes into the caller's fp32 row (the reused feed buffer), chunk by chunk so the
+int8 -> fp32 widening stays in the L2 cache before the multiply.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+KV_DTYPES = ("fp16", "int8")
+SCALE_SUFFIX = "_scale"
+
+GROUPS = {"keys": (-1,), "values": (-1,), "hidden": (-1,), "features": (-1,)}
+"""Per frozen output: the per-image axes one scale covers (the rest of the row has a scale each).
+keys/values [L, H, N, hd]: per token (over hd); hidden [N, D]: per token; features [F]: per image."""
+
+# Variants compared by bench/kv_int8_error.py (axes of the per-image K/V row [L, H, N, hd]).
+VARIANTS = {"token": (-1,), "channel": (-2,), "head": (-2, -1)}
+
+
+def is_scale(name: str) -> bool:
+    return name.endswith(SCALE_SUFFIX)
+
+
+def scale_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
+    """The per-image shape of a scale array: `shape` with the grouped axes set to 1."""
+    out = list(shape)
+    for a in axes:
+        out[a] = 1
+    return tuple(out)
+
+
+def cache_specs(specs: dict[str, tuple[tuple[int, ...], str]], kv_dtype: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The cache's arrays (name -> per-image shape, numpy dtype name) for the frozen outputs' `specs`:
+    unchanged for fp16; for int8 every quantized output as int8 followed by its `<name>_scale`."""
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(kv_dtype)
+    if kv_dtype == "fp16":
+        return dict(specs)
+    out: dict[str, tuple[tuple[int, ...], str]] = {}
+    for name, (shape, dtype) in specs.items():
+        if name in GROUPS and dtype == "float16":
+            out[name] = (shape, "int8")
+            out[name + SCALE_SUFFIX] = (scale_shape(shape, GROUPS[name]), "float32")
+        else:
+            out[name] = (shape, dtype)
+    return out
+
+
+def cache_bytes(specs: dict[str, tuple[tuple[int, ...], str]], kv_dtype: str) -> int:
+    """Bytes one image takes in a cache of this dtype."""
+    return sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in cache_specs(specs, kv_dtype).values())
+
+
+def quantize(x: np.ndarray, axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """x [B, ...] (float) -> (int8 q, float32 scale) with one scale per group over the per-image `axes`
+    (negative, so the batch axis is never grouped). An all-zero group gets scale 1 (and q = 0)."""
+    x = np.asarray(x, np.float32)
+    amax = np.abs(x).max(axis=axes, keepdims=True)
+    scale = (amax / np.float32(127)).astype(np.float32)
+    scale[scale == 0] = 1
+    q = np.rint(x / scale)
+    np.clip(q, -127, 127, out=q)
+    return q.astype(np.int8), scale
+
+
+def encode(feats: dict[str, np.ndarray], kv_dtype: str) -> dict[str, np.ndarray]:
+    """A frozen-pass batch as the cache stores it: int8 + scales for the quantized outputs of an int8
+    cache; the rest as they are (the cache's arrays cast on assignment)."""
+    if kv_dtype == "fp16":
+        return feats
+    out: dict[str, np.ndarray] = {}
+    for name, value in feats.items():
+        if name in GROUPS:
+            out[name], out[name + SCALE_SUFFIX] = quantize(value, GROUPS[name])
+        else:
+            out[name] = value
+    return out
+
+
+CHUNK_ROWS = 1 << 15
+"""Values widened per pass (128 KiB of fp32): stays in L2 between the widening and the multiply."""
+
+
+def dequantize_into(q: np.ndarray, scale: np.ndarray, out: np.ndarray) -> None:
+    """out[...] = float32(q) * scale (scale broadcast over its groups), bit for bit as numpy's
+    `q.astype(np.float32) * scale`; `out` may be a row of a larger array."""
+    if q.dtype != np.int8 or scale.dtype != np.float32 or out.dtype != np.float32 or q.shape != out.shape:
+        raise ValueError(f"dequantize_into: {q.dtype}{list(q.shape)} x {scale.dtype} -> {out.dtype}{list(out.shape)}")
+    # Groups are along the last axis (GROUPS): view as [groups, group size], one scale per group row.
+    group = q.shape[-1] // scale.shape[-1] if scale.ndim else q.size
+    if scale.size * group != q.size or not (q.flags.c_contiguous and out.flags.c_contiguous):
+        np.multiply(q, scale, out=out, dtype=np.float32)
+        return
+    q2, o2, s2 = q.reshape(-1, group), out.reshape(-1, group), scale.reshape(-1, 1)
+    step = max(1, CHUNK_ROWS // group)
+    for start in range(0, len(q2), step):
+        o = o2[start : start + step]
+        np.copyto(o, q2[start : start + step], casting="unsafe")
+        np.multiply(o, s2[start : start + step], out=o)
