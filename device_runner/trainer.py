@@ -59,7 +59,7 @@ class TrainConfig:
     keep_fraction: float = 1.0  # < 1: group-lasso feature selection of the head after training (selection.py)
     lasso: float = 1e-4  # its penalty, LRP_COEF of the official code (docs/design.md section 11)
     backend: str = "auto"  # portable | ort-training (device_runner/backends.py); auto: the default that runs here
-    kv_dtype: str = "fp16"  # the ram/disk cache's rows: fp16, or int8 with per-token scales (device_runner/kv_int8.py)
+    kv_dtype: str = "fp16"  # the ram/disk cache's rows: fp16, or int8 with per-channel scales (device_runner/kv_int8.py)
 
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:

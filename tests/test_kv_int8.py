@@ -24,9 +24,9 @@ from vqt_edge.run_folder import CHECKPOINTS
 
 
 def reference_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-token symmetric int8, written independently: (q, scale, dequantized) for x [..., d]."""
+    """Per-channel symmetric int8, written independently: (q, scale, dequantized) for x [..., tokens, channels]."""
     x = x.astype(np.float32)
-    scale = np.max(np.abs(x), axis=-1, keepdims=True) / np.float32(127.0)
+    scale = np.max(np.abs(x), axis=-2, keepdims=True) / np.float32(127.0)
     scale = np.where(scale == 0, np.float32(1.0), scale).astype(np.float32)
     q = np.minimum(np.maximum(np.round(x / scale), -127), 127).astype(np.int8)
     return q, scale, q.astype(np.float32) * scale
@@ -36,18 +36,18 @@ def test_quantize_and_dequantize_equal_an_independent_numpy_version():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, 2, 4, 197, 64)).astype(np.float32)
     x[0, 1, 2, 5] *= 40  # an outlier token
-    x[1, 0, 0, 7] = 0  # an all-zero token
+    x[1, 0, 0, :, 7] = 0  # an all-zero channel
     x[2, 1, 3, :, 9] *= 25  # an outlier channel
-    q, s = quantize(x, (-1,))
+    q, s = quantize(x, (-2,))
     want_q, want_s, want = reference_int8(x)
-    assert q.dtype == np.int8 and s.dtype == np.float32 and s.shape == (3, 2, 4, 197, 1)
+    assert q.dtype == np.int8 and s.dtype == np.float32 and s.shape == (3, 2, 4, 1, 64)
     assert np.array_equal(q, want_q) and np.array_equal(s, want_s)
     out = np.full(x.shape, np.nan, np.float32)
     for i in range(len(x)):  # row by row, as FeatureStore.gather writes the feed
         dequantize_into(q[i], s[i], out[i])
     assert np.array_equal(out.view(np.int32), want.view(np.int32))  # bit for bit
-    assert np.all(np.abs(out - x) <= s / 2 * (1 + 1e-6))  # rounding error at most half a step
-    assert np.array_equal(out[1, 0, 0, 7], np.zeros(64, np.float32))
+    assert np.all(np.abs(out - x) <= s / 2 + 1e-6 * np.abs(x))  # rounding error at most half a step
+    assert np.array_equal(out[1, 0, 0, :, 7], np.zeros(197, np.float32))
 
 
 def test_dequantize_rejects_mismatched_arrays():
@@ -88,7 +88,7 @@ def test_ram_and_disk_int8_stores_feed_the_independent_dequantization(tmp_path, 
     assert DiskCache.for_bundle(tmp_path, m).folder != cache.folder
     kv = 3 * 4 * 17 * 8  # layers x heads x tokens x head_dim of the tiny ViT
     assert cache_bytes(m.spec.frozen_output_specs, "fp16") == 2 * 2 * kv + 4 * 32
-    assert cache_bytes(m.spec.frozen_output_specs, "int8") == 2 * (kv + 4 * kv // 8) + 4 * 32  # + a scale per token
+    assert cache_bytes(m.spec.frozen_output_specs, "int8") == 2 * (kv + 4 * kv // 17) + 4 * 32  # + a scale per channel
     assert cache_specs(m.spec.frozen_output_specs, "int8")["keys_scale"][1] == "float32"
 
 

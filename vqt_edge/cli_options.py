@@ -23,7 +23,7 @@ def arch_size_options(command: Callable) -> Callable:
     return command
 
 
-KV_DTYPE_HELP = ("Rows of the K/V cache (--kv ram/disk): fp16, or int8 with a float32 scale per token "
+KV_DTYPE_HELP = ("Rows of the K/V cache (--kv ram/disk): fp16, or int8 with a float32 scale per channel "
                  "(about half the bytes; docs/kv-cache.md).")
 
 
