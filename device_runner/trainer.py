@@ -31,8 +31,8 @@ from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
 from vqt_edge import adapter_config
 from vqt_edge.manifest import Manifest
-from vqt_edge.memory import (BundleFootprint, Plan, available_mb, choose, default_kv, frozen_batch, lean_malloc,
-                             peak_rss_mb, predict_peak, trim_malloc)
+from vqt_edge.disk_plan import default_disk_budget, plan_run
+from vqt_edge.memory import BundleFootprint, Plan, available_mb, lean_malloc, peak_rss_mb, trim_malloc
 from vqt_edge.progress import Counter, OnProgress, Progress, log_progress
 from vqt_edge.run_folder import RUN_FILE, RunFolder
 from vqt_edge.spec import KV_MODES
@@ -59,7 +59,8 @@ class TrainConfig:
     keep_fraction: float = 1.0  # < 1: group-lasso feature selection of the head after training (selection.py)
     lasso: float = 1e-4  # its penalty, LRP_COEF of the official code (docs/design.md section 11)
     backend: str = "auto"  # portable | ort-training (device_runner/backends.py); auto: the default that runs here
-    kv_dtype: str = "fp16"  # the ram/disk cache's rows: fp16, or int8 with per-channel scales (device_runner/kv_int8.py)
+    kv_dtype: str = "auto"  # cache rows: fp16, or int8 + per-channel scales (kv_int8.py); auto: the planner (disk_plan.py)
+    disk_budget_mb: float | None = None  # what the run folder may take; None: its file system's free space less a margin
 
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -78,8 +79,10 @@ class TrainConfig:
             raise UserError("--keep-fraction must be in (0, 1] and --lasso non-negative")
         if self.backend not in backends.BACKENDS + ("auto",):
             raise UserError(f"--backend must be one of {', '.join(backends.BACKENDS)}")
-        if self.kv_dtype not in KV_DTYPES:
+        if self.kv_dtype not in KV_DTYPES + ("auto",):
             raise UserError(f"--kv-dtype must be one of {', '.join(KV_DTYPES)}")
+        if self.disk_budget_mb is not None and not self.disk_budget_mb >= 0:
+            raise UserError("--disk-budget must not be negative")
 
 
 def lr_at(step: int, total: int, warmup: int, base: float) -> float:
@@ -191,7 +194,8 @@ class Trainer:
                 bundle, data = Path(saved["bundle"]), Path(saved["data"])
                 val = Path(saved["val"]) if saved.get("val") else None
                 # Runs started before the portable backend existed trained on onnxruntime-training.
-                cfg = TrainConfig(**{"backend": "ort-training", **saved["config"]})
+                # ... and runs started before int8 existed cached fp16.
+                cfg = TrainConfig(**{"backend": "ort-training", "kv_dtype": "fp16", **saved["config"]})
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise UserError(f"{run / RUN_FILE}: damaged ({e}); this run cannot be resumed") from None
         cfg.validate()
@@ -220,29 +224,30 @@ class Trainer:
                          config=asdict(cfg), samples_sha256=samples_sha)
 
     def _plan_memory(self, with_test: bool) -> Plan:
-        """Predict the run's peak (vqt_edge/memory.py). Under --memory-budget, choose the K/V mode and
-        micro-batch that keep it; a --kv or --micro-batch the user gave is kept only if it fits. No fit:
-        UserError (exit 2) naming the smallest budget that would fit, before any work is done."""
+        """Predict the run's peak (vqt_edge/memory.py) and disk use (vqt_edge/disk_plan.py). Under
+        --memory-budget, choose the K/V mode and micro-batch that keep it; a --kv, --kv-dtype or --micro-batch
+        the user gave is kept only if it fits. Both budgets: K/V mode and cache dtype within the disk
+        budget too. No fit: UserError (exit 2) naming what would fit, before any work is done."""
         cfg = self.cfg
         fp = BundleFootprint.from_bundle(self.bundle)
         images = len(self.data.train) + (len(self.data.val) if self.data.val else 0)
-        if cfg.memory_budget_mb is None and cfg.kv == "auto":
-            available = available_mb()
-            plan = default_kv(fp, images=images, batch_size=cfg.batch_size, micro_batch=cfg.micro_batch,
-                              available=available, test=with_test, backend=cfg.backend)
-            cfg.kv = plan.kv
-            if available is not None:
-                self.echo(f"K/V {plan.kv}: predicted peak {plan.peak_mb:.0f} MiB with {available:.0f} MiB available"
-                          + ("" if plan.kv == "ram" else " (a RAM cache of these images would not fit; --kv ram forces it)"))
-            return plan
-        if cfg.memory_budget_mb is None:
-            return predict_peak(fp, images=images, batch_size=cfg.batch_size, micro_batch=cfg.micro_batch, kv=cfg.kv,
-                                backend=cfg.backend, test_batch=frozen_batch(cfg.batch_size, cfg.micro_batch) if with_test else None)
-        plan = choose(fp, cfg.memory_budget_mb, images=images, batch_size=cfg.batch_size, backends=self.backend_choices,
-                      kv=None if cfg.kv == "auto" else cfg.kv, micro_batch=cfg.micro_batch, test=with_test)
-        cfg.kv, cfg.backend = plan.kv, plan.backend
-        cfg.micro_batch = plan.micro_batch if plan.micro_batch < cfg.batch_size else None
-        self.echo(f"memory budget {cfg.memory_budget_mb:.0f} MiB: {plan.describe()}")
+        disk_budget = cfg.disk_budget_mb if cfg.disk_budget_mb is not None else default_disk_budget(self.run)
+        available = available_mb() if cfg.memory_budget_mb is None and cfg.kv == "auto" else None
+        auto_kv = cfg.kv == "auto"
+        self.run_plan = run_plan = plan_run(
+            fp, images=images, batch_size=cfg.batch_size, micro_batch=cfg.micro_batch, kv=cfg.kv, kv_dtype=cfg.kv_dtype,
+            memory_budget=cfg.memory_budget_mb, available=available, disk_budget=disk_budget, test=with_test,
+            backends=self.backend_choices if cfg.memory_budget_mb is not None else (cfg.backend,))
+        plan = run_plan.plan
+        cfg.kv, cfg.kv_dtype = plan.kv, run_plan.kv_dtype
+        if cfg.memory_budget_mb is not None:
+            cfg.backend = plan.backend
+            cfg.micro_batch = plan.micro_batch if plan.micro_batch < cfg.batch_size else None
+            self.echo(f"memory budget {cfg.memory_budget_mb:.0f} MiB: {plan.describe()}; {run_plan.describe_disk()}")
+        elif auto_kv and available is not None:
+            self.echo(f"K/V {plan.kv} ({cfg.kv_dtype}): predicted peak {plan.peak_mb:.0f} MiB with {available:.0f} MiB available"
+                      + ("" if plan.kv == "ram" else " (a RAM cache of these images would not fit; --kv ram forces it)")
+                      + f"; {run_plan.describe_disk()}")
         return plan
 
     # -- features ---------------------------------------------------------------------------
@@ -477,6 +482,7 @@ class Trainer:
             "memory_budget_mb": self.cfg.memory_budget_mb,
             "predicted_peak_mb": round(self.plan.peak_mb, 1),
             "memory_plan": self.plan.to_dict(),
+            "disk_plan": self.run_plan.to_dict(),
             "peak_rss_mb_after": self.peaks,
             "feature_selection": selection,
         }

@@ -30,6 +30,7 @@ from device_runner.data import check_trainable, drop_unreadable, load_dataset
 from device_runner.features import DiskCache, FeatureStore, FrozenBackbone, _RowMapped, build_ram_store, image_sha256
 from device_runner.trainer import TrainConfig, train
 from vqt_edge import manifest as mf
+from vqt_edge.disk_plan import DEFAULT_KV_DTYPE
 from vqt_edge.errors import UserError
 from vqt_edge.fileio import atomic_write_text
 from vqt_edge.memory import frozen_batch, trim_malloc
@@ -165,6 +166,8 @@ def tune(
             raise UserError(f"{space} or {run} already exists; pass --resume to continue that tune, or choose another --run")
         if cfg.kv not in CACHED_KV_MODES:
             raise UserError(f"tune keeps the K/V of its one frozen pass: --kv must be one of {', '.join(CACHED_KV_MODES)}")
+        if cfg.kv_dtype == "auto":  # one shared pass: its dtype is fixed before any run plans
+            cfg.kv_dtype = DEFAULT_KV_DTYPE
         lrs = list(lrs or default_lrs(cfg.batch_size))
         weight_decays = list(OFFICIAL_WEIGHT_DECAYS if weight_decays is None else weight_decays)
         if not lrs or not weight_decays or min(lrs) <= 0 or min(weight_decays) < 0:

@@ -41,6 +41,7 @@ class Method:
     h2t_target: int | None = None  # vqt-edge export --h2t-target (head2toe; None: export's default)
     quantize: str = "none"  # `export --quantize`
     keep_fraction: float = 1.0  # `train --keep-fraction` (group-lasso feature selection of the head)
+    kv_dtype: str = "fp16"  # `train --kv-dtype` (device_runner/kv_int8.py)
 
 
 # vit_fmnist has 6 layers: "all layers" is k = 6.
@@ -94,33 +95,36 @@ def bundle_for(out: Path, task: str, m: Method, classes: list[str]) -> Path:
 
 
 def train(bundle: Path, run: Path, data: Path, test: Path | None, lr: float, wd: float, seed: int, epochs: int,
-          keep_fraction: float = 1.0) -> dict:
+          keep_fraction: float = 1.0, kv_dtype: str = "fp16") -> dict:
     if not (run / "summary.json").exists() or (test is not None and "test_accuracy" not in json.loads((run / "summary.json").read_text())):
         shutil.rmtree(run, ignore_errors=True)  # an unfinished run from an interrupted invocation
         args = ["train", "--bundle", str(bundle), "--data", str(data), "--run", str(run), "--epochs", str(epochs),
                 "--lr", str(lr), "--weight-decay", str(wd), "--seed", str(seed), "--threads", "1"]
         args += ["--test", str(test)] if test is not None else []
         args += ["--keep-fraction", str(keep_fraction)] if keep_fraction < 1 else []
+        args += ["--kv-dtype", kv_dtype] if kv_dtype != "fp16" else []
         _run(VQT_EDGE + args, run.parent / (run.name + ".log"))
     return json.loads((run / "summary.json").read_text())
 
 
-def val_accuracy(bundle: Path, run: Path, data: Path, lr: float, wd: float, epochs: int, keep_fraction: float) -> float:
-    return train(bundle, run, data / "train800", data / "val200", lr, wd, 0, epochs, keep_fraction)["test_accuracy"]
+def val_accuracy(bundle: Path, run: Path, data: Path, lr: float, wd: float, epochs: int, keep_fraction: float,
+                 kv_dtype: str = "fp16") -> float:
+    return train(bundle, run, data / "train800", data / "val200", lr, wd, 0, epochs, keep_fraction, kv_dtype)["test_accuracy"]
 
 
 def evaluate_method(out: Path, task: str, data: Path, m: Method, epochs: int, pool: ThreadPoolExecutor,
                     seeds: tuple[int, ...] = SEEDS) -> dict:
     classes = sorted(p.name for p in (data / "train1000").iterdir())
     bundle = bundle_for(out, task, m, classes)
-    runs = out / "runs" / task / (bundle.name + (f"-keep{m.keep_fraction}" if m.keep_fraction < 1 else ""))
+    runs = out / "runs" / task / (bundle.name + (f"-keep{m.keep_fraction}" if m.keep_fraction < 1 else "")
+                                  + (f"-kv{m.kv_dtype}" if m.kv_dtype != "fp16" else ""))
     grid = list(itertools.product(LRS, WDS))
     vals = list(pool.map(
-        lambda g: val_accuracy(bundle, runs / f"val-lr{g[0]}-wd{g[1]}", data, *g, epochs, m.keep_fraction), grid))
+        lambda g: val_accuracy(bundle, runs / f"val-lr{g[0]}-wd{g[1]}", data, *g, epochs, m.keep_fraction, m.kv_dtype), grid))
     (lr, wd), best_val = max(zip(grid, vals), key=lambda x: x[1])
     tests = list(pool.map(
         lambda s: train(bundle, runs / f"final-seed{s}", data / "train1000", data / "test", lr, wd, s, epochs,
-                        m.keep_fraction), seeds))
+                        m.keep_fraction, m.kv_dtype), seeds))
     accs = [t["test_accuracy"] for t in tests]
     return {
         "task": task, "method": m.label, "lr": lr, "weight_decay": wd, "val_accuracy": best_val,
@@ -151,6 +155,8 @@ def main() -> None:
     parser.add_argument("--quantize", default="none",
                         help="comma-separated export --quantize modes (none,int8,int4); a mode other than none "
                              "adds rows labelled 'METHOD, MODE'")
+    parser.add_argument("--kv-dtypes", default="fp16",
+                        help="comma-separated `train --kv-dtype` values; one other than fp16 adds rows labelled 'METHOD, kv DTYPE'")
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated seeds of the final runs")
     parser.add_argument("--jobs", type=int, default=2, help="training processes at once")
     parser.add_argument("--table-only", action="store_true", help="only rewrite results.md and the plots from results.json")
@@ -159,6 +165,8 @@ def main() -> None:
     methods = METHODS if args.methods == "all" else [m for m in METHODS if m.label in args.methods.split(",")]
     methods = [m if q == "none" else replace(m, label=f"{m.label}, {q}", quantize=q)
                for m in methods for q in args.quantize.split(",")]
+    methods = [m if d == "fp16" else replace(m, label=f"{m.label}, kv {d}", kv_dtype=d)
+               for m in methods for d in args.kv_dtypes.split(",")]
     seeds = tuple(int(s) for s in args.seeds.split(","))
     results_path = args.out / "results.json"
     rows = json.loads(results_path.read_text()) if results_path.exists() else []

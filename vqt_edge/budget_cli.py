@@ -6,12 +6,13 @@ device, and `sweep` runs every export and every training run in its own process.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import click
 
-from vqt_edge.cli_options import arch_size_options
+from vqt_edge.cli_options import arch_size_options, disk_budget_option, kv_dtype_option
 from vqt_edge.errors import UserError
 from vqt_edge.spec import BACKENDS, KV_MODES
 
@@ -34,18 +35,23 @@ def _count_images(data: Path) -> int:
 @click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default="auto", show_default=True,
               help="Training backend; auto: the default where a plan of it fits, else the other one (as train does).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as one JSON object.")
-def plan(bundle, memory_budget, images, data, batch_size, kv, micro_batch, with_test, backend, as_json) -> None:
+@functools.partial(kv_dtype_option, auto=True)
+@disk_budget_option
+def plan(bundle, memory_budget, images, data, batch_size, kv, micro_batch, with_test, backend, as_json, kv_dtype,
+         disk_budget) -> None:
     """The configuration `train --memory-budget` would choose, and its predicted peak.
 
     Prefers the default backend, then K/V in RAM over a disk cache over recomputing them every
-    step, then the largest micro-batch and frozen-pass batch. Exits 2, naming the smallest budget
-    that would fit, when nothing fits.
+    step, then the largest micro-batch and frozen-pass batch; fp16 K/V before int8. Also prints the
+    disk the run folder will take (K/V cache, checkpoints, outputs) against --disk-budget (default:
+    the free space here, less a margin). Exits 2, naming what would fit, when nothing fits.
     """
     from device_runner import backends, ort
 
     ort.block_torch()
     from vqt_edge import manifest as mf
-    from vqt_edge.memory import BundleFootprint, NoPlan, choose, parse_size_mb
+    from vqt_edge.disk_plan import default_disk_budget, plan_run
+    from vqt_edge.memory import BundleFootprint, NoPlan, parse_size_mb
 
     budget = parse_size_mb(memory_budget)
     if batch_size < 1 or (micro_batch is not None and not 1 <= micro_batch <= batch_size):
@@ -56,23 +62,27 @@ def plan(bundle, memory_budget, images, data, batch_size, kv, micro_batch, with_
         raise UserError("--images must be at least 1")
     fp = BundleFootprint.from_bundle(bundle)
     choices = backends.candidates(backend, mf.read_manifest(bundle, verify=False))
+    disk = parse_size_mb(disk_budget) if disk_budget is not None else default_disk_budget(Path.cwd())
     try:
-        chosen = choose(fp, budget, images=images, batch_size=batch_size, kv=kv, micro_batch=micro_batch, test=with_test,
-                        backends=choices)
+        run_plan = plan_run(fp, images=images, batch_size=batch_size, micro_batch=micro_batch, kv=kv or "auto",
+                            kv_dtype=kv_dtype, memory_budget=budget, available=None, disk_budget=disk, test=with_test,
+                            backends=choices)
+        chosen = run_plan.plan
     except NoPlan as e:
         if as_json:
             click.echo(json.dumps({"fits": False, "budget_mb": budget, "smallest_budget_mb": e.needs_mb, "best": e.best.to_dict()}))
         raise
     if as_json:
-        click.echo(json.dumps({"fits": True, "budget_mb": budget, **chosen.to_dict()}))
+        click.echo(json.dumps({"fits": True, "budget_mb": budget, **chosen.to_dict(), **run_plan.to_dict()}))
         return
     click.echo(f"{images} images, batch {batch_size}, budget {budget:.0f} MiB")
-    click.echo(f"plan: --backend {chosen.backend} --kv {chosen.kv} --micro-batch {chosen.micro_batch} "
+    click.echo(f"plan: --backend {chosen.backend} --kv {chosen.kv} --micro-batch {chosen.micro_batch} --kv-dtype {run_plan.kv_dtype} "
                f"(frozen pass {chosen.frozen_batch} images at a time)")
     click.echo(f"predicted peak {chosen.peak_mb:.0f} MiB (fits with a {100 * (budget / chosen.peak_mb - 1):.0f}% margin; "
                f"needs {chosen.needs_mb:.0f} MiB)")
     for name, mb in chosen.phases.items():
         click.echo(f"  {name:<7} {mb + 0:8.0f} MiB above the runtime baseline")
+    click.echo(run_plan.describe_disk())
 
 
 @click.command()

@@ -6,6 +6,7 @@ unimportable before anything else loads, so they run exactly as they would witho
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from vqt_edge.cli_options import arch_size_options, kv_dtype_option
+from vqt_edge.cli_options import arch_size_options, disk_budget_option, kv_dtype_option
 from vqt_edge.errors import UserError
 from vqt_edge.head2toe import DEFAULT_TARGET as H2T_DEFAULT_TARGET
 from vqt_edge.manifest import QUANTIZE_MODES
@@ -154,9 +155,10 @@ def export(model_name, weights, random_init, num_classes, classes, out, method, 
 @click.option("--keep-fraction", type=float, default=1.0, show_default=True,
               help="After training, keep this fraction of the head's input features (group-lasso selection, paper B.2); 1: off.")
 @click.option("--lasso", type=float, default=1e-4, show_default=True, help="Group-lasso penalty of --keep-fraction's selection.")
-@kv_dtype_option
+@functools.partial(kv_dtype_option, auto=True)
+@disk_budget_option
 def train(bundle, data, run_dir, val, val_split, test, epochs, batch_size, micro_batch, lr, weight_decay, warmup_epochs,
-          seed, kv, device, threads, checkpoint_every, resume, backend, memory_budget, keep_fraction, lasso, kv_dtype) -> None:
+          seed, kv, device, threads, checkpoint_every, resume, backend, memory_budget, keep_fraction, lasso, kv_dtype, disk_budget) -> None:
     """Adapt the bundle's ViT to your images with VQT (torch-free, resumable).
 
     A killed run continues with --resume and ends exactly where an uninterrupted run would.
@@ -176,6 +178,8 @@ def train(bundle, data, run_dir, val, val_split, test, epochs, batch_size, micro
                       backend=backend, kv_dtype=kv_dtype)
     if memory_budget is not None:
         cfg.memory_budget_mb = parse_size_mb(memory_budget)  # an explicit --kv is kept if it fits
+    if disk_budget is not None:
+        cfg.disk_budget_mb = parse_size_mb(disk_budget)
     try:
         with ClickBars() as bars:  # the library reports progress events; the CLI draws them
             summary = api.train(bundle, data, run_dir, cfg, val=val, test=test, resume=resume, progress=click.echo,

@@ -300,11 +300,13 @@ class BundleFootprint:
     # The portable step's fed rows per sample: the fp32 feed (None: that); for a step graph taking
     # fp16 K/V (manifest step_feed "float16", older bundles) those rows plus the fp32 copy its Cast makes.
     step_fed_per_sample: int | None = None
+    cache_int8_per_sample: int = 0  # cache_per_sample for an int8 cache (device_runner/kv_int8.py; vqt_edge/disk_plan.py)
 
     @classmethod
     def from_bundle(cls, bundle: Path) -> "BundleFootprint":
         import numpy as np
 
+        from device_runner.kv_int8 import cache_bytes
         from vqt_edge import manifest as mf
 
         bundle = Path(bundle)
@@ -334,6 +336,7 @@ class BundleFootprint:
             step_bytes=step.stat().st_size if step.exists() else 0, model_bytes=frozen + max(0, head - shared),
             step_dequantized_bytes=int((m.quantization or {}).get(mf.STEP_MODEL, {}).get("largest_dequantized_bytes", 0)),
             step_fed_per_sample=feed if m.step_feed == "float32" else cache + feed,
+            cache_int8_per_sample=cache_bytes(specs, "int8"),
         )
 
 
