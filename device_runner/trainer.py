@@ -394,6 +394,7 @@ class Trainer:
         val_rows = np.arange(n, len(self.paths))
         epoch_times = []
         self.step_times: list[float] = []  # the optimizer steps alone (no checkpoints, no validation)
+        self.step_cpu_times: list[float] = []  # their CPU seconds: what a step costs on a shared machine
         with stop_on_signal() if handle_signals else nullcontext(_STOP) as flag:
             for epoch in range(start_epoch, min(cfg.epochs, until_epoch or cfg.epochs)):
                 t0 = time.perf_counter()
@@ -406,9 +407,10 @@ class Trainer:
                 for index in range(first, steps_per_epoch):
                     rows = order[index * cfg.batch_size : (index + 1) * cfg.batch_size]
                     g = epoch * steps_per_epoch + index
-                    t_step = time.perf_counter()
+                    t_step, c_step = time.perf_counter(), time.process_time()
                     loss, correct = self._step(rows, epoch, index, lr_at(g, total, warmup, cfg.lr))
                     self.step_times.append(time.perf_counter() - t_step)
+                    self.step_cpu_times.append(time.process_time() - c_step)
                     sums["loss_sum"] += loss
                     sums["correct"] += correct
                     sums["seen"] += len(rows)
@@ -476,7 +478,7 @@ class Trainer:
             "final": metrics[-1] if metrics else None,
             "seconds": round(time.perf_counter() - t_start, 3),
             "seconds_per_epoch": round(float(np.mean(epoch_times)), 3) if epoch_times else None,
-            "seconds_per_step": round(float(np.mean(self.step_times)), 4) if self.step_times else None,
+            **step_stats(self.step_times, self.step_cpu_times),
             "peak_rss_mb": round(peak_rss_mb(), 1),
             "micro_batch": self.cfg.micro_batch,
             "memory_budget_mb": self.cfg.memory_budget_mb,
@@ -487,6 +489,19 @@ class Trainer:
             "feature_selection": selection,
         }
         return enforce_budget(self.run, self.folder.finish(summary))
+
+
+def step_stats(wall: list[float], cpu: list[float]) -> dict:
+    """Mean and median seconds per step, wall and CPU; the first step (onnxruntime's first calls plan
+    and allocate) also apart, so a short run's mean can be told from its steady state."""
+    if not wall:
+        return {"seconds_per_step": None}
+    out = {"seconds_per_step": round(float(np.mean(wall)), 4), "seconds_per_step_median": round(float(np.median(wall)), 4),
+           "cpu_seconds_per_step": round(float(np.mean(cpu)), 4), "cpu_seconds_per_step_median": round(float(np.median(cpu)), 4),
+           "first_step_cpu_seconds": round(cpu[0], 4)}
+    if len(cpu) > 1:
+        out["cpu_seconds_per_step_after_first"] = round(float(np.mean(cpu[1:])), 4)
+    return out
 
 
 def enforce_budget(run: Path, summary: dict) -> dict:

@@ -89,7 +89,7 @@ class RunPlan:
 
     @property
     def disk_total_mb(self) -> float:
-        return float(math.ceil(sum(self.disk.values())))
+        return math.ceil(100 * sum(self.disk.values())) / 100
 
     def to_dict(self) -> dict:
         return {"kv_dtype": self.kv_dtype, "disk_mb": {k: round(v, 1) for k, v in self.disk.items()},
