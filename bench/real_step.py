@@ -47,13 +47,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args()
     manifest = json.loads((args.bundle / "manifest.json").read_text())
-    spec = manifest["spec"]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "BENCH_BATCH": str(args.batch_size),
            "PYTHONPATH": str(REPO)}
     load = [os.getloadavg()[0]]
     rows: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        data = make_images(Path(tmp) / "data", args.images, spec["num_classes"], spec["arch"]["image_size"])
+        data = make_images(Path(tmp) / "data", args.images, manifest["num_classes"], manifest["arch"]["image_size"])
         for kv in args.kv.split(","):
             run = Path(tmp) / f"run-{kv}"
             cmd = [sys.executable, "-m", "vqt_edge.cli", "train", "--bundle", str(args.bundle), "--data", str(data),
@@ -68,6 +67,8 @@ def main() -> None:
                                                     "cpu_seconds_per_step_median", "first_step_cpu_seconds",
                                                     "cpu_seconds_per_step_after_first", "peak_rss_mb")}
             rows[kv]["epoch_seconds"] = [m["seconds"] for m in metrics]
+            files = [f for f in (run / "kv_cache").rglob("*") if f.is_file()]
+            rows[kv]["kv_cache_bytes"] = sum(f.stat().st_size for f in files if f.name != "index.json")
             print(kv, json.dumps(rows[kv]), flush=True)
         bench = subprocess.run([sys.executable, str(REPO / "bench" / "step_bench.py"), "--child", "portable", "--bundle",
                                 str(args.bundle), "--threads", str(args.threads), "--warmup", "2", "--steps", "5"],

@@ -236,7 +236,8 @@ bundles) also holds those rows and its Cast's fp32 copy: `step_fed_per_sample` c
 docs/design.md section 10). The optimizer's tensors (parameters, gradients, both moments and one
 update's temporaries) add PORTABLE_OPTIMIZER_COPIES * trainable bytes; its checkpoint (trainable
 tensors and moments, 1.25 MiB for ViT-B/16, saved in milliseconds) adds 3 * trainable bytes while
-it is written. The feed arrays are let go before a checkpoint is saved (device_runner/trainer.py)."""
+it is written, while the feed arrays are kept (device_runner/trainer.py: they are let go only before
+onnxruntime-training's much larger save)."""
 QUANTIZED_STEP_DEQUANT = 4.8
 """A quantized step graph (train/step.onnx reading head.onnx's quantized tensors through
 DequantizeLinear chains, exporters/quantize_step.py) needs this many times its largest dequantized
@@ -481,6 +482,7 @@ def predict_peak(fp: BundleFootprint, *, images: int, batch_size: int, micro_bat
         fed = fp.feed_per_sample if fp.step_fed_per_sample is None else fp.step_fed_per_sample
         step = micro * (fed + STEP_WORK * fp.feed_per_sample + adapted) * mb
         step += QUANTIZED_STEP_DEQUANT * fp.step_dequantized_bytes * mb
+        step += save  # the trainer keeps the portable feed through its (small) checkpoint save
     phases: dict[str, float] = {}
     if kv in CACHED_KV_MODES:
         store = cache if kv == "ram" else fb * fp.cache_per_sample * mb  # disk: one batch's pages at a time
