@@ -40,4 +40,4 @@ def disk_budget_option(command: Callable) -> Callable:
     """--disk-budget (vqt_edge/disk_plan.py)."""
     return click.option("--disk-budget", help="Disk space the run folder may take, e.g. 20GB: chooses --kv and --kv-dtype "
                         "with the memory plan, exits 2 up front if nothing fits [default: the free space of its file "
-                        "system, less 512 MiB].")(command)
+                        "system, less 512 MiB or 5% of it].")(command)

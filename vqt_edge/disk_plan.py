@@ -5,8 +5,8 @@ A run folder holds, at its largest: the K/V disk cache (`--kv disk`: one row per
 fp16 or int8 + scales, device_runner/kv_int8.py), two copies of the checkpoint (the new one is
 written next to the old before the rename), and the outputs (model.onnx: the frozen graph plus the
 head's unshared part, the adapter). `--disk-budget` defaults to the free space of the run folder's
-file system minus DISK_MARGIN_MB, so a run that would fill the disk is refused before the frozen
-pass instead of failing after it.
+file system minus a margin (DISK_MARGIN_MB, at most DISK_MARGIN_SHARE of it), so a run that would
+fill the disk is refused before the frozen pass instead of failing after it.
 
 The candidates, in order: every cached mode of the preferred dtype (RAM before disk), then of the
 other dtype, then streaming. Without --kv-dtype the preferred dtype is DEFAULT_KV_DTYPE and int8 is
@@ -29,8 +29,9 @@ MiB = 2**20
 KV_DTYPES = ("fp16", "int8")
 DEFAULT_KV_DTYPE = "fp16"
 """fp16 unless only int8 fits: int8 cost more than 0.3 points on a transfer task (docs/kv-cache.md)."""
-DISK_MARGIN_MB = 512.0
-"""Left free on the run folder's file system by the default --disk-budget (logs, other processes)."""
+DISK_MARGIN_MB, DISK_MARGIN_SHARE = 512.0, 0.05
+"""Left free on the run folder's file system by the default --disk-budget (logs, other processes):
+512 MiB, or 5% of a smaller file system."""
 RUN_FILES_MB = 1.0
 """run.json, metrics, summary, the cache index and the lock, each at least one file-system block."""
 
@@ -49,15 +50,16 @@ def disk_mb(fp: BundleFootprint, *, images: int, kv: str, backend: str) -> dict[
             "run_files": RUN_FILES_MB}
 
 
-def free_disk_mb(run: Path) -> float | None:
-    """Free space (MiB) of the file system that holds (or will hold) `run`; None if unknown."""
+def disk_usage_mb(run: Path) -> tuple[float, float] | None:
+    """(size, free space) in MiB of the file system that holds (or will hold) `run`; None if unknown."""
     path = Path(run).absolute()
     while not path.exists() and path != path.parent:
         path = path.parent
     try:
-        return shutil.disk_usage(path).free / MiB
+        usage = shutil.disk_usage(path)
     except OSError:
         return None
+    return usage.total / MiB, usage.free / MiB
 
 
 def used_mb(folder: Path) -> float:
@@ -73,9 +75,12 @@ def used_mb(folder: Path) -> float:
 
 def default_disk_budget(run: Path) -> float | None:
     """The space this run may use: free space plus what the run folder already holds (a resumed run's
-    cache and checkpoints), minus DISK_MARGIN_MB."""
-    free = free_disk_mb(run)
-    return None if free is None else max(0.0, free + used_mb(run) - DISK_MARGIN_MB)
+    cache and checkpoints), minus the margin."""
+    usage = disk_usage_mb(run)
+    if usage is None:
+        return None
+    total, free = usage
+    return max(0.0, free + used_mb(run) - min(DISK_MARGIN_MB, DISK_MARGIN_SHARE * total))
 
 
 @dataclass
