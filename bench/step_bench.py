@@ -12,7 +12,9 @@ own each:
                 eager PyTorch (a loop over the layers) on the same cached K/V (converted to fp32
                 into fresh arrays), cross-entropy, backward, torch.optim.AdamW
 
-and, with `--stock-python PY` (an interpreter whose onnxruntime is a stock release, no training
+and, with `--kv-dtypes fp16,int8`, `portable` once more per extra cache dtype (`portable-int8`: int8
+rows and per-channel scales dequantized into the feed, device_runner/kv_int8.py), and with
+`--stock-python PY` (an interpreter whose onnxruntime is a stock release, no training
 build, e.g. make test's .venv-stock), `portable` once more there (`portable-stock`).
 
 A step is everything the trainer does per batch: gather the rows, forward + backward, optimizer.
@@ -28,6 +30,7 @@ the bench projects a whole VTAB-1k-style run (`--images` 1000, `--epochs` 100, b
 frozen pass once, every step, a checkpoint per epoch (docs/design.md section 10).
 
     .venv/bin/python bench/step_bench.py [--model vit_b16] [--batch-size 32] [--threads 1]
+    .venv/bin/python bench/step_bench.py --runners portable --kv-dtypes fp16,int8 --steps-only  # the K/V cache dtypes
 """
 
 from __future__ import annotations
@@ -53,15 +56,19 @@ LR, WD, CLASSES = 1e-3, 1e-4, 10
 
 
 def _cache(manifest, batch: int):
-    """One batch of cached features (fp16 K/V as the cache stores them) and its labels."""
+    """One batch of cached features (fp16 K/V as the cache stores them, or int8 + scales with
+    BENCH_KV_DTYPE=int8) and its labels."""
     import numpy as np
 
     from device_runner.features import FeatureStore
+    from device_runner.kv_int8 import cache_specs, encode
 
     rng = np.random.default_rng(0)
+    kv_dtype = os.environ.get("BENCH_KV_DTYPE", "fp16")
+    specs = manifest.spec.frozen_output_specs
+    fp32 = {name: rng.standard_normal((batch, *shape), dtype=np.float32) for name, (shape, _) in specs.items()}
     arrays = {
-        name: rng.standard_normal((batch, *shape), dtype=np.float32).astype(dtype)
-        for name, (shape, dtype) in manifest.spec.frozen_output_specs.items()
+        name: value.astype(cache_specs(specs, kv_dtype)[name][1]) for name, value in encode(fp32, kv_dtype).items()
     }
     targets = np.zeros((batch, manifest.spec.num_classes), np.float32)
     targets[np.arange(batch), rng.integers(0, manifest.spec.num_classes, batch)] = 1.0 / batch
@@ -327,6 +334,11 @@ def main() -> None:
     )
     ap.add_argument("--no-baselines", action="store_true", help="Skip the PyTorch VQT baselines (minutes per step).")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--runners", default=",".join(RUNNERS), help="comma-separated runners to time")
+    ap.add_argument("--kv-dtypes", default="fp16", help="cache dtypes for the portable runner (fp16,int8: both)")
+    ap.add_argument(
+        "--steps-only", action="store_true", help="only the steps: no profile, frozen pass, baselines or projection"
+    )
     ap.add_argument("--child", choices=[*RUNNERS, "profile", "frozen"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child == "profile":
@@ -381,12 +393,19 @@ def main() -> None:
             "--steps",
             str(args.steps),
         ]
-        runners = [(r, sys.executable, r) for r in RUNNERS]
+        runners = [(r, sys.executable, r) for r in RUNNERS if r in args.runners.split(",")]
         if args.stock_python:
             runners.insert(1, ("portable-stock", str(args.stock_python), "portable"))
+        extra = [d for d in args.kv_dtypes.split(",") if d != "fp16"]
+        runners[1:1] = [
+            (f"portable-{d}", sys.executable, "portable") for d in extra if "portable" in args.runners.split(",")
+        ]
         results = {}
         for name, python, runner in runners:
-            results[name] = _subprocess_json([python, __file__, "--child", runner, *common], env)
+            dtype = name.split("-")[-1] if name.split("-")[-1] in extra else "fp16"
+            results[name] = _subprocess_json(
+                [python, __file__, "--child", runner, *common], {**env, "BENCH_KV_DTYPE": dtype}
+            )
             print(name, json.dumps(results[name]), flush=True)
         for name, python, _ in runners:
             if name.startswith("portable") and "error" not in results[name]:
@@ -397,6 +416,9 @@ def main() -> None:
                     env=env,
                 ).stdout.strip()
                 results[name]["onnxruntime"] = version
+        if args.steps_only:
+            _steps_only(model, args, results, load)
+            return
         profile = _subprocess_json([sys.executable, __file__, "--child", "profile", *common], env)
         print("profile", json.dumps(profile), flush=True)
         frozen = _subprocess_json([sys.executable, __file__, "--child", "frozen", *common], env)
@@ -442,6 +464,38 @@ def main() -> None:
         + "\n"
     )
     (args.out / "step_bench.md").write_text("\n".join(lines) + "\n")
+
+
+def _steps_only(model, args, results, load) -> None:
+    """--steps-only: the step table alone, into step_bench_kv_dtype.{json,md}."""
+    load.append(os.getloadavg())
+    lines = [
+        f"{model}, batch {args.batch_size}, T=1, {args.threads} thread(s); median of {args.steps} steps after "
+        f"{args.warmup} warm-up steps, CPU seconds (wall in parentheses); each runner in its own process; load average "
+        f"{load[0][0]:.1f} at the start, {load[-1][0]:.1f} at the end",
+        "",
+        "| runner | s/step | x portable (fp16) | first calls (CPU s) | peak MiB |",
+        "|---|---:|---:|---|---:|",
+    ]
+    base = results.get("portable", {}).get("seconds_per_step")
+    for name, r in results.items():
+        if "error" in r:
+            lines.append(f"| {name} | failed: {r['error']} | | | |")
+            continue
+        ratio = f"{r['seconds_per_step'] / base:.2f}" if base else "-"
+        lines.append(
+            f"| {name} | {r['seconds_per_step']:.3f} ({r['wall_seconds_per_step']:.3f}) | {ratio} | "
+            f"{', '.join(map(str, r['first_calls_cpu_s']))} | {r['peak_rss_mb']:.0f} |"
+        )
+    print("\n".join(lines))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "step_bench_kv_dtype.json").write_text(
+        json.dumps(
+            {"args": {k: str(v) for k, v in vars(args).items()}, "load_average": load, "results": results}, indent=2
+        )
+        + "\n"
+    )
+    (args.out / "step_bench_kv_dtype.md").write_text("\n".join(lines) + "\n")
 
 
 def markdown(model, args, results, profile, frozen, whole, load) -> list[str]:

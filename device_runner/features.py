@@ -7,6 +7,9 @@ Three ways to feed training (docs/design.md section 2, paper D.3):
 - `disk`: like `ram`, but into an fp16 memory-mapped cache in the run folder, keyed by the frozen
   graph's sha256 and each image's sha256, so a changed image or bundle is never served stale and a
   resumed run reuses what an earlier process computed.
+
+Either cache holds fp16 rows or, with `--kv-dtype int8`, int8 rows and their scales
+(device_runner/kv_int8.py), dequantized into the step's fp32 feed by `FeatureStore.gather`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import numpy as np
 from device_runner import ort
 from device_runner.data import iter_batches
 from device_runner.fp16 import fp16_to_fp32
+from device_runner.kv_int8 import SCALE_SUFFIX, cache_specs, dequantize_into, encode, is_scale
 from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
 from vqt_edge.fileio import DISK_FULL, atomic_write_text
@@ -95,6 +99,9 @@ class FeatureStore:
         gathered: Features = {}
         order = np.argsort(rows, kind="stable")
         for name, a in self.arrays.items():
+            if is_scale(name):  # read with its int8 rows
+                continue
+            scale = self.arrays.get(name + SCALE_SUFFIX)
             dtype = np.dtype((dtypes or {}).get(name, np.float32))
             reuse = (out or {}).get(name)
             if (
@@ -108,15 +115,24 @@ class FeatureStore:
                 dst = np.empty((len(rows), *a.shape[1:]), dtype)
             convert = a.dtype == np.float16 and dst.dtype == np.float32
             for i in order:
-                if convert:
+                if scale is not None:
+                    _dequantize(a[rows[i]], scale[rows[i]], dst[i])
+                elif convert:
                     fp16_to_fp32(a[rows[i]], dst[i])
                 else:
                     dst[i] = a[rows[i]]
                 _drop_row_pages(a, int(rows[i]))
             # A fault also maps neighbouring cached pages ("fault-around"): drop what is left.
-            drop_mapped_pages({name: a})
+            drop_mapped_pages({name: a} if scale is None else {name: a, "scale": scale})
             gathered[name] = dst
         return gathered
+
+
+def _dequantize(q: np.ndarray, scale: np.ndarray, dst: np.ndarray) -> None:
+    if dst.dtype == np.float32:
+        dequantize_into(q, scale, dst)
+    else:  # a step graph taking fp16 (bundles exported before 2026-11-30)
+        dst[...] = q.astype(np.float32) * scale
 
 
 def _run_backbone(
@@ -135,26 +151,28 @@ def build_ram_store(
     manifest: Manifest,
     batch_size: int,
     progress: Callable[[int], None],
+    kv_dtype: str = "fp16",
 ) -> FeatureStore:
     n = len(paths)
-    arrays = {name: np.empty((n, *shape), dtype) for name, (shape, dtype) in manifest.spec.frozen_output_specs.items()}
+    specs = cache_specs(manifest.spec.frozen_output_specs, kv_dtype)
+    arrays = {name: np.empty((n, *shape), dtype) for name, (shape, dtype) in specs.items()}
     for start, feats in _run_backbone(backbone, paths, batch_size, manifest):
-        for name, value in feats.items():
+        for name, value in encode(feats, kv_dtype).items():
             arrays[name][start : start + len(value)] = value
         progress(len(next(iter(feats.values()))))
     return FeatureStore(arrays)
 
 
 class DiskCache:
-    """fp16 K/V rows in growable raw files under `folder`, indexed by image sha256.
+    """fp16 (or int8 + scales) K/V rows in growable raw files under `folder`, indexed by image sha256.
 
     `index.json` is rewritten (temp + rename) only after the rows it names are flushed, so a process
     killed mid-way leaves a cache that is consistent: rows it had not indexed are recomputed.
     """
 
-    def __init__(self, folder: Path, manifest: Manifest) -> None:
-        self.folder = folder
-        self.specs = manifest.spec.frozen_output_specs  # per-image shape, cache dtype
+    def __init__(self, folder: Path, manifest: Manifest, kv_dtype: str = "fp16") -> None:
+        self.folder, self.kv_dtype = folder, kv_dtype
+        self.specs = cache_specs(manifest.spec.frozen_output_specs, kv_dtype)  # per-image shape, cache dtype
         folder.mkdir(parents=True, exist_ok=True)
         self.index: dict[str, int] = self._read_index()
 
@@ -183,9 +201,10 @@ class DiskCache:
         return self.folder / f"{name}.{np.dtype(dtype).name}"
 
     @classmethod
-    def for_bundle(cls, run: Path, manifest: Manifest) -> DiskCache:
+    def for_bundle(cls, run: Path, manifest: Manifest, kv_dtype: str = "fp16") -> DiskCache:
         key = manifest.files[mf.FROZEN] + "-" + ",".join(manifest.spec.frozen_outputs)
-        return cls(run / "kv_cache" / hashlib.sha256(key.encode()).hexdigest()[:16], manifest)
+        key += "" if kv_dtype == "fp16" else f"-{kv_dtype}"  # fp16 keeps the key caches had before int8 existed
+        return cls(run / "kv_cache" / hashlib.sha256(key.encode()).hexdigest()[:16], manifest, kv_dtype)
 
     def _arrays(self, rows: int, mode: str) -> Features:
         out = {}
@@ -229,7 +248,7 @@ class DiskCache:
                 arrays = self._arrays(rows0 + len(todo_paths), "r+")
                 backbone = backbone_factory()
                 for start, feats in _run_backbone(backbone, todo_paths, batch_size, manifest):
-                    for name, value in feats.items():
+                    for name, value in encode(feats, self.kv_dtype).items():
                         arrays[name][rows0 + start : rows0 + start + len(value)] = value
                     drop_mapped_pages(arrays)
                     progress(len(value))

@@ -31,18 +31,8 @@ from vqt_edge import manifest as mf
 from vqt_edge.config import TrainConfig
 from vqt_edge.errors import UserError
 from vqt_edge.manifest import Manifest
-from vqt_edge.memory import (
-    BundleFootprint,
-    Plan,
-    available_mb,
-    choose,
-    default_kv,
-    frozen_batch,
-    lean_malloc,
-    peak_rss_mb,
-    predict_peak,
-    trim_malloc,
-)
+from vqt_edge.memory import BundleFootprint, Plan, available_mb, lean_malloc, peak_rss_mb, trim_malloc
+from vqt_edge.memory.disk import default_disk_budget, plan_run
 from vqt_edge.optim import lr_at
 from vqt_edge.progress import Counter, OnProgress, Progress, log_progress
 from vqt_edge.run_folder import ADAPTER, RUN_FILE, RunFolder
@@ -167,7 +157,8 @@ class Trainer:
                 bundle, data = Path(saved["bundle"]), Path(saved["data"])
                 val = Path(saved["val"]) if saved.get("val") else None
                 # Runs started before the portable backend existed trained on onnxruntime-training.
-                cfg = TrainConfig(**{"backend": "ort-training", **saved["config"]})
+                # ... and runs started before int8 existed cached fp16.
+                cfg = TrainConfig(**{"backend": "ort-training", "kv_dtype": "fp16", **saved["config"]})
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise UserError(f"{run / RUN_FILE}: damaged ({e}); this run cannot be resumed") from None
         cfg.validate()
@@ -204,57 +195,43 @@ class Trainer:
             )
 
     def _plan_memory(self, with_test: bool) -> Plan:
-        """Predict the run's peak (vqt_edge/memory.py). Under --memory-budget, choose the K/V mode and
-        micro-batch that keep it; a --kv or --micro-batch the user gave is kept only if it fits. No fit:
-        UserError (exit 2) naming the smallest budget that would fit, before any work is done."""
+        """Predict the run's peak (vqt_edge/memory/) and disk use (vqt_edge/memory/disk.py). Under
+        --memory-budget, choose the K/V mode and micro-batch that keep it; a --kv, --kv-dtype or --micro-batch
+        the user gave is kept only if it fits. Both budgets: K/V mode and cache dtype within the disk
+        budget too. No fit: UserError (exit 2) naming what would fit, before any work is done."""
         cfg = self.cfg
         fp = BundleFootprint.from_bundle(self.bundle)
         images = len(self.data.train) + (len(self.data.val) if self.data.val else 0)
-        if cfg.memory_budget_mb is None and cfg.kv == "auto":
-            available = available_mb()
-            plan = default_kv(
-                fp,
-                images=images,
-                batch_size=cfg.batch_size,
-                micro_batch=cfg.micro_batch,
-                available=available,
-                test=with_test,
-                backend=cfg.backend,
-            )
-            self.cfg = replace(cfg, kv=plan.kv)
-            if available is not None:
-                self.echo(
-                    f"K/V {plan.kv}: predicted peak {plan.peak_mb:.0f} MiB with {available:.0f} MiB available"
-                    + ("" if plan.kv == "ram" else " (a RAM cache of these images would not fit; --kv ram forces it)")
-                )
-            return plan
-        if cfg.memory_budget_mb is None:
-            return predict_peak(
-                fp,
-                images=images,
-                batch_size=cfg.batch_size,
-                micro_batch=cfg.micro_batch,
-                kv=cfg.kv,
-                backend=cfg.backend,
-                test_batch=frozen_batch(cfg.batch_size, cfg.micro_batch) if with_test else None,
-            )
-        plan = choose(
+        disk_budget = cfg.disk_budget_mb if cfg.disk_budget_mb is not None else default_disk_budget(self.run)
+        available = available_mb() if cfg.memory_budget_mb is None and cfg.kv == "auto" else None
+        auto_kv = cfg.kv == "auto"
+        self.run_plan = run_plan = plan_run(
             fp,
-            cfg.memory_budget_mb,
             images=images,
             batch_size=cfg.batch_size,
-            backends=self.backend_choices,
-            kv=None if cfg.kv == "auto" else cfg.kv,
             micro_batch=cfg.micro_batch,
+            kv=cfg.kv,
+            kv_dtype=cfg.kv_dtype,
+            memory_budget=cfg.memory_budget_mb,
+            available=available,
+            disk_budget=disk_budget,
             test=with_test,
+            backends=self.backend_choices if cfg.memory_budget_mb is not None else (cfg.backend,),
         )
-        self.cfg = replace(
-            cfg,
-            kv=plan.kv,
-            backend=plan.backend,
-            micro_batch=plan.micro_batch if plan.micro_batch < cfg.batch_size else None,
-        )
-        self.echo(f"memory budget {cfg.memory_budget_mb:.0f} MiB: {plan.describe()}")
+        plan = run_plan.plan
+        cfg = self.cfg = replace(cfg, kv=plan.kv, kv_dtype=run_plan.kv_dtype)
+        if cfg.memory_budget_mb is not None:
+            self.cfg = replace(
+                cfg, backend=plan.backend, micro_batch=plan.micro_batch if plan.micro_batch < cfg.batch_size else None
+            )
+            self.echo(f"memory budget {cfg.memory_budget_mb:.0f} MiB: {plan.describe()}; {run_plan.describe_disk()}")
+        elif auto_kv and available is not None:
+            self.echo(
+                f"K/V {plan.kv} ({cfg.kv_dtype}): predicted peak {plan.peak_mb:.0f} MiB with {available:.0f} MiB "
+                "available"
+                + ("" if plan.kv == "ram" else " (a RAM cache of these images would not fit; --kv ram forces it)")
+                + f"; {run_plan.describe_disk()}"
+            )
         return plan
 
     # -- features ---------------------------------------------------------------------------
@@ -277,11 +254,11 @@ class Trainer:
         if self.cfg.kv == "ram":
             backbone = self._backbone()
             done = Counter(self.progress, "frozen pass (K/V to RAM)", len(self.paths))
-            self.store = build_ram_store(backbone, self.paths, self.manifest, bs, _stoppable(done))
+            self.store = build_ram_store(backbone, self.paths, self.manifest, bs, _stoppable(done), self.cfg.kv_dtype)
             backbone.close()
             trim_malloc()
         else:
-            cache = DiskCache.for_bundle(self.run, self.manifest)
+            cache = DiskCache.for_bundle(self.run, self.manifest, self.cfg.kv_dtype)
             hashes = [self.image_hashes.get(p) or image_sha256(p) for p in self.paths]
             done = Counter(self.progress, "frozen pass (K/V to disk cache)", cache.missing(hashes))
             cache.fill(self._backbone, self.paths, hashes, self.manifest, bs, _stoppable(done))
@@ -339,7 +316,11 @@ class Trainer:
         self.backend = backends.open_backend(name, self.bundle, self.manifest, self.cfg.device, self.cfg.threads, ckpt)
 
     def _save_checkpoint(self, position: dict) -> None:
-        self.feed_buffers = None  # not held through the save's own transient (vqt_edge/memory.py)
+        # onnxruntime-training's save serializes the whole checkpoint (CKPT_SAVE, vqt_edge/memory/model.py): the
+        # feed is not held through it. The portable save writes only the trainable tensors: the feed is kept,
+        # not freed and page-faulted in again by the next step (a fresh 464 MB at vit_b16 batch 32).
+        if self.cfg.backend == "ort-training":
+            self.feed_buffers = None
         try:
             self.backend.save(self.folder.checkpoint(self.cfg.backend), position)
         except Exception as e:  # a full disk: OSError here, a RuntimeError from ORT
@@ -416,6 +397,7 @@ class Trainer:
         val_rows = np.arange(n, len(self.paths))
         epoch_times = []
         self.step_times: list[float] = []  # the optimizer steps alone (no checkpoints, no validation)
+        self.step_cpu_times: list[float] = []  # their CPU seconds: what a step costs on a shared machine
         with stop_on_signal() if handle_signals else nullcontext(_STOP) as flag:
             for epoch in range(start_epoch, min(cfg.epochs, until_epoch or cfg.epochs)):
                 t0 = time.perf_counter()
@@ -428,9 +410,10 @@ class Trainer:
                 for index in range(first, steps_per_epoch):
                     rows = order[index * cfg.batch_size : (index + 1) * cfg.batch_size]
                     g = epoch * steps_per_epoch + index
-                    t_step = time.perf_counter()
+                    t_step, c_step = time.perf_counter(), time.process_time()
                     loss, correct = self._step(rows, epoch, index, lr_at(g, total, warmup, cfg.lr))
                     self.step_times.append(time.perf_counter() - t_step)
+                    self.step_cpu_times.append(time.process_time() - c_step)
                     sums["loss_sum"] += loss
                     sums["correct"] += correct
                     sums["seen"] += len(rows)
@@ -512,20 +495,39 @@ class Trainer:
             "skipped": [{"path": p, "reason": why} for p, why in self.data.skipped],
             "epochs": self.cfg.epochs,
             "kv": self.cfg.kv,
+            "kv_dtype": self.cfg.kv_dtype,
             "backend": self.cfg.backend,
             "final": metrics[-1] if metrics else None,
             "seconds": round(time.perf_counter() - t_start, 3),
             "seconds_per_epoch": round(float(np.mean(epoch_times)), 3) if epoch_times else None,
-            "seconds_per_step": round(float(np.mean(self.step_times)), 4) if self.step_times else None,
+            **step_stats(self.step_times, self.step_cpu_times),
             "peak_rss_mb": round(peak_rss_mb(), 1),
             "micro_batch": self.cfg.micro_batch,
             "memory_budget_mb": self.cfg.memory_budget_mb,
             "predicted_peak_mb": round(self.plan.peak_mb, 1),
             "memory_plan": self.plan.to_dict(),
+            "disk_plan": self.run_plan.to_dict(),
             "peak_rss_mb_after": self.peaks,
             "feature_selection": selection,
         }
         return enforce_budget(self.run, self.folder.finish(summary))
+
+
+def step_stats(wall: list[float], cpu: list[float]) -> dict:
+    """Mean and median seconds per step, wall and CPU; the first step (onnxruntime's first calls plan
+    and allocate) also apart, so a short run's mean can be told from its steady state."""
+    if not wall:
+        return {"seconds_per_step": None}
+    out = {
+        "seconds_per_step": round(float(np.mean(wall)), 4),
+        "seconds_per_step_median": round(float(np.median(wall)), 4),
+        "cpu_seconds_per_step": round(float(np.mean(cpu)), 4),
+        "cpu_seconds_per_step_median": round(float(np.median(cpu)), 4),
+        "first_step_cpu_seconds": round(cpu[0], 4),
+    }
+    if len(cpu) > 1:
+        out["cpu_seconds_per_step_after_first"] = round(float(np.mean(cpu[1:])), 4)
+    return out
 
 
 def enforce_budget(run: Path, summary: dict) -> dict:

@@ -34,6 +34,7 @@ from vqt_edge.config import TrainConfig
 from vqt_edge.errors import UserError
 from vqt_edge.fileio import atomic_write_text
 from vqt_edge.memory import frozen_batch, trim_malloc
+from vqt_edge.memory.disk import DEFAULT_KV_DTYPE
 from vqt_edge.progress import Counter, OnProgress, log_progress
 from vqt_edge.run_folder import RunFolder
 from vqt_edge.spec import CACHED_KV_MODES
@@ -105,7 +106,7 @@ class SharedPass:
             return FrozenBackbone(self.bundle, m, cfg.device, cfg.threads)
 
         if cfg.kv == "disk":
-            cache = DiskCache.for_bundle(self.folder, m)
+            cache = DiskCache.for_bundle(self.folder, m, cfg.kv_dtype)
             hashes = [image_sha256(p) for p in self.paths]
             done = Counter(self.progress, "frozen pass (K/V to disk cache)", cache.missing(hashes))
             cache.fill(backbone, self.paths, hashes, m, batch, done)
@@ -113,7 +114,12 @@ class SharedPass:
         else:
             session = backbone()
             store = build_ram_store(
-                session, self.paths, m, batch, Counter(self.progress, "frozen pass (K/V to RAM)", len(self.paths))
+                session,
+                self.paths,
+                m,
+                batch,
+                Counter(self.progress, "frozen pass (K/V to RAM)", len(self.paths)),
+                cfg.kv_dtype,
             )
             session.close()
         trim_malloc()
@@ -203,6 +209,8 @@ def tune(
             raise UserError(
                 f"tune keeps the K/V of its one frozen pass: --kv must be one of {', '.join(CACHED_KV_MODES)}"
             )
+        if cfg.kv_dtype == "auto":  # one shared pass: its dtype is fixed before any run plans
+            cfg = replace(cfg, kv_dtype=DEFAULT_KV_DTYPE)
         lrs = list(lrs or default_lrs(cfg.batch_size))
         weight_decays = list(OFFICIAL_WEIGHT_DECAYS if weight_decays is None else weight_decays)
         if not lrs or not weight_decays or min(lrs) <= 0 or min(weight_decays) < 0:

@@ -41,6 +41,7 @@ class Method:
     h2t_target: int | None = None  # vqt-edge export --h2t-target (head2toe; None: export's default)
     quantize: str = "none"  # `export --quantize`
     keep_fraction: float = 1.0  # `train --keep-fraction` (group-lasso feature selection of the head)
+    kv_dtype: str = "fp16"  # `train --kv-dtype` (device_runner/kv_int8.py)
 
 
 # vit_fmnist has 6 layers: "all layers" is k = 6.
@@ -114,6 +115,7 @@ def train(
     seed: int,
     epochs: int,
     keep_fraction: float = 1.0,
+    kv_dtype: str = "fp16",
 ) -> dict:
     if not (run / "summary.json").exists() or (
         test is not None and "test_accuracy" not in json.loads((run / "summary.json").read_text())
@@ -140,12 +142,17 @@ def train(
         ]
         args += ["--test", str(test)] if test is not None else []
         args += ["--keep-fraction", str(keep_fraction)] if keep_fraction < 1 else []
+        args += ["--kv-dtype", kv_dtype] if kv_dtype != "fp16" else []
         _run(VQT_EDGE + args, run.parent / (run.name + ".log"))
     return json.loads((run / "summary.json").read_text())
 
 
-def val_accuracy(bundle: Path, run: Path, data: Path, lr: float, wd: float, epochs: int, keep_fraction: float) -> float:
-    return train(bundle, run, data / "train800", data / "val200", lr, wd, 0, epochs, keep_fraction)["test_accuracy"]
+def val_accuracy(
+    bundle: Path, run: Path, data: Path, lr: float, wd: float, epochs: int, keep_fraction: float, kv_dtype: str = "fp16"
+) -> float:
+    return train(bundle, run, data / "train800", data / "val200", lr, wd, 0, epochs, keep_fraction, kv_dtype)[
+        "test_accuracy"
+    ]
 
 
 def evaluate_method(
@@ -153,18 +160,39 @@ def evaluate_method(
 ) -> dict:
     classes = sorted(p.name for p in (data / "train1000").iterdir())
     bundle = bundle_for(out, task, m, classes)
-    runs = out / "runs" / task / (bundle.name + (f"-keep{m.keep_fraction}" if m.keep_fraction < 1 else ""))
+    runs = (
+        out
+        / "runs"
+        / task
+        / (
+            bundle.name
+            + (f"-keep{m.keep_fraction}" if m.keep_fraction < 1 else "")
+            + (f"-kv{m.kv_dtype}" if m.kv_dtype != "fp16" else "")
+        )
+    )
     grid = list(itertools.product(LRS, WDS))
     vals = list(
         pool.map(
-            lambda g: val_accuracy(bundle, runs / f"val-lr{g[0]}-wd{g[1]}", data, *g, epochs, m.keep_fraction), grid
+            lambda g: val_accuracy(
+                bundle, runs / f"val-lr{g[0]}-wd{g[1]}", data, *g, epochs, m.keep_fraction, m.kv_dtype
+            ),
+            grid,
         )
     )
     (lr, wd), best_val = max(zip(grid, vals), key=lambda x: x[1])
     tests = list(
         pool.map(
             lambda s: train(
-                bundle, runs / f"final-seed{s}", data / "train1000", data / "test", lr, wd, s, epochs, m.keep_fraction
+                bundle,
+                runs / f"final-seed{s}",
+                data / "train1000",
+                data / "test",
+                lr,
+                wd,
+                s,
+                epochs,
+                m.keep_fraction,
+                m.kv_dtype,
             ),
             seeds,
         )
@@ -209,6 +237,11 @@ def main() -> None:
         help="comma-separated export --quantize modes (none,int8,int4); a mode other than none "
         "adds rows labelled 'METHOD, MODE'",
     )
+    parser.add_argument(
+        "--kv-dtypes",
+        default="fp16",
+        help="comma-separated `train --kv-dtype` values; one other than fp16 adds rows labelled 'METHOD, kv DTYPE'",
+    )
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated seeds of the final runs")
     parser.add_argument("--jobs", type=int, default=2, help="training processes at once")
     parser.add_argument(
@@ -221,6 +254,11 @@ def main() -> None:
         m if q == "none" else replace(m, label=f"{m.label}, {q}", quantize=q)
         for m in methods
         for q in args.quantize.split(",")
+    ]
+    methods = [
+        m if d == "fp16" else replace(m, label=f"{m.label}, kv {d}", kv_dtype=d)
+        for m in methods
+        for d in args.kv_dtypes.split(",")
     ]
     seeds = tuple(int(s) for s in args.seeds.split(","))
     results_path = args.out / "results.json"

@@ -208,7 +208,9 @@ def small_disk(tmp_path):
 
 @pytest.mark.parametrize("how", ["tmpfs", "rlimit"])
 def test_disk_full_while_writing_the_kv_cache(how, request, tmp_path, tiny_bundle, task):
-    args = ["--bundle", tiny_bundle, "--data", task["train"], "--epochs", 2, "--kv", "disk"]
+    # An explicit --disk-budget: the disk fills up during the run (the default budget refuses this one
+    # up front; tests/test_disk_plan.py).
+    args = ["--bundle", tiny_bundle, "--data", task["train"], "--epochs", 2, "--kv", "disk", "--disk-budget", "1GB"]
     if how == "tmpfs":
         disk = request.getfixturevalue("small_disk")  # 256 KiB: the cache needs 800 KiB
         run, kw = disk.path / "run", {}
@@ -240,7 +242,9 @@ def test_disk_full_while_writing_a_checkpoint(how, backend, request, tmp_path, t
         run, kw = disk.path / "run", {}
     else:  # room for every other file of the run (each a few KB), not for the checkpoint
         run, kw = tmp_path / "run", {"preexec_fn": file_size_limit(min(32 << 10, size // 2))}
-    first = interrupt_mid_run(run, "--bundle", tiny_bundle, "--data", task["train"], *TRAIN, "--backend", backend)
+    first = interrupt_mid_run(
+        run, "--bundle", tiny_bundle, "--data", task["train"], *TRAIN, "--backend", backend, "--disk-budget", "1GB"
+    )  # the disk fills up later (by `disk.fill` below)
     assert first.returncode == 130, first.stderr
     ckpt = checkpoint_of(run)
     good = ckpt.read_bytes()

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vqt_edge.errors import UserError
+from vqt_edge.kv_cache import KV_DTYPES
 from vqt_edge.spec import BACKENDS, KV_MODES
 
 
@@ -62,6 +63,19 @@ class TrainConfig:
         "default where it can run here, else the other.",
         choices=("auto", *BACKENDS),
     )
+    kv_dtype: str = _opt(
+        "auto",
+        "Rows of the K/V cache (--kv ram/disk): fp16, or int8 with a float32 scale per channel (about half the "
+        "bytes; docs/kv-cache.md). auto: fp16 unless only int8 fits the memory and disk budgets.",
+        choices=("auto", *KV_DTYPES),
+    )
+    disk_budget_mb: float | None = _opt(
+        None,
+        "Disk space the run folder may take, e.g. 20GB: chooses --kv and --kv-dtype with the memory plan, exits 2 "
+        "up front if nothing fits [default: the free space of its file system, less 512 MiB or 5% of it].",
+        flag="--disk-budget",
+        metavar="SIZE",
+    )
 
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -80,3 +94,7 @@ class TrainConfig:
             raise UserError("--keep-fraction must be in (0, 1] and --lasso non-negative")
         if self.backend not in (*BACKENDS, "auto"):
             raise UserError(f"--backend must be one of {', '.join(BACKENDS)}")
+        if self.kv_dtype not in (*KV_DTYPES, "auto"):
+            raise UserError(f"--kv-dtype must be one of {', '.join(KV_DTYPES)}")
+        if self.disk_budget_mb is not None and not self.disk_budget_mb >= 0:
+            raise UserError("--disk-budget must not be negative")

@@ -40,19 +40,35 @@ def _count_images(data: Path) -> int:
         "help": "Training backend; auto: the default where a plan of it fits, else the other one (as train does)."
     },
 )
+@config_options(TrainConfig, ["kv_dtype", "disk_budget_mb"])
 @click.option("--test", "with_test", is_flag=True, help="The run will also evaluate a --test set in the same process.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as one JSON object.")
 @device_command
-def plan(bundle, memory_budget, images, data, batch_size, kv, micro_batch, backend, with_test, as_json) -> None:
+def plan(
+    bundle,
+    memory_budget,
+    images,
+    data,
+    batch_size,
+    kv,
+    micro_batch,
+    backend,
+    kv_dtype,
+    disk_budget_mb,
+    with_test,
+    as_json,
+) -> None:
     """The configuration `train --memory-budget` would choose, and its predicted peak.
 
     Prefers the default backend, then K/V in RAM over a disk cache over recomputing them every
-    step, then the largest micro-batch and frozen-pass batch. Exits 2, naming the smallest budget
-    that would fit, when nothing fits.
+    step, then the largest micro-batch and frozen-pass batch; fp16 K/V before int8. Also prints the
+    disk the run folder will take (K/V cache, checkpoints, outputs) against --disk-budget (default:
+    the free space here, less a margin). Exits 2, naming what would fit, when nothing fits.
     """
     from device_runner import backends
     from vqt_edge import manifest as mf
-    from vqt_edge.memory import BundleFootprint, NoPlan, choose, parse_size_mb
+    from vqt_edge.memory import BundleFootprint, NoPlan, parse_size_mb
+    from vqt_edge.memory.disk import default_disk_budget, plan_run
 
     budget = parse_size_mb(memory_budget)
     if batch_size < 1 or (micro_batch is not None and not 1 <= micro_batch <= batch_size):
@@ -63,17 +79,22 @@ def plan(bundle, memory_budget, images, data, batch_size, kv, micro_batch, backe
         raise UserError("--images must be at least 1")
     fp = BundleFootprint.from_bundle(bundle)
     choices = backends.candidates(backend, mf.read_manifest(bundle, verify=False))
+    disk = parse_size_mb(disk_budget_mb) if disk_budget_mb is not None else default_disk_budget(Path.cwd())
     try:
-        chosen = choose(
+        run_plan = plan_run(
             fp,
-            budget,
             images=images,
             batch_size=batch_size,
-            kv=kv,
             micro_batch=micro_batch,
+            kv=kv or "auto",
+            kv_dtype=kv_dtype or "auto",
+            memory_budget=budget,
+            available=None,
+            disk_budget=disk,
             test=with_test,
             backends=choices,
         )
+        chosen = run_plan.plan
     except NoPlan as e:
         if as_json:
             click.echo(
@@ -83,11 +104,11 @@ def plan(bundle, memory_budget, images, data, batch_size, kv, micro_batch, backe
             )
         raise
     if as_json:
-        click.echo(json.dumps({"fits": True, "budget_mb": budget, **chosen.to_dict()}))
+        click.echo(json.dumps({"fits": True, "budget_mb": budget, **chosen.to_dict(), **run_plan.to_dict()}))
         return
     click.echo(f"{images} images, batch {batch_size}, budget {budget:.0f} MiB")
     click.echo(
-        f"plan: --backend {chosen.backend} --kv {chosen.kv} --micro-batch {chosen.micro_batch} "
+        f"plan: --backend {chosen.backend} --kv {chosen.kv} --micro-batch {chosen.micro_batch} --kv-dtype {run_plan.kv_dtype} "
         f"(frozen pass {chosen.frozen_batch} images at a time)"
     )
     click.echo(
@@ -96,6 +117,7 @@ def plan(bundle, memory_budget, images, data, batch_size, kv, micro_batch, backe
     )
     for name, mb in chosen.phases.items():
         click.echo(f"  {name:<7} {mb + 0:8.0f} MiB above the runtime baseline")
+    click.echo(run_plan.describe_disk())
 
 
 @click.command()

@@ -34,6 +34,7 @@ from vqt_edge.cli.fleet_guard import (
 from vqt_edge.cli.options import config_options, parse_list
 from vqt_edge.config import TrainConfig
 from vqt_edge.errors import UserError
+from vqt_edge.kv_cache import KV_DTYPES
 
 FLEET_DIR = "fleet"  # inside the run folder: settings, logs, Flower's state, the simulated clients
 POLL_SECONDS = 0.5
@@ -121,6 +122,7 @@ def _client_options(command):
             show_default=True,
             help="K/V of the frozen backbone: disk caches them once for all rounds (each round is a new process).",
         ),
+        config_options(TrainConfig, ["kv_dtype"], kv_dtype={"type": click.Choice(KV_DTYPES), "default": "fp16"}),
         config_options(
             TrainConfig,
             ["memory_budget_mb", "backend"],
@@ -136,10 +138,12 @@ def _client_options(command):
     return command
 
 
-def _node_values(threads: int | None, kv: str, memory_budget_mb: str | None, backend: str) -> dict[str, object]:
+def _node_values(
+    threads: int | None, kv: str, memory_budget_mb: str | None, backend: str, kv_dtype: str = "fp16"
+) -> dict[str, object]:
     from vqt_edge.memory import parse_size_mb
 
-    values: dict[str, object] = {"kv": kv, "backend": backend}
+    values: dict[str, object] = {"kv": kv, "backend": backend, "kv-dtype": kv_dtype}
     if threads is not None:
         if threads < 1:
             raise UserError("--threads must be at least 1")
@@ -330,6 +334,7 @@ def simulate(
     kv,
     memory_budget_mb,
     backend,
+    kv_dtype,
     insecure,
     **guard,
 ) -> None:
@@ -342,7 +347,7 @@ def simulate(
 
     _stop_on_sigterm()
     split = parse_split(split_text)
-    node = _node_values(threads, kv, memory_budget_mb, backend)
+    node = _node_values(threads, kv, memory_budget_mb, backend, kv_dtype)
     if proximal_mu and backend == "ort-training":
         raise UserError("--proximal-mu needs the portable backend: onnxruntime-training's optimizer cannot take it")
     dataset = load_dataset(data)
@@ -520,7 +525,7 @@ def server(
 @_client_options
 @client_security_options
 def client(
-    superlink, bundle, data, state, threads, kv, memory_budget_mb, backend, root_certificate, key, insecure
+    superlink, bundle, data, state, threads, kv, kv_dtype, memory_budget_mb, backend, root_certificate, key, insecure
 ) -> None:
     """Join a fleet as one device: a Flower SuperNode that trains on --data each round (until Ctrl-C)."""
     from device_runner.data import load_dataset
@@ -539,7 +544,7 @@ def client(
         "bundle": str(bundle.resolve()),
         "data": str(data.resolve()),
         "state": str(state.resolve()),
-        **_node_values(threads, kv, memory_budget_mb, backend),
+        **_node_values(threads, kv, memory_budget_mb, backend, kv_dtype),
     }
     with Federation(state / "flower") as fed:
         log = state / "flower" / "logs" / "supernode.log"

@@ -231,6 +231,7 @@ def train(msg: Message, context: Context) -> Message:
         micro_batch=int(node["micro-batch"]) if "micro-batch" in node else None,
         memory_budget_mb=float(node["memory-budget-mb"]) if "memory-budget-mb" in node else None,
         backend=rule.backend(str(node.get("backend", "auto"))),
+        kv_dtype=str(node.get("kv-dtype", "fp16")),
     )
     state.mkdir(parents=True, exist_ok=True)
     tensors = {name: array.numpy() for name, array in msg.content[ARRAYS].items()}

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vqt_edge.errors import UserError
+from vqt_edge.kv_cache import cache_bytes
 from vqt_edge.memory.measure import MiB
 from vqt_edge.spec import BACKENDS, CACHED_KV_MODES, KV_MODES
 
@@ -85,6 +86,7 @@ class BundleFootprint:
     # The portable step's fed rows per sample: the fp32 feed (None: that); for a step graph taking
     # fp16 K/V (manifest step_feed "float16", older bundles) those rows plus the fp32 copy its Cast makes.
     step_fed_per_sample: int | None = None
+    cache_int8_per_sample: int = 0  # cache_per_sample for an int8 cache (vqt_edge/kv_cache.py; memory/disk.py)
 
     @classmethod
     def from_bundle(cls, bundle: Path) -> BundleFootprint:
@@ -135,6 +137,7 @@ class BundleFootprint:
                 (m.quantization or {}).get(mf.STEP_MODEL, {}).get("largest_dequantized_bytes", 0)
             ),
             step_fed_per_sample=feed if m.step_feed == "float32" else cache + feed,
+            cache_int8_per_sample=cache_bytes(specs, "int8"),
         )
 
 
@@ -282,6 +285,7 @@ def predict_peak(
         fed = fp.feed_per_sample if fp.step_fed_per_sample is None else fp.step_fed_per_sample
         step = micro * (fed + STEP_WORK * fp.feed_per_sample + adapted) * mb
         step += QUANTIZED_STEP_DEQUANT * fp.step_dequantized_bytes * mb
+        step += save  # the trainer keeps the portable feed through its (small) checkpoint save
     phases: dict[str, float] = {}
     if kv in CACHED_KV_MODES:
         store = cache if kv == "ram" else fb * fp.cache_per_sample * mb  # disk: one batch's pages at a time

@@ -1,0 +1,53 @@
+"""What one image's cached frozen outputs look like: fp16 rows, or int8 rows with float32 scales.
+
+The layout is shared by the device side, which writes and reads the cache (device_runner/kv_int8.py,
+device_runner/features.py), and the memory and disk model, which sizes it (vqt_edge/memory/).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+KV_DTYPES = ("fp16", "int8")
+SCALE_SUFFIX = "_scale"
+
+GROUPS = {"keys": (-2,), "values": (-2,), "hidden": (-2,), "features": (-1,)}
+"""Per frozen output: the per-image axes one scale covers (the rest of the row has a scale each).
+keys/values [L, H, N, hd]: per channel (over the N tokens); hidden [N, D]: per channel; features [F]: per image."""
+
+# Variants compared by bench/kv_int8_error.py (axes of the per-image K/V row [L, H, N, hd]).
+VARIANTS = {"token": (-1,), "channel": (-2,), "head": (-2, -1)}
+
+
+def is_scale(name: str) -> bool:
+    return name.endswith(SCALE_SUFFIX)
+
+
+def scale_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
+    """The per-image shape of a scale array: `shape` with the grouped axes set to 1."""
+    out = list(shape)
+    for a in axes:
+        out[a] = 1
+    return tuple(out)
+
+
+def cache_specs(specs: dict[str, tuple[tuple[int, ...], str]], kv_dtype: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The cache's arrays (name -> per-image shape, numpy dtype name) for the frozen outputs' `specs`:
+    unchanged for fp16; for int8 every quantized output as int8 followed by its `<name>_scale`."""
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(kv_dtype)
+    if kv_dtype == "fp16":
+        return dict(specs)
+    out: dict[str, tuple[tuple[int, ...], str]] = {}
+    for name, (shape, dtype) in specs.items():
+        if name in GROUPS and dtype == "float16":
+            out[name] = (shape, "int8")
+            out[name + SCALE_SUFFIX] = (scale_shape(shape, GROUPS[name]), "float32")
+        else:
+            out[name] = (shape, dtype)
+    return out
+
+
+def cache_bytes(specs: dict[str, tuple[tuple[int, ...], str]], kv_dtype: str) -> int:
+    """Bytes one image takes in a cache of this dtype."""
+    return sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in cache_specs(specs, kv_dtype).values())
