@@ -197,7 +197,7 @@ class DiskCache:
             return {}
         return rows
 
-    def _path(self, name: str, dtype: type) -> Path:
+    def _path(self, name: str, dtype: np.typing.DTypeLike) -> Path:
         return self.folder / f"{name}.{np.dtype(dtype).name}"
 
     @classmethod
@@ -215,9 +215,7 @@ class DiskCache:
                 with open(path, "ab") as f:
                     if f.tell() < need:
                         _reserve(f, need)
-            out[name] = (
-                np.memmap(path, dtype=dtype, mode=mode, shape=(rows, *shape)) if rows else np.empty((0, *shape), dtype)
-            )
+            out[name] = np.memmap(path, dtype=dtype, mode=mode, shape=(rows, *shape))  # type: ignore[call-overload] if rows else np.empty((0, *shape), dtype)
         return out
 
     def missing(self, hashes: Sequence[str]) -> int:
@@ -236,7 +234,7 @@ class DiskCache:
         """Compute the rows of images not cached yet (`hashes[i]` is the sha256 of `paths[i]`).
 
         `progress(n)` is told about every image computed (cached ones are not counted)."""
-        first_path = {}
+        first_path: dict[str, Path] = {}
         for h, p in zip(hashes, paths):
             first_path.setdefault(h, p)
         todo_unique = [h for h in first_path if h not in self.index]
@@ -254,7 +252,8 @@ class DiskCache:
                     progress(len(value))
                 backbone.close()
                 for arr in arrays.values():
-                    arr.flush()
+                    if isinstance(arr, np.memmap):
+                        arr.flush()
                 del arrays
                 self.index.update({h: rows0 + j for j, h in enumerate(todo_unique)})
                 atomic_write_text(self.folder / "index.json", json.dumps({"rows": self.index}))

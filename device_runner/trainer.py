@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -130,9 +131,15 @@ def _one_hot(labels: np.ndarray, classes: int, weight: float) -> np.ndarray:
 class Trainer:
     """Holds one run: its data, features and training backend (device_runner/backends.py). `fit()` runs it to the end."""
 
+    # FeatureStore, FrozenBackbone and backends.Backend, each set to None when its phase ends (a memory
+    # budget covers the whole run, docs/design.md section 6); typed Any so each phase's use needs no assert.
+    store: Any
+    backbone: Any
+    backend: Any
+
     def __init__(
         self,
-        bundle: Path,
+        bundle: Path | None,
         run: Path,
         cfg: TrainConfig,
         data: Path | None,
@@ -162,6 +169,8 @@ class Trainer:
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise UserError(f"{run / RUN_FILE}: damaged ({e}); this run cannot be resumed") from None
         cfg.validate()
+        if bundle is None:
+            raise UserError("--bundle is required")
         self.bundle = bundle
         self.manifest = mf.read_manifest(bundle, verify=True)
         # saved in run.json: a resume keeps it; with "auto", a --memory-budget may pick another that fits
@@ -304,6 +313,7 @@ class Trainer:
         if "query_keep" not in self.backend.input_names:
             return None
         spec = self.manifest.spec
+        assert spec.query_keep_shape is not None  # the graph takes query_keep: the spec has query tokens
         shape = (b, *spec.query_keep_shape)
         if rng is None or spec.dropout == 0:
             return np.ones(shape, np.float32)

@@ -186,8 +186,8 @@ def plan_run(
         seen.append(run)
     if memory_budget is None and kv == "auto" and available is not None and not seen:
         # nothing fits the available memory (and the disk did not refuse): the leanest, as default_kv does
-        e, d = min(memory_failures, key=lambda f: f[0].best.peak_mb)
-        best = e.best
+        leanest, d = min(memory_failures, key=lambda f: f[0].best.peak_mb)
+        best = leanest.best
         return RunPlan(
             best,
             d,
@@ -195,7 +195,7 @@ def plan_run(
             disk_budget,
         )
     if not seen and memory_failures:  # the memory budget alone refuses: as memory.choose does, the smallest that fits
-        e, d = min(memory_failures, key=lambda f: f[0].needs_mb)
+        smallest, d = min(memory_failures, key=lambda f: f[0].needs_mb)
         fixed = (
             " with " + ", ".join(f"--{n} {v}" for n, v in (("kv", kv), ("kv-dtype", kv_dtype)) if v != "auto")
             if (kv, kv_dtype) != ("auto", "auto")
@@ -203,9 +203,9 @@ def plan_run(
         )
         raise NoPlan(
             f"no configuration fits a memory budget of {memory_budget:.0f} MiB{fixed}; the smallest budget that "
-            f"fits is {e.needs_mb:.0f} MiB ({e.best.describe()}, --kv-dtype {d})",
-            e.needs_mb,
-            e.best,
+            f"fits is {smallest.needs_mb:.0f} MiB ({smallest.best.describe()}, --kv-dtype {d})",
+            smallest.needs_mb,
+            smallest.best,
         )
     raise UserError(_refusal(seen, memory_failures, memory_budget, disk_budget))
 
