@@ -215,7 +215,10 @@ class DiskCache:
                 with open(path, "ab") as f:
                     if f.tell() < need:
                         _reserve(f, need)
-            out[name] = np.memmap(path, dtype=dtype, mode=mode, shape=(rows, *shape))  # type: ignore[call-overload] if rows else np.empty((0, *shape), dtype)
+            if rows:  # numpy's stubs take the mode as a Literal, not the str this function passes on
+                out[name] = np.memmap(path, dtype=dtype, mode=mode, shape=(rows, *shape))  # type: ignore[call-overload]
+            else:
+                out[name] = np.empty((0, *shape), dtype)
         return out
 
     def missing(self, hashes: Sequence[str]) -> int:
