@@ -58,6 +58,9 @@ class TrainConfig:
     keep_fraction: float = 1.0  # < 1: group-lasso feature selection of the head after training (selection.py)
     lasso: float = 1e-4  # its penalty, LRP_COEF of the official code (docs/design.md section 11)
     backend: str = "auto"  # portable | ort-training (device_runner/backends.py); auto: the default that runs here
+    # None: an epoch is one pass over the images. A number: an epoch is that many steps of
+    # min(batch_size, images) images, whatever the images (a fleet round: data_order).
+    steps_per_epoch: int | None = None
 
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -74,6 +77,8 @@ class TrainConfig:
             raise UserError("--val-split must be in [0, 1)")
         if not (0 < self.keep_fraction <= 1 and self.lasso >= 0):
             raise UserError("--keep-fraction must be in (0, 1] and --lasso non-negative")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise UserError("--local-steps must be at least 1")
         if self.backend not in backends.BACKENDS + ("auto",):
             raise UserError(f"--backend must be one of {', '.join(backends.BACKENDS)}")
 
@@ -84,6 +89,26 @@ def lr_at(step: int, total: int, warmup: int, base: float) -> float:
         return base * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * base * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def data_order(seed: int, epoch: int, n: int, steps: int | None, batch: int) -> tuple[np.ndarray, int, int]:
+    """(rows in the order of this epoch, steps in it, images per step). One pass: a seeded permutation
+    cut in ceil(n / batch) batches. `steps` given: consecutive seeded permutations, so a small shard
+    trains the same number of steps as a large one and each step has min(batch, n) images (no image
+    twice in a step); a fleet client's round (docs/design.md section 12)."""
+    first = np.random.default_rng([seed, epoch]).permutation(n)
+    if steps is None:
+        return first, math.ceil(n / batch), batch
+    b = min(batch, n)
+    pool, rows, k = first.tolist(), [], 1
+    for _ in range(steps):
+        if len(pool) < b:  # the pass's last images, then the next pass without them
+            left = set(pool)
+            pool += [i for i in np.random.default_rng([seed, epoch, k, 0xDA7A]).permutation(n).tolist() if i not in left]
+            k += 1
+        rows += pool[:b]
+        pool = pool[b:]
+    return np.array(rows, np.int64), steps, b
 
 
 class BudgetExceeded(Exception):
@@ -373,7 +398,7 @@ class Trainer:
             start_from(self)
         self.peaks["module_load"] = round(peak_rss_mb(), 1)
         n = self.n_train
-        steps_per_epoch = math.ceil(n / cfg.batch_size)
+        steps_per_epoch = data_order(cfg.seed, 0, n, cfg.steps_per_epoch, cfg.batch_size)[1]
         total = steps_per_epoch * cfg.epochs
         warmup_epochs = cfg.warmup_epochs if cfg.warmup_epochs is not None else 0.1 * cfg.epochs
         warmup = int(round(warmup_epochs * steps_per_epoch))
@@ -388,14 +413,14 @@ class Trainer:
         with stop_on_signal() if handle_signals else nullcontext(_STOP) as flag:
             for epoch in range(start_epoch, min(cfg.epochs, until_epoch or cfg.epochs)):
                 t0 = time.perf_counter()
-                order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
+                order, _, batch = data_order(cfg.seed, epoch, n, cfg.steps_per_epoch, cfg.batch_size)
                 first = start_step if epoch == start_epoch else 0
                 if first == 0:
                     sums = dict.fromkeys(sums, 0.0)
                 label = f"epoch {epoch + 1}/{cfg.epochs}"
                 self.progress(Progress(label, first, steps_per_epoch))
                 for index in range(first, steps_per_epoch):
-                    rows = order[index * cfg.batch_size : (index + 1) * cfg.batch_size]
+                    rows = order[index * batch : (index + 1) * batch]
                     g = epoch * steps_per_epoch + index
                     t_step = time.perf_counter()
                     loss, correct = self._step(rows, epoch, index, lr_at(g, total, warmup, cfg.lr))

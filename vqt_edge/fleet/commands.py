@@ -19,6 +19,7 @@ from pathlib import Path
 import click
 
 from vqt_edge.errors import UserError
+from vqt_edge.fleet import defaults
 from vqt_edge.spec import BACKENDS
 
 FLEET_DIR = "fleet"  # inside the run folder: settings, logs, Flower's state, the simulated clients
@@ -33,14 +34,21 @@ def _common(command):
         click.option("--bundle", type=click.Path(path_type=Path), required=True, help="Bundle from `vqt-edge export`."),
         click.option("--run", "run_dir", type=click.Path(path_type=Path), required=True,
                      help="Run folder for the federated result (adapter, model.onnx, metrics per round)."),
-        click.option("--rounds", type=int, default=10, show_default=True, help="Federated rounds."),
-        click.option("--local-epochs", type=int, default=1, show_default=True, help="Epochs each client trains per round."),
+        click.option("--rounds", type=int, default=defaults.ROUNDS, show_default=True, help="Federated rounds."),
+        click.option("--local-steps", type=int,
+                     help=f"AdamW steps each client trains per round, each on min(--batch-size, its images) images: "
+                     f"every client the same steps however few its images [default: {defaults.LOCAL_STEPS}]."),
+        click.option("--local-epochs", type=int,
+                     help="Instead of --local-steps: passes over its own images per round (a client with few images "
+                     "then makes few steps)."),
         click.option("--test", type=click.Path(path_type=Path), help="Test images: the server reports accuracy after every round."),
-        click.option("--batch-size", type=int, default=32, show_default=True),
-        click.option("--lr", type=float, default=1e-2, show_default=True,
-                     help="Peak learning rate (AdamW; warm-up then cosine over rounds x local epochs)."),
+        click.option("--batch-size", type=int, default=defaults.BATCH_SIZE, show_default=True),
+        click.option("--lr", type=float, default=defaults.LR, show_default=True,
+                     help="Peak learning rate (AdamW; warm-up once, then cosine over rounds x local steps, one "
+                     "schedule for every client)."),
         click.option("--weight-decay", type=float, default=1e-4, show_default=True),
-        click.option("--warmup-epochs", type=float, help="Warm-up, in epochs of rounds x local epochs [default: 10%]."),
+        click.option("--warmup-epochs", type=float,
+                     help="Warm-up, in rounds (or, with --local-epochs, epochs of rounds x local epochs) [default: 10%]."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seeds the split, data order and dropout."),
         click.option("--round-timeout", type=float, default=3600, show_default=True, help="Seconds to wait for the clients of a round."),
         click.option("--logit-adjust", type=float, default=0.0, show_default=True,
@@ -99,8 +107,13 @@ def _settings(bundle: Path, run_dir: Path, clients: int, classes: list[str], **k
         raise UserError(f"classes {classes} differ from the bundle's {manifest.class_names}")
     if len(classes) != manifest.spec.num_classes:
         raise UserError(f"{len(classes)} classes, but the bundle was exported for {manifest.spec.num_classes}")
-    if kw["rounds"] < 1 or kw["local_epochs"] < 1 or kw["batch_size"] < 1 or clients < 1:
-        raise UserError("--rounds, --local-epochs, --batch-size and --clients must be at least 1")
+    if kw["local_epochs"] is not None and kw["local_steps"] is not None:
+        raise UserError("give --local-steps or --local-epochs, not both")
+    if kw["local_steps"] is None:
+        kw["local_steps"] = defaults.LOCAL_STEPS
+    local = kw["local_steps"] if kw["local_epochs"] is None else kw["local_epochs"]
+    if kw["rounds"] < 1 or local < 1 or kw["batch_size"] < 1 or clients < 1:
+        raise UserError("--rounds, --local-steps, --local-epochs, --batch-size and --clients must be at least 1")
     if not (kw["lr"] > 0 and kw["weight_decay"] >= 0 and kw["round_timeout"] > 0):
         raise UserError("--lr and --round-timeout must be positive and --weight-decay non-negative")
     if not (kw["logit_adjust"] >= 0 and kw["proximal_mu"] >= 0):
@@ -216,7 +229,7 @@ def fleet() -> None:
 @click.option("--split", "split_text", default="iid", show_default=True, help="iid, dirichlet:ALPHA or classes:K.")
 @click.option("--timeout", type=float, help="Give up (and stop every process) after this many seconds.")
 @_client_options
-def simulate(bundle, run_dir, rounds, local_epochs, test, batch_size, lr, weight_decay, warmup_epochs, seed, round_timeout,
+def simulate(bundle, run_dir, rounds, local_steps, local_epochs, test, batch_size, lr, weight_decay, warmup_epochs, seed, round_timeout,
              logit_adjust, proximal_mu, class_weighted_head, calibrate_head, data, clients, split_text, timeout, threads, kv, memory_budget,
              backend) -> None:
     """Simulate a fleet on this machine: every client a real Flower SuperNode process with its own shard."""
@@ -232,7 +245,8 @@ def simulate(bundle, run_dir, rounds, local_epochs, test, batch_size, lr, weight
     if proximal_mu and backend == "ort-training":
         raise UserError("--proximal-mu needs the portable backend: onnxruntime-training's optimizer cannot take it")
     dataset = load_dataset(data)
-    settings = _settings(bundle, run_dir, clients, dataset.classes, rounds=rounds, local_epochs=local_epochs, test=test,
+    settings = _settings(bundle, run_dir, clients, dataset.classes, rounds=rounds, local_steps=local_steps, local_epochs=local_epochs,
+                         test=test,
                          batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed,
                          round_timeout=round_timeout, logit_adjust=logit_adjust, proximal_mu=proximal_mu,
                          class_weighted_head=class_weighted_head, calibrate_head=calibrate_head,
@@ -261,7 +275,7 @@ def simulate(bundle, run_dir, rounds, local_epochs, test, batch_size, lr, weight
 @click.option("--classes", "class_list", help="Comma-separated class names [default: the bundle's, else --test's folders].")
 @click.option("--host", default="0.0.0.0", show_default=True, help="Address the SuperLink listens on.")
 @click.option("--port", type=int, default=9091, show_default=True, help="The SuperLink's port (clients connect here).")
-def server(bundle, run_dir, rounds, local_epochs, test, batch_size, lr, weight_decay, warmup_epochs, seed, round_timeout,
+def server(bundle, run_dir, rounds, local_steps, local_epochs, test, batch_size, lr, weight_decay, warmup_epochs, seed, round_timeout,
            logit_adjust, proximal_mu, class_weighted_head, calibrate_head, clients, class_list, host, port) -> None:
     """Run the fleet's server: a Flower SuperLink, then the FedAvg ServerApp once --clients have connected.
 
@@ -278,7 +292,8 @@ def server(bundle, run_dir, rounds, local_epochs, test, batch_size, lr, weight_d
         classes = load_dataset(test).classes
     if classes is None:
         raise UserError("the bundle names no classes: give --classes (or --test, whose folders name them)")
-    settings = _settings(bundle, run_dir, clients, classes, rounds=rounds, local_epochs=local_epochs, test=test,
+    settings = _settings(bundle, run_dir, clients, classes, rounds=rounds, local_steps=local_steps, local_epochs=local_epochs,
+                         test=test,
                          batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed,
                          round_timeout=round_timeout, logit_adjust=logit_adjust, proximal_mu=proximal_mu,
                          class_weighted_head=class_weighted_head, calibrate_head=calibrate_head)

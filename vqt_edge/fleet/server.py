@@ -30,6 +30,7 @@ from device_runner.fleet import ARRAYS, CALIBRATE, CLASS_COUNTS, CONFIG, HEAD_RO
 from vqt_edge import adapter_config
 from vqt_edge import manifest as mf
 from vqt_edge.fleet.calibrate import calibrate_head
+from vqt_edge.fleet.defaults import LOCAL_STEPS
 from vqt_edge.manifest import Manifest
 from vqt_edge.memory import peak_rss_mb
 from vqt_edge.run_folder import MODEL, RunFolder
@@ -48,7 +49,8 @@ class FleetSettings:
     rounds: int
     clients: int  # FedAvg waits for this many and trains all of them every round
     classes: list[str]
-    local_epochs: int = 1
+    local_epochs: int | None = None  # None: each round is local_steps steps (vqt_edge/fleet/defaults.py)
+    local_steps: int = LOCAL_STEPS
     batch_size: int = 32
     lr: float = 1e-2
     weight_decay: float = 1e-4
@@ -63,9 +65,11 @@ class FleetSettings:
     extra: dict = field(default_factory=dict)  # recorded in summary.json as given (e.g. the split)
 
     def round_config(self, bundle_sha256: str) -> ConfigRecord:
-        epochs = self.rounds * self.local_epochs
+        per_round = self.local_epochs or 1  # epochs of each client's run per round; a round of steps is one
+        epochs = self.rounds * per_round
         return ConfigRecord({
-            "rounds": self.rounds, "local-epochs": self.local_epochs, "batch-size": self.batch_size, "lr": self.lr,
+            "rounds": self.rounds, "local-epochs": per_round, "local-steps": 0 if self.local_epochs else self.local_steps,
+            "batch-size": self.batch_size, "lr": self.lr,
             "weight-decay": self.weight_decay, "seed": self.seed, "classes": list(self.classes),
             "warmup-epochs": float(self.warmup_epochs if self.warmup_epochs is not None else 0.1 * epochs),
             "bundle-sha256": bundle_sha256, "logit-adjust": self.logit_adjust, "proximal-mu": self.proximal_mu,
@@ -247,6 +251,7 @@ def _finish(run: Path, bundle: Path, manifest: Manifest, settings: FleetSettings
     clients = [c for r in rounds for c in r.get("clients", [])]
     summary = {
         "fleet": True, "rounds": settings.rounds, "clients": settings.clients, "local_epochs": settings.local_epochs,
+        "local_steps": None if settings.local_epochs else settings.local_steps,
         "train_images": max((sum(c[NUM_EXAMPLES] for c in r["clients"]) for r in rounds if r.get("clients")), default=0),
         "test_accuracy": (calibration or {}).get("test_acc", rounds[-1].get("test_acc") if rounds else None),
         "calibration": calibration,  # the head refitted after the last round; the rounds' test_acc are before it
