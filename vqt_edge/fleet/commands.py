@@ -59,10 +59,13 @@ def _common(command):
         click.option("--class-weighted-head", is_flag=True,
                      help="Average each class's head row over the clients weighted by their images of that class "
                      "(clients then send their per-class image counts)."),
-        click.option("--calibrate-head", type=click.Choice(["diagonal", "full"]),
+        click.option("--calibrate-head", type=click.Choice(["full", "diagonal", "off"]), default=defaults.CALIBRATE_HEAD,
+                     show_default=True,
                      help="After the last round, refit the head on virtual features drawn from the clients' per-class "
-                     "feature means and covariances (full) or variances (diagonal): CCVR. Clients send only these "
-                     "statistics (full: about C x F^2 / 2 floats)."),
+                     "feature means and covariances (full) or variances (diagonal): CCVR. On by default: each client "
+                     "then SENDS, once, per class its image count and the mean and covariance of its features "
+                     "(full: about C x F^2 / 2 floats; never images or per-image features). off: nothing but the "
+                     "trainable tensors leaves a device."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -219,10 +222,12 @@ def fleet() -> None:
     One machine:  vqt-edge fleet simulate --bundle B --data DIR --run RUN --clients 10 --rounds 10
     Server:       vqt-edge fleet server --bundle B --run RUN --clients 10 --rounds 10 --port 9091
     Each device:  vqt-edge fleet client --superlink SERVER:9091 --bundle B --data DIR --state DIR
+
+    The defaults of simulate and server, and why: `vqt-edge fleet simulate --help` (the end).
     """
 
 
-@fleet.command()
+@fleet.command(epilog=defaults.HELP)
 @_common
 @click.option("--data", type=click.Path(path_type=Path), required=True, help="All training images; split over the clients.")
 @click.option("--clients", type=int, default=10, show_default=True, help="Simulated clients (SuperNode processes).")
@@ -249,7 +254,8 @@ def simulate(bundle, run_dir, rounds, local_steps, local_epochs, test, batch_siz
                          test=test,
                          batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed,
                          round_timeout=round_timeout, logit_adjust=logit_adjust, proximal_mu=proximal_mu,
-                         class_weighted_head=class_weighted_head, calibrate_head=calibrate_head,
+                         class_weighted_head=class_weighted_head,
+                         calibrate_head=None if calibrate_head == "off" else calibrate_head,
                          extra={"split": str(split), "data": str(data.resolve())})
     parts = assign(np.array([label for _, label in dataset.samples]), clients, split, seed)
     path = _write_settings(run_dir, settings)
@@ -269,7 +275,7 @@ def simulate(bundle, run_dir, rounds, local_steps, local_epochs, test, batch_siz
                 [workdir / "logs" / f"client_{k}.log" for k in range(clients)])
 
 
-@fleet.command()
+@fleet.command(epilog=defaults.HELP)
 @_common
 @click.option("--clients", type=int, required=True, help="Clients that must connect; all train in every round.")
 @click.option("--classes", "class_list", help="Comma-separated class names [default: the bundle's, else --test's folders].")
@@ -296,7 +302,8 @@ def server(bundle, run_dir, rounds, local_steps, local_epochs, test, batch_size,
                          test=test,
                          batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed,
                          round_timeout=round_timeout, logit_adjust=logit_adjust, proximal_mu=proximal_mu,
-                         class_weighted_head=class_weighted_head, calibrate_head=calibrate_head)
+                         class_weighted_head=class_weighted_head,
+                         calibrate_head=None if calibrate_head == "off" else calibrate_head)
     path = _write_settings(run_dir, settings)
     with Federation(run_dir / FLEET_DIR) as fed:
         fed.superlink(host=host, port=port)
@@ -312,7 +319,11 @@ def server(bundle, run_dir, rounds, local_steps, local_epochs, test, batch_size,
               help="Folder this client keeps between rounds: K/V cache, checkpoint, the tensors it sent.")
 @_client_options
 def client(superlink, bundle, data, state, threads, kv, memory_budget, backend) -> None:
-    """Join a fleet as one device: a Flower SuperNode that trains on --data each round (until Ctrl-C)."""
+    """Join a fleet as one device: a Flower SuperNode that trains on --data each round (until Ctrl-C).
+
+    How many steps, the batch, the lr schedule and whether the head is calibrated are the server's
+    settings, sent with every round (`fleet server --help`); this device decides only the options below.
+    """
     from device_runner.data import load_dataset
     from vqt_edge import manifest as mf
     from vqt_edge.fleet.launch import Federation

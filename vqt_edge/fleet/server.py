@@ -30,7 +30,7 @@ from device_runner.fleet import ARRAYS, CALIBRATE, CLASS_COUNTS, CONFIG, HEAD_RO
 from vqt_edge import adapter_config
 from vqt_edge import manifest as mf
 from vqt_edge.fleet.calibrate import calibrate_head
-from vqt_edge.fleet.defaults import LOCAL_STEPS
+from vqt_edge.fleet.defaults import CALIBRATE_HEAD, LOCAL_STEPS
 from vqt_edge.manifest import Manifest
 from vqt_edge.memory import peak_rss_mb
 from vqt_edge.run_folder import MODEL, RunFolder
@@ -61,7 +61,7 @@ class FleetSettings:
     logit_adjust: float = 0.0  # device_runner/fleet.py LocalRule: how each client trains under label skew
     proximal_mu: float = 0.0
     class_weighted_head: bool = False  # average head row c by each client's images of class c (class_weighted_rows)
-    calibrate_head: str | None = None  # "diagonal" | "full": CCVR after the last round (vqt_edge/fleet/calibrate.py)
+    calibrate_head: str | None = CALIBRATE_HEAD  # "diagonal" | "full" | None: CCVR after the last round (vqt_edge/fleet/calibrate.py)
     extra: dict = field(default_factory=dict)  # recorded in summary.json as given (e.g. the split)
 
     def round_config(self, bundle_sha256: str) -> ConfigRecord:
