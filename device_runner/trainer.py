@@ -104,7 +104,8 @@ def data_order(seed: int, epoch: int, n: int, steps: int | None, batch: int) -> 
     for _ in range(steps):
         if len(pool) < b:  # the pass's last images, then the next pass without them
             left = set(pool)
-            pool += [i for i in np.random.default_rng([seed, epoch, k, 0xDA7A]).permutation(n).tolist() if i not in left]
+            again = np.random.default_rng([seed, epoch, k, 0xDA7A]).permutation(n).tolist()
+            pool += [i for i in again if i not in left]
             k += 1
         rows += pool[:b]
         pool = pool[b:]

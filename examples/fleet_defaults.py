@@ -182,9 +182,10 @@ def main() -> None:
                 losses.append(metrics["train_loss"])
             w = np.array(weights, np.float64) / sum(weights)
             current = {n: sum(wk * t[n] for wk, t in zip(w, sent)).astype(np.float32) for n in current}
-            accs.append(score(current))
+            if args.fold >= 0 or r == s["rounds"]:  # the test images: scored once, at the end
+                accs.append(score(current))
             extra.setdefault("train_loss", []).append(float(np.dot(w, losses)))
-            print(f"{args.task} fold {args.fold} {args.setting} round {r}: val {100 * accs[-1]:.1f} "
+            print(f"{args.task} fold {args.fold} {args.setting} round {r}: acc {100 * accs[-1] if accs else 0:.1f} "
                   f"loss {extra['train_loss'][-1]:.3f}", flush=True)
         if s.get("calibrate"):
             stats = [feature_stats(work / f"state_{k}", bundle, shard, current, classes, s["calibrate"] == "diagonal",
@@ -209,7 +210,8 @@ def mechanism(run: Path) -> str:
     clients = sorted((run / "fleet" / "clients").iterdir(), key=lambda c: int(c.name.split("_")[1]))
     sizes = np.array([len((c / "train.txt").read_text().splitlines()) for c in clients], np.float64)
     w = sizes / sizes.sum()
-    logs = [[json.loads(line) for line in (c / "state" / "run" / "metrics.jsonl").read_text().splitlines()] for c in clients]
+    logs = [[json.loads(line) for line in (c / "state" / "run" / "metrics.jsonl").read_text().splitlines()]
+            for c in clients]
     rounds = len(list((run / "rounds").glob("round_*.safetensors"))) - 1  # round_0: the initial tensors
     per_round = max(1, len(logs[0]) // max(1, rounds))  # the client's metrics lines (epochs) per round
     out = [f"shards {sizes.astype(int).tolist()}",
@@ -219,7 +221,8 @@ def mechanism(run: Path) -> str:
         start = load_file(str(run / "rounds" / f"round_{r - 1}.safetensors"))
         sent = [load_file(str(c / "state" / "rounds" / f"round_{r}.safetensors")) for c in clients]
         deltas = [np.concatenate([(t[n] - start[n]).ravel() for n in sorted(start)]) for t in sent]
-        kept = np.linalg.norm(sum(wk * d for wk, d in zip(w, deltas))) / max(1e-12, sum(wk * np.linalg.norm(d) for wk, d in zip(w, deltas)))
+        moved = sum(wk * np.linalg.norm(d) for wk, d in zip(w, deltas))
+        kept = np.linalg.norm(sum(wk * d for wk, d in zip(w, deltas))) / max(1e-12, moved)
         last = [log[min(len(log), r * per_round) - 1] for log in logs]
         steps = " ".join(str(x["step"]) for x in last)
         lrs = " ".join(f"{x['lr']:.2g}" for x in last)
@@ -233,12 +236,19 @@ def summary(path: Path) -> str:
     rows: dict[tuple[str, str], list[dict]] = {}
     for line in path.read_text().splitlines():
         r = json.loads(line)
-        rows.setdefault((r["task"], r["setting"]), []).append(r)
-    out = ["| task | setting | folds | final val. accuracy (%) | per fold | CPU s (mean) |", "|---|---|---:|---:|---|---:|"]
+        where = "test" if r["fold"] < 0 else "val"
+        rows.setdefault((r["task"], f"{where}: {r['setting']}"), []).append(r)
+        if r.get("calibrate"):  # the same run before its head was calibrated: the last round's FedAvg
+            rows.setdefault((r["task"], f"{where}: {r['setting']} (before calibration)"), []).append(
+                {**r, "final_val_acc": r["val_acc"][-2]})
+    out = ["| task | images scored: setting | folds | final accuracy (%) | per fold | CPU s (mean) |",
+           "|---|---|---:|---:|---|---:|"]
     for (task, setting), records in sorted(rows.items()):
         accs = 100 * np.array([r["final_val_acc"] for r in records])
-        out.append(f"| {task} | {setting} | {len(records)} | {accs.mean():.1f}" + (f" ± {accs.std():.1f}" if len(accs) > 1 else "")
-                   + f" | {' '.join(f'{a:.1f}' for a in accs)} | {np.mean([r['cpu_seconds'] for r in records]):.0f} |")
+        spread = f" ± {accs.std():.1f}" if len(accs) > 1 else ""
+        per_fold = " ".join(f"{a:.1f}" for a in accs)
+        cpu = np.mean([r["cpu_seconds"] for r in records])
+        out.append(f"| {task} | {setting} | {len(records)} | {accs.mean():.1f}{spread} | {per_fold} | {cpu:.0f} |")
     return "\n".join(out) + "\n"
 
 

@@ -37,16 +37,18 @@ def test_local_steps_give_every_shard_the_same_steps_of_distinct_images():
 
 def test_default_simulate_learns_on_small_label_skewed_shards(tiny_bundle, task, reaper):  # noqa: F811
     """30 images over 2 clients by Dirichlet(0.5): shards of a dozen or so images, mostly of one or
-    two classes. Before local steps a round was one pass at batch 32, one AdamW step per client and
-    round, and the run stayed at chance. Every training option is the default except --rounds (3,
-    for time; the schedule spans rounds x local steps either way)."""
+    two classes. With the old defaults (a round one pass at batch 32: one AdamW step per client and
+    round, no calibration) the loss went 1.14, 0.97, 0.85 over --rounds 3 and this test failed.
+    Every training option is the default except --rounds (2, for time: Flower starts a process per
+    client and message; the lr schedule spans rounds x local steps either way)."""
     from vqt_edge.fleet import defaults
 
     data = reaper / "train.txt"
-    data.write_text("".join(f"{p},{c}\n" for c in ("blue", "green", "red") for p in sorted((task["train"] / c).iterdir())[:10]))
+    data.write_text("".join(f"{p},{c}\n" for c in ("blue", "green", "red")
+                            for p in sorted((task["train"] / c).iterdir())[:10]))
     run = reaper / "run"
     out = run_cli("fleet", "simulate", "--bundle", tiny_bundle, "--data", data, "--test", task["test"], "--run", run,
-                  "--clients", 2, "--split", "dirichlet:0.5", "--rounds", 3, "--threads", 1, "--timeout", TIMEOUT - 30,
+                  "--clients", 2, "--split", "dirichlet:0.5", "--rounds", 2, "--threads", 1, "--timeout", TIMEOUT - 30,
                   timeout=TIMEOUT)
     assert out.returncode == 0, out.stdout + out.stderr
     rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][1:]
@@ -55,7 +57,7 @@ def test_default_simulate_learns_on_small_label_skewed_shards(tiny_bundle, task,
     assert len(sizes) == 2 and min(sizes) < defaults.BATCH_SIZE and sizes[0] != sizes[1], sizes
     for c, n in zip(clients, sizes):  # every client the same steps per round, however few its images
         steps = [r["step"] for r in map(json.loads, (c / "state" / "run" / "metrics.jsonl").read_text().splitlines())]
-        assert steps == [defaults.LOCAL_STEPS * r for r in (1, 2, 3)], (n, steps)
+        assert steps == [defaults.LOCAL_STEPS * r for r in (1, 2)], (n, steps)
     losses = [r["train_loss"] for r in rounds]
     assert losses[-1] < 0.7 * losses[0] and losses[-1] < 0.8 * np.log(3), losses
     summary = json.loads((run / "summary.json").read_text())

@@ -48,7 +48,8 @@ def _common(command):
                      "schedule for every client)."),
         click.option("--weight-decay", type=float, default=1e-4, show_default=True),
         click.option("--warmup-epochs", type=float,
-                     help="Warm-up, in rounds (or, with --local-epochs, epochs of rounds x local epochs) [default: 10%]."),
+                     help="Warm-up, in rounds (or, with --local-epochs, epochs of rounds x local epochs) "
+                     "[default: 10%]."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seeds the split, data order and dropout."),
         click.option("--round-timeout", type=float, default=3600, show_default=True, help="Seconds to wait for the clients of a round."),
         click.option("--logit-adjust", type=float, default=0.0, show_default=True,
@@ -59,8 +60,8 @@ def _common(command):
         click.option("--class-weighted-head", is_flag=True,
                      help="Average each class's head row over the clients weighted by their images of that class "
                      "(clients then send their per-class image counts)."),
-        click.option("--calibrate-head", type=click.Choice(["full", "diagonal", "off"]), default=defaults.CALIBRATE_HEAD,
-                     show_default=True,
+        click.option("--calibrate-head", type=click.Choice(["full", "diagonal", "off"]),
+                     default=defaults.CALIBRATE_HEAD, show_default=True,
                      help="After the last round, refit the head on virtual features drawn from the clients' per-class "
                      "feature means and covariances (full) or variances (diagonal): CCVR. On by default: each client "
                      "then SENDS, once, per class its image count and the mean and covariance of its features "

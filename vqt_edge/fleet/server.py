@@ -61,14 +61,15 @@ class FleetSettings:
     logit_adjust: float = 0.0  # device_runner/fleet.py LocalRule: how each client trains under label skew
     proximal_mu: float = 0.0
     class_weighted_head: bool = False  # average head row c by each client's images of class c (class_weighted_rows)
-    calibrate_head: str | None = CALIBRATE_HEAD  # "diagonal" | "full" | None: CCVR after the last round (vqt_edge/fleet/calibrate.py)
+    calibrate_head: str | None = CALIBRATE_HEAD  # "diagonal" | "full" | None: CCVR after the last round (calibrate.py)
     extra: dict = field(default_factory=dict)  # recorded in summary.json as given (e.g. the split)
 
     def round_config(self, bundle_sha256: str) -> ConfigRecord:
         per_round = self.local_epochs or 1  # epochs of each client's run per round; a round of steps is one
         epochs = self.rounds * per_round
         return ConfigRecord({
-            "rounds": self.rounds, "local-epochs": per_round, "local-steps": 0 if self.local_epochs else self.local_steps,
+            "rounds": self.rounds, "local-epochs": per_round,
+            "local-steps": 0 if self.local_epochs else self.local_steps,
             "batch-size": self.batch_size, "lr": self.lr,
             "weight-decay": self.weight_decay, "seed": self.seed, "classes": list(self.classes),
             "warmup-epochs": float(self.warmup_epochs if self.warmup_epochs is not None else 0.1 * epochs),
