@@ -120,7 +120,7 @@ def train_round(state: Path, bundle: Path, data: Path, tensors: dict[str, np.nda
     resume = folder.is_run()
     if resume:
         saved = folder.info()["config"]
-        if saved["epochs"] != cfg.epochs or saved["lr"] != cfg.lr:
+        if (saved["epochs"], saved["lr"], saved.get("steps_per_epoch")) != (cfg.epochs, cfg.lr, cfg.steps_per_epoch):
             raise UserError(f"{run}: holds a client run of another fleet run; give this client a new state folder")
     shift: np.ndarray | None = None
 
