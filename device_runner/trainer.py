@@ -42,6 +42,27 @@ log = logging.getLogger("vqt_edge")  # the default for messages; the CLI and the
 SharedFeatures = Callable[[list[Path]], FeatureStore]  # sample paths -> their frozen outputs, row i = path i
 
 
+def data_order(seed: int, epoch: int, n: int, steps: int | None, batch: int) -> tuple[np.ndarray, int, int]:
+    """(rows in the order of this epoch, steps in it, images per step). One pass: a seeded permutation
+    cut in ceil(n / batch) batches. `steps` given: consecutive seeded permutations, so a small shard
+    trains the same number of steps as a large one and each step has min(batch, n) images (no image
+    twice in a step); a fleet client's round (docs/design.md section 12)."""
+    first = np.random.default_rng([seed, epoch]).permutation(n)
+    if steps is None:
+        return first, math.ceil(n / batch), batch
+    b = min(batch, n)
+    pool, rows, k = first.tolist(), [], 1
+    for _ in range(steps):
+        if len(pool) < b:  # the pass's last images, then the next pass without them
+            left = set(pool)
+            again = np.random.default_rng([seed, epoch, k, 0xDA7A]).permutation(n).tolist()
+            pool += [i for i in again if i not in left]
+            k += 1
+        rows += pool[:b]
+        pool = pool[b:]
+    return np.array(rows, np.int64), steps, b
+
+
 class BudgetExceeded(Exception):
     """The measured peak RSS of a run went over its --memory-budget (summary.json says by how much)."""
 
@@ -395,7 +416,7 @@ class Trainer:
             start_from(self)
         self.peaks["module_load"] = round(peak_rss_mb(), 1)
         n = self.n_train
-        steps_per_epoch = math.ceil(n / cfg.batch_size)
+        steps_per_epoch = data_order(cfg.seed, 0, n, cfg.steps_per_epoch, cfg.batch_size)[1]
         total = steps_per_epoch * cfg.epochs
         warmup_epochs = cfg.warmup_epochs if cfg.warmup_epochs is not None else 0.1 * cfg.epochs
         warmup = int(round(warmup_epochs * steps_per_epoch))
@@ -411,14 +432,14 @@ class Trainer:
         with stop_on_signal() if handle_signals else nullcontext(_STOP) as flag:
             for epoch in range(start_epoch, min(cfg.epochs, until_epoch or cfg.epochs)):
                 t0 = time.perf_counter()
-                order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
+                order, _, batch = data_order(cfg.seed, epoch, n, cfg.steps_per_epoch, cfg.batch_size)
                 first = start_step if epoch == start_epoch else 0
                 if first == 0:
                     sums = dict.fromkeys(sums, 0.0)
                 label = f"epoch {epoch + 1}/{cfg.epochs}"
                 self.progress(Progress(label, first, steps_per_epoch))
                 for index in range(first, steps_per_epoch):
-                    rows = order[index * cfg.batch_size : (index + 1) * cfg.batch_size]
+                    rows = order[index * batch : (index + 1) * batch]
                     g = epoch * steps_per_epoch + index
                     t_step, c_step = time.perf_counter(), time.process_time()
                     loss, correct = self._step(rows, epoch, index, lr_at(g, total, warmup, cfg.lr))

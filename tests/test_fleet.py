@@ -339,6 +339,8 @@ def test_simulate_with_real_flower_processes_is_sample_weighted_fedavg(tiny_bund
         "portable",
         "--logit-adjust",
         1,
+        "--calibrate-head",
+        "off",
         "--timeout",
         FLEET_TIMEOUT - 60,
         timeout=FLEET_TIMEOUT,

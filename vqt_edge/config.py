@@ -17,7 +17,8 @@ from vqt_edge.spec import BACKENDS, KV_MODES
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
-    """A field with its CLI help (and, in `extra`, `choices`, `flag` or `metavar` for the option)."""
+    """A field with its CLI help (and, in `extra`, `choices`, `flag` or `metavar` for the option; `cli=False`:
+    set by a program, not a flag of `train`)."""
     return field(default=default, metadata={"help": help, **extra})
 
 
@@ -69,6 +70,12 @@ class TrainConfig:
         "bytes; docs/kv-cache.md). auto: fp16 unless only int8 fits the memory and disk budgets.",
         choices=("auto", *KV_DTYPES),
     )
+    steps_per_epoch: int | None = _opt(
+        None,
+        "None: an epoch is one pass over the images. A number: an epoch is that many steps of min(batch_size, "
+        "images) images, whatever the images (a fleet round: trainer.data_order).",
+        cli=False,
+    )
     disk_budget_mb: float | None = _opt(
         None,
         "Disk space the run folder may take, e.g. 20GB: chooses --kv and --kv-dtype with the memory plan, exits 2 "
@@ -94,6 +101,8 @@ class TrainConfig:
             raise UserError("--keep-fraction must be in (0, 1] and --lasso non-negative")
         if self.backend not in (*BACKENDS, "auto"):
             raise UserError(f"--backend must be one of {', '.join(BACKENDS)}")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise UserError("--local-steps must be at least 1")
         if self.kv_dtype not in (*KV_DTYPES, "auto"):
             raise UserError(f"--kv-dtype must be one of {', '.join(KV_DTYPES)}")
         if self.disk_budget_mb is not None and not self.disk_budget_mb >= 0:

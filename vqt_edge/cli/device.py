@@ -12,7 +12,7 @@ import click
 from vqt_edge.cli.options import PATH, build_config, config_options, device_command
 from vqt_edge.config import TrainConfig
 
-TRAIN_FIELDS = [f.name for f in fields(TrainConfig)]
+TRAIN_FIELDS = [f.name for f in fields(TrainConfig) if f.metadata.get("cli", True)]
 
 
 @click.command()

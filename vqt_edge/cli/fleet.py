@@ -34,6 +34,7 @@ from vqt_edge.cli.fleet_guard import (
 from vqt_edge.cli.options import config_options, parse_list
 from vqt_edge.config import TrainConfig
 from vqt_edge.errors import UserError
+from vqt_edge.fleet import defaults
 from vqt_edge.kv_cache import KV_DTYPES
 
 FLEET_DIR = "fleet"  # inside the run folder: settings, logs, Flower's state, the simulated clients
@@ -54,9 +55,18 @@ def _common(command):
             required=True,
             help="Run folder for the federated result (adapter, model.onnx, metrics per round).",
         ),
-        click.option("--rounds", type=int, default=10, show_default=True, help="Federated rounds."),
+        click.option("--rounds", type=int, default=defaults.ROUNDS, show_default=True, help="Federated rounds."),
         click.option(
-            "--local-epochs", type=int, default=1, show_default=True, help="Epochs each client trains per round."
+            "--local-steps",
+            type=int,
+            help="AdamW steps each client trains per round, each on min(--batch-size, its images) images: "
+            f"every client the same steps however few its images [default: {defaults.LOCAL_STEPS}].",
+        ),
+        click.option(
+            "--local-epochs",
+            type=int,
+            help="Instead of --local-steps: passes over its own images per round (a client with few images "
+            "then makes few steps).",
         ),
         click.option(
             "--test",
@@ -66,8 +76,15 @@ def _common(command):
         config_options(
             TrainConfig,
             ["batch_size", "lr", "weight_decay", "warmup_epochs", "seed"],
-            lr={"help": "Peak learning rate (AdamW; warm-up then cosine over rounds x local epochs)."},
-            warmup_epochs={"help": "Warm-up, in epochs of rounds x local epochs [default: 10%]."},
+            batch_size={"default": defaults.BATCH_SIZE},
+            lr={
+                "default": defaults.LR,
+                "help": "Peak learning rate (AdamW; warm-up once, then cosine over rounds x local steps, one "
+                "schedule for every client).",
+            },
+            warmup_epochs={
+                "help": "Warm-up, in rounds (or, with --local-epochs, epochs of rounds x local epochs) [default: 10%]."
+            },
             seed={"help": "Seeds the split, data order and dropout."},
         ),
         click.option(
@@ -100,10 +117,14 @@ def _common(command):
         ),
         click.option(
             "--calibrate-head",
-            type=click.Choice(["diagonal", "full"]),
+            type=click.Choice(["full", "diagonal", "off"]),
+            default=defaults.CALIBRATE_HEAD,
+            show_default=True,
             help="After the last round, refit the head on virtual features drawn from the clients' per-class "
-            "feature means and covariances (full) or variances (diagonal): CCVR. Clients send only these "
-            "statistics (full: about C x F^2 / 2 floats).",
+            "feature means and covariances (full) or variances (diagonal): CCVR. On by default: each client "
+            "then SENDS, once, per class its image count and the mean and covariance of its features "
+            "(full: about C x F^2 / 2 floats; never images or per-image features). off: nothing but the "
+            "trainable tensors leaves a device.",
         ),
     ]
     for option in reversed(options):
@@ -162,8 +183,13 @@ def _settings(bundle: Path, run_dir: Path, clients: int, classes: list[str], **k
         raise UserError(f"classes {classes} differ from the bundle's {manifest.class_names}")
     if len(classes) != manifest.spec.num_classes:
         raise UserError(f"{len(classes)} classes, but the bundle was exported for {manifest.spec.num_classes}")
-    if kw["rounds"] < 1 or kw["local_epochs"] < 1 or kw["batch_size"] < 1 or clients < 1:
-        raise UserError("--rounds, --local-epochs, --batch-size and --clients must be at least 1")
+    if kw["local_epochs"] is not None and kw["local_steps"] is not None:
+        raise UserError("give --local-steps or --local-epochs, not both")
+    if kw["local_steps"] is None:
+        kw["local_steps"] = defaults.LOCAL_STEPS
+    local = kw["local_steps"] if kw["local_epochs"] is None else kw["local_epochs"]
+    if kw["rounds"] < 1 or local < 1 or kw["batch_size"] < 1 or clients < 1:
+        raise UserError("--rounds, --local-steps, --local-epochs, --batch-size and --clients must be at least 1")
     if not (kw["lr"] > 0 and kw["weight_decay"] >= 0 and kw["round_timeout"] > 0):
         raise UserError("--lr and --round-timeout must be positive and --weight-decay non-negative")
     if not (kw["logit_adjust"] >= 0 and kw["proximal_mu"] >= 0):
@@ -296,10 +322,12 @@ def fleet() -> None:
     One machine:  vqt-edge fleet simulate --bundle B --data DIR --run RUN --clients 10 --rounds 10
     Server:       vqt-edge fleet server --bundle B --run RUN --clients 10 --rounds 10 --port 9091
     Each device:  vqt-edge fleet client --superlink SERVER:9091 --bundle B --data DIR --state DIR
+
+    The defaults of simulate and server, and why: `vqt-edge fleet simulate --help` (the end).
     """
 
 
-@fleet.command()
+@fleet.command(epilog=defaults.HELP)
 @_common
 @click.option(
     "--data", type=click.Path(path_type=Path), required=True, help="All training images; split over the clients."
@@ -314,6 +342,7 @@ def simulate(
     bundle,
     run_dir,
     rounds,
+    local_steps,
     local_epochs,
     test,
     batch_size,
@@ -357,6 +386,7 @@ def simulate(
         clients,
         dataset.classes,
         rounds=rounds,
+        local_steps=local_steps,
         local_epochs=local_epochs,
         test=test,
         batch_size=batch_size,
@@ -368,7 +398,7 @@ def simulate(
         logit_adjust=logit_adjust,
         proximal_mu=proximal_mu,
         class_weighted_head=class_weighted_head,
-        calibrate_head=calibrate_head,
+        calibrate_head=None if calibrate_head == "off" else calibrate_head,
         extra={"split": str(split), "data": str(data.resolve())},
         **guard_settings(guard),
     )
@@ -419,7 +449,7 @@ def simulate(
         )
 
 
-@fleet.command()
+@fleet.command(epilog=defaults.HELP)
 @_common
 @click.option("--clients", type=int, required=True, help="Clients that must connect; all train in every round.")
 @click.option(
@@ -433,6 +463,7 @@ def server(
     bundle,
     run_dir,
     rounds,
+    local_steps,
     local_epochs,
     test,
     batch_size,
@@ -486,6 +517,7 @@ def server(
         clients,
         classes,
         rounds=rounds,
+        local_steps=local_steps,
         local_epochs=local_epochs,
         test=test,
         batch_size=batch_size,
@@ -497,7 +529,7 @@ def server(
         logit_adjust=logit_adjust,
         proximal_mu=proximal_mu,
         class_weighted_head=class_weighted_head,
-        calibrate_head=calibrate_head,
+        calibrate_head=None if calibrate_head == "off" else calibrate_head,
         **guard_settings(guard),
     )
     path = _write_settings(run_dir, settings)
@@ -527,7 +559,11 @@ def server(
 def client(
     superlink, bundle, data, state, threads, kv, kv_dtype, memory_budget_mb, backend, root_certificate, key, insecure
 ) -> None:
-    """Join a fleet as one device: a Flower SuperNode that trains on --data each round (until Ctrl-C)."""
+    """Join a fleet as one device: a Flower SuperNode that trains on --data each round (until Ctrl-C).
+
+    How many steps, the batch, the lr schedule and whether the head is calibrated are the server's
+    settings, sent with every round (`fleet server --help`); this device decides only the options below.
+    """
     from device_runner.data import load_dataset
     from vqt_edge import manifest as mf
     from vqt_edge.fleet.launch import Federation

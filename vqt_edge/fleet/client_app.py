@@ -4,12 +4,13 @@ Flower's SuperNode starts a fresh ClientApp process for every message, so everyt
 between rounds lives in its state folder: the client's own run folder (`run/`: the K/V disk cache,
 filled once in the first round, and the ORT checkpoint) and the tensors it sent back each round
 (`rounds/round_R.safetensors`, for audit and for the tests). A round resumes that run from its
-checkpoint, replaces the parameters by the server's tensors, trains `local-epochs` more epochs and
-returns the trainable tensors with the number of training images.
+checkpoint, replaces the parameters by the server's tensors, trains `local-steps` more steps (each of
+min(batch, its images) images: every client the same steps, however few its images) or, when the server
+asks for them, `local-epochs` more epochs, and returns the trainable tensors with its number of images.
 
 Optimizer state is *carried* from round to round (the checkpoint keeps AdamW's moments), and the
-learning-rate schedule runs over all rounds x local epochs, warm-up once, as one centralized run of
-that length would: ORT restores optimizer state only through a checkpoint, which the resume path
+learning-rate schedule runs over all rounds x local steps (or epochs), warm-up once, as one centralized
+run of that length would: ORT restores optimizer state only through a checkpoint, which the resume path
 already does exactly, and a fresh state every round would warm Adam's moments up from zero each time.
 The server trains every client every round; a client that missed a round (it failed, or joined
 late) trains the epochs it missed in its next round, since its run continues from its checkpoint.
@@ -130,7 +131,7 @@ def train_round(
     resume = folder.is_run()
     if resume:
         saved = folder.info()["config"]
-        if saved["epochs"] != cfg.epochs or saved["lr"] != cfg.lr:
+        if (saved["epochs"], saved["lr"], saved.get("steps_per_epoch")) != (cfg.epochs, cfg.lr, cfg.steps_per_epoch):
             raise UserError(f"{run}: holds a client run of another fleet run; give this client a new state folder")
     shift: np.ndarray | None = None
 
@@ -216,6 +217,7 @@ def train(msg: Message, context: Context) -> Message:
             f"{str(config['bundle-sha256'])[:12]})"
         )
     rounds, local_epochs = int(config["rounds"]), int(config["local-epochs"])
+    local_steps = int(config.get("local-steps", 0)) or None  # a round is one epoch of this many steps
     rule = LocalRule(
         proximal_mu=float(config.get("proximal-mu", 0.0)), logit_adjust=float(config.get("logit-adjust", 0.0))
     )
@@ -232,6 +234,7 @@ def train(msg: Message, context: Context) -> Message:
         memory_budget_mb=float(node["memory-budget-mb"]) if "memory-budget-mb" in node else None,
         backend=rule.backend(str(node.get("backend", "auto"))),
         kv_dtype=str(node.get("kv-dtype", "fp16")),
+        steps_per_epoch=local_steps,
     )
     state.mkdir(parents=True, exist_ok=True)
     tensors = {name: array.numpy() for name, array in msg.content[ARRAYS].items()}

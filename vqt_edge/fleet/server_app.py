@@ -31,6 +31,7 @@ from vqt_edge import manifest as mf
 from vqt_edge.calibrate import calibrate_head
 from vqt_edge.fleet.checks import DEFAULT_MAX_EXAMPLES, Limits, aggregator, screen
 from vqt_edge.fleet.client_app import ARRAYS, CALIBRATE, CLASS_COUNTS, CONFIG, HEAD_ROWS, METRICS_KEY, NUM_EXAMPLES
+from vqt_edge.fleet.defaults import CALIBRATE_HEAD, LOCAL_STEPS
 from vqt_edge.fleet.waves import WaveGrid
 from vqt_edge.manifest import Manifest
 from vqt_edge.memory import peak_rss_mb
@@ -50,7 +51,8 @@ class FleetSettings:
     rounds: int
     clients: int  # FedAvg waits for this many and trains all of them every round
     classes: list[str]
-    local_epochs: int = 1
+    local_epochs: int | None = None  # None: each round is local_steps steps (vqt_edge/fleet/defaults.py)
+    local_steps: int = LOCAL_STEPS
     batch_size: int = 32
     lr: float = 1e-2
     weight_decay: float = 1e-4
@@ -61,7 +63,7 @@ class FleetSettings:
     logit_adjust: float = 0.0  # vqt_edge/fleet/client_app.py LocalRule: how each client trains under label skew
     proximal_mu: float = 0.0
     class_weighted_head: bool = False  # average head row c by each client's images of class c (class_weighted_rows)
-    calibrate_head: str | None = None  # "diagonal" | "full": CCVR after the last round (vqt_edge/calibrate.py)
+    calibrate_head: str | None = CALIBRATE_HEAD  # "diagonal" | "full" | None: CCVR after the last round (calibrate.py)
     aggregation: str = "fedavg"  # fedavg | median | trimmed:BETA (vqt_edge/fleet/checks.py)
     max_examples: int = DEFAULT_MAX_EXAMPLES  # the update checks (checks.py): num_examples cap
     max_update_norm: float | None = None  # None: checks.update_bound
@@ -71,11 +73,13 @@ class FleetSettings:
     extra: dict = field(default_factory=dict)  # recorded in summary.json as given (e.g. the split)
 
     def round_config(self, bundle_sha256: str) -> ConfigRecord:
-        epochs = self.rounds * self.local_epochs
+        per_round = self.local_epochs or 1  # epochs of each client's run per round; a round of steps is one
+        epochs = self.rounds * per_round
         return ConfigRecord(
             {
                 "rounds": self.rounds,
-                "local-epochs": self.local_epochs,
+                "local-epochs": per_round,
+                "local-steps": 0 if self.local_epochs else self.local_steps,
                 "batch-size": self.batch_size,
                 "lr": self.lr,
                 "weight-decay": self.weight_decay,
@@ -371,6 +375,7 @@ def _finish(
         "rounds": settings.rounds,
         "clients": settings.clients,
         "local_epochs": settings.local_epochs,
+        "local_steps": None if settings.local_epochs else settings.local_steps,
         "train_images": max(
             (sum(c[NUM_EXAMPLES] for c in r["clients"]) for r in rounds if r.get("clients")), default=0
         ),
