@@ -3,6 +3,7 @@ each method, and real Flower processes (SuperLink, SuperNodes, ClientApp/ServerA
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -104,10 +105,9 @@ def test_client_round_starts_from_the_servers_tensors_for_each_method(
     assert set(out1) == set(shapes) and metrics["num-examples"] == 120
     for name in shapes:  # lr ~ 0: what comes back is what was set, so set_tensors really took effect
         np.testing.assert_allclose(out1[name], start[name], atol=1e-5)
-    cfg.lr = 1e-2  # a changed config is another fleet run: refused, not silently mixed
+    changed = dataclasses.replace(cfg, lr=1e-2)  # a changed config is another fleet run: refused, not silently mixed
     with pytest.raises(UserError, match="another fleet run"):
-        train_round(tmp_path, bundle, task["train"], start, cfg, classes, server_round=2, local_epochs=1)
-    cfg.lr = 1e-9
+        train_round(tmp_path, bundle, task["train"], start, changed, classes, server_round=2, local_epochs=1)
     cache = {f: f.stat().st_mtime_ns for f in (tmp_path / "run" / "kv_cache").rglob("*") if f.is_file()}
     assert cache  # K/V cached in round 1 ...
     start2 = {name: v + 0.5 for name, v in start.items()}
