@@ -1,10 +1,14 @@
-"""Shared fixtures: a tiny random ViT, its exported bundle, and a generated image task.
+"""Shared fixtures: a tiny random ViT, its exported bundles, finished runs of them, and a generated
+image task.
 
-Everything is made here at test time (no downloads): real ONNX graphs, real PNG files.
+Everything is made here at test time (no downloads): real ONNX graphs, real PNG files, real `vqt-edge`
+processes. Exports and trainings are the suite's cost, so each is session-scoped, made once for every
+test file that reads it; they are read-only (a test that damages one copies it first).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -86,18 +90,139 @@ def tiny_int4_bundle(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_method_bundle(tmp_path_factory, tiny_bundle, tiny_backbone):
+    """`tiny_method_bundle(method, last_k)`: the tiny ViT exported for another method (3 classes, 2
+    query tokens where the method has them), once per session however many test files ask for it.
+    Read-only, as tiny_bundle (vqt with the defaults is tiny_bundle itself)."""
+    from exporters.export import export_bundle
+    from vqt_edge.spec import AdapterSpec
+
+    root, made = tmp_path_factory.mktemp("method_bundles"), {}
+
+    def get(method: str, last_k: int | None = None) -> Path:
+        if (method, last_k) == ("vqt", None):
+            return tiny_bundle
+        if (method, last_k) not in made:
+            out = root / f"{method.replace('+', '_')}_{last_k}"
+            export_bundle(
+                tiny_backbone,
+                out,
+                AdapterSpec.create(TINY, method, 3, last_k=last_k, query_tokens=2),
+                model_name="tiny",
+                log=lambda _: None,
+            )
+            made[method, last_k] = out
+        return made[method, last_k]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def vit_ti16_frozen(tmp_path_factory) -> tuple:
+    """A random ViT-Ti/16 (seed 5) and its frozen.onnx for VQT on every layer (2 classes): the graph at
+    a real model's width that the export and quantization tests read. Read-only."""
+    from exporters.export import export_frozen
+    from exporters.vit import VisionTransformer
+    from vqt_edge.arch import PRESETS
+    from vqt_edge.spec import AdapterSpec
+
+    backbone = VisionTransformer(PRESETS["vit_ti16"])
+    backbone.reset_parameters(seed=5)
+    backbone.eval()
+    path = tmp_path_factory.mktemp("vit_ti16") / "frozen.onnx"
+    export_frozen(backbone, path, AdapterSpec.create(backbone.arch, "vqt", 2))
+    return backbone, path
+
+
+#: How the quantized bundles are trained (tests/test_quantize.py), with `--backend`: 45 steps of batch 8,
+#: a checkpoint every 3 (mid-epoch ones, for the kill-and-resume test).
+QUANT_TRAIN = ["--epochs", 3, "--batch-size", 8, "--checkpoint-every", 3, "--seed", 3]
+
+
+@pytest.fixture(scope="session")
+def tiny_int4_run(tmp_path_factory, tiny_int4_bundle, task) -> Path:
+    """The int4 bundle trained on the portable backend (QUANT_TRAIN), on whichever onnxruntime runs
+    the tests. Read-only, as tiny_run."""
+    run = tmp_path_factory.mktemp("runs") / "int4"
+    out = run_cli(
+        "train",
+        "--bundle",
+        tiny_int4_bundle,
+        "--data",
+        task["train"],
+        "--run",
+        run,
+        *QUANT_TRAIN,
+        "--backend",
+        "portable",
+    )
+    assert out.returncode == 0, out.stderr
+    return run
+
+
+@pytest.fixture(scope="session")
 def task(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("task")
     return {"train": make_task(root / "train", 40, seed=1), "test": make_task(root / "test", 20, seed=2)}
+
+
+#: tiny_run's `train` options besides --bundle, --data and --run: the defaults (backend auto) but 2 epochs.
+TINY_RUN = ["--epochs", 2]
 
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_bundle, task) -> Path:
     """A finished 2-epoch run of the tiny bundle. Read-only: tests that damage it copy it first."""
     run = tmp_path_factory.mktemp("runs") / "run"
-    out = run_cli("train", "--bundle", tiny_bundle, "--data", task["train"], "--run", run, "--epochs", 2)
+    out = run_cli("train", "--bundle", tiny_bundle, "--data", task["train"], "--run", run, *TINY_RUN)
     assert out.returncode == 0, out.stderr
     return run
+
+
+@pytest.fixture(scope="session")
+def tested_run(tmp_path_factory, tiny_bundle, task) -> tuple[Path, subprocess.CompletedProcess]:
+    """A finished 12-epoch run with `--test` (K/V on disk): the run folder and its `train` process.
+    Read-only, as tiny_run."""
+    run = tmp_path_factory.mktemp("runs") / "tested"
+    out = run_cli(
+        "train",
+        "--bundle",
+        tiny_bundle,
+        "--data",
+        task["train"],
+        "--run",
+        run,
+        "--test",
+        task["test"],
+        "--epochs",
+        12,
+        "--batch-size",
+        16,
+        "--kv",
+        "disk",
+    )
+    assert out.returncode == 0, out.stderr
+    return run, out
+
+
+#: `train` under a memory budget, as the memory tests of both environments run it (tests/test_memory.py,
+#: tests/test_memory_portable.py): 2 epochs, the portable backend, a test pass inside the promise.
+BUDGET_TRAIN = ["--epochs", 2, "--batch-size", 16, "--backend", "portable", "--memory-budget", "300MB"]
+
+
+def train_within_budget(bundle: Path, run: Path, task: dict[str, Path]) -> tuple[subprocess.CompletedProcess, dict]:
+    """One BUDGET_TRAIN run: the finished process and its summary.json."""
+    out = run_cli(
+        "train", "--bundle", bundle, "--data", task["train"], "--run", run, *BUDGET_TRAIN, "--test", task["test"]
+    )
+    assert out.returncode == 0, out.stderr + out.stdout
+    return out, json.loads((run / "summary.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def budget_run(tmp_path_factory, tiny_bundle, task) -> tuple[subprocess.CompletedProcess, dict]:
+    """train_within_budget on the tiny bundle, once per session. Read-only."""
+    return train_within_budget(tiny_bundle, tmp_path_factory.mktemp("budget") / "run", task)
 
 
 def cli_command(*args, torch_free: bool = True) -> list[str]:

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO
 from vqt_edge import adapter_config
 from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
@@ -157,13 +157,9 @@ def test_load_adapter_refuses_another_bundle_or_edited_config(tmp_path, tiny_run
         api.load_adapter(run)  # the run's recorded hashes catch the edit first
 
 
-def test_cli_train_still_reports_test_accuracy(tmp_path, tiny_bundle, task):
+def test_cli_train_still_reports_test_accuracy(tested_run):
     """`vqt-edge train --test` now runs through api.train: same output, accuracy recorded."""
-    run = tmp_path / "run"
-    out = run_cli(
-        "train", "--bundle", tiny_bundle, "--data", task["train"], "--run", run, "--epochs", 1, "--test", task["test"]
-    )
-    assert out.returncode == 0, out.stderr
+    run, out = tested_run  # the real CLI (tests/conftest.py)
     assert "test accuracy" in out.stdout
     summary = json.loads((run / "summary.json").read_text())
     assert summary["test_images"] == 60 and 0 <= summary["test_accuracy"] <= 1

@@ -23,32 +23,22 @@ from onnx import numpy_helper
 from device_runner import ort
 from device_runner.data import iter_batches
 from device_runner.deploy import build_model, load_adapter
-from exporters.export import export_bundle
 from exporters.methods import MethodHead, build_head
 from tests.conftest import TINY, run_cli
 from vqt_edge import manifest as mf
 from vqt_edge.cli import cli
 from vqt_edge.errors import UserError
-from vqt_edge.spec import AdapterSpec
 
 # method -> last_k: splits inside the network (k < L), the no-frozen-K/V case (vqt+vpt, k = L) and
 # the frozen-plus-adapted K/V case (vqt+adaptformer, k = 2: layer 0's K/V come from frozen.onnx).
 METHODS = {"linear": None, "vqt": None, "vpt": 2, "adaptformer": 2, "finetune": 1, "vqt+vpt": 3, "vqt+adaptformer": 2}
-T = 2
+T = 2  # the query tokens of tests/conftest.py's tiny_method_bundle
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory, tiny_backbone) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("baselines")
-    for method, k in METHODS.items():
-        export_bundle(
-            tiny_backbone,
-            root / method.replace("+", "_"),
-            AdapterSpec.create(TINY, method, 3, last_k=k, query_tokens=T),
-            model_name="tiny",
-            log=lambda _: None,
-        )
-    return {m: root / m.replace("+", "_") for m in METHODS}
+def bundles(tiny_method_bundle) -> dict[str, Path]:
+    """Each method's bundle (T query tokens), exported once per session (tests/conftest.py)."""
+    return {method: tiny_method_bundle(method, k) for method, k in METHODS.items()}
 
 
 def _head(backbone, manifest: mf.Manifest, tensors: dict[str, np.ndarray] | None = None) -> MethodHead:

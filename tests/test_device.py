@@ -28,27 +28,8 @@ from vqt_edge.run_folder import CHECKPOINTS
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_bundle, task) -> Path:
-    run = tmp_path_factory.mktemp("runs") / "run"
-    out = run_cli(
-        "train",
-        "--bundle",
-        tiny_bundle,
-        "--data",
-        task["train"],
-        "--run",
-        run,
-        "--test",
-        task["test"],
-        "--epochs",
-        12,
-        "--batch-size",
-        16,
-        "--kv",
-        "disk",
-    )
-    assert out.returncode == 0, out.stderr
-    return run
+def trained(tested_run) -> Path:
+    return tested_run[0]  # 12 epochs, --test (tests/conftest.py)
 
 
 def test_train_reaches_90_percent_and_eval_reproduces_it(trained, task):

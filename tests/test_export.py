@@ -10,13 +10,9 @@ import pytest
 import torch
 
 from device_runner import ort
-from exporters.export import export_frozen
 from exporters.methods import build_head
-from exporters.vit import VisionTransformer
 from tests.conftest import TINY
 from vqt_edge import manifest as mf
-from vqt_edge.arch import PRESETS
-from vqt_edge.spec import AdapterSpec
 
 
 def _frozen_vs_torch(backbone, path, layers, batch):
@@ -37,13 +33,9 @@ def test_frozen_graph_equals_torch_tiny(tiny_bundle, tiny_backbone):
         _frozen_vs_torch(tiny_backbone, tiny_bundle / mf.FROZEN, list(range(TINY.depth)), batch)
 
 
-def test_frozen_graph_equals_torch_vit_ti16(tmp_path):
-    backbone = VisionTransformer(PRESETS["vit_ti16"])
-    backbone.reset_parameters(seed=5)
-    backbone.eval()
-    layers = list(range(12))
-    export_frozen(backbone, tmp_path / "frozen.onnx", AdapterSpec.create(backbone.arch, "vqt", 2, query_layers=layers))
-    _frozen_vs_torch(backbone, tmp_path / "frozen.onnx", layers, 2)
+def test_frozen_graph_equals_torch_vit_ti16(vit_ti16_frozen):
+    backbone, path = vit_ti16_frozen  # K/V of all 12 layers (tests/conftest.py)
+    _frozen_vs_torch(backbone, path, list(range(12)), 2)
 
 
 def test_manifest_and_outputs_follow_the_contract(tiny_bundle):

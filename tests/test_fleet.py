@@ -18,7 +18,6 @@ from conftest import REPO, run_cli
 from safetensors.numpy import load_file
 
 from vqt_edge.errors import UserError
-from vqt_edge.spec import AdapterSpec
 from vqt_edge.split import Split, assign, parse_split
 
 pytest.importorskip("flwr")
@@ -82,19 +81,8 @@ def test_split_refuses_impossible_requests():
 
 # -- the client's tensors, for every method -----------------------------------------------------
 @pytest.fixture(scope="module")
-def method_bundles(tmp_path_factory, tiny_backbone) -> dict[str, Path]:
-    from exporters.export import export_bundle
-
-    root = tmp_path_factory.mktemp("fleet_bundles")
-    for method, k in {"linear": 0, "adaptformer": 2}.items():
-        export_bundle(
-            tiny_backbone,
-            root / method,
-            AdapterSpec.create(tiny_backbone.arch, method, 3, last_k=k or None, query_tokens=2),
-            model_name="tiny",
-            log=lambda _: None,
-        )
-    return {m: root / m for m in ("linear", "adaptformer")}
+def method_bundles(tiny_method_bundle) -> dict[str, Path]:
+    return {"linear": tiny_method_bundle("linear"), "adaptformer": tiny_method_bundle("adaptformer", 2)}
 
 
 @pytest.mark.parametrize("method", ["vqt", "linear", "adaptformer"])

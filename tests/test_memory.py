@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from tests.conftest import TINY, run_cli
+from tests.conftest import BUDGET_TRAIN, TINY, run_cli
 from vqt_edge.cli import cli
 from vqt_edge.errors import UserError
 from vqt_edge.memory import BundleFootprint, NoPlan, choose, parse_size_mb, peak_rss_mb, predict_peak
@@ -164,29 +164,8 @@ def test_plan_refuses_an_impossible_budget_naming_the_smallest_that_fits(tiny_bu
     assert invoke("plan", "--bundle", tiny_bundle, "--memory-budget", f"{need - 1}MB", "--images", 120).exit_code == 2
 
 
-@pytest.fixture(scope="module")
-def budget_run(tmp_path_factory, tiny_bundle, task):
-    run = tmp_path_factory.mktemp("budget") / "run"
-    out = run_cli(
-        "train",
-        "--bundle",
-        tiny_bundle,
-        "--data",
-        task["train"],
-        "--run",
-        run,
-        "--epochs",
-        2,
-        "--batch-size",
-        16,
-        "--memory-budget",
-        "300MB",
-    )
-    assert out.returncode == 0, out.stderr
-    return out, json.loads((run / "summary.json").read_text())
-
-
 def test_train_within_budget_records_measured_and_predicted_peak(budget_run):
+    """budget_run (tests/conftest.py): BUDGET_TRAIN, shared with tests/test_memory_portable.py."""
     out, summary = budget_run
     assert "memory budget 300 MiB: kv ram" in out.stdout
     assert summary["memory_budget_mb"] == 300 and summary["budget_exceeded"] is False
@@ -199,6 +178,7 @@ def test_train_within_budget_records_measured_and_predicted_peak(budget_run):
 def test_budget_just_below_the_measured_peak_is_refused_or_flagged(budget_run, tiny_bundle, task, tmp_path):
     _, summary = budget_run
     budget = int(summary["peak_rss_mb"]) - 2
+    args = [a if a != "300MB" else f"{budget}MB" for a in BUDGET_TRAIN]  # budget_run's command, a smaller budget
     out = run_cli(
         "train",
         "--bundle",
@@ -207,12 +187,9 @@ def test_budget_just_below_the_measured_peak_is_refused_or_flagged(budget_run, t
         task["train"],
         "--run",
         tmp_path / "run",
-        "--epochs",
-        2,
-        "--batch-size",
-        16,
-        "--memory-budget",
-        f"{budget}MB",
+        *args,
+        "--test",
+        task["test"],
         "--kv",
         "ram",
     )

@@ -9,37 +9,19 @@ import json
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, train_within_budget
 from vqt_edge.memory.model import BASE_MB, MARGIN, QUANTIZED_LOAD_EXTRA_MB
 
 
 @pytest.fixture(scope="module", params=["tiny_bundle", "tiny_int4_bundle"])
 def portable_budget_run(request, tmp_path_factory, task):
-    """The fp32 bundle and an int4 one (its step graph reads quantized weights: the model's
-    QUANTIZED_STEP_DEQUANT term, scaled by the bundle's own largest dequantized weight)."""
-    bundle = request.getfixturevalue(request.param)
+    """The fp32 bundle (the session's budget_run, shared with tests/test_memory.py) and an int4 one (its
+    step graph reads quantized weights: the model's QUANTIZED_STEP_DEQUANT term, scaled by the bundle's
+    own largest dequantized weight), both trained by tests/conftest.py's train_within_budget."""
+    if request.param == "tiny_bundle":
+        return request.getfixturevalue("budget_run")
     run = tmp_path_factory.mktemp("portable_budget") / "run"
-    out = run_cli(
-        "train",
-        "--bundle",
-        bundle,
-        "--data",
-        task["train"],
-        "--run",
-        run,
-        "--epochs",
-        2,
-        "--batch-size",
-        16,
-        "--backend",
-        "portable",
-        "--memory-budget",
-        "300MB",
-        "--test",
-        task["test"],
-    )
-    assert out.returncode == 0, out.stderr + out.stdout
-    return out, json.loads((run / "summary.json").read_text())
+    return train_within_budget(request.getfixturevalue(request.param), run, task)
 
 
 def test_memory_budget_is_accepted_with_the_portable_backend(portable_budget_run):

@@ -29,25 +29,19 @@ QUERY_WEIGHTS = {"query_path.wq", "query_path.wo", "query_path.w1", "query_path.
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory, tiny_backbone):
-    root = tmp_path_factory.mktemp("share")
+def bundles(tmp_path_factory, tiny_backbone, tiny_method_bundle):
+    """The tiny bundles of vqt and vqt+adaptformer (k = 2) from tests/conftest.py, and VQT at WIDE."""
     wide = VisionTransformer(WIDE)
     wide.reset_parameters(seed=0)
-    out = {}
-    for key, backbone, method, k in (
-        ("vqt", tiny_backbone, "vqt", None),
-        ("vqt+adaptformer", tiny_backbone, "vqt+adaptformer", 2),
-        ("wide", wide.eval(), "vqt", None),
-    ):
-        out[key] = (root / key.replace("+", "_"), backbone)
-        export_bundle(
-            backbone,
-            out[key][0],
-            AdapterSpec.create(backbone.arch, method, 3, last_k=k, query_tokens=2),
-            model_name=key,
-            log=lambda _: None,
-        )
-    return out
+    out = tmp_path_factory.mktemp("share") / "wide"
+    export_bundle(
+        wide.eval(), out, AdapterSpec.create(WIDE, "vqt", 3, query_tokens=2), model_name="wide", log=lambda _: None
+    )
+    return {
+        "vqt": (tiny_method_bundle("vqt"), tiny_backbone),
+        "vqt+adaptformer": (tiny_method_bundle("vqt+adaptformer", 2), tiny_backbone),
+        "wide": (out, wide.eval()),
+    }
 
 
 def _logits(path, pixels: np.ndarray) -> np.ndarray:

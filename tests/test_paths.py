@@ -21,7 +21,7 @@ from safetensors import safe_open
 
 from device_runner.data import load_dataset, split
 from device_runner.identity import samples_sha256
-from tests.conftest import cli_command, cli_env, run_cli
+from tests.conftest import TINY_RUN, cli_command, cli_env, run_cli
 from tests.test_faults import assert_clean_error, assert_same_adapter, checkpoint_of, load_checkpoint, stop, wait_for
 from vqt_edge.errors import UserError
 
@@ -120,24 +120,11 @@ def test_relative_paths_killed_mid_epoch_resume_from_another_cwd(tmp_path, tiny_
     assert (run / "adapter.safetensors").read_bytes() == (reference / "adapter.safetensors").read_bytes()
 
 
-def test_two_identical_runs_write_identical_adapter_bytes(tmp_path, tiny_bundle, task):
-    files = []
-    for name in ("one", "two"):
-        out = run_cli(
-            "train",
-            "--bundle",
-            tiny_bundle,
-            "--data",
-            task["train"],
-            "--run",
-            tmp_path / name,
-            "--epochs",
-            1,
-            "--batch-size",
-            16,
-        )
-        assert out.returncode == 0, out.stderr
-        files.append(tmp_path / name / "adapter.safetensors")
+def test_two_identical_runs_write_identical_adapter_bytes(tmp_path, tiny_bundle, tiny_run, task):
+    # The second run repeats tiny_run's command (tests/conftest.py) in another process and folder.
+    out = run_cli("train", "--bundle", tiny_bundle, "--data", task["train"], "--run", tmp_path / "two", *TINY_RUN)
+    assert out.returncode == 0, out.stderr
+    files = [tiny_run / "adapter.safetensors", tmp_path / "two" / "adapter.safetensors"]
     assert files[0].read_bytes() == files[1].read_bytes()
     with safe_open(str(files[0]), framework="numpy") as f:  # still a valid safetensors file
         assert f.metadata()["format"] == "vqt-edge/2" and set(f.keys()) == {"query_tokens", "head.weight", "head.bias"}

@@ -102,11 +102,10 @@ def test_portable_checkpoint_is_what_is_trained_and_never_imports_ort_training(t
     assert not (run / "checkpoint").exists() and not (run / "checkpoint.safetensors.tmp").exists()
 
 
-def test_damaged_portable_checkpoint_is_a_clean_error_on_resume(tmp_path, tiny_bundle, task):
+def test_damaged_portable_checkpoint_is_a_clean_error_on_resume(tmp_path, tiny_run):
     run = tmp_path / "run"
-    args = ["--bundle", tiny_bundle, "--data", task["train"], "--run", run, "--epochs", 2, "--backend", "portable"]
-    out = run_cli("train", *args)
-    assert out.returncode == 0, out.stderr
+    shutil.copytree(tiny_run, run)  # a finished run of the default (portable) backend
+    assert json.loads((run / "summary.json").read_text())["backend"] == "portable"
     (run / "adapter.safetensors").unlink()
     path = run / CHECKPOINTS["portable"]
     path.write_bytes(path.read_bytes()[:200])
@@ -117,12 +116,11 @@ def test_damaged_portable_checkpoint_is_a_clean_error_on_resume(tmp_path, tiny_b
     assert str(path) in out.stderr
 
 
-def test_backend_choice_follows_what_this_onnxruntime_can_run(tmp_path, tiny_bundle, task):
-    """auto: portable (the measured default) on every onnxruntime; asking for ort-training where
-    the installed onnxruntime has no training API is a one-line error (exit 2)."""
-    out = run_cli("train", "--bundle", tiny_bundle, "--data", task["train"], "--run", tmp_path / "auto", "--epochs", 1)
-    assert out.returncode == 0, out.stderr
-    chosen = json.loads((tmp_path / "auto" / "summary.json").read_text())["backend"]
+def test_backend_choice_follows_what_this_onnxruntime_can_run(tmp_path, tiny_bundle, tiny_run, task):
+    """auto: portable (the measured default) on every onnxruntime (tiny_run: `train` without
+    --backend); asking for ort-training where the installed onnxruntime has no training API is a
+    one-line error (exit 2)."""
+    chosen = json.loads((tiny_run / "summary.json").read_text())["backend"]
     assert chosen == "portable"
     if not TRAINING:
         out = run_cli(
@@ -166,24 +164,10 @@ def test_tampered_step_graph_is_refused(tmp_path, tiny_bundle, task):
         path.write_bytes(original)
 
 
-def test_quantized_bundle_trains_on_the_portable_backend_with_this_onnxruntime(tmp_path, tiny_int4_bundle, task):
-    """An int4 bundle trains and evaluates with the portable backend on whichever onnxruntime runs
-    the tests (`make test`: the training build, then stock onnxruntime; exporters/quantize_step.py)."""
-    run = tmp_path / "run"
-    out = run_cli(
-        "train",
-        "--bundle",
-        tiny_int4_bundle,
-        "--data",
-        task["train"],
-        "--run",
-        run,
-        "--epochs",
-        3,
-        "--backend",
-        "portable",
-    )
-    assert out.returncode == 0, out.stderr
-    ev = run_cli("eval", "--run", run, "--data", task["test"], "--json")
+def test_quantized_bundle_trains_on_the_portable_backend_with_this_onnxruntime(tiny_int4_run, task):
+    """An int4 bundle trains (tiny_int4_run, tests/conftest.py) and evaluates with the portable backend
+    on whichever onnxruntime runs the tests (`make test`: the training build, then stock onnxruntime;
+    exporters/quantize_step.py)."""
+    ev = run_cli("eval", "--run", tiny_int4_run, "--data", task["test"], "--json")
     assert ev.returncode == 0, ev.stderr
     assert json.loads(ev.stdout)["accuracy"] >= 0.9

@@ -24,15 +24,13 @@ from onnx import numpy_helper
 from safetensors.numpy import load_file
 
 from device_runner import ort
-from exporters.export import export_bundle, export_frozen
+from exporters.export import export_bundle
 from exporters.methods import build_head
 from exporters.quantize import dequantized_weights, quantize, quantize_int8
 from exporters.step import grad_name
-from exporters.vit import VisionTransformer
-from tests.conftest import REPO, TINY, cli_command, cli_env, run_cli
+from tests.conftest import QUANT_TRAIN, REPO, TINY, cli_command, cli_env, run_cli
 from tests.test_device import _metrics_lines, _wait_for
 from vqt_edge import manifest as mf
-from vqt_edge.arch import PRESETS
 from vqt_edge.run_folder import RunFolder
 from vqt_edge.spec import QUERY_METHODS, AdapterSpec
 
@@ -41,6 +39,8 @@ MODES = ("int8", "int4")
 
 @pytest.fixture(scope="module", params=MODES)
 def quant_bundle(request, tmp_path_factory, tiny_backbone):
+    if request.param == "int4":  # the same export as tests/conftest.py's, shared with the portable tests
+        return request.getfixturevalue("tiny_int4_bundle")
     out = tmp_path_factory.mktemp(f"bundle_{request.param}")
     export_bundle(
         tiny_backbone,
@@ -96,24 +96,12 @@ def _torch_vqt_head(backbone, manifest, values: dict[str, np.ndarray], trainable
     return head
 
 
-def test_quantized_bundle_round_trips_through_train_eval_predict(quant_bundle, task, tmp_path):
+def test_quantized_bundle_records_its_quantization_and_a_damaged_one_is_refused(quant_bundle, task, tmp_path):
+    """(Training, eval and predict of a quantized bundle: test_quantized_bundle_trains_evaluates_predicts_and_resumes.)"""
     manifest = mf.read_manifest(quant_bundle)
-    mode = manifest.quantize
-    assert mode in MODES and set(manifest.quantization) >= {mf.FROZEN, mf.HEAD_MODEL, mf.CHECKPOINT}
+    assert manifest.quantize in MODES and set(manifest.quantization) >= {mf.FROZEN, mf.HEAD_MODEL, mf.CHECKPOINT}
     assert manifest.quantization[mf.HEAD_MODEL]["weights"] == 4  # Wq, Wo, fc1, fc2 (stacked over 3 layers)
     assert manifest.quantization[mf.HEAD_MODEL]["matmuls"] == 12
-    run = tmp_path / "run"
-    out = run_cli("train", "--bundle", quant_bundle, "--data", task["train"], "--run", run, "--epochs", 3)
-    assert out.returncode == 0, out.stderr
-    ev = run_cli("eval", "--run", run, "--data", task["test"], "--json")
-    assert ev.returncode == 0, ev.stderr
-    assert json.loads(ev.stdout)["accuracy"] >= 0.9  # the fp32 bundle reaches 1.0 on this task
-    pr = run_cli("predict", "--run", run, task["test"] / "red" / "000.png", "--json")
-    assert pr.returncode == 0, pr.stderr
-    assert json.loads(pr.stdout)[0]["label"] == "red"
-    # The deployed model.onnx is the quantized graph, not an fp32 one.
-    ops = {n.op_type for n in onnx.load(str(run / "model.onnx")).graph.node}
-    assert {"int8": "MatMulInteger", "int4": "MatMulNBits"}[mode] in ops
     # A damaged quantized file is refused like any other.
     copy = tmp_path / "damaged"
     shutil.copytree(quant_bundle, copy)
@@ -149,13 +137,11 @@ def test_frozen_int8_keys_values_close_to_fp32_tiny(tiny_bundle, tmp_path):
     assert all(0 < e <= KV_TOLERANCE for e in errors), errors
 
 
-def test_frozen_int8_keys_values_close_to_fp32_vit_ti16(tmp_path):
-    backbone = VisionTransformer(PRESETS["vit_ti16"])
-    backbone.reset_parameters(seed=5)
-    export_frozen(backbone.eval(), tmp_path / "frozen.onnx", AdapterSpec.create(backbone.arch, "vqt", 2))
-    quantize_int8(tmp_path / "frozen.onnx", tmp_path / "frozen8.onnx")
-    assert (tmp_path / "frozen8.onnx").stat().st_size < 0.35 * (tmp_path / "frozen.onnx").stat().st_size
-    errors = _kv_error(tmp_path / "frozen.onnx", tmp_path / "frozen8.onnx", (2, 3, 224, 224))
+def test_frozen_int8_keys_values_close_to_fp32_vit_ti16(tmp_path, vit_ti16_frozen):
+    _, frozen = vit_ti16_frozen  # tests/conftest.py
+    quantize_int8(frozen, tmp_path / "frozen8.onnx")
+    assert (tmp_path / "frozen8.onnx").stat().st_size < 0.35 * frozen.stat().st_size
+    errors = _kv_error(frozen, tmp_path / "frozen8.onnx", (2, 3, 224, 224))
     assert all(0 < e <= KV_TOLERANCE for e in errors), errors
 
 
@@ -323,29 +309,17 @@ def test_quantized_step_equals_torch_on_the_dequantized_weights(quant_bundle, ti
         ),
     ],
 )
-def test_quantized_bundle_trains_evaluates_predicts_and_resumes(quant_bundle, task, tmp_path, backend):
+def test_quantized_bundle_trains_evaluates_predicts_and_resumes(quant_bundle, task, tmp_path, backend, request):
     """Either backend on a quantized bundle: killed right after a mid-run checkpoint, `--resume`
     ends with exactly the parameters and losses of an uninterrupted run; the result evaluates and
     predicts through its quantized model.onnx."""
-    args = [
-        "--bundle",
-        quant_bundle,
-        "--data",
-        task["train"],
-        "--epochs",
-        3,
-        "--batch-size",
-        8,
-        "--checkpoint-every",
-        3,
-        "--seed",
-        3,
-        "--backend",
-        backend,
-    ]
-    reference = tmp_path / "reference"
-    out = run_cli("train", "--run", reference, *args)
-    assert out.returncode == 0, out.stderr
+    args = ["--bundle", quant_bundle, "--data", task["train"], *QUANT_TRAIN, "--backend", backend]
+    if (request.node.callspec.params["quant_bundle"], backend) == ("int4", "portable"):
+        reference = request.getfixturevalue("tiny_int4_run")  # this very command, run once per session
+    else:
+        reference = tmp_path / "reference"
+        out = run_cli("train", "--run", reference, *args)
+        assert out.returncode == 0, out.stderr
     run = tmp_path / "killed"
     checkpoint = RunFolder(run).checkpoint(backend)
     proc = subprocess.Popen(
@@ -374,11 +348,17 @@ def test_quantized_bundle_trains_evaluates_predicts_and_resumes(quant_bundle, ta
         [json.loads(x)["train_loss"] for x in (r / "metrics.jsonl").read_text().splitlines()] for r in (reference, run)
     ]
     assert losses[0] == losses[1]
+    # The deployed model.onnx is the quantized graph, not an fp32 one.
+    ops = {n.op_type for n in onnx.load(str(run / "model.onnx")).graph.node}
+    assert {"int8": "MatMulInteger", "int4": "MatMulNBits"}[mf.read_manifest(quant_bundle).quantize] in ops
     ev = run_cli("eval", "--run", run, "--data", task["test"], "--json")
     assert ev.returncode == 0, ev.stderr
-    assert json.loads(ev.stdout)["accuracy"] >= 0.9
-    pr = run_cli("predict", "--run", run, task["test"] / "green" / "001.png", "--json")
-    assert pr.returncode == 0 and json.loads(pr.stdout)[0]["label"] == "green", pr.stderr
+    assert json.loads(ev.stdout)["accuracy"] >= 0.9  # the fp32 bundle reaches 1.0 on this task
+    pr = run_cli(
+        "predict", "--run", run, task["test"] / "green" / "001.png", task["test"] / "red" / "000.png", "--json"
+    )
+    assert pr.returncode == 0, pr.stderr
+    assert [p["label"] for p in json.loads(pr.stdout)] == ["green", "red"]
 
 
 @pytest.mark.skipif(not ort.has_training_api(), reason="no onnxruntime-training here")
