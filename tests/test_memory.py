@@ -298,6 +298,7 @@ def test_sweep_memory_only_writes_results_and_plot(tmp_path):
         "--out",
         out,
         torch_free=False,
+        timeout=900,  # three exports and three runs, each its own process: minutes on a loaded machine
     )
     assert result.returncode == 0, result.stderr + result.stdout
     assert "[1/" in result.stdout and "peak" in result.stdout
