@@ -262,6 +262,8 @@ def test_tls_fleet_refuses_a_stranger_and_drops_every_bad_update(tiny_bundle, ta
         clients=len(names),
         classes=["blue", "green", "red"],
         batch_size=16,
+        local_epochs=1,  # a round of one pass, and no calibration: each round's adapter is the honest average
+        calibrate_head=None,
         min_clients=2,
         round_timeout=300,
     )
@@ -365,6 +367,10 @@ def test_server_killed_after_a_round_resumes_to_the_uninterrupted_adapter(tiny_b
         certs,
         "--round-timeout",
         "300",
+        "--local-epochs",  # rounds of one pass, as the reference run below trains them
+        "1",
+        "--calibrate-head",
+        "off",
     ]
 
     def start(args: list) -> subprocess.Popen:

@@ -38,7 +38,8 @@ class Limits:
     max_update_norm: float | None = None  # None: update_bound(...) for each reply
     lr: float = 1e-2  # peak learning rate and the round's steps: what update_bound needs
     batch_size: int = 32
-    local_epochs: int = 1
+    local_epochs: int | None = 1  # None: a round is local_steps steps (the fleet's default)
+    local_steps: int = 0
 
 
 def parse_aggregation(text: str) -> tuple[str, float]:
@@ -71,7 +72,10 @@ def update_bound(limits: Limits, num_examples: int) -> float:
     step (Adam's normalized step), for the round's steps, as an L2 norm over all P elements, times
     BOUND_SLACK."""
     params = sum(math.prod(s) for s in limits.shapes.values())
-    steps = math.ceil(num_examples / limits.batch_size) * limits.local_epochs
+    if limits.local_epochs is None:
+        steps = limits.local_steps  # every client the same steps, however many images it has
+    else:
+        steps = math.ceil(num_examples / limits.batch_size) * limits.local_epochs
     return BOUND_SLACK * limits.lr * steps * math.sqrt(params)
 
 

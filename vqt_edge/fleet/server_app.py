@@ -249,6 +249,7 @@ def run_fleet(grid: Grid, settings: FleetSettings) -> dict:
         settings.lr,
         settings.batch_size,
         settings.local_epochs,
+        settings.local_steps,
     )
     offset = settings.resume_from
     strategy = _RecordingFedAvg(
