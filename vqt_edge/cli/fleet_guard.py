@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from vqt_edge.errors import UserError
-from vqt_edge.fleet.certs import DEVICES, ServerFiles, allow_list, enroll, make_certificates, server_hosts
 from vqt_edge.fleet.checks import DEFAULT_MAX_EXAMPLES, parse_aggregation
+
+if TYPE_CHECKING:  # cryptography is imported by the commands that make or read certificates, not at CLI start
+    from vqt_edge.fleet.certs import ServerFiles
 
 INSECURE_WARNING = (
     "warning: --insecure: fleet traffic is plain HTTP and any machine that reaches the port can read "
@@ -123,6 +126,7 @@ def server_security_options(command):
 
 
 def client_security_options(command):
+
     return _add(
         command,
         [
@@ -151,6 +155,8 @@ def start_server(
 ) -> tuple[str, int]:
     """The SuperLink with TLS and the allow-list registered, or plain with --insecure:
     (its local address, devices enrolled)."""
+    from vqt_edge.fleet.certs import DEVICES, ServerFiles, allow_list
+
     if insecure:
         if certificates or allow_dir:
             raise UserError("--insecure turns TLS and enrollment off: drop --certificates / --allow, or --insecure")
@@ -192,6 +198,8 @@ def client_security(root_certificate: Path | None, key: Path | None, insecure: b
 
 def simulate_security(workdir: Path, clients: int, insecure: bool) -> tuple[ServerFiles | None, list[Path | None]]:
     """TLS on localhost and one enrolled key per simulated client, made fresh under the run folder."""
+    from vqt_edge.fleet.certs import DEVICES, enroll, make_certificates
+
     if insecure:
         warn_insecure()
         return None, [None] * clients
@@ -245,6 +253,8 @@ def resume_settings(run_dir: Path, bundle: Path):
 @click.option("--devices", type=int, default=0, show_default=True, help="Also enroll this many devices (device_0 ...).")
 def certs(out: Path, hosts: tuple[str, ...], devices: int) -> None:
     """Make the fleet's CA and server certificate (TLS), and optionally enroll devices."""
+    from vqt_edge.fleet.certs import DEVICES, enroll, make_certificates, server_hosts
+
     files = make_certificates(out, list(hosts))
     click.echo(
         f"wrote {files.ca} (give to every device), {files.cert} for {', '.join(server_hosts(files.cert))}; "
@@ -271,6 +281,8 @@ def _enrolled(key: Path, pub: Path) -> None:
 @click.argument("names", nargs=-1, required=True)
 def enroll_command(certificates: Path, names: tuple[str, ...]) -> None:
     """Make a key pair for each named device and put its public key on the server's allow-list."""
+    from vqt_edge.fleet.certs import DEVICES, ServerFiles, enroll
+
     ServerFiles.in_folder(certificates)
     for name in names:
         _enrolled(*enroll(certificates / DEVICES, name))

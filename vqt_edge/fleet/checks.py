@@ -14,12 +14,15 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from flwr.app import Message
-from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 
 from vqt_edge.errors import UserError
+
+if TYPE_CHECKING:  # flwr is imported where a round runs, not by every command that parses options
+    from flwr.app import Message
+    from flwr.serverapp.strategy import FedAvg
 
 DEFAULT_MAX_EXAMPLES = 100_000  # images one client may claim per round: far above an edge device's own set
 DTYPE = "float32"
@@ -59,6 +62,8 @@ def parse_aggregation(text: str) -> tuple[str, float]:
 
 def aggregator(text: str, **keys) -> FedAvg:
     """Flower's strategy whose `aggregate_train` combines the accepted replies."""
+    from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg  # here: the CLI imports this module
+
     kind, beta = parse_aggregation(text)
     if kind == "median":
         return FedMedian(**keys)
