@@ -61,7 +61,8 @@ def _cache(manifest, batch: int):
     import numpy as np
 
     from device_runner.features import FeatureStore
-    from device_runner.kv_int8 import cache_specs, encode
+    from device_runner.kv_int8 import encode
+    from vqt_edge.kv_cache import cache_specs
 
     rng = np.random.default_rng(0)
     kv_dtype = os.environ.get("BENCH_KV_DTYPE", "fp16")

@@ -32,12 +32,12 @@ from vqt_edge.errors import UserError
 from vqt_edge.fileio import atomic_path, atomic_write_bytes
 from vqt_edge.manifest import Manifest
 from vqt_edge.optim import AdamW, decay_factor
-from vqt_edge.spec import BACKENDS
+from vqt_edge.spec import BACKENDS, DEFAULT_BACKEND
 
 # Where both run: as fast (vit_b16 step 0.245 vs 0.250 CPU s) and as lean at a full batch (1079 vs
 # 1065 MiB), a 1.25 MiB checkpoint saved in ms instead of 272 MiB in 0.5 s, a far lower memory
 # floor under --memory-budget, and the same backend on every onnxruntime (bench/step_bench.py; docs/benchmarks.md).
-DEFAULT = "portable"
+DEFAULT = DEFAULT_BACKEND
 Position = dict[str, float | int]  # epoch, step, loss_sum, correct, seen
 
 

@@ -28,10 +28,11 @@ import numpy as np
 from device_runner import ort
 from device_runner.data import iter_batches
 from device_runner.fp16 import fp16_to_fp32
-from device_runner.kv_int8 import SCALE_SUFFIX, cache_specs, dequantize_into, encode, is_scale
+from device_runner.kv_int8 import dequantize_into, encode
 from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
 from vqt_edge.fileio import DISK_FULL, atomic_write_text
+from vqt_edge.kv_cache import SCALE_SUFFIX, cache_specs, is_scale
 from vqt_edge.manifest import Manifest
 
 log = logging.getLogger(__name__)

@@ -18,20 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vqt_edge.kv_cache import GROUPS, KV_DTYPES, SCALE_SUFFIX, cache_bytes, cache_specs, is_scale, scale_shape
-
-__all__ = [
-    "GROUPS",
-    "KV_DTYPES",
-    "SCALE_SUFFIX",
-    "cache_bytes",
-    "cache_specs",
-    "is_scale",
-    "scale_shape",
-    "quantize",
-    "encode",
-    "dequantize_into",
-]
+from vqt_edge.kv_cache import GROUPS, SCALE_SUFFIX
 
 
 def quantize(x: np.ndarray, axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:

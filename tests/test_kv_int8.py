@@ -17,9 +17,10 @@ from safetensors.numpy import load_file
 
 from device_runner.data import iter_batches
 from device_runner.features import DiskCache, FrozenBackbone, build_ram_store, image_sha256
-from device_runner.kv_int8 import cache_bytes, cache_specs, dequantize_into, quantize
+from device_runner.kv_int8 import dequantize_into, quantize
 from tests.conftest import REPO, run_cli
 from vqt_edge import manifest as mf
+from vqt_edge.kv_cache import cache_bytes, cache_specs
 from vqt_edge.run_folder import CHECKPOINTS
 
 

@@ -40,6 +40,7 @@ CACHED_KV_MODES = ("ram", "disk")
 KV_MODES = CACHED_KV_MODES + ("stream",)
 # The training backends (device_runner/backends.py; docs/design.md section 9): the portable step
 # graph on any onnxruntime, or onnxruntime-training's artifacts. `--backend auto` picks one.
+DEFAULT_BACKEND = "portable"  # the fastest and leanest on every onnxruntime (device_runner/backends.py says why)
 BACKENDS = ("portable", "ort-training")
 
 #: The trained query tokens' one name: the torch parameter, the graphs' initializer, the step

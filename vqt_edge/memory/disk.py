@@ -23,11 +23,11 @@ from pathlib import Path
 
 from vqt_edge.errors import UserError
 from vqt_edge.kv_cache import KV_DTYPES
+from vqt_edge.memory.measure import MiB
 from vqt_edge.memory.model import BundleFootprint, Plan, frozen_batch, predict_peak
 from vqt_edge.memory.planner import AVAILABLE_SHARE, NoPlan, choose
 from vqt_edge.spec import CACHED_KV_MODES, KV_MODES
 
-MiB = 2**20
 DEFAULT_KV_DTYPE = "fp16"
 """fp16 unless only int8 fits. int8 cost VQT at most 0.02 points on the three transfer tasks; the
 rule (int8 if <= 0.3 on every task) waits on Head2Toe's numbers (docs/kv-cache.md)."""

@@ -12,9 +12,8 @@ from pathlib import Path
 from vqt_edge.errors import UserError
 from vqt_edge.kv_cache import cache_bytes
 from vqt_edge.memory.measure import MiB
-from vqt_edge.spec import BACKENDS, CACHED_KV_MODES, KV_MODES
+from vqt_edge.spec import BACKENDS, CACHED_KV_MODES, DEFAULT_BACKEND, KV_MODES
 
-DEFAULT_BACKEND = "portable"  # the trainer's default on every onnxruntime (device_runner/backends.py)
 # --------------------------------------------------------------------------------------------------
 # The memory model: peak resident memory of `vqt-edge train`, from measured components
 # --------------------------------------------------------------------------------------------------
