@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +22,8 @@ from device_runner import ort
 from device_runner.backends import BACKENDS
 from device_runner.data import iter_batches, load_dataset
 from tests.conftest import REPO, run_cli
+from tests.test_faults import kill_mid_epoch, metrics_lines, wait_for
 from vqt_edge import manifest as mf
-from vqt_edge.run_folder import CHECKPOINTS
 
 
 @pytest.fixture(scope="module")
@@ -91,22 +90,6 @@ def test_device_modules_never_import_torch():
     assert out.returncode == 0, out.stderr
 
 
-def _wait_for(predicate, proc, timeout=120.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"train ended (rc {proc.returncode}) before the kill point: {proc.stderr.read()}")
-        time.sleep(0.005)
-    raise AssertionError("kill point never reached")
-
-
-def _metrics_lines(run: Path) -> int:
-    path = run / "metrics.jsonl"
-    return len(path.read_text().splitlines()) if path.exists() else 0
-
-
 def _runnable(backend: str):
     """pytest.param for a backend, skipped where it cannot run (ort-training on stock onnxruntime)."""
     ok = backend == "portable" or ort.has_training_api()
@@ -133,7 +116,6 @@ def test_sigkill_at_any_point_then_resume_equals_uninterrupted(tmp_path, tiny_bu
         "--backend",
         backend,
     ]
-    checkpoint = CHECKPOINTS[backend]
     reference = tmp_path / "reference"
     out = run_cli("train", "--run", reference, *args)
     assert out.returncode == 0, out.stderr
@@ -157,24 +139,15 @@ def test_sigkill_at_any_point_then_resume_equals_uninterrupted(tmp_path, tiny_bu
 
     # Kill 1: as soon as the run folder exists (during data loading / the K/V cache pass).
     proc = start(*args)
-    _wait_for(lambda: (run / "run.json").exists(), proc)
+    wait_for(lambda: (run / "run.json").exists(), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     # Kill 2: mid-epoch, right after a step checkpoint of epoch 2 has been written.
     proc = start("--resume")
-    _wait_for(
-        lambda: (
-            _metrics_lines(run) >= 1
-            and (run / checkpoint).exists()
-            and (run / checkpoint).stat().st_mtime > (run / "metrics.jsonl").stat().st_mtime
-        ),
-        proc,
-    )
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_mid_epoch(proc, run)
     # Kill 3: later, whatever it is doing.
     proc = start("--resume")
-    _wait_for(lambda: _metrics_lines(run) >= 4, proc)
+    wait_for(lambda: metrics_lines(run) >= 4, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run / "adapter.safetensors").exists()

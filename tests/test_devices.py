@@ -14,9 +14,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +22,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from tests.conftest import REPO, make_task, run_cli
-from vqt_edge.run_folder import CHECKPOINTS
+from tests.test_faults import kill_mid_epoch
 
 DEVICES = os.environ.get("VQT_EDGE_DEVICES")
 pytestmark = pytest.mark.skipif(not DEVICES, reason="needs the device environments: `make devices`, VQT_EDGE_DEVICES")
@@ -34,7 +32,7 @@ TRAIN = [
     "--epochs",
     4,
     "--batch-size",
-    12,
+    4,
     "--checkpoint-every",
     2,
     "--seed",
@@ -82,7 +80,7 @@ def _metrics(run: Path) -> list[dict]:
 
 
 def _killed_then_resumed(target: str, bundle: Path, data: Path, run: Path, cwd: Path) -> None:
-    """SIGKILL right after the first mid-epoch step checkpoint (epoch 2), then --resume to the end."""
+    """SIGKILL right after a mid-epoch step checkpoint, then --resume to the end."""
     proc = subprocess.Popen(
         device_command(target, "train", "--bundle", bundle, "--data", data, "--run", run, *TRAIN),
         stdout=subprocess.DEVNULL,
@@ -91,15 +89,8 @@ def _killed_then_resumed(target: str, bundle: Path, data: Path, run: Path, cwd: 
         env=device_env(),
         cwd=cwd,
     )
-    checkpoint, metrics = run / CHECKPOINTS["portable"], run / "metrics.jsonl"
-    deadline = time.monotonic() + TIMEOUT
-    while not (metrics.exists() and checkpoint.exists() and checkpoint.stat().st_mtime > metrics.stat().st_mtime):
-        assert proc.poll() is None, f"train ended (rc {proc.returncode}) before the kill point: {proc.stderr.read()}"
-        assert time.monotonic() < deadline, "kill point never reached"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert len(_metrics(run)) == 1 and not (run / "adapter.safetensors").exists()
+    position = kill_mid_epoch(proc, run, TIMEOUT)
+    assert position["step"] > 0 and not (run / "adapter.safetensors").exists()
     run_on(target, "train", "--run", run, "--resume", cwd=cwd)
 
 
@@ -194,7 +185,7 @@ def test_train_keeps_its_memory_budget(target, device_runs):
     summary = json.loads((runs["reference"] / "summary.json").read_text())
     assert summary["backend"] == "portable" and summary["memory_budget_mb"] == 1024
     assert summary["budget_exceeded"] is False and "memory budget 1024 MiB" in runs["train"].stdout
-    assert [m["step"] for m in _metrics(runs["reference"])] == [3, 6, 9, 12]
+    assert [m["step"] for m in _metrics(runs["reference"])] == [9, 18, 27, 36]
     assert summary["test_images"] == 18 and summary["test_accuracy"] > 1 / 3
 
 

@@ -71,6 +71,32 @@ def stop(proc: subprocess.Popen) -> None:
         time.sleep(0.001)
 
 
+def kill_mid_epoch(proc: subprocess.Popen, run: Path, timeout: float = 120) -> dict:
+    """SIGKILL the training process once its checkpoint lies inside an epoch (step > 0).
+
+    The checkpoint's own position is polled (file times can be too coarse to order two writes), then
+    read again with the process stopped (SIGSTOP), so the one read is the one that resume will find."""
+    wait_for(lambda: (run / "run.json").exists(), proc, timeout)
+    ckpt = checkpoint_of(run)
+
+    def mid_epoch() -> dict | None:
+        try:  # each checkpoint is a complete file renamed into place
+            position = load_checkpoint(ckpt)
+        except Exception:  # not written yet
+            return None
+        return position if position["step"] > 0 else None
+
+    while True:
+        wait_for(lambda: mid_epoch() is not None, proc, timeout)
+        stop(proc)
+        position = mid_epoch()
+        if position is not None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return position
+        proc.send_signal(signal.SIGCONT)
+
+
 def metrics_lines(run: Path) -> int:
     path = run / "metrics.jsonl"
     return len(path.read_text().splitlines()) if path.exists() else 0

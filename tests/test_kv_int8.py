@@ -19,9 +19,9 @@ from device_runner.data import iter_batches
 from device_runner.features import DiskCache, FrozenBackbone, build_ram_store, image_sha256
 from device_runner.kv_int8 import dequantize_into, quantize
 from tests.conftest import REPO, run_cli
+from tests.test_faults import kill_mid_epoch, wait_for
 from vqt_edge import manifest as mf
 from vqt_edge.kv_cache import cache_bytes, cache_specs
-from vqt_edge.run_folder import CHECKPOINTS
 
 
 def reference_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -113,19 +113,6 @@ def test_a_changed_image_is_not_served_stale_from_the_int8_cache(tmp_path, tiny_
     assert np.array_equal(got, _expected(_outputs(tiny_bundle, [paths[2]]))["keys"])
 
 
-def _wait_for(predicate, proc, timeout=120.0):
-    import time
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"train ended (rc {proc.returncode}) before the kill point: {proc.stderr.read()}")
-        time.sleep(0.005)
-    raise AssertionError("kill point never reached")
-
-
 def test_sigkill_then_resume_with_an_int8_disk_cache_is_bit_identical(tmp_path, tiny_bundle, task):
     args = [
         "--bundle",
@@ -172,14 +159,11 @@ def test_sigkill_then_resume_with_an_int8_disk_cache_is_bit_identical(tmp_path, 
         )
 
     proc = start(*args)  # killed during the frozen pass into the int8 cache (or just after)
-    _wait_for(lambda: any((run / "kv_cache").glob("*/keys.int8")), proc)
+    wait_for(lambda: any((run / "kv_cache").glob("*/keys.int8")), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    checkpoint = run / CHECKPOINTS["portable"]
     proc = start("--resume")  # killed mid-epoch, right after a step checkpoint
-    _wait_for(lambda: checkpoint.exists(), proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_mid_epoch(proc, run)
     out = run_cli("train", "--run", run, "--resume")
     assert out.returncode == 0, out.stderr
     want, got = load_file(str(reference / "adapter.safetensors")), load_file(str(run / "adapter.safetensors"))

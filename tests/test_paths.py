@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 from pathlib import Path
 
@@ -22,7 +21,11 @@ from safetensors import safe_open
 from device_runner.data import load_dataset, split
 from device_runner.identity import samples_sha256
 from tests.conftest import TINY_RUN, cli_command, cli_env, run_cli
-from tests.test_faults import assert_clean_error, assert_same_adapter, checkpoint_of, load_checkpoint, stop, wait_for
+from tests.test_faults import (
+    assert_clean_error,
+    assert_same_adapter,
+    kill_mid_epoch,
+)
 from vqt_edge.errors import UserError
 
 # 120 images, batch 8: 15 steps per epoch, a checkpoint every 4 steps, so that a kill can land
@@ -48,33 +51,6 @@ def write_list(data: Path, list_file: Path) -> None:
     rows = [f"{os.path.relpath(p, list_file.parent)},{dataset.classes[label]}" for p, label in dataset.samples]
     list_file.parent.mkdir(parents=True, exist_ok=True)
     list_file.write_text("path,label\n" + "\n".join(rows) + "\n")
-
-
-def kill_mid_epoch(proc: subprocess.Popen, run: Path) -> dict:
-    """SIGKILL the training process once its last checkpoint lies inside an epoch (step > 0).
-
-    Each new checkpoint is looked at with the process stopped (SIGSTOP), so the one read is the
-    one that resume will find; an end-of-epoch one (step 0) lets it run on to the next."""
-    wait_for(lambda: (run / "run.json").exists(), proc)
-    ckpt, seen = checkpoint_of(run), None
-
-    def version() -> tuple[int, int] | None:  # each checkpoint is a new file renamed into place
-        try:
-            st = ckpt.stat()
-        except FileNotFoundError:
-            return None
-        return st.st_ino, st.st_mtime_ns
-
-    while True:
-        wait_for(lambda seen=seen: version() not in (None, seen), proc)
-        stop(proc)
-        seen = version()
-        position = load_checkpoint(ckpt)
-        if position["step"] > 0:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            return position
-        proc.send_signal(signal.SIGCONT)
 
 
 @pytest.mark.parametrize("layout", ["folder", "list"])
