@@ -15,6 +15,16 @@ GROUPS = {"keys": (-2,), "values": (-2,), "hidden": (-2,), "features": (-1,)}
 """Per frozen output: the per-image axes one scale covers (the rest of the row has a scale each).
 keys/values [L, H, N, hd]: per channel (over the N tokens); hidden [N, D]: per channel; features [F]: per image."""
 
+STEP_INT8_FED = ("keys", "values")
+"""What the int8-fed step graph (manifest STEP_INT8_MODEL, exporters/step.py) takes as int8 codes: each
+query layer's codes as an input of its own (`layer_input`), all layers' scales as `<name>_scale`."""
+
+
+def layer_input(name: str, layer: int) -> str:
+    """The int8-fed step graph's input holding query layer `layer`'s (0-based) codes [B, H, N, dh] of `name`."""
+    return f"{name}.{layer}"
+
+
 # Variants compared by bench/kv_int8_error.py (axes of the per-image K/V row [L, H, N, hd]).
 VARIANTS = {"token": (-1,), "channel": (-2,), "head": (-2, -1)}
 
