@@ -39,8 +39,11 @@ RUN_FILES_MB = 1.0
 
 
 def footprint(fp: BundleFootprint, kv_dtype: str) -> BundleFootprint:
-    """The footprint with the cache rows of this dtype (the fp32 feed the step reads is the same)."""
-    return fp if kv_dtype == "fp16" else dataclasses.replace(fp, cache_per_sample=fp.cache_int8_per_sample)
+    """The footprint with the cache rows of this dtype; an int8 cache is fed as it is to a bundle's
+    int8-fed step graph where it has one (`int8_feed`), else as the same fp32 feed."""
+    if kv_dtype == "fp16":
+        return fp
+    return dataclasses.replace(fp, cache_per_sample=fp.cache_int8_per_sample, int8_feed=fp.step_int8_bytes > 0)
 
 
 def disk_mb(fp: BundleFootprint, *, images: int, kv: str, backend: str) -> dict[str, float]:
