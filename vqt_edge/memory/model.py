@@ -289,7 +289,7 @@ def predict_peak(
         load = STEP_LOAD * step_bytes * mb
         module = STEP_RESIDENT * step_bytes * mb + PORTABLE_OPTIMIZER_COPIES * trainable
         save = 3 * trainable
-        fed = fp.feed_per_sample if fp.step_fed_per_sample is None else fp.step_fed_per_sample
+        fed: float = fp.feed_per_sample if fp.step_fed_per_sample is None else fp.step_fed_per_sample
         if int8_graph:  # the int8 cache's rows as they are, plus a few layers' widened codes at a time
             fed = fp.cache_per_sample + STEP_INT8_WIDEN * fp.feed_per_sample / (2 * max(fp.query_layers, 1))
         step = micro * (fed + STEP_WORK * fp.feed_per_sample + adapted) * mb
