@@ -106,8 +106,9 @@ def open_backend(
     """`arena`: the portable step session's memory arena. Training keeps it on (a step twice as fast,
     for 3.5% of the step's peak at micro-batch 32 on ViT-B/16: vqt_edge/memory.py STEP_WORK); off
     only to measure that (bench/calibrate_memory.py). `int8_feed`: the features come from an int8
-    cache; the portable backend then runs the bundle's int8-fed step graph where it has one
-    (`uses_int8_feed`)."""
+    cache; the portable backend then runs the bundle's int8-fed step graph (mf.STEP_INT8_MODEL: K/V
+    dequantized in the graph one layer at a time, a quarter of the fp32 feed's bytes; docs/kv-cache.md)
+    where the bundle has one, and the fp32 feed's train/step.onnx otherwise (bundles exported before it)."""
     if name == "portable":
         return PortableBackend(bundle, manifest, device, threads, resume_from, arena, int8_feed)
     return OrtTrainingBackend(bundle, manifest, device, threads, resume_from)
@@ -131,13 +132,6 @@ def step_session_options(threads: int | None, arena: bool = True) -> object:
     # without it, 0.227 -> 0.245 CPU s per step; onnxruntime-training 1.19.2: 1303 MiB either way.
     options.enable_mem_pattern = False
     return options
-
-
-def uses_int8_feed(backend: str, manifest: Manifest, kv_dtype: str) -> bool:
-    """Whether a run feeds the int8 cache's codes and scales to the int8-fed step graph
-    (mf.STEP_INT8_MODEL: K/V dequantized in the graph one layer at a time, a quarter of the fp32
-    feed's bytes; docs/kv-cache.md) rather than dequantizing them into an fp32 feed."""
-    return backend == "portable" and kv_dtype == "int8" and mf.STEP_INT8_MODEL in manifest.files
 
 
 class PortableBackend:
