@@ -23,11 +23,27 @@ from vqt_edge.arch import ViTArch
 REPO = Path(__file__).resolve().parent.parent
 TINY = ViTArch(depth=3, dim=32, heads=4, mlp_dim=64, patch=8, image_size=32)
 CLASSES = ["blue", "green", "red"]
+# `vqt-edge export` flags that define TINY, and those of a random-init tiny export with 3 classes.
+TINY_SIZES = [
+    x
+    for field in ("depth", "dim", "heads", "mlp_dim", "patch", "image_size")
+    for x in ("--" + field.replace("_", "-"), getattr(TINY, field))
+]
+TINY_EXPORT = ["--random-init", *TINY_SIZES, "--num-classes", 3]
 # The second test run (`make test`: stock onnxruntime, no torch) cannot export: it reads the bundles
 # the first run's environment exported there (tests/fixture_bundles.py).
 BUNDLES = os.environ.get("VQT_EDGE_TEST_BUNDLES")
 if BUNDLES:
     sys.modules.setdefault("torch", None)  # type: ignore[arg-type]  # torch blocked, as on a device
+
+
+def invoke(*args):
+    """The real CLI in this process (click's runner): no process start or torch import per call."""
+    from click.testing import CliRunner
+
+    from vqt_edge.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def make_task(root: Path, per_class: int, seed: int, size: int = 32) -> Path:

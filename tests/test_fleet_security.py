@@ -263,7 +263,7 @@ def test_tls_fleet_refuses_a_stranger_and_drops_every_bad_update(tiny_bundle, ta
         classes=["blue", "green", "red"],
         batch_size=16,
         local_epochs=1,  # a round of one pass, and no calibration: each round's adapter is the honest average
-        calibrate_head=None,
+        calibrate_head="off",
         min_clients=2,
         round_timeout=300,
     )
