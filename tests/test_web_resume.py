@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from tests.conftest import make_task
-from tests.test_web import browser, fmnist_bundle, pytestmark, site_url  # noqa: F401  (fixtures, skip rule)
+from tests.test_web import pytestmark  # noqa: F401  (the same skip rule)
 
 EPOCHS, BATCH, PER_CLASS = 4, 8, 20  # 60 photos, 48 trained on: 6 steps per epoch, 24 in all
 PARAMS = (
@@ -26,7 +26,7 @@ PARAMS = (
 )
 
 
-def new_page(browser, url: str):  # noqa: F811
+def new_page(browser, url: str):
     """A page in a fresh context (its own, empty IndexedDB)."""
     context = browser.new_context()
     page = context.new_page()
@@ -61,7 +61,7 @@ def assert_identical(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) ->
         assert np.array_equal(got[n], want[n]), f"{n}: max difference {np.abs(got[n] - want[n]).max()}"
 
 
-def test_reload_mid_training_resumes_to_the_same_adapter(browser, site_url, tmp_path):  # noqa: F811
+def test_reload_mid_training_resumes_to_the_same_adapter(browser, site_url, tmp_path):
     data = make_task(tmp_path / "data", PER_CLASS, seed=7)
     # A: uninterrupted, K/V in memory (and written to IndexedDB).
     a = new_page(browser, site_url)
@@ -118,7 +118,7 @@ def test_reload_mid_training_resumes_to_the_same_adapter(browser, site_url, tmp_
     )
 
 
-def test_kv_above_the_memory_budget_and_a_full_quota(browser, site_url, tmp_path):  # noqa: F811
+def test_kv_above_the_memory_budget_and_a_full_quota(browser, site_url, tmp_path):
     """?kvmem=0: every batch is read back from IndexedDB, same adapter. Then a quota too small for the
     frozen outputs: a clear message, the K/V fall back to memory, the run ends with the same adapter."""
     data = make_task(tmp_path / "data", PER_CLASS, seed=7)

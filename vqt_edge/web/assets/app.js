@@ -70,6 +70,10 @@ async function load() {
   drawPlot();
   state.kvPrefix = await kvPrefix(c);
   state.runKey = runKey(c);
+  if (query.get("store") === "0") {  // a shared computer: nothing of the photos stays in the browser
+    message("info", "?store=0: nothing is kept in this browser's storage; a reload starts again");
+    return;
+  }
   try {
     state.store = await Store.open();
     await offerResume();
