@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from tests.conftest import make_task
@@ -61,9 +64,11 @@ def assert_identical(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) ->
         assert np.array_equal(got[n], want[n]), f"{n}: max difference {np.abs(got[n] - want[n]).max()}"
 
 
-def test_reload_mid_training_resumes_to_the_same_adapter(browser, site_url, tmp_path):
-    data = make_task(tmp_path / "data", PER_CLASS, seed=7)
-    # A: uninterrupted, K/V in memory (and written to IndexedDB).
+@pytest.fixture(scope="module")
+def uninterrupted(browser, site_url, tmp_path_factory) -> tuple[Path, dict[str, np.ndarray], dict, int]:
+    """The reference: a whole run without a stop, K/V in memory (and written to IndexedDB).
+    Returns the photos, the trainables, the page's timings and the bytes IndexedDB then used."""
+    data = make_task(tmp_path_factory.mktemp("web_resume") / "data", PER_CLASS, seed=7)
     a = new_page(browser, site_url)
     start_training(a, data)
     want = finish(a)
@@ -71,8 +76,14 @@ def test_reload_mid_training_resumes_to_the_same_adapter(browser, site_url, tmp_
     assert fresh["frozen_images"] == 3 * PER_CLASS and fresh["cached_images"] == 0 and fresh["kv_in_memory"]
     usage = a.evaluate("window.vqt.estimate()")["usage"]
     assert a.is_hidden("#resume")  # a finished run leaves no checkpoint behind
+    assert a.errors == []  # type: ignore[attr-defined]
     a.context.close()
+    return data, want, fresh, usage
 
+
+def test_reload_mid_training_resumes_to_the_same_adapter(browser, site_url, uninterrupted, tmp_path):
+    data, want, fresh, usage = uninterrupted
+    data = Path(shutil.copytree(data, tmp_path / "data"))  # one photo is changed below
     # B: a checkpoint at every step; the tab is reloaded in the middle of epoch 2, then resumed.
     b = new_page(browser, site_url + "&checkpoint=0")
     start_training(b, data)
@@ -118,15 +129,10 @@ def test_reload_mid_training_resumes_to_the_same_adapter(browser, site_url, tmp_
     )
 
 
-def test_kv_above_the_memory_budget_and_a_full_quota(browser, site_url, tmp_path):
+def test_kv_above_the_memory_budget_and_a_full_quota(browser, site_url, uninterrupted):
     """?kvmem=0: every batch is read back from IndexedDB, same adapter. Then a quota too small for the
     frozen outputs: a clear message, the K/V fall back to memory, the run ends with the same adapter."""
-    data = make_task(tmp_path / "data", PER_CLASS, seed=7)
-    a = new_page(browser, site_url)
-    start_training(a, data)
-    want = finish(a)
-    a.context.close()
-
+    data, want, _, _ = uninterrupted
     c = new_page(browser, site_url + "&kvmem=0")
     start_training(c, data)
     assert_identical(finish(c), want)
