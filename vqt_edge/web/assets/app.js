@@ -127,6 +127,7 @@ class Cache {
     this.sizes = {};
     this.types = {};
     this.arrays = null;
+    this.store = null;  // IndexedDB, where rows not held in memory are read from
     for (const [name, { shape, cache_dtype }] of Object.entries(state.config.frozen_outputs)) {
       this.sizes[name] = prod(shape);
       if (cache_dtype === "float16" && !self.Float16Array) throw new Error("this browser has no Float16Array; use a current Chromium or Firefox");
@@ -178,7 +179,7 @@ class Cache {
 
   /** fp32 feeds for these cache rows. */
   async gather(rows) {
-    const stored = this.arrays ? null : await state.store.getRows(rows.map((r) => this.keys[r]));
+    const stored = this.arrays ? null : await this.store.getRows(rows.map((r) => this.keys[r]));
     const feeds = {};
     for (const [name, { shape }] of Object.entries(state.config.frozen_outputs)) {
       const size = this.sizes[name], out = new Float32Array(rows.length * size);
@@ -213,6 +214,9 @@ async function openCache(keys) {
     try { found = await state.store.has(keys); } catch (e) { storeFailed(e); }
   }
   const cache = new Cache(keys, !state.store || need <= KV_MEMORY_BUDGET);
+  cache.store = state.store;  // kept for reads even if a later write fails and the page stops writing
+  if (!cache.arrays) message("info", `the frozen outputs of ${keys.length} photos (${(need / 2 ** 20).toFixed(0)} MiB) are above this page's `
+    + `memory budget (${(KV_MEMORY_BUDGET / 2 ** 20).toFixed(0)} MiB): each batch is read from the browser's storage`);
   if (cache.arrays) {
     const rows = found.flatMap((f, i) => (f ? [i] : []));
     for (let s = 0; s < rows.length; s += 64) {
@@ -406,7 +410,7 @@ async function train() {
       } catch (e) {
         if (!cache.arrays) {  // rows were only in IndexedDB: bring those it holds into memory, then this batch
           cache.allocate(keys.length);
-          for (const i of written) cache.load(i, (await state.store.getRows([keys[i]]))[0]);
+          for (const i of written) cache.load(i, (await cache.store.getRows([keys[i]]))[0]);
           pending.forEach((p, i) => cache.load(p.index, rows[i][1]));
         }
         storeFailed(e);
@@ -636,6 +640,7 @@ function guard(fn) {
     } catch (e) {
       message("error", e.message || String(e));
       $("status").textContent = `stopped: ${e.message || e}`;
+      await offerResume().catch(() => {});  // a stored run (this one's or an earlier one's) can still go on
     } finally {
       if (state.busy) setBusy(false);
     }

@@ -57,7 +57,9 @@ export class Store {
         request.result.createObjectStore("kv");
         request.result.createObjectStore("runs");
       };
-      return new Store(await done(request));
+      const db = await done(request);
+      navigator.storage?.persist?.().catch(() => {});  // ask the browser not to evict the rows under storage pressure
+      return new Store(db);
     } catch (e) {
       throw wrap(e, "opening IndexedDB");
     }
