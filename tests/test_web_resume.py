@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import make_task
+from tests.conftest import CHROMIUM, CHROMIUM_ARGS, make_task
 from tests.test_web import pytestmark  # noqa: F401  (the same skip rule)
 
 EPOCHS, BATCH, PER_CLASS = 4, 8, 20  # 60 photos, 48 trained on: 6 steps per epoch, 24 in all
@@ -29,10 +29,14 @@ PARAMS = (
 )
 
 
-def new_page(browser, url: str):
-    """A page in a fresh context (its own, empty IndexedDB)."""
-    context = browser.new_context()
-    page = context.new_page()
+def new_page(browser, url: str, profile: Path | None = None):
+    """A page in a fresh context (its own, empty IndexedDB): incognito-like (storage in memory), or
+    with `profile` a browser of its own on an on-disk profile, as a person's browser keeps IndexedDB."""
+    if profile is None:
+        page = browser.new_context().new_page()
+    else:
+        context = browser.browser_type.launch_persistent_context(profile, executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = context.pages[0] if context.pages else context.new_page()
     page.errors = []  # type: ignore[attr-defined]
     page.on("pageerror", lambda e: page.errors.append(str(e)))  # type: ignore[attr-defined]
     page.goto(url)
@@ -84,8 +88,8 @@ def uninterrupted(browser, site_url, tmp_path_factory) -> tuple[Path, dict[str, 
 def test_reload_mid_training_resumes_to_the_same_adapter(browser, site_url, uninterrupted, tmp_path):
     data, want, fresh, usage = uninterrupted
     data = Path(shutil.copytree(data, tmp_path / "data"))  # one photo is changed below
-    # B: a checkpoint at every step; the tab is reloaded in the middle of epoch 2, then resumed.
-    b = new_page(browser, site_url + "&checkpoint=0")
+    # B: on an on-disk profile, a checkpoint at every step; the tab is reloaded in epoch 2, then resumed.
+    b = new_page(browser, site_url + "&checkpoint=0", profile=tmp_path / "profile")
     start_training(b, data)
     b.wait_for_function("(window.vqt.state.checkpoint?.step ?? 0) >= 8", timeout=60_000)
     b.reload()
@@ -94,6 +98,7 @@ def test_reload_mid_training_resumes_to_the_same_adapter(browser, site_url, unin
     b.click("#resume")
     assert_identical(finish(b), want)
     resumed = b.evaluate("window.vqt.state.timings")
+    disk_usage = b.evaluate("window.vqt.estimate()")["usage"]
     assert resumed["frozen_images"] == 0 and resumed["cached_images"] == 3 * PER_CLASS
     assert "resumed at epoch 2" in b.inner_text("#messages")
     # The same photos chosen again: no frozen pass, a new run from step 0 with the stored K/V.
@@ -120,7 +125,8 @@ def test_reload_mid_training_resumes_to_the_same_adapter(browser, site_url, unin
         json.dumps(
             {
                 "photos": 3 * PER_CLASS,
-                "idb_usage_bytes_per_photo": round(usage / (3 * PER_CLASS)),
+                "idb_usage_bytes_per_photo_in_memory_profile": round(usage / (3 * PER_CLASS)),
+                "idb_usage_bytes_per_photo_on_disk_profile": round(disk_usage / (3 * PER_CLASS)),
                 "fresh_frozen_pass_s": round(fresh["frozen_pass_s"], 3),
                 "resume_load_s": round(resumed["resume_load_s"], 3),
                 "cached_frozen_pass_s": round(again["frozen_pass_s"], 3),
