@@ -3,7 +3,7 @@
 For one bundle, in headless Debian Chromium, one thread (?threads=1), each trial in a fresh context
 (an empty IndexedDB): the frozen pass of a generated colour task without storage (?store=0) and with
 it (every row written to IndexedDB); the bytes IndexedDB then uses per photo (navigator.storage.estimate,
-minus an empty context's) next to the rows' payload; then, in that context, a run stopped by reloading
+minus an empty context's) next to the rows' payload (an on-disk profile, as a person's browser); then, in it, a run stopped by reloading
 the tab, and the Resume (the stored rows read back) against the fresh frozen pass; and the same photos
 chosen again (hashing + reading the rows). Wall seconds from the page's performance.now(), CPU seconds
 of Chromium's renderer processes from /proc.
@@ -93,13 +93,17 @@ def main() -> None:
                 cpu["no_store_s"].append(c)
                 page.context.close()
 
-                page = browser.new_context().new_page()
-                page.goto(url + "&checkpoint=0")
+                # An on-disk profile, as a person's browser keeps IndexedDB (playwright's contexts keep it in memory).
+                context = browser.browser_type.launch_persistent_context(
+                    tempfile.mkdtemp(dir=tmp), executable_path=CHROMIUM, args=CHROMIUM_ARGS
+                )
+                page = context.pages[0] if context.pages else context.new_page()
+                page.goto(url)
                 ready(page)
                 empty = page.evaluate("window.vqt.estimate()")["usage"]
                 # A long run, stopped by a reload once its frozen pass is stored and a few steps are done.
                 train(page, data, 50, 8, wait=False)
-                page.wait_for_function("(window.vqt.state.checkpoint?.step ?? 0) >= 3", timeout=600_000)
+                page.wait_for_function("window.vqt.state.losses.length >= 3", timeout=600_000)
                 stored = page.evaluate("window.vqt.state.timings")
                 trials["store_s"].append(stored["frozen_pass_s"])
                 trials["usage"].append(page.evaluate("window.vqt.estimate()")["usage"] - empty)
