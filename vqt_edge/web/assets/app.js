@@ -11,12 +11,12 @@ import { Store, kvPrefix, runKey, sha256Hex, estimate } from "./store.js";
 const IMAGE_EXTENSIONS = new Set([".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"]);
 const FROZEN_BATCH = 16;
 const MAX_CACHE_BYTES = 2 ** 31 - 1;  // one ArrayBuffer per frozen output; 2 GB is what every browser allows
-// Frozen outputs above this many bytes stay in IndexedDB and are read one batch at a time (?kvmem=BYTES).
-const KV_MEMORY_BUDGET = Number(new URLSearchParams(location.search).get("kvmem") ?? 2 ** 30);
-// The training position is stored at each epoch's start and at most this often (?checkpoint=SECONDS).
-const CHECKPOINT_S = Number(new URLSearchParams(location.search).get("checkpoint") ?? 2);
 const $ = (id) => document.getElementById(id);
 const query = new URLSearchParams(location.search);
+// Frozen outputs above this many bytes stay in IndexedDB and are read one batch at a time (?kvmem=BYTES).
+const KV_MEMORY_BUDGET = Number(query.get("kvmem") ?? 2 ** 30);
+// The training position is stored at each epoch's start and at most this often (?checkpoint=SECONDS).
+const CHECKPOINT_S = Number(query.get("checkpoint") ?? 2);
 
 ort.env.wasm.wasmPaths = new URL("./ort/", location.href).href;
 // Threads need cross-origin isolation (`vqt-edge web --serve` sends the headers); ?threads=N overrides.
@@ -180,6 +180,8 @@ class Cache {
   /** fp32 feeds for these cache rows. */
   async gather(rows) {
     const stored = this.arrays ? null : await this.store.getRows(rows.map((r) => this.keys[r]));
+    if (stored?.includes(undefined))
+      throw new Error("the browser's storage no longer holds some photos' frozen outputs (deleted or evicted): choose the photos and Train again");
     const feeds = {};
     for (const [name, { shape }] of Object.entries(state.config.frozen_outputs)) {
       const size = this.sizes[name], out = new Float32Array(rows.length * size);
@@ -221,7 +223,7 @@ async function openCache(keys) {
     const rows = found.flatMap((f, i) => (f ? [i] : []));
     for (let s = 0; s < rows.length; s += 64) {
       const chunk = rows.slice(s, s + 64);
-      (await state.store.getRows(chunk.map((i) => keys[i]))).forEach((row, j) => cache.load(chunk[j], row));
+      (await state.store.getRows(chunk.map((i) => keys[i]))).forEach((row, j) => (row ? cache.load(chunk[j], row) : (found[chunk[j]] = false)));
     }
   }
   return [cache, new Set(found.flatMap((f, i) => (f ? [i] : [])))];
