@@ -268,3 +268,51 @@ def run_cli(
         cwd=cwd,
         **kw,
     )
+
+
+# -- the browser page (tests/test_web*.py): one export, one site, one Chromium for every web test file --
+CHROMIUM = "/usr/bin/chromium"
+# Headless on a closed network: without the background-networking flags Chromium keeps trying to
+# reach Google's hosts (/work/.library/env/machines/python.md).
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="session")
+def fmnist_bundle(tmp_path_factory) -> Path:
+    """The shipped vit_fmnist backbone exported for the 3-class colour task (as `vqt-edge export --model vit_fmnist`)."""
+    out = tmp_path_factory.mktemp("web") / "bundle"
+    result = run_cli("export", "--model", "vit_fmnist", "--num-classes", 3, "--out", out, torch_free=False)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def site_url(fmnist_bundle, tmp_path_factory):
+    from vqt_edge.web.serve import serve_in_thread
+
+    site = tmp_path_factory.mktemp("web") / "site"
+    result = run_cli("web", "--bundle", fmnist_bundle, "--out", site)
+    assert result.returncode == 0, result.stderr
+    server, url = serve_in_thread(site)
+    yield url + "?threads=1"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
