@@ -1,7 +1,8 @@
 """The fleet's protections (docs/fleet-security.md): certificates and device keys, the update checks
 and robust aggregation, and, with real Flower processes over TLS, a stranger refused, every kind of
-bad update dropped with the adapter equal to the honest clients' aggregate, and a server killed
-after a round resumed to the adapter an uninterrupted run gives."""
+bad update dropped with the adapter equal to the honest clients' aggregate, an attacker that passes
+every check ruining fedavg but not the median, and a server killed after a round resumed to the
+adapter an uninterrupted run gives (a client killed mid-round: tests/test_fleet_failures.py)."""
 
 from __future__ import annotations
 
