@@ -502,6 +502,7 @@ def _attacked_run(root: Path, bundle: Path, task: dict, rule: str) -> list[dict]
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # two fleet runs, ~200 s: bench/fleet_robust_flower.py measures the same with 5 clients
 def test_an_in_bound_attacker_ruins_fedavg_but_not_the_median(tiny_bundle, task, reaper):  # noqa: F811
     """Real Flower processes; the attacker is accepted by every check in both runs (bench/fleet_robust_flower.py
     measures more rounds and clients)."""
