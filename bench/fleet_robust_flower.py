@@ -62,7 +62,7 @@ def fleet_run(
         clients=len(parts),
         classes=CLASSES,
         test=str(test),
-        calibrate_head=None,  # the attacker's ClientApp answers training messages only
+        calibrate_head="off",  # the attacker's ClientApp answers training messages only
         aggregation=rule,
         min_clients=1,
         round_timeout=args.round_timeout,

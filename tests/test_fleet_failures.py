@@ -88,7 +88,7 @@ def test_client_killed_mid_round_is_waited_for_then_rejoins_with_its_own_state(t
         classes=["blue", "green", "red"],
         batch_size=16,
         local_epochs=1,
-        calibrate_head=None,
+        calibrate_head="off",
         min_clients=1,
         round_timeout=ROUND_TIMEOUT,
     )

@@ -481,7 +481,7 @@ def _attacked_run(root: Path, bundle: Path, task: dict, rule: str) -> list[dict]
         clients=3,
         classes=["blue", "green", "red"],
         test=str(task["test"]),
-        calibrate_head=None,
+        calibrate_head="off",
         aggregation=rule,
         round_timeout=300,
     )

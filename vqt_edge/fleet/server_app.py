@@ -385,4 +385,5 @@ def main(grid: Grid, context: Context) -> None:
     """Flower's entry: the run config's `settings` names the run folder's fleet.json."""
     ort.block_torch()  # Flower started this process for the run: onnxruntime must not pull torch in
     settings = FleetSettings(**json.loads(Path(str(context.run_config["settings"])).read_text()))
+    settings.validate()  # a hand-written or older fleet.json fails here, with the option it got wrong
     run_fleet(WaveGrid(grid, settings.max_concurrent), settings)  # type: ignore[arg-type]
