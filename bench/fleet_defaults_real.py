@@ -141,18 +141,18 @@ def run_task(task: str, kinds: list[str], out: Path, max_concurrent: int, timeou
 
 
 def table(path: Path) -> str:
-    """Markdown: the last run of each (task, kind)."""
-    last: dict[tuple[str, str], dict] = {}
-    for line in path.read_text().splitlines():
-        r = json.loads(line)
-        last[(r["task"], r["kind"])] = r
+    """Markdown: the last run of each (task, kind), then every run with its wall time and load."""
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    last = {(r["task"], r["kind"]): r for r in records}
 
     def acc(task: str, kind: str) -> str:
         r = last.get((task, kind))
         if r is None:
             return "not run"
         if r.get("test_acc") is None:
-            return f"failed (rc {r['rc']}, {r.get('rounds_done', 0)} rounds)"
+            reached = [a for a in r.get("test_acc_per_round", []) if a is not None]
+            where = f": {100 * reached[-1]:.1f} there" if reached else ""
+            return f"stopped after round {r.get('rounds_done', 0)} (rc {r['rc']}){where}"
         return f"{100 * r['test_acc']:.1f}"
 
     out = [
@@ -166,9 +166,13 @@ def table(path: Path) -> str:
         gap = f"{100 * (new - ref):+.1f}" if new is not None and ref is not None else "-"
         gap_local = f"{100 * (new - loc):+.1f}" if new is not None and loc is not None else "-"
         out.append(f"| {task} | " + " | ".join(cells) + f" | {gap} | {gap_local} |")
-    out += ["", "| task | run | test acc | rounds | per round (test acc %) | wall s | CPU s | load min/mean/max | at |"]
+    out += [
+        "",
+        "| task | run | test acc | rounds | per round (test acc %) | wall s | CPU s | load min/mean/max | ended |",
+    ]
     out.append("|---|---|---:|---:|---|---:|---:|---|---|")
-    for (task, kind), r in last.items():
+    for r in records:  # every run, failed ones too
+        task, kind = r["task"], r["kind"]
         per = " ".join(f"{100 * a:.1f}" for a in r.get("test_acc_per_round", []) if a is not None)
         if r.get("calibration") is not None:
             per += f" -> {100 * r['calibration']:.1f} calibrated"
