@@ -143,12 +143,12 @@ def main() -> None:
     from device_runner import ort
     from device_runner.data import load_dataset
     from device_runner.deploy import build_model
-    from device_runner.fleet import feature_stats, train_round
-    from device_runner.trainer import TrainConfig
     from vqt_edge import manifest as mf
-    from vqt_edge.fleet.calibrate import calibrate_head
-    from vqt_edge.fleet.server import TestSet, initial_tensors
-    from vqt_edge.fleet.split import assign, parse_split
+    from vqt_edge.calibrate import calibrate_head
+    from vqt_edge.config import TrainConfig
+    from vqt_edge.fleet.client_app import feature_stats, train_round
+    from vqt_edge.fleet.server_app import TestSet, initial_tensors
+    from vqt_edge.split import assign, parse_split
 
     ort.block_torch()
     clients, split_text, folds = TASKS[args.task]
