@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -90,29 +89,9 @@ def task_data(task: str, out: Path) -> tuple[Path, Path | None]:
 
 
 def bundle_for(out: Path, classes: list[str], name: str) -> Path:
-    bundle = out / "bundles" / name
-    if not (bundle / "manifest.json").exists():
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "vqt_edge.cli",
-                "export",
-                "--model",
-                "vit_fmnist",
-                "--method",
-                "vqt",
-                "--query-tokens",
-                "1",
-                "--classes",
-                ",".join(classes),
-                "--out",
-                str(bundle),
-            ],
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
-    return bundle
+    from tasks import export_vqt_bundle
+
+    return export_vqt_bundle(out / "bundles" / name, classes)
 
 
 def main() -> None:
