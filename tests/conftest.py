@@ -316,3 +316,15 @@ def browser():
         chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield chromium
         chromium.close()
+
+
+# Tests whose passing the issues ask to see in CI's log by name (pytest -q prints only dots).
+NAMED_IN_LOG = ("tests/test_web", "tests/test_fleet")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    passed = [r.nodeid for r in terminalreporter.stats.get("passed", []) if r.nodeid.startswith(NAMED_IN_LOG)]
+    if passed:
+        terminalreporter.write_line(f"passed, named for the log ({len(passed)}):")
+        for nodeid in passed:
+            terminalreporter.write_line(f"  {nodeid}")
