@@ -109,7 +109,7 @@ class TrainConfig:
             raise UserError("--disk-budget must not be negative")
 
 
-AGGREGATIONS = ("fedavg", "median", "trimmed:BETA")
+CALIBRATIONS = ("full", "diagonal", "off")  # --calibrate-head: CCVR with a full or diagonal covariance
 DEFAULT_MAX_EXAMPLES = 100_000  # images one client may claim per round: far above an edge device's own set
 
 
@@ -183,7 +183,7 @@ class FleetConfig:
         "means and covariances (full) or variances (diagonal): CCVR. On by default: each client then SENDS, "
         "once, per class its image count and the mean and covariance of its features (full: about C x F^2 / 2 "
         "floats; never images or per-image features). off: nothing but the trainable tensors leaves a device.",
-        choices=("full", "diagonal", "off"),
+        choices=CALIBRATIONS,
     )
     aggregation: str = _opt(
         "fedavg",
@@ -213,8 +213,8 @@ class FleetConfig:
             raise UserError("--lr and --round-timeout must be positive and --weight-decay non-negative")
         if not (self.logit_adjust >= 0 and self.proximal_mu >= 0):
             raise UserError("--logit-adjust and --proximal-mu must be non-negative")
-        if self.calibrate_head not in ("full", "diagonal", "off"):
-            raise UserError("--calibrate-head must be full, diagonal or off")
+        if self.calibrate_head not in CALIBRATIONS:
+            raise UserError(f"--calibrate-head must be one of {', '.join(CALIBRATIONS)}")
         parse_aggregation(self.aggregation)
         if self.max_examples < 1 or self.min_clients < 1:
             raise UserError("--max-examples and --min-clients must be at least 1")

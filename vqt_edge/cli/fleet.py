@@ -38,8 +38,8 @@ from vqt_edge.kv_cache import KV_DTYPES
 FLEET_DIR = "fleet"  # inside the run folder: settings, logs, Flower's state, the simulated clients
 POLL_SECONDS = 0.5
 TOKEN_FAILED = "Runtime task-token authentication failed"  # Flower's log line for a ClientApp it gave up on
-STALL_LINES = 9
-RECONNECT_SECONDS = 5.0  # `fleet client` restarts its SuperNode after this when it stops  # about three restarts: each given-up ClientApp logs TOKEN_FAILED three times
+STALL_LINES = 9  # about three restarts: each given-up ClientApp logs TOKEN_FAILED three times
+RECONNECT_SECONDS = 5.0  # `fleet client` restarts its SuperNode after this when it stops
 
 
 FLEET_OPTIONS = [f.name for f in dataclasses.fields(FleetConfig)]
@@ -163,7 +163,7 @@ def _settings(
     if test is not None and not test.exists():
         raise UserError(f"--test {test} does not exist")
     return FleetSettings(
-        **{f.name: getattr(config, f.name) for f in dataclasses.fields(FleetConfig)},
+        **dataclasses.asdict(config),
         bundle=str(bundle.resolve()),
         run=str(run_dir.resolve()),
         clients=clients,

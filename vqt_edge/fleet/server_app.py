@@ -225,6 +225,7 @@ def run_fleet(grid: Grid, settings: FleetSettings) -> dict:
     """Run every round, write the run folder and return its summary."""
     bundle, run = Path(settings.bundle), Path(settings.run)
     manifest = mf.read_manifest(bundle, verify=True)
+    bundle_sha256 = mf.sha256_file(bundle / mf.MANIFEST)  # each round's config names the bundle the clients must hold
     (run / ROUNDS).mkdir(parents=True, exist_ok=True)
     test = TestSet(Path(settings.test), manifest, settings.classes, settings.batch_size) if settings.test else None
     limits = Limits(
@@ -287,13 +288,13 @@ def run_fleet(grid: Grid, settings: FleetSettings) -> dict:
         initial_arrays=ArrayRecord({k: Array(v) for k, v in initial.items()}),
         num_rounds=settings.rounds - offset,
         timeout=settings.round_timeout,
-        train_config=round_config(settings, mf.sha256_file(bundle / mf.MANIFEST)),
+        train_config=round_config(settings, bundle_sha256),
         evaluate_fn=after_round,
     )
     final = {name: array.numpy() for name, array in result.arrays.items()}
     calibration = None
     if settings.calibrate_head != "off":
-        final, calibration = _calibrate(grid, settings, final, mf.sha256_file(bundle / mf.MANIFEST))
+        final, calibration = _calibrate(grid, settings, final, bundle_sha256)
         save_adapter(run / ROUNDS / "calibrated.safetensors", final, manifest)
         if test is not None:
             build_model(bundle, manifest, final, run / ROUNDS / MODEL, classes=settings.classes)
