@@ -4,7 +4,8 @@ Generates `--images` noise images over the bundle's classes, trains `--epochs` e
 `--kv` mode (a real CLI process each, `--threads`, portable backend), and times bench/step_bench.py's
 portable step (a process of its own, the same bundle and batch) in between. Reports, from each
 run's summary.json, the CPU seconds per step (median, mean, mean after the first step) and their
-ratio to the bench's median step (CPU seconds: other jobs on a shared machine inflate wall time).
+ratio to the bench's median step (CPU seconds: other jobs on a shared machine inflate wall time;
+wall seconds per step are in the table too).
 
     .venv/bin/python bench/real_step.py --bundle BUNDLE_VIT_B16 --label after
 """
@@ -132,14 +133,16 @@ def main() -> None:
         f"portable backend, {args.kv_dtype} cache ({args.label}); CPU seconds per step; bench/step_bench.py's portable "
         f"step (median of 5 after 2 warm-up) {base:.3f}; load average {load[0]:.1f} -> {load[1]:.1f}",
         "",
-        "| --kv | median | mean | mean after the first | first | x bench (median) | x bench (after first) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| --kv | median | mean | mean after the first | first | x bench (median) | x bench (after first) "
+        "| wall median | wall mean |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for kv, r in rows.items():
         lines.append(
             f"| {kv} | {r['cpu_seconds_per_step_median']:.3f} | {r['cpu_seconds_per_step']:.3f} | "
             f"{r['cpu_seconds_per_step_after_first']:.3f} | {r['first_step_cpu_seconds']:.3f} | "
-            f"{r['cpu_seconds_per_step_median'] / base:.2f} | {r['cpu_seconds_per_step_after_first'] / base:.2f} |"
+            f"{r['cpu_seconds_per_step_median'] / base:.2f} | {r['cpu_seconds_per_step_after_first'] / base:.2f} | "
+            f"{r['seconds_per_step_median']:.3f} | {r['seconds_per_step']:.3f} |"
         )
     print("\n".join(lines))
     args.out.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -90,29 +89,9 @@ def task_data(task: str, out: Path) -> tuple[Path, Path | None]:
 
 
 def bundle_for(out: Path, classes: list[str], name: str) -> Path:
-    bundle = out / "bundles" / name
-    if not (bundle / "manifest.json").exists():
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "vqt_edge.cli",
-                "export",
-                "--model",
-                "vit_fmnist",
-                "--method",
-                "vqt",
-                "--query-tokens",
-                "1",
-                "--classes",
-                ",".join(classes),
-                "--out",
-                str(bundle),
-            ],
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
-    return bundle
+    from tasks import export_vqt_bundle
+
+    return export_vqt_bundle(out / "bundles" / name, classes)
 
 
 def main() -> None:
@@ -143,12 +122,12 @@ def main() -> None:
     from device_runner import ort
     from device_runner.data import load_dataset
     from device_runner.deploy import build_model
-    from device_runner.fleet import feature_stats, train_round
-    from device_runner.trainer import TrainConfig
     from vqt_edge import manifest as mf
-    from vqt_edge.fleet.calibrate import calibrate_head
-    from vqt_edge.fleet.server import TestSet, initial_tensors
-    from vqt_edge.fleet.split import assign, parse_split
+    from vqt_edge.calibrate import calibrate_head
+    from vqt_edge.config import TrainConfig
+    from vqt_edge.fleet.client_app import feature_stats, train_round
+    from vqt_edge.fleet.server_app import TestSet, initial_tensors
+    from vqt_edge.split import assign, parse_split
 
     ort.block_torch()
     clients, split_text, folds = TASKS[args.task]

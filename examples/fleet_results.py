@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tasks import make_task  # noqa: E402
+from tasks import export_vqt_bundle, make_task  # noqa: E402
 
 VQT_EDGE = [sys.executable, "-m", "vqt_edge.cli"]
 
@@ -102,24 +102,7 @@ def main() -> None:
     data = make_task("fmnist59", out / "data" / "fmnist59")
     classes = sorted(p.name for p in (data / "train1000").iterdir())
     bundle = out / "bundle"
-    if not (bundle / "manifest.json").exists():
-        _run(
-            VQT_EDGE
-            + [
-                "export",
-                "--model",
-                "vit_fmnist",
-                "--method",
-                "vqt",
-                "--query-tokens",
-                "1",
-                "--classes",
-                ",".join(classes),
-                "--out",
-                str(bundle),
-            ],
-            out / "logs" / "export.log",
-        )
+    export_vqt_bundle(bundle, classes, out / "logs" / "export.log")
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
 

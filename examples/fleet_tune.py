@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fleet_results import add_fleet_arguments  # noqa: E402
-from tasks import make_task  # noqa: E402
+from tasks import export_vqt_bundle, make_task  # noqa: E402
 
 
 def main() -> None:
@@ -71,29 +71,7 @@ def main() -> None:
     out = args.out
     data = make_task("fmnist59", out / "data" / "fmnist59")
     bundle = out / "bundle"
-    if not (bundle / "manifest.json").exists():
-        import subprocess
-
-        classes = sorted(p.name for p in (data / "train800").iterdir())
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "vqt_edge.cli",
-                "export",
-                "--model",
-                "vit_fmnist",
-                "--method",
-                "vqt",
-                "--query-tokens",
-                "1",
-                "--classes",
-                ",".join(classes),
-                "--out",
-                str(bundle),
-            ],
-            check=True,
-        )
+    export_vqt_bundle(bundle, sorted(p.name for p in (data / "train800").iterdir()))
     manifest = mf.read_manifest(bundle)
     work = out / "work" / args.name
     shutil.rmtree(work, ignore_errors=True)

@@ -17,6 +17,7 @@ lr and weight decay) and `test/`. All from data that installs offline (docs/desi
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -115,6 +116,22 @@ def make_task(task: str, out: Path, seed: int = 0) -> Path:
     {"fmnist59": make_fmnist59, "digits": make_digits, "orientation": make_orientation}[task](tmp, seed=seed)
     tmp.rename(out)
     return out
+
+
+def export_vqt_bundle(bundle: Path, classes: list[str], log: Path | None = None) -> Path:
+    """The shipped vit_fmnist as a VQT (T=1) bundle for `classes`, exported once by the real CLI (the fleet
+    examples' common start); its output goes to `log` when given."""
+    import subprocess
+
+    if not (bundle / "manifest.json").exists():
+        cmd = [sys.executable, "-m", "vqt_edge.cli", "export", "--model", "vit_fmnist", "--method", "vqt"]
+        cmd += ["--query-tokens", "1", "--classes", ",".join(classes), "--out", str(bundle)]
+        if log is not None:
+            log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log or os.devnull, "w") as f:
+            if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT if log else None).returncode:
+                raise RuntimeError(f"failed: {' '.join(cmd)}" + (f" (see {log})" if log else ""))
+    return bundle
 
 
 def main() -> None:

@@ -23,11 +23,27 @@ from vqt_edge.arch import ViTArch
 REPO = Path(__file__).resolve().parent.parent
 TINY = ViTArch(depth=3, dim=32, heads=4, mlp_dim=64, patch=8, image_size=32)
 CLASSES = ["blue", "green", "red"]
+# `vqt-edge export` flags that define TINY, and those of a random-init tiny export with 3 classes.
+TINY_SIZES = [
+    x
+    for field in ("depth", "dim", "heads", "mlp_dim", "patch", "image_size")
+    for x in ("--" + field.replace("_", "-"), getattr(TINY, field))
+]
+TINY_EXPORT = ["--random-init", *TINY_SIZES, "--num-classes", 3]
 # The second test run (`make test`: stock onnxruntime, no torch) cannot export: it reads the bundles
 # the first run's environment exported there (tests/fixture_bundles.py).
 BUNDLES = os.environ.get("VQT_EDGE_TEST_BUNDLES")
 if BUNDLES:
     sys.modules.setdefault("torch", None)  # type: ignore[arg-type]  # torch blocked, as on a device
+
+
+def invoke(*args):
+    """The real CLI in this process (click's runner): no process start or torch import per call."""
+    from click.testing import CliRunner
+
+    from vqt_edge.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def make_task(root: Path, per_class: int, seed: int, size: int = 32) -> Path:
@@ -252,3 +268,63 @@ def run_cli(
         cwd=cwd,
         **kw,
     )
+
+
+# -- the browser page (tests/test_web*.py): one export, one site, one Chromium for every web test file --
+CHROMIUM = "/usr/bin/chromium"
+# Headless on a closed network: without the background-networking flags Chromium keeps trying to
+# reach Google's hosts (/work/.library/env/machines/python.md).
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="session")
+def fmnist_bundle(tmp_path_factory) -> Path:
+    """The shipped vit_fmnist backbone exported for the 3-class colour task (as `vqt-edge export --model vit_fmnist`)."""
+    out = tmp_path_factory.mktemp("web") / "bundle"
+    result = run_cli("export", "--model", "vit_fmnist", "--num-classes", 3, "--out", out, torch_free=False)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def site_url(fmnist_bundle, tmp_path_factory):
+    from vqt_edge.web.serve import serve_in_thread
+
+    site = tmp_path_factory.mktemp("web") / "site"
+    result = run_cli("web", "--bundle", fmnist_bundle, "--out", site)
+    assert result.returncode == 0, result.stderr
+    server, url = serve_in_thread(site)
+    yield url + "?threads=1"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+# Tests whose passing the issues ask to see in CI's log by name (pytest -q prints only dots).
+NAMED_IN_LOG = ("tests/test_web", "tests/test_fleet")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    passed = [r.nodeid for r in terminalreporter.stats.get("passed", []) if r.nodeid.startswith(NAMED_IN_LOG)]
+    if passed:
+        terminalreporter.write_line(f"passed, named for the log ({len(passed)}):")
+        for nodeid in passed:
+            terminalreporter.write_line(f"  {nodeid}")

@@ -19,16 +19,14 @@ import onnxruntime
 import pytest
 import torch
 import torch.nn.functional as F
-from click.testing import CliRunner
 from onnx import numpy_helper
 
 from device_runner import ort
 from device_runner.data import iter_batches
 from device_runner.deploy import build_model, load_adapter
 from exporters.export import export_bundle
-from tests.conftest import TINY, run_cli
+from tests.conftest import TINY, TINY_EXPORT, invoke, run_cli
 from vqt_edge import manifest as mf
-from vqt_edge.cli import cli
 from vqt_edge.spec import AdapterSpec
 
 T = 3
@@ -165,28 +163,8 @@ def test_training_graph_loss_and_gradients_equal_the_official_formulation(aggreg
 
 
 def test_cli_export_aggregate_and_refusals(tmp_path):
-    tiny = [
-        "--random-init",
-        "--depth",
-        3,
-        "--dim",
-        32,
-        "--heads",
-        4,
-        "--mlp-dim",
-        64,
-        "--patch",
-        8,
-        "--image-size",
-        32,
-        "--num-classes",
-        3,
-    ]
 
-    def invoke(*args):
-        return CliRunner().invoke(cli, [str(a) for a in args])
-
-    result = invoke("export", *tiny, "--out", tmp_path / "b", "--query-tokens", 2, "--aggregate", "wsum")
+    result = invoke("export", *TINY_EXPORT, "--out", tmp_path / "b", "--query-tokens", 2, "--aggregate", "wsum")
     assert result.exit_code == 0, result.output
     assert "wsum of each layer's query outputs" in result.output
     data = json.loads((tmp_path / "b" / mf.MANIFEST).read_text())
@@ -195,7 +173,7 @@ def test_cli_export_aggregate_and_refusals(tmp_path):
         (["--method", "linear", "--aggregate", "mean"], "--aggregate"),
         (["--aggregate", "max"], "--aggregate"),
     ):
-        result = invoke("export", *tiny, "--out", tmp_path / "c", *args)
+        result = invoke("export", *TINY_EXPORT, "--out", tmp_path / "c", *args)
         assert result.exit_code == 2 and message in result.output, result.output
         assert not (tmp_path / "c").exists()
     data["aggregate"] = "mean"

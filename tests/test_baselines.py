@@ -17,16 +17,14 @@ import onnxruntime
 import pytest
 import torch
 import torch.nn.functional as F
-from click.testing import CliRunner
 from onnx import numpy_helper
 
 from device_runner import ort
 from device_runner.data import iter_batches
 from device_runner.deploy import build_model, load_adapter
 from exporters.methods import MethodHead, build_head
-from tests.conftest import TINY, run_cli
+from tests.conftest import TINY, TINY_EXPORT, invoke, run_cli
 from vqt_edge import manifest as mf
-from vqt_edge.cli import cli
 from vqt_edge.errors import UserError
 
 # method -> last_k: splits inside the network (k < L), the no-frozen-K/V case (vqt+vpt, k = L) and
@@ -214,29 +212,18 @@ def test_one_training_step_matches_torch(method, bundles, tiny_backbone):
 
 def test_cli_export_writes_the_method_and_refuses_mismatched_options(tmp_path):
     # The real `vqt-edge export` command, in-process (a new exporting process costs seconds of torch import).
-    tiny = [
-        "--random-init",
-        "--depth",
-        3,
-        "--dim",
-        32,
-        "--heads",
-        4,
-        "--mlp-dim",
-        64,
-        "--patch",
-        8,
-        "--image-size",
-        32,
-        "--num-classes",
-        3,
-    ]
-
-    def invoke(*args):
-        return CliRunner().invoke(cli, [str(a) for a in args])
 
     result = invoke(
-        "export", *tiny, "--out", tmp_path / "b", "--method", "vqt+adaptformer", "--last-k", 1, "--query-layers", "1,2"
+        "export",
+        *TINY_EXPORT,
+        "--out",
+        tmp_path / "b",
+        "--method",
+        "vqt+adaptformer",
+        "--last-k",
+        1,
+        "--query-layers",
+        "1,2",
     )
     assert result.exit_code == 0, result.output
     assert "method vqt+adaptformer, last 1 of 3 layers adapted" in result.output
@@ -249,7 +236,7 @@ def test_cli_export_writes_the_method_and_refuses_mismatched_options(tmp_path):
         (["--method", "linear", "--query-layers", "0"], "--query-layers"),
         (["--method", "lora"], "--method"),
     ):
-        result = invoke("export", *tiny, "--out", tmp_path / "c", *args)
+        result = invoke("export", *TINY_EXPORT, "--out", tmp_path / "c", *args)
         assert result.exit_code == 2 and message in result.output, result.output
         assert not (tmp_path / "c").exists()
 

@@ -6,29 +6,8 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from tests.conftest import TINY
-from vqt_edge.cli import cli
-
-SIZES = [
-    "--depth",
-    TINY.depth,
-    "--dim",
-    TINY.dim,
-    "--heads",
-    TINY.heads,
-    "--mlp-dim",
-    TINY.mlp_dim,
-    "--patch",
-    TINY.patch,
-    "--image-size",
-    TINY.image_size,
-]
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
+from tests.conftest import TINY_SIZES, invoke
 
 
 def test_help_explains_every_command():
@@ -43,7 +22,7 @@ def test_export_from_a_checkpoint_prints_what_it_wrote(tmp_path, tiny_backbone):
     out = tmp_path / "bundle"
     result = invoke(
         "export",
-        *SIZES,
+        *TINY_SIZES,
         "--weights",
         ckpt,
         "--classes",
@@ -83,7 +62,7 @@ def test_export_bad_input_exits_2_with_a_message(tmp_path, tiny_backbone, args, 
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("keep me")
     paths = {"out": tmp_path / "bundle", "ckpt": ckpt, "bad_ckpt": bad, "nonempty": tmp_path / "full"}
-    result = invoke("export", *SIZES, *[str(a).format(**paths) for a in args])
+    result = invoke("export", *TINY_SIZES, *[str(a).format(**paths) for a in args])
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
     assert (tmp_path / "full" / "x").read_text() == "keep me"

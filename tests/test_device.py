@@ -22,7 +22,7 @@ from device_runner import ort
 from device_runner.backends import BACKENDS
 from device_runner.data import iter_batches, load_dataset
 from tests.conftest import REPO, run_cli
-from tests.test_faults import kill_mid_epoch, metrics_lines, wait_for
+from tests.test_faults import assert_same_adapter, kill_mid_epoch, metrics_lines, start_cli, wait_for
 from vqt_edge import manifest as mf
 
 
@@ -121,21 +121,9 @@ def test_sigkill_at_any_point_then_resume_equals_uninterrupted(tmp_path, tiny_bu
     assert out.returncode == 0, out.stderr
 
     run = tmp_path / "killed"
-    cmd = [
-        sys.executable,
-        "-c",
-        "import sys; sys.modules['torch'] = None; from vqt_edge.cli import main; "
-        "sys.argv = ['vqt-edge'] + sys.argv[1:]; main()",
-    ]
 
     def start(*extra):
-        return subprocess.Popen(
-            [*cmd, "train", "--run", str(run), *map(str, extra)],
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        return start_cli("train", "--run", run, *extra, stdout=subprocess.DEVNULL)
 
     # Kill 1: as soon as the run folder exists (during data loading / the K/V cache pass).
     proc = start(*args)
@@ -154,12 +142,7 @@ def test_sigkill_at_any_point_then_resume_equals_uninterrupted(tmp_path, tiny_bu
 
     out = run_cli("train", "--run", run, "--resume")
     assert out.returncode == 0, out.stderr
-    want, got = load_file(str(reference / "adapter.safetensors")), load_file(str(run / "adapter.safetensors"))
-    for name in want:
-        assert np.array_equal(want[name], got[name]), name
-    ref_metrics = [json.loads(x) for x in (reference / "metrics.jsonl").read_text().splitlines()]
-    got_metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [m["train_loss"] for m in got_metrics] == [m["train_loss"] for m in ref_metrics]
+    assert_same_adapter(run, reference)
 
 
 def test_corrupt_images_are_skipped_with_one_warning_each(tmp_path, tiny_bundle, task):

@@ -38,15 +38,11 @@ TRAIN = ["--epochs", 10, "--batch-size", 8, "--seed", 3, "--kv", "ram"]
 
 
 def start_cli(*args, **kw) -> subprocess.Popen:
-    """The real CLI in a background process (as tests.conftest.run_cli, but not waited for)."""
+    """The real CLI in a background process (as tests.conftest.run_cli, but not waited for); its output
+    piped unless `stdout=` says otherwise."""
+    kw = {"stdout": subprocess.PIPE, **kw}
     return subprocess.Popen(
-        [sys.executable, "-c", CLI, *map(str, args)],
-        cwd=REPO,
-        env=ENV,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        **kw,
+        [sys.executable, "-c", CLI, *map(str, args)], cwd=REPO, env=ENV, text=True, stderr=subprocess.PIPE, **kw
     )
 
 

@@ -40,7 +40,9 @@ def test_default_simulate_learns_on_small_label_skewed_shards(tiny_bundle, task,
     round, no calibration) the loss went 1.14, 0.97, 0.85 over --rounds 3 and this test failed.
     Every training option is the default except --rounds (2, for time: Flower starts a process per
     client and message; the lr schedule spans rounds x local steps either way)."""
-    from vqt_edge.fleet import defaults
+    from vqt_edge.config import FleetConfig
+
+    defaults = FleetConfig()
 
     data = reaper / "train.txt"
     data.write_text(
@@ -74,10 +76,10 @@ def test_default_simulate_learns_on_small_label_skewed_shards(tiny_bundle, task,
     rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][1:]
     clients = sorted((run / "fleet" / "clients").iterdir())
     sizes = [len((c / "train.txt").read_text().splitlines()) for c in clients]
-    assert len(sizes) == 2 and min(sizes) < defaults.BATCH_SIZE and sizes[0] != sizes[1], sizes
+    assert len(sizes) == 2 and min(sizes) < defaults.batch_size and sizes[0] != sizes[1], sizes
     for c, n in zip(clients, sizes):  # every client the same steps per round, however few its images
         steps = [r["step"] for r in map(json.loads, (c / "state" / "run" / "metrics.jsonl").read_text().splitlines())]
-        assert steps == [defaults.LOCAL_STEPS * r for r in (1, 2)], (n, steps)
+        assert steps == [defaults.local_steps * r for r in (1, 2)], (n, steps)
     losses = [r["train_loss"] for r in rounds]
     assert losses[-1] < 0.7 * losses[0] and losses[-1] < 0.8 * np.log(3), losses
     summary = json.loads((run / "summary.json").read_text())

@@ -17,17 +17,15 @@ import onnxruntime
 import pytest
 import torch
 import torch.nn.functional as F
-from click.testing import CliRunner
 
 from device_runner import ort
 from device_runner.data import iter_batches
 from device_runner.deploy import load_adapter
 from exporters.export import export_bundle
 from exporters.methods.head2toe import Head2ToeFeatures
-from tests.conftest import TINY, run_cli
+from tests.conftest import TINY, TINY_EXPORT, invoke, run_cli
 from vqt_edge import head2toe as h2t
 from vqt_edge import manifest as mf
-from vqt_edge.cli import cli
 from vqt_edge.memory import BundleFootprint
 from vqt_edge.spec import AdapterSpec
 
@@ -199,28 +197,8 @@ def test_cli_trains_head2toe_into_a_model_equal_to_the_reference(bundles, tiny_b
 
 
 def test_cli_export_head2toe_options(tmp_path):
-    tiny = [
-        "--random-init",
-        "--depth",
-        3,
-        "--dim",
-        32,
-        "--heads",
-        4,
-        "--mlp-dim",
-        64,
-        "--patch",
-        8,
-        "--image-size",
-        32,
-        "--num-classes",
-        3,
-    ]
 
-    def invoke(*args):
-        return CliRunner().invoke(cli, [str(a) for a in args])
-
-    result = invoke("export", *tiny, "--out", tmp_path / "b", "--method", "head2toe")
+    result = invoke("export", *TINY_EXPORT, "--out", tmp_path / "b", "--method", "head2toe")
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "b" / mf.MANIFEST).read_text())
     assert data["h2t_target"] == h2t.DEFAULT_TARGET and data["frozen_outputs"] == ["features"]
@@ -229,7 +207,7 @@ def test_cli_export_head2toe_options(tmp_path):
         ["--method", "head2toe", "--h2t-target", 0],
         ["--method", "head2toe", "--query-layers", "0"],
     ):
-        result = invoke("export", *tiny, "--out", tmp_path / "c", *args)
+        result = invoke("export", *TINY_EXPORT, "--out", tmp_path / "c", *args)
         assert result.exit_code == 2 and result.output.startswith("error:"), result.output
         assert not (tmp_path / "c").exists()
     for value in (0, 64):

@@ -18,22 +18,7 @@ import pytest
 pytest.importorskip("huggingface_hub")  # the `export` extra
 
 from exporters.loaders import save_hf_folder  # noqa: E402
-from tests.conftest import REPO, TINY, cli_command, cli_env  # noqa: E402
-
-SIZES = [
-    "--depth",
-    TINY.depth,
-    "--dim",
-    TINY.dim,
-    "--heads",
-    TINY.heads,
-    "--mlp-dim",
-    TINY.mlp_dim,
-    "--patch",
-    TINY.patch,
-    "--image-size",
-    TINY.image_size,
-]
+from tests.conftest import REPO, TINY_SIZES, cli_command, cli_env  # noqa: E402
 
 
 def hub_cache(cache: Path, repo: str, files: dict[str, bytes], commit: str) -> None:
@@ -93,7 +78,7 @@ def test_hf_hub_export_equals_the_same_checkpoint_given_by_path(tmp_path, tiny_b
 def test_missing_repository_offline_is_one_line_exit_2(tmp_path):
     cache = tmp_path / "hub"
     cache.mkdir()
-    out = export(tmp_path / "b", "hf-hub:someorg/not-cached", cache, *SIZES)
+    out = export(tmp_path / "b", "hf-hub:someorg/not-cached", cache, *TINY_SIZES)
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in out.stderr, out.stderr

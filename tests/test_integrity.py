@@ -19,7 +19,7 @@ import safetensors.torch
 import torch
 
 from exporters.loaders import detect_format, save_hf_folder
-from tests.conftest import TINY, run_cli
+from tests.conftest import TINY, TINY_SIZES, run_cli
 from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
 from vqt_edge.spec import AdapterSpec
@@ -411,21 +411,6 @@ def test_flipped_weight_in_model_onnx_is_refused_by_predict(tmp_path, finished_r
 
 # -- untrusted checkpoints through `vqt-edge export` ----------------------------------------------
 
-SIZES = [
-    "--depth",
-    TINY.depth,
-    "--dim",
-    TINY.dim,
-    "--heads",
-    TINY.heads,
-    "--mlp-dim",
-    TINY.mlp_dim,
-    "--patch",
-    TINY.patch,
-    "--image-size",
-    TINY.image_size,
-]
-
 
 class _Payload:
     """Unpickling this runs code that creates a marker file: what a malicious checkpoint does."""
@@ -483,7 +468,7 @@ def test_evil_pickle_never_runs_through_the_real_cli(tmp_path, tiny_backbone):
         3,
         "--out",
         tmp_path / "bundle",
-        *SIZES,
+        *TINY_SIZES,
         torch_free=False,
         timeout=180,
     )
@@ -503,7 +488,7 @@ def test_untrusted_checkpoint_is_refused_by_export(make, tmp_path, tiny_backbone
     marker = tmp_path / "payload_ran"
     weights = tmp_path / "weights.bin"  # a neutral name: formats are detected by content
     needles = make(weights, tiny_backbone, marker)
-    args = ["export", "--weights", weights, "--num-classes", 3, "--out", tmp_path / "bundle", *SIZES]
+    args = ["export", "--weights", weights, "--num-classes", 3, "--out", tmp_path / "bundle", *TINY_SIZES]
     result = CliRunner().invoke(cli, list(map(str, args)))
     assert result.exit_code == 2, (result.output, result.exception)
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr

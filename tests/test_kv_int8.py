@@ -7,19 +7,17 @@ import json
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-from safetensors.numpy import load_file
 
 from device_runner.data import iter_batches
 from device_runner.features import DiskCache, FrozenBackbone, build_ram_store, image_sha256
 from device_runner.kv_int8 import dequantize_into, quantize
-from tests.conftest import REPO, run_cli
-from tests.test_faults import kill_mid_epoch, wait_for
+from tests.conftest import run_cli
+from tests.test_faults import assert_same_adapter, kill_mid_epoch, start_cli, wait_for
 from vqt_edge import manifest as mf
 from vqt_edge.kv_cache import cache_bytes, cache_specs
 
@@ -142,21 +140,9 @@ def test_sigkill_then_resume_with_an_int8_disk_cache_is_bit_identical(tmp_path, 
     assert [p.suffix for p in sorted(next((reference / "kv_cache").iterdir()).glob("keys*"))] == [".int8", ".float32"]
 
     run = tmp_path / "killed"
-    cmd = [
-        sys.executable,
-        "-c",
-        "import sys; sys.modules['torch'] = None; from vqt_edge.cli import main; "
-        "sys.argv = ['vqt-edge'] + sys.argv[1:]; main()",
-    ]
 
     def start(*extra):
-        return subprocess.Popen(
-            [*cmd, "train", "--run", str(run), *map(str, extra)],
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        return start_cli("train", "--run", run, *extra, stdout=subprocess.DEVNULL)
 
     proc = start(*args)  # killed during the frozen pass into the int8 cache (or just after)
     wait_for(lambda: any((run / "kv_cache").glob("*/keys.int8")), proc)
@@ -166,8 +152,4 @@ def test_sigkill_then_resume_with_an_int8_disk_cache_is_bit_identical(tmp_path, 
     kill_mid_epoch(proc, run)
     out = run_cli("train", "--run", run, "--resume")
     assert out.returncode == 0, out.stderr
-    want, got = load_file(str(reference / "adapter.safetensors")), load_file(str(run / "adapter.safetensors"))
-    for name in want:
-        assert np.array_equal(want[name], got[name]), name
-    ref = [json.loads(x)["train_loss"] for x in (reference / "metrics.jsonl").read_text().splitlines()]
-    assert [json.loads(x)["train_loss"] for x in (run / "metrics.jsonl").read_text().splitlines()] == ref
+    assert_same_adapter(run, reference)

@@ -11,32 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from tests.conftest import BUDGET_TRAIN, TINY, run_cli
-from vqt_edge.cli import cli
+from tests.conftest import BUDGET_TRAIN, TINY, TINY_SIZES, invoke, run_cli
 from vqt_edge.errors import UserError
 from vqt_edge.memory import BundleFootprint, NoPlan, choose, parse_size_mb, peak_rss_mb, predict_peak
 from vqt_edge.memory import model as memory
-
-SIZES = [
-    "--depth",
-    TINY.depth,
-    "--dim",
-    TINY.dim,
-    "--heads",
-    TINY.heads,
-    "--mlp-dim",
-    TINY.mlp_dim,
-    "--patch",
-    TINY.patch,
-    "--image-size",
-    TINY.image_size,
-]
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def test_parse_size_mb():
@@ -285,7 +264,7 @@ def test_sweep_memory_only_writes_results_and_plot(tmp_path):
     out = tmp_path / "sweep"
     result = run_cli(
         "sweep",
-        *SIZES,
+        *TINY_SIZES,
         "--random-init",
         "--methods",
         methods,
@@ -312,7 +291,9 @@ def test_sweep_memory_only_writes_results_and_plot(tmp_path):
 
 
 def test_sweep_refuses_unknown_methods(tmp_path):
-    result = invoke("sweep", *SIZES, "--random-init", "--methods", "vqt,lora", "--steps", 1, "--out", tmp_path / "s")
+    result = invoke(
+        "sweep", *TINY_SIZES, "--random-init", "--methods", "vqt,lora", "--steps", 1, "--out", tmp_path / "s"
+    )
     assert result.exit_code == 2 and "lora" in result.output
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 
 import numpy as np
@@ -29,9 +28,8 @@ from exporters.methods import build_head
 from exporters.quantize import dequantized_weights, quantize, quantize_int8
 from exporters.step import grad_name
 from tests.conftest import QUANT_TRAIN, REPO, TINY, cli_command, cli_env, run_cli
-from tests.test_device import _metrics_lines, _wait_for
+from tests.test_faults import assert_same_adapter, kill_mid_epoch
 from vqt_edge import manifest as mf
-from vqt_edge.run_folder import RunFolder
 from vqt_edge.spec import QUERY_METHODS, AdapterSpec
 
 MODES = ("int8", "int4")
@@ -321,7 +319,6 @@ def test_quantized_bundle_trains_evaluates_predicts_and_resumes(quant_bundle, ta
         out = run_cli("train", "--run", reference, *args)
         assert out.returncode == 0, out.stderr
     run = tmp_path / "killed"
-    checkpoint = RunFolder(run).checkpoint(backend)
     proc = subprocess.Popen(
         cli_command("train", "--run", run, *args),
         cwd=REPO,
@@ -330,24 +327,10 @@ def test_quantized_bundle_trains_evaluates_predicts_and_resumes(quant_bundle, ta
         stderr=subprocess.PIPE,
         text=True,
     )
-    _wait_for(
-        lambda: (
-            _metrics_lines(run) >= 1
-            and checkpoint.exists()
-            and checkpoint.stat().st_mtime > (run / "metrics.jsonl").stat().st_mtime
-        ),
-        proc,
-    )
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_mid_epoch(proc, run)
     out = run_cli("train", "--run", run, "--resume")
     assert out.returncode == 0, out.stderr
-    want, got = (load_file(str(r / "adapter.safetensors")) for r in (reference, run))
-    assert all(np.array_equal(want[n], got[n]) for n in want)
-    losses = [
-        [json.loads(x)["train_loss"] for x in (r / "metrics.jsonl").read_text().splitlines()] for r in (reference, run)
-    ]
-    assert losses[0] == losses[1]
+    assert_same_adapter(run, reference)
     # The deployed model.onnx is the quantized graph, not an fp32 one.
     ops = {n.op_type for n in onnx.load(str(run / "model.onnx")).graph.node}
     assert {"int8": "MatMulInteger", "int4": "MatMulNBits"}[mf.read_manifest(quant_bundle).quantize] in ops

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from safetensors.numpy import load_file
 
 from exporters.methods import build_frozen, build_head
-from tests.conftest import TINY
+from tests.conftest import TINY, TINY_EXPORT
 from vqt_edge import manifest as mf
 from vqt_edge.cli import cli
 from vqt_edge.errors import UserError
@@ -79,25 +79,7 @@ def test_a_bad_value_is_refused_when_the_spec_is_made(changes, field):
 
 
 def test_bad_export_values_exit_2_with_one_line(tmp_path):
-    tiny = [
-        "--random-init",
-        "--depth",
-        3,
-        "--dim",
-        32,
-        "--heads",
-        4,
-        "--mlp-dim",
-        64,
-        "--patch",
-        8,
-        "--image-size",
-        32,
-        "--num-classes",
-        3,
-        "--out",
-        tmp_path / "b",
-    ]
+    tiny = [*TINY_EXPORT, "--out", tmp_path / "b"]
     for args, flag in (
         (["--query-tokens", 0], "--query-tokens"),
         (["--dropout", 1.5], "--dropout"),

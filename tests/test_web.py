@@ -22,21 +22,7 @@ import pytest
 from PIL import Image
 from safetensors.numpy import load_file
 
-from tests.conftest import make_task, run_cli
-
-CHROMIUM = "/usr/bin/chromium"
-# Headless on a closed network: without the background-networking flags Chromium keeps trying to
-# reach Google's hosts (/work/.library/env/machines/python.md).
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+from tests.conftest import CHROMIUM, make_task, run_cli
 
 
 def _missing() -> str | None:
@@ -73,38 +59,6 @@ TO_B64 = (
 
 def unb64(s: str) -> np.ndarray:
     return np.frombuffer(base64.b64decode(s), np.float32)
-
-
-@pytest.fixture(scope="module")
-def fmnist_bundle(tmp_path_factory) -> Path:
-    """The shipped vit_fmnist backbone exported for the 3-class colour task (as `vqt-edge export --model vit_fmnist`)."""
-    out = tmp_path_factory.mktemp("web") / "bundle"
-    result = run_cli("export", "--model", "vit_fmnist", "--num-classes", 3, "--out", out, torch_free=False)
-    assert result.returncode == 0, result.stderr
-    return out
-
-
-@pytest.fixture(scope="module")
-def site_url(fmnist_bundle, tmp_path_factory):
-    from vqt_edge.web.serve import serve_in_thread
-
-    site = tmp_path_factory.mktemp("web") / "site"
-    result = run_cli("web", "--bundle", fmnist_bundle, "--out", site)
-    assert result.returncode == 0, result.stderr
-    server, url = serve_in_thread(site)
-    yield url + "?threads=1"
-    server.shutdown()
-    server.server_close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
 
 
 def open_page(browser, url, downloads: bool = False):

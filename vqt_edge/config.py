@@ -1,4 +1,4 @@
-"""What a training run is asked to do: one frozen dataclass, each field with the help text its flag shows.
+"""What a run is asked to do: frozen dataclasses (a training run, a fleet), each field with the help text its flag shows.
 
 The CLI generates its options from these fields (vqt_edge/cli/options.py), the API takes the
 dataclass as it is, and the trainer never changes it: a plan (K/V mode, micro-batch, backend chosen
@@ -107,3 +107,123 @@ class TrainConfig:
             raise UserError(f"--kv-dtype must be one of {', '.join(KV_DTYPES)}")
         if self.disk_budget_mb is not None and not self.disk_budget_mb >= 0:
             raise UserError("--disk-budget must not be negative")
+
+
+CALIBRATIONS = ("full", "diagonal", "off")  # --calibrate-head: CCVR with a full or diagonal covariance
+DEFAULT_MAX_EXAMPLES = 100_000  # images one client may claim per round: far above an edge device's own set
+
+
+def parse_aggregation(text: str) -> tuple[str, float]:
+    """`fedavg`, `median` or `trimmed:BETA` (0 <= BETA < 0.5, the fraction cut from each end)."""
+    kind, _, arg = text.partition(":")
+    if kind in ("fedavg", "median") and not arg:
+        return kind, 0.0
+    if kind == "trimmed":
+        try:
+            beta = float(arg or "0.2")
+        except ValueError:
+            beta = -1.0
+        if 0.0 <= beta < 0.5:
+            return kind, beta
+    raise UserError(f"--aggregation {text!r}: use fedavg, median or trimmed:BETA with 0 <= BETA < 0.5")
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """What a fleet's server decides for every client (`fleet simulate` / `fleet server` options; sent to
+    the clients with each round, docs/fleet.md).
+
+    Why these defaults (docs/fleet-defaults.md; chosen on validation folds of the training images only):
+    a round used to be one local epoch at batch 32, so a client of 18-69 images made one or two AdamW
+    steps a round with its own warm-up and cosine sized to them; the label-skewed heads barely moved and
+    FedAvg cancelled them (chance accuracy). A round is now a fixed number of steps, each of
+    min(batch, shard) images, the same for every client, so one lr schedule runs across the fleet; and
+    the head is recalibrated on the clients' per-class feature statistics after the last round (CCVR).
+    """
+
+    rounds: int = _opt(10, "Federated rounds.")
+    local_steps: int = _opt(
+        20,
+        "AdamW steps each client trains per round, each on min(--batch-size, its images) images: every client "
+        "the same steps however few its images.",
+    )
+    local_epochs: int | None = _opt(
+        None,
+        "Instead of --local-steps: passes over its own images per round (a client with few images then makes "
+        "few steps).",
+    )
+    batch_size: int = _opt(32, "Images per step (a client with fewer uses all of its images in each step).")
+    lr: float = _opt(
+        1e-2,
+        "Peak learning rate (AdamW; warm-up once, then cosine over rounds x local steps, one schedule for every "
+        "client).",
+    )
+    weight_decay: float = _opt(1e-4, "Decoupled weight decay on query tokens and head weight.")
+    warmup_epochs: float | None = _opt(
+        None, "Warm-up, in rounds (or, with --local-epochs, epochs of rounds x local epochs) [default: 10%]."
+    )
+    seed: int = _opt(0, "Seeds the split, data order and dropout.")
+    round_timeout: float = _opt(3600.0, "Seconds to wait for the clients of a round.")
+    logit_adjust: float = _opt(
+        0.0,
+        "Each client trains with tau * log(its class prior) added to the head's bias, removed before sending: "
+        "the fix for clients that see different classes (tau; 0: plain FedAvg).",
+    )
+    proximal_mu: float = _opt(
+        0.0, "FedProx: mu * (w - the round's start) added to every gradient (portable backend only)."
+    )
+    class_weighted_head: bool = _opt(
+        False,
+        "Average each class's head row over the clients weighted by their images of that class (clients then "
+        "send their per-class image counts).",
+    )
+    calibrate_head: str = _opt(
+        "full",
+        "After the last round, refit the head on virtual features drawn from the clients' per-class feature "
+        "means and covariances (full) or variances (diagonal): CCVR. On by default: each client then SENDS, "
+        "once, per class its image count and the mean and covariance of its features (full: about C x F^2 / 2 "
+        "floats; never images or per-image features). off: nothing but the trainable tensors leaves a device.",
+        choices=CALIBRATIONS,
+    )
+    aggregation: str = _opt(
+        "fedavg",
+        "fedavg (weighted mean), median (element-wise; resists a minority of arbitrary updates) or trimmed:BETA "
+        "(mean without the BETA largest and smallest fraction per element).",
+    )
+    max_examples: int = _opt(
+        DEFAULT_MAX_EXAMPLES, "Largest num_examples a client may claim in a round (FedAvg weights by it)."
+    )
+    max_update_norm: float | None = _opt(
+        None,
+        "Largest L2 distance of a client's tensors from the round's start [default: what AdamW can move them in "
+        "the client's steps: lr x steps x sqrt(parameters)].",
+    )
+    min_clients: int = _opt(1, "Stop with an error when fewer client updates than this pass the checks in a round.")
+    max_concurrent: int = _opt(
+        0,
+        "Start at most this many clients at once in a round (waves); on a small machine this avoids Flower's "
+        "ClientApp restart loop [default: all at once].",
+    )
+
+    def validate(self) -> None:
+        local = self.local_steps if self.local_epochs is None else self.local_epochs
+        if self.rounds < 1 or local < 1 or self.batch_size < 1:
+            raise UserError("--rounds, --local-steps, --local-epochs and --batch-size must be at least 1")
+        if not (self.lr > 0 and self.weight_decay >= 0 and self.round_timeout > 0):
+            raise UserError("--lr and --round-timeout must be positive and --weight-decay non-negative")
+        if not (self.logit_adjust >= 0 and self.proximal_mu >= 0):
+            raise UserError("--logit-adjust and --proximal-mu must be non-negative")
+        if self.calibrate_head not in CALIBRATIONS:
+            raise UserError(f"--calibrate-head must be one of {', '.join(CALIBRATIONS)}")
+        parse_aggregation(self.aggregation)
+        if self.max_examples < 1 or self.min_clients < 1:
+            raise UserError("--max-examples and --min-clients must be at least 1")
+        if self.max_update_norm is not None and not self.max_update_norm > 0:
+            raise UserError("--max-update-norm must be positive")
+        if self.max_concurrent < 0:
+            raise UserError("--max-concurrent must be 0 (all at once) or more")
+
+    @property
+    def steps_per_round(self) -> int | None:
+        """Each client's AdamW steps in a round; None when a round is --local-epochs passes over its images."""
+        return None if self.local_epochs is not None else self.local_steps

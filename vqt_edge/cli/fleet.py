@@ -7,6 +7,7 @@ per round as the server writes it. server / client: the same processes on separa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import signal
@@ -23,29 +24,44 @@ from vqt_edge.cli.fleet_guard import (
     client_security,
     client_security_options,
     enroll_command,
-    guard_options,
-    guard_settings,
     insecure_option,
     resume_settings,
     server_security_options,
     simulate_security,
     start_server,
 )
-from vqt_edge.cli.options import config_options, parse_list
-from vqt_edge.config import TrainConfig
+from vqt_edge.cli.options import build_config, config_options, parse_list
+from vqt_edge.config import FleetConfig, TrainConfig
 from vqt_edge.errors import UserError
-from vqt_edge.fleet import defaults
 from vqt_edge.kv_cache import KV_DTYPES
 
 FLEET_DIR = "fleet"  # inside the run folder: settings, logs, Flower's state, the simulated clients
 POLL_SECONDS = 0.5
 TOKEN_FAILED = "Runtime task-token authentication failed"  # Flower's log line for a ClientApp it gave up on
-STALL_LINES = 9
-RECONNECT_SECONDS = 5.0  # `fleet client` restarts its SuperNode after this when it stops  # about three restarts: each given-up ClientApp logs TOKEN_FAILED three times
+STALL_LINES = 9  # about three restarts: each given-up ClientApp logs TOKEN_FAILED three times
+RECONNECT_SECONDS = 5.0  # `fleet client` restarts its SuperNode after this when it stops
+
+
+FLEET_OPTIONS = [f.name for f in dataclasses.fields(FleetConfig)]
+CLIENT_OPTIONS = ("threads", "kv", "kv_dtype", "memory_budget_mb", "backend")
+_DEFAULTS = FleetConfig()
+HELP = f"""\b
+Defaults (docs/fleet-defaults.md; chosen on validation folds of training images, never test images):
+- Each round every client makes --local-steps {_DEFAULTS.local_steps} AdamW steps of min(--batch-size, its images)
+  images: a device with 10 images trains as many steps as one with 300, and one lr schedule (warm-up
+  once, cosine over rounds x steps) runs on every device. --local-epochs E makes a round E passes over
+  each device's own images instead (a device with few images then makes few steps).
+  Why: a round of one pass at batch 32 gave a client of 18-69 images 1-3 steps and its own lr
+  schedule sized to them; the default run stayed at chance where `train` learned the task.
+- After the last round the head is recalibrated (--calibrate-head {_DEFAULTS.calibrate_head}, CCVR): each client SENDS,
+  once, per class its image count and the mean and covariance of its head's input features (never
+  images or per-image features). --calibrate-head off: only the trainable tensors leave a device.
+"""
 
 
 def _common(command):
-    """Options the server decides for every client (they reach the clients in each round's config)."""
+    """Options the server decides for every client (vqt_edge/config.py FleetConfig; they reach the clients in
+    each round's config), and the run's bundle, folder and test images."""
     options = [
         click.option("--bundle", type=click.Path(path_type=Path), required=True, help="Bundle from `vqt-edge export`."),
         click.option(
@@ -55,81 +71,36 @@ def _common(command):
             required=True,
             help="Run folder for the federated result (adapter, model.onnx, metrics per round).",
         ),
-        click.option("--rounds", type=int, default=defaults.ROUNDS, show_default=True, help="Federated rounds."),
-        click.option(
-            "--local-steps",
-            type=int,
-            help="AdamW steps each client trains per round, each on min(--batch-size, its images) images: "
-            f"every client the same steps however few its images [default: {defaults.LOCAL_STEPS}].",
-        ),
-        click.option(
-            "--local-epochs",
-            type=int,
-            help="Instead of --local-steps: passes over its own images per round (a client with few images "
-            "then makes few steps).",
-        ),
         click.option(
             "--test",
             type=click.Path(path_type=Path),
             help="Test images: the server reports accuracy after every round.",
         ),
         config_options(
-            TrainConfig,
-            ["batch_size", "lr", "weight_decay", "warmup_epochs", "seed"],
-            batch_size={"default": defaults.BATCH_SIZE},
-            lr={
-                "default": defaults.LR,
-                "help": "Peak learning rate (AdamW; warm-up once, then cosine over rounds x local steps, one "
-                "schedule for every client).",
+            FleetConfig,
+            FLEET_OPTIONS,
+            local_steps={
+                "default": None,
+                "help": FleetConfig.__dataclass_fields__["local_steps"].metadata["help"]
+                + f" [default: {_DEFAULTS.local_steps}]",
             },
-            warmup_epochs={
-                "help": "Warm-up, in rounds (or, with --local-epochs, epochs of rounds x local epochs) [default: 10%]."
-            },
-            seed={"help": "Seeds the split, data order and dropout."},
-        ),
-        click.option(
-            "--round-timeout",
-            type=float,
-            default=3600,
-            show_default=True,
-            help="Seconds to wait for the clients of a round.",
-        ),
-        click.option(
-            "--logit-adjust",
-            type=float,
-            default=0.0,
-            show_default=True,
-            help="Each client trains with tau * log(its class prior) added to the head's bias, removed before "
-            "sending: the fix for clients that see different classes (tau; 0: plain FedAvg).",
-        ),
-        click.option(
-            "--proximal-mu",
-            type=float,
-            default=0.0,
-            show_default=True,
-            help="FedProx: mu * (w - the round's start) added to every gradient (portable backend only).",
-        ),
-        click.option(
-            "--class-weighted-head",
-            is_flag=True,
-            help="Average each class's head row over the clients weighted by their images of that class "
-            "(clients then send their per-class image counts).",
-        ),
-        click.option(
-            "--calibrate-head",
-            type=click.Choice(["full", "diagonal", "off"]),
-            default=defaults.CALIBRATE_HEAD,
-            show_default=True,
-            help="After the last round, refit the head on virtual features drawn from the clients' per-class "
-            "feature means and covariances (full) or variances (diagonal): CCVR. On by default: each client "
-            "then SENDS, once, per class its image count and the mean and covariance of its features "
-            "(full: about C x F^2 / 2 floats; never images or per-image features). off: nothing but the "
-            "trainable tensors leaves a device.",
         ),
     ]
     for option in reversed(options):
         command = option(command)
     return command
+
+
+def _fleet_config(options: dict) -> FleetConfig:
+    """The FleetConfig of a command's options (removed from `options`), checked."""
+    values = {name: options.pop(name) for name in FLEET_OPTIONS}
+    if values["local_epochs"] is not None and values["local_steps"] is not None:
+        raise UserError("give --local-steps or --local-epochs, not both")
+    if values["local_steps"] is None:
+        del values["local_steps"]
+    config = build_config(FleetConfig, values)
+    config.validate()
+    return config
 
 
 def _client_options(command):
@@ -174,7 +145,9 @@ def _node_values(
     return values
 
 
-def _settings(bundle: Path, run_dir: Path, clients: int, classes: list[str], **kw):
+def _settings(
+    bundle: Path, run_dir: Path, clients: int, classes: list[str], config: FleetConfig, test: Path | None, **extra
+):
     from vqt_edge import manifest as mf
     from vqt_edge.fleet.server_app import FleetSettings
 
@@ -183,29 +156,20 @@ def _settings(bundle: Path, run_dir: Path, clients: int, classes: list[str], **k
         raise UserError(f"classes {classes} differ from the bundle's {manifest.class_names}")
     if len(classes) != manifest.spec.num_classes:
         raise UserError(f"{len(classes)} classes, but the bundle was exported for {manifest.spec.num_classes}")
-    if kw["local_epochs"] is not None and kw["local_steps"] is not None:
-        raise UserError("give --local-steps or --local-epochs, not both")
-    if kw["local_steps"] is None:
-        kw["local_steps"] = defaults.LOCAL_STEPS
-    local = kw["local_steps"] if kw["local_epochs"] is None else kw["local_epochs"]
-    if kw["rounds"] < 1 or local < 1 or kw["batch_size"] < 1 or clients < 1:
-        raise UserError("--rounds, --local-steps, --local-epochs, --batch-size and --clients must be at least 1")
-    if not (kw["lr"] > 0 and kw["weight_decay"] >= 0 and kw["round_timeout"] > 0):
-        raise UserError("--lr and --round-timeout must be positive and --weight-decay non-negative")
-    if not (kw["logit_adjust"] >= 0 and kw["proximal_mu"] >= 0):
-        raise UserError("--logit-adjust and --proximal-mu must be non-negative")
+    if clients < 1:
+        raise UserError("--clients must be at least 1")
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise UserError(f"{run_dir}: exists and is not an empty folder; choose another --run")
-    test = kw.pop("test")
     if test is not None and not test.exists():
         raise UserError(f"--test {test} does not exist")
     return FleetSettings(
+        **dataclasses.asdict(config),
         bundle=str(bundle.resolve()),
         run=str(run_dir.resolve()),
         clients=clients,
         classes=classes,
         test=str(test.resolve()) if test else None,
-        **kw,
+        extra=extra,
     )
 
 
@@ -327,7 +291,7 @@ def fleet() -> None:
     """
 
 
-@fleet.command(epilog=defaults.HELP)
+@fleet.command(epilog=HELP)
 @_common
 @click.option(
     "--data", type=click.Path(path_type=Path), required=True, help="All training images; split over the clients."
@@ -336,37 +300,8 @@ def fleet() -> None:
 @click.option("--split", "split_text", default="iid", show_default=True, help="iid, dirichlet:ALPHA or classes:K.")
 @click.option("--timeout", type=float, help="Give up (and stop every process) after this many seconds.")
 @_client_options
-@guard_options
 @insecure_option
-def simulate(
-    bundle,
-    run_dir,
-    rounds,
-    local_steps,
-    local_epochs,
-    test,
-    batch_size,
-    lr,
-    weight_decay,
-    warmup_epochs,
-    seed,
-    round_timeout,
-    logit_adjust,
-    proximal_mu,
-    class_weighted_head,
-    calibrate_head,
-    data,
-    clients,
-    split_text,
-    timeout,
-    threads,
-    kv,
-    memory_budget_mb,
-    backend,
-    kv_dtype,
-    insecure,
-    **guard,
-) -> None:
+def simulate(bundle, run_dir, test, data, clients, split_text, timeout, insecure, **options) -> None:
     """Simulate a fleet on this machine: every client a real Flower SuperNode process with its own shard."""
     import numpy as np
 
@@ -376,33 +311,15 @@ def simulate(
 
     _stop_on_sigterm()
     split = parse_split(split_text)
-    node = _node_values(threads, kv, memory_budget_mb, backend, kv_dtype)
-    if proximal_mu and backend == "ort-training":
+    node = _node_values(**{k: options.pop(k) for k in CLIENT_OPTIONS})
+    config = _fleet_config(options)
+    if config.proximal_mu and node["backend"] == "ort-training":
         raise UserError("--proximal-mu needs the portable backend: onnxruntime-training's optimizer cannot take it")
     dataset = load_dataset(data)
     settings = _settings(
-        bundle,
-        run_dir,
-        clients,
-        dataset.classes,
-        rounds=rounds,
-        local_steps=local_steps,
-        local_epochs=local_epochs,
-        test=test,
-        batch_size=batch_size,
-        lr=lr,
-        weight_decay=weight_decay,
-        warmup_epochs=warmup_epochs,
-        seed=seed,
-        round_timeout=round_timeout,
-        logit_adjust=logit_adjust,
-        proximal_mu=proximal_mu,
-        class_weighted_head=class_weighted_head,
-        calibrate_head=None if calibrate_head == "off" else calibrate_head,
-        extra={"split": str(split), "data": str(data.resolve())},
-        **guard_settings(guard),
+        bundle, run_dir, clients, dataset.classes, config, test, split=str(split), data=str(data.resolve())
     )
-    parts = assign(np.array([label for _, label in dataset.samples]), clients, split, seed)
+    parts = assign(np.array([label for _, label in dataset.samples]), clients, split, config.seed)
     path = _write_settings(run_dir, settings)
     workdir = run_dir / FLEET_DIR
     click.echo(f"{clients} clients, split {split}: " + ", ".join(str(len(p)) for p in parts) + " images")
@@ -422,15 +339,15 @@ def simulate(
                     for i in rows
                 )
             )
-            config = {
+            node_config = {
                 "bundle": str(bundle.resolve()),
                 "data": str(shard.resolve()),
                 "state": str((home / "state").resolve()),
                 **node,
             }
 
-            def start(k: int = k, config: dict = config) -> subprocess.Popen:  # restarts this client's SuperNode
-                return fed.supernode(superlink, config, f"client_{k}", tls.ca if tls else None, keys[k])
+            def start(k: int = k, node_config: dict = node_config) -> subprocess.Popen:  # restarts this SuperNode
+                return fed.supernode(superlink, node_config, f"client_{k}", tls.ca if tls else None, keys[k])
 
             nodes.append([start, start()])
 
@@ -449,7 +366,7 @@ def simulate(
         )
 
 
-@fleet.command(epilog=defaults.HELP)
+@fleet.command(epilog=HELP)
 @_common
 @click.option("--clients", type=int, required=True, help="Clients that must connect; all train in every round.")
 @click.option(
@@ -457,35 +374,10 @@ def simulate(
 )
 @click.option("--host", default="0.0.0.0", show_default=True, help="Address the SuperLink listens on.")
 @click.option("--port", type=int, default=9091, show_default=True, help="The SuperLink's port (clients connect here).")
-@guard_options
 @server_security_options
 def server(
-    bundle,
-    run_dir,
-    rounds,
-    local_steps,
-    local_epochs,
-    test,
-    batch_size,
-    lr,
-    weight_decay,
-    warmup_epochs,
-    seed,
-    round_timeout,
-    logit_adjust,
-    proximal_mu,
-    class_weighted_head,
-    calibrate_head,
-    clients,
-    class_list,
-    host,
-    port,
-    certificates,
-    allow_dir,
-    resume,
-    insecure,
-    **guard,
-) -> None:
+    bundle, run_dir, test, clients, class_list, host, port, certificates, allow_dir, resume, insecure, **options
+):
     """Run the fleet's server: a Flower SuperLink, then the FedAvg ServerApp once --clients have connected.
 
     TLS with --certificates (only enrolled devices may join), or plain HTTP with --insecure.
@@ -502,6 +394,7 @@ def server(
             start_server(fed, host, port, certificates, allow_dir, insecure)
             _follow(run_dir, fed.submit(run_dir / "fleet.json"), None, run_dir / FLEET_DIR / "logs")
         return
+    config = _fleet_config(options)
     classes = (
         parse_list(class_list, str, "--classes") if class_list else mf.read_manifest(bundle, verify=False).class_names
     )
@@ -511,27 +404,7 @@ def server(
         classes = load_dataset(test).classes
     if classes is None:
         raise UserError("the bundle names no classes: give --classes (or --test, whose folders name them)")
-    settings = _settings(
-        bundle,
-        run_dir,
-        clients,
-        classes,
-        rounds=rounds,
-        local_steps=local_steps,
-        local_epochs=local_epochs,
-        test=test,
-        batch_size=batch_size,
-        lr=lr,
-        weight_decay=weight_decay,
-        warmup_epochs=warmup_epochs,
-        seed=seed,
-        round_timeout=round_timeout,
-        logit_adjust=logit_adjust,
-        proximal_mu=proximal_mu,
-        class_weighted_head=class_weighted_head,
-        calibrate_head=None if calibrate_head == "off" else calibrate_head,
-        **guard_settings(guard),
-    )
+    settings = _settings(bundle, run_dir, clients, classes, config, test)
     path = _write_settings(run_dir, settings)
     with Federation(run_dir / FLEET_DIR) as fed:
         _, enrolled = start_server(fed, host, port, certificates, allow_dir, insecure)

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 import click
 
 from vqt_edge.errors import UserError
-from vqt_edge.fleet.checks import DEFAULT_MAX_EXAMPLES, parse_aggregation
 
 if TYPE_CHECKING:  # cryptography is imported by the commands that make or read certificates, not at CLI start
     from vqt_edge.fleet.certs import ServerFiles
@@ -27,68 +26,12 @@ INSECURE_WARNING = (
     "warning: --insecure: fleet traffic is plain HTTP and any machine that reaches the port can read "
     "the adapter, join the fleet and send updates; use only on a network you trust"
 )
-GUARD_KEYS = ("aggregation", "max_examples", "max_update_norm", "min_clients", "max_concurrent")
 
 
 def _add(command, options):
     for option in reversed(options):
         command = option(command)
     return command
-
-
-def guard_options(command):
-    """How the server treats client updates (every reply is checked: vqt_edge/fleet/checks.py)."""
-    return _add(
-        command,
-        [
-            click.option(
-                "--aggregation",
-                default="fedavg",
-                show_default=True,
-                help="fedavg (weighted mean), median (element-wise; resists a minority of arbitrary updates) or "
-                "trimmed:BETA (mean without the BETA largest and smallest fraction per element).",
-            ),
-            click.option(
-                "--max-examples",
-                type=int,
-                default=DEFAULT_MAX_EXAMPLES,
-                show_default=True,
-                help="Largest num_examples a client may claim in a round (FedAvg weights by it).",
-            ),
-            click.option(
-                "--max-update-norm",
-                type=float,
-                help="Largest L2 distance of a client's tensors from the round's start [default: what AdamW can "
-                "move them in the client's steps: lr x steps x sqrt(parameters)].",
-            ),
-            click.option(
-                "--min-clients",
-                type=int,
-                default=1,
-                show_default=True,
-                help="Stop with an error when fewer client updates than this pass the checks in a round.",
-            ),
-            click.option(
-                "--max-concurrent",
-                type=int,
-                default=0,
-                help="Start at most this many clients at once in a round (waves); on a small machine this "
-                "avoids Flower's ClientApp restart loop [default: all at once].",
-            ),
-        ],
-    )
-
-
-def guard_settings(values: dict) -> dict:
-    """The FleetSettings fields of the guard options, checked."""
-    parse_aggregation(values["aggregation"])
-    if values["max_concurrent"] < 0:
-        raise UserError("--max-concurrent must be 0 (all at once) or more")
-    if values["max_examples"] < 1 or values["min_clients"] < 1:
-        raise UserError("--max-examples and --min-clients must be at least 1")
-    if values["max_update_norm"] is not None and not values["max_update_norm"] > 0:
-        raise UserError("--max-update-norm must be positive")
-    return {k: values[k] for k in GUARD_KEYS}
 
 
 def insecure_option(command):
@@ -210,7 +153,7 @@ def simulate_security(workdir: Path, clients: int, insecure: bool) -> tuple[Serv
 
 def resume_settings(run_dir: Path, bundle: Path):
     """The run's own settings with `resume_from` = its last finished round (metrics.jsonl)."""
-    from dataclasses import asdict
+    from dataclasses import asdict, replace
 
     from vqt_edge.fleet.server_app import ROUNDS, SETTINGS, FleetSettings
     from vqt_edge.run_folder import METRICS
@@ -232,7 +175,7 @@ def resume_settings(run_dir: Path, bundle: Path):
     if done >= settings.rounds:
         raise UserError(f"--resume: {run_dir} already finished all {settings.rounds} rounds")
     (run_dir / METRICS).write_text("".join(json.dumps(r) + "\n" for r in lines if r["round"] <= done))
-    settings.resume_from = done
+    settings = replace(settings, resume_from=done)
     path.write_text(json.dumps(asdict(settings), indent=2) + "\n")
     return settings
 

@@ -60,11 +60,15 @@ def config_options(config: type, names: list[str], **overrides: dict[str, Any]) 
                 spec["type"] = click.Choice([c for c in f.metadata["choices"]])
             elif name.endswith("_mb"):
                 spec["type"] = str  # a size with its unit, parsed by parse_size_mb
+            elif hints[name] is bool:
+                spec.update(is_flag=True, show_default=False)
             else:
                 spec["type"] = _click_type(hints[name])
             if "metavar" in f.metadata:
                 spec["metavar"] = f.metadata["metavar"]
             spec.update(overrides.get(name, {}))
+            if "[default:" in (spec["help"] or ""):  # the help says it in words
+                spec["show_default"] = False
             if (
                 spec["default"] is None
                 or spec["default"] == "auto"

@@ -18,13 +18,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vqt_edge.errors import UserError
+from vqt_edge.config import DEFAULT_MAX_EXAMPLES, parse_aggregation
 
 if TYPE_CHECKING:  # flwr is imported where a round runs, not by every command that parses options
     from flwr.app import Message
     from flwr.serverapp.strategy import FedAvg
 
-DEFAULT_MAX_EXAMPLES = 100_000  # images one client may claim per round: far above an edge device's own set
 DTYPE = "float32"
 #: update_bound's margin over one lr per element per step: an honest client with a single step per round
 #: measured 0.99 of the bare bound (Adam's first step moves every element by lr), and a client that
@@ -43,21 +42,6 @@ class Limits:
     batch_size: int = 32
     local_epochs: int | None = 1  # None: a round is local_steps steps (the fleet's default)
     local_steps: int = 0
-
-
-def parse_aggregation(text: str) -> tuple[str, float]:
-    """`fedavg`, `median` or `trimmed:BETA` (0 <= BETA < 0.5, the fraction cut from each end)."""
-    kind, _, arg = text.partition(":")
-    if kind in ("fedavg", "median") and not arg:
-        return kind, 0.0
-    if kind == "trimmed":
-        try:
-            beta = float(arg or "0.2")
-        except ValueError:
-            beta = -1.0
-        if 0.0 <= beta < 0.5:
-            return kind, beta
-    raise UserError(f"--aggregation {text!r}: use fedavg, median or trimmed:BETA with 0 <= BETA < 0.5")
 
 
 def aggregator(text: str, **keys) -> FedAvg:

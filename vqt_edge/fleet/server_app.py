@@ -29,9 +29,9 @@ from device_runner.deploy import build_model, save_adapter
 from vqt_edge import adapter_config
 from vqt_edge import manifest as mf
 from vqt_edge.calibrate import calibrate_head
-from vqt_edge.fleet.checks import DEFAULT_MAX_EXAMPLES, Limits, aggregator, screen
+from vqt_edge.config import FleetConfig
+from vqt_edge.fleet.checks import Limits, aggregator, screen
 from vqt_edge.fleet.client_app import ARRAYS, CALIBRATE, CLASS_COUNTS, CONFIG, HEAD_ROWS, METRICS_KEY, NUM_EXAMPLES
-from vqt_edge.fleet.defaults import CALIBRATE_HEAD, LOCAL_STEPS
 from vqt_edge.fleet.waves import WaveGrid
 from vqt_edge.manifest import Manifest
 from vqt_edge.memory import peak_rss_mb
@@ -42,57 +42,42 @@ ROUNDS = "rounds"
 CACHE_TEST_MB = 256  # test images are decoded once and kept when they fit in this, else every round
 
 
-@dataclass
-class FleetSettings:
-    """Everything the ServerApp needs; one JSON file in the run folder (`fleet.json`)."""
+@dataclass(frozen=True, kw_only=True)
+class FleetSettings(FleetConfig):
+    """Everything the ServerApp needs: the fleet's config and this run's own (one JSON file, `fleet.json`)."""
 
     bundle: str
     run: str
-    rounds: int
-    clients: int  # FedAvg waits for this many and trains all of them every round
+    clients: int  # the server waits for this many and trains all of them every round
     classes: list[str]
-    local_epochs: int | None = None  # None: each round is local_steps steps (vqt_edge/fleet/defaults.py)
-    local_steps: int = LOCAL_STEPS
-    batch_size: int = 32
-    lr: float = 1e-2
-    weight_decay: float = 1e-4
-    warmup_epochs: float | None = None  # over rounds x local epochs; default 10% of them
-    seed: int = 0
     test: str | None = None
-    round_timeout: float = 3600.0
-    logit_adjust: float = 0.0  # vqt_edge/fleet/client_app.py LocalRule: how each client trains under label skew
-    proximal_mu: float = 0.0
-    class_weighted_head: bool = False  # average head row c by each client's images of class c (class_weighted_rows)
-    calibrate_head: str | None = CALIBRATE_HEAD  # "diagonal" | "full" | None: CCVR after the last round (calibrate.py)
-    aggregation: str = "fedavg"  # fedavg | median | trimmed:BETA (vqt_edge/fleet/checks.py)
-    max_examples: int = DEFAULT_MAX_EXAMPLES  # the update checks (checks.py): num_examples cap
-    max_update_norm: float | None = None  # None: checks.update_bound
-    min_clients: int = 1  # fewer accepted updates than this stops the run
     resume_from: int = 0  # rounds already in the run folder (`fleet server --resume`)
-    max_concurrent: int = 0  # clients started at once in a round (vqt_edge/fleet/waves.py); 0: all
     extra: dict = field(default_factory=dict)  # recorded in summary.json as given (e.g. the split)
 
-    def round_config(self, bundle_sha256: str) -> ConfigRecord:
-        per_round = self.local_epochs or 1  # epochs of each client's run per round; a round of steps is one
-        epochs = self.rounds * per_round
-        return ConfigRecord(
-            {
-                "rounds": self.rounds,
-                "local-epochs": per_round,
-                "local-steps": 0 if self.local_epochs else self.local_steps,
-                "batch-size": self.batch_size,
-                "lr": self.lr,
-                "weight-decay": self.weight_decay,
-                "seed": self.seed,
-                "classes": list(self.classes),
-                "warmup-epochs": float(self.warmup_epochs if self.warmup_epochs is not None else 0.1 * epochs),
-                "bundle-sha256": bundle_sha256,
-                "logit-adjust": self.logit_adjust,
-                "proximal-mu": self.proximal_mu,
-                "class-weighted-head": self.class_weighted_head,
-                CALIBRATE: self.calibrate_head or "",
-            }
-        )
+
+def round_config(settings: FleetSettings, bundle_sha256: str) -> ConfigRecord:
+    """What every client is told with each round's tensors (vqt_edge/fleet/client_app.py reads it)."""
+    per_round = settings.local_epochs or 1  # epochs of each client's run per round; a round of steps is one
+    epochs = settings.rounds * per_round
+    warmup = settings.warmup_epochs if settings.warmup_epochs is not None else 0.1 * epochs
+    return ConfigRecord(
+        {
+            "rounds": settings.rounds,
+            "local-epochs": per_round,
+            "local-steps": settings.steps_per_round or 0,
+            "batch-size": settings.batch_size,
+            "lr": settings.lr,
+            "weight-decay": settings.weight_decay,
+            "seed": settings.seed,
+            "classes": list(settings.classes),
+            "warmup-epochs": float(warmup),
+            "bundle-sha256": bundle_sha256,
+            "logit-adjust": settings.logit_adjust,
+            "proximal-mu": settings.proximal_mu,
+            "class-weighted-head": settings.class_weighted_head,
+            CALIBRATE: "" if settings.calibrate_head == "off" else settings.calibrate_head,
+        }
+    )
 
 
 def initial_tensors(bundle: Path, manifest: Manifest) -> dict[str, np.ndarray]:
@@ -240,6 +225,7 @@ def run_fleet(grid: Grid, settings: FleetSettings) -> dict:
     """Run every round, write the run folder and return its summary."""
     bundle, run = Path(settings.bundle), Path(settings.run)
     manifest = mf.read_manifest(bundle, verify=True)
+    bundle_sha256 = mf.sha256_file(bundle / mf.MANIFEST)  # each round's config names the bundle the clients must hold
     (run / ROUNDS).mkdir(parents=True, exist_ok=True)
     test = TestSet(Path(settings.test), manifest, settings.classes, settings.batch_size) if settings.test else None
     limits = Limits(
@@ -302,13 +288,13 @@ def run_fleet(grid: Grid, settings: FleetSettings) -> dict:
         initial_arrays=ArrayRecord({k: Array(v) for k, v in initial.items()}),
         num_rounds=settings.rounds - offset,
         timeout=settings.round_timeout,
-        train_config=settings.round_config(mf.sha256_file(bundle / mf.MANIFEST)),
+        train_config=round_config(settings, bundle_sha256),
         evaluate_fn=after_round,
     )
     final = {name: array.numpy() for name, array in result.arrays.items()}
     calibration = None
-    if settings.calibrate_head:
-        final, calibration = _calibrate(grid, settings, final, mf.sha256_file(bundle / mf.MANIFEST))
+    if settings.calibrate_head != "off":
+        final, calibration = _calibrate(grid, settings, final, bundle_sha256)
         save_adapter(run / ROUNDS / "calibrated.safetensors", final, manifest)
         if test is not None:
             build_model(bundle, manifest, final, run / ROUNDS / MODEL, classes=settings.classes)
@@ -323,7 +309,7 @@ def _calibrate(
     back; the head refitted on virtual features (vqt_edge/calibrate.py)."""
     t0 = time.perf_counter()
     content = RecordDict(
-        {ARRAYS: ArrayRecord({k: Array(v) for k, v in tensors.items()}), CONFIG: settings.round_config(bundle_sha256)}
+        {ARRAYS: ArrayRecord({k: Array(v) for k, v in tensors.items()}), CONFIG: round_config(settings, bundle_sha256)}
     )
     messages = [
         Message(content=content, message_type=MessageType.QUERY, dst_node_id=node) for node in grid.get_node_ids()
@@ -376,7 +362,7 @@ def _finish(
         "rounds": settings.rounds,
         "clients": settings.clients,
         "local_epochs": settings.local_epochs,
-        "local_steps": None if settings.local_epochs else settings.local_steps,
+        "local_steps": settings.steps_per_round,
         "train_images": max(
             (sum(c[NUM_EXAMPLES] for c in r["clients"]) for r in rounds if r.get("clients")), default=0
         ),
@@ -400,4 +386,5 @@ def main(grid: Grid, context: Context) -> None:
     """Flower's entry: the run config's `settings` names the run folder's fleet.json."""
     ort.block_torch()  # Flower started this process for the run: onnxruntime must not pull torch in
     settings = FleetSettings(**json.loads(Path(str(context.run_config["settings"])).read_text()))
+    settings.validate()  # a hand-written or older fleet.json fails here, with the option it got wrong
     run_fleet(WaveGrid(grid, settings.max_concurrent), settings)  # type: ignore[arg-type]

@@ -81,6 +81,12 @@ def site_config(manifest: mf.Manifest) -> dict:
             "query_layers": ",".join(map(str, spec.query_layers)),
             "aggregate": spec.aggregate,
         },
+        # What the page's stored K/V and checkpoints are keyed by (IndexedDB, store.js).
+        "bundle_sha256": {
+            "frozen": manifest.files[mf.FROZEN],
+            "step": manifest.files[mf.STEP_MODEL],
+            "step_init": manifest.files[mf.STEP_INIT],
+        },
         "adapter_config": adapter_config.from_manifest(manifest, []),  # the page fills class_names
         "ort_web": ORT_WEB_VERSION,
     }

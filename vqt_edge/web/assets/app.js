@@ -6,12 +6,17 @@ import { AdamW, lrAt, warmupSteps } from "./adamw.js";
 import { Generator } from "./numpy_random.js";
 import { preprocess, MAX_PIXELS } from "./preprocess.js";
 import { parse, serialize } from "./safetensors.js";
+import { Store, kvPrefix, runKey, sha256Hex, estimate } from "./store.js";
 
 const IMAGE_EXTENSIONS = new Set([".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"]);
 const FROZEN_BATCH = 16;
 const MAX_CACHE_BYTES = 2 ** 31 - 1;  // one ArrayBuffer per frozen output; 2 GB is what every browser allows
 const $ = (id) => document.getElementById(id);
 const query = new URLSearchParams(location.search);
+// Frozen outputs above this many bytes stay in IndexedDB and are read one batch at a time (?kvmem=BYTES).
+const KV_MEMORY_BUDGET = Number(query.get("kvmem") ?? 2 ** 30);
+// The training position is stored at each epoch's start and at most this often (?checkpoint=SECONDS).
+const CHECKPOINT_S = Number(query.get("checkpoint") ?? 2);
 
 ort.env.wasm.wasmPaths = new URL("./ort/", location.href).href;
 // Threads need cross-origin isolation (`vqt-edge web --serve` sends the headers); ?threads=N overrides.
@@ -23,6 +28,7 @@ const state = {
   classes: new Map(),  // class name -> [{file, path}]
   ignored: 0, busy: false, params: null, classNames: null, losses: [], valAcc: [],
   timings: {}, predictions: [],
+  store: null, kvPrefix: null, runKey: null, checkpoint: null,  // IndexedDB (store.js), once load() opened it
 };
 
 // -- messages ---------------------------------------------------------------------------------------
@@ -62,6 +68,28 @@ async function load() {
   $("epochs").value = d.epochs; $("batch").value = d.batch_size; $("lr").value = d.lr;
   $("val").value = d.val_split; $("seed").value = d.seed;
   drawPlot();
+  state.kvPrefix = await kvPrefix(c);
+  state.runKey = runKey(c);
+  if (query.get("store") === "0") {  // a shared computer: nothing of the photos stays in the browser
+    message("info", "?store=0: nothing is kept in this browser's storage; a reload starts again");
+    return;
+  }
+  try {
+    state.store = await Store.open();
+    await offerResume();
+  } catch (e) {
+    storeFailed(e);
+  }
+}
+
+/** Show the Resume button when this browser holds an unfinished run of this bundle. */
+async function offerResume() {
+  const run = state.store && await state.store.getRun(state.runKey);
+  $("resume").hidden = !run;
+  if (!run) return;
+  const steps = Math.ceil(run.n / run.settings.batch);
+  $("resume").textContent = `Resume the stopped run (epoch ${run.epoch + 1}/${run.settings.epochs}, step ${run.index + 1}/${steps}, `
+    + `${run.rowKeys.length} photos, saved ${run.savedAt.replace("T", " ").slice(0, 19)} UTC)`;
 }
 
 function tensor(data, dims) {
@@ -88,21 +116,40 @@ async function runFrozen(pixels) {
 
 const prod = (shape) => shape.reduce((a, b) => a * b, 1);
 
-/** The K/V cache: one typed array per frozen output, fp16 where the Python cache keeps fp16
- *  (spec.CACHE_DTYPES), so the step sees the same rounded values as `vqt-edge train`. */
+/** The K/V cache, row `index` per photo: in memory, one typed array per frozen output, fp16 where the
+ *  Python cache keeps fp16 (spec.CACHE_DTYPES), so the step sees the same rounded values as `vqt-edge
+ *  train`; or, above the page's memory budget, only in IndexedDB, read back one batch at a time.
+ *  Either way each photo's row is written to IndexedDB (store.js) when there is one, so a reload resumes. */
 class Cache {
-  constructor(n) {
-    this.arrays = {};
+  constructor(keys, inMemory) {
+    const n = keys.length;
+    this.keys = keys;  // IndexedDB key of each row
     this.sizes = {};
+    this.types = {};
+    this.arrays = null;
+    this.store = null;  // IndexedDB, where rows not held in memory are read from
     for (const [name, { shape, cache_dtype }] of Object.entries(state.config.frozen_outputs)) {
       this.sizes[name] = prod(shape);
       if (cache_dtype === "float16" && !self.Float16Array) throw new Error("this browser has no Float16Array; use a current Chromium or Firefox");
-      const Type = cache_dtype === "float16" ? Float16Array : Float32Array;
+      this.types[name] = cache_dtype === "float16" ? Float16Array : Float32Array;
+    }
+    if (inMemory) this.allocate(n);
+  }
+
+  static bytesPerImage() {
+    return Object.values(state.config.frozen_outputs).reduce(
+      (a, { shape, cache_dtype }) => a + prod(shape) * (cache_dtype === "float16" ? 2 : 4), 0);
+  }
+
+  allocate(n) {
+    this.arrays = {};
+    for (const [name, Type] of Object.entries(this.types)) {
       const bytes = n * this.sizes[name] * Type.BYTES_PER_ELEMENT;
       try {
         if (bytes > MAX_CACHE_BYTES) throw new RangeError();
         this.arrays[name] = new Type(n * this.sizes[name]);
       } catch (e) {
+        this.arrays = null;
         if (!(e instanceof RangeError)) throw e;
         throw new Error(`the frozen outputs of ${n} photos need ${(bytes / 2 ** 30).toFixed(1)} GiB for "${name}" alone, more than this tab can hold: `
           + "use fewer photos, or export a bundle with fewer query layers (vqt-edge export --query-layers)");
@@ -110,27 +157,76 @@ class Cache {
     }
   }
 
+  /** Store photo k of a frozen batch's outputs as row `index`; returns the row as IndexedDB keeps it. */
   put(index, outputs, k) {
+    const row = {};
     for (const [name, data] of Object.entries(outputs)) {
-      const size = this.sizes[name];
-      this.arrays[name].set(data.subarray(k * size, (k + 1) * size), index * size);
+      const size = this.sizes[name], src = data.subarray(k * size, (k + 1) * size);
+      if (this.arrays) {
+        this.arrays[name].set(src, index * size);
+        row[name] = this.arrays[name].slice(index * size, (index + 1) * size).buffer;
+      } else {
+        row[name] = new this.types[name](src).buffer;
+      }
     }
+    return row;
+  }
+
+  /** A row read back from IndexedDB, into memory. */
+  load(index, row) {
+    for (const [name, buffer] of Object.entries(row)) this.arrays[name].set(new this.types[name](buffer), index * this.sizes[name]);
   }
 
   /** fp32 feeds for these cache rows. */
-  gather(rows) {
+  async gather(rows) {
+    const stored = this.arrays ? null : await this.store.getRows(rows.map((r) => this.keys[r]));
+    if (stored?.includes(undefined))
+      throw new Error("the browser's storage no longer holds some photos' frozen outputs (deleted or evicted): choose the photos and Train again");
     const feeds = {};
     for (const [name, { shape }] of Object.entries(state.config.frozen_outputs)) {
-      const size = this.sizes[name], out = new Float32Array(rows.length * size), src = this.arrays[name];
-      rows.forEach((r, i) => out.set(src.subarray(r * size, (r + 1) * size), i * size));
+      const size = this.sizes[name], out = new Float32Array(rows.length * size);
+      if (stored) stored.forEach((row, i) => out.set(new this.types[name](row[name]), i * size));
+      else rows.forEach((r, i) => out.set(this.arrays[name].subarray(r * size, (r + 1) * size), i * size));
       feeds[name] = tensor(out, [rows.length, ...shape]);
     }
     return feeds;
   }
 
   bytes() {
-    return Object.values(this.arrays).reduce((a, x) => a + x.byteLength, 0);
+    return this.arrays ? Object.values(this.arrays).reduce((a, x) => a + x.byteLength, 0) : 0;
   }
+}
+
+/** Stop using IndexedDB for the rest of this page's life, saying why and what it means. */
+function storeFailed(e) {
+  state.store = null;
+  if (state.storeFailed) return;  // said once
+  state.storeFailed = true;
+  message("warning", `${e.message}: the frozen outputs and the training position are kept in memory only, `
+    + "so a reload of this page will run the frozen pass and the training again"
+    + (e.quota ? " (free space for this site in the browser's settings, or use fewer photos)" : ""));
+}
+
+/** A cache for these row keys, filled from IndexedDB where it holds them: in memory when it fits the
+ *  page's budget (?kvmem=BYTES; 1 GiB), else left in IndexedDB. Returns [cache, set of rows found]. */
+async function openCache(keys) {
+  const need = keys.length * Cache.bytesPerImage();
+  let found = new Array(keys.length).fill(false);
+  if (state.store) {
+    try { found = await state.store.has(keys); } catch (e) { storeFailed(e); }
+  }
+  const cache = new Cache(keys, !state.store || need <= KV_MEMORY_BUDGET);
+  cache.store = state.store;  // kept for reads even if a later write fails and the page stops writing
+  if (!cache.arrays) message("info", `the frozen outputs of ${keys.length} photos (${(need / 2 ** 20).toFixed(0)} MiB) are above this page's `
+    + `memory budget (${(KV_MEMORY_BUDGET / 2 ** 20).toFixed(0)} MiB): each batch is read from the browser's storage`);
+  if (cache.arrays) {
+    const rows = found.flatMap((f, i) => (f ? [i] : []));
+    for (let s = 0; s < rows.length; s += 64) {
+      const chunk = rows.slice(s, s + 64);
+      (await state.store.getRows(chunk.map((i) => keys[i]))).forEach((row, j) => (row ? cache.load(chunk[j], row) : (found[chunk[j]] = false)));
+    }
+  }
+  return [cache, new Set(found.flatMap((f, i) => (f ? [i] : [])))];
 }
 
 // -- the photos --------------------------------------------------------------------------------------
@@ -259,7 +355,7 @@ async function evaluate(cache, rows, batch) {
   const logits = [];
   for (let s = 0; s < rows.length; s += batch) {
     const r = rows.slice(s, s + batch);
-    const feeds = cache.gather(r);
+    const feeds = await cache.gather(r);
     if (state.config.query_keep_shape) feeds.query_keep = tensor(keepMask(r.length, null), [r.length, ...state.config.query_keep_shape]);
     feeds.targets = tensor(new Float32Array(r.length * state.config.num_classes), [r.length, state.config.num_classes]);
     const out = await runStep(state.params, feeds, ["loss", "logits"]);
@@ -280,32 +376,54 @@ function argmaxRows(chunks, k) {
 
 const tick = () => new Promise((ok) => setTimeout(ok, 0));
 
+/** Train: the frozen pass for the photos IndexedDB does not hold yet, then a new run from step 0. */
 async function train() {
   clearMessages();
   const s = settings();
   const cfg = state.config, k = cfg.num_classes;
   setBusy(true);
-  state.losses = []; state.valAcc = []; state.params = null; state.report = null;
-  $("result").textContent = "";
+  resetRun();
   // Every photo, classes in sorted order and files sorted by path within each, as load_dataset lists them.
   const classNames = [...state.classes.keys()].sort();
   const listed = classNames.flatMap((c, label) =>
     [...state.classes.get(c)].sort((a, b) => (a.path < b.path ? -1 : a.path > b.path ? 1 : 0)).map((x) => ({ ...x, label, cls: c })));
-  // Frozen pass once: decode, preprocess, run; unreadable photos are skipped with a message.
-  const cache = new Cache(listed.length);
-  const ok = [];
-  let pending = [], t0 = performance.now(), frozenImages = 0, frozenSeconds = 0;
+  // Each photo's key: the bundle's prefix and the sha256 of the file's bytes, as the Python disk cache.
+  const t0 = performance.now();
+  const keys = [];
+  for (const x of listed) {
+    try { keys.push(`${state.kvPrefix}/${await sha256Hex(await x.file.arrayBuffer())}`); } catch { keys.push(""); }  // "": unreadable
+  }
+  const [cache, cached] = await openCache(keys);
+  state.timings.cached_images = cached.size;
+  // Frozen pass once, for the photos not cached: decode, preprocess, run; unreadable photos are skipped with a message.
+  const ok = [], written = new Set(cached);
+  let pending = [], frozenImages = 0, frozenSeconds = 0;
   const flush = async () => {
     if (!pending.length) return;
     const t = performance.now();
     const out = await runFrozen(pending.map((p) => p.pixels));
     frozenSeconds += (performance.now() - t) / 1000;
     frozenImages += pending.length;
-    pending.forEach((p, i) => cache.put(p.index, out, i));
+    const rows = pending.map((p, i) => [keys[p.index], cache.put(p.index, out, i)]);
+    if (state.store) {
+      try {
+        await state.store.putRows(rows);
+        pending.forEach((p) => written.add(p.index));
+      } catch (e) {
+        if (!cache.arrays) {  // rows were only in IndexedDB: bring those it holds into memory, then this batch
+          cache.allocate(keys.length);
+          for (const i of written) cache.load(i, (await cache.store.getRows([keys[i]]))[0]);
+          pending.forEach((p, i) => cache.load(p.index, rows[i][1]));
+        }
+        storeFailed(e);
+      }
+    }
     pending = [];
   };
   for (let i = 0; i < listed.length; i++) {
+    if (cached.has(i)) { ok.push(i); continue; }
     try {
+      if (!keys[i]) throw new Error("the browser cannot read this file");
       const pixels = await preprocess(listed[i].file, cfg.image_size, cfg.mean, cfg.std);
       pending.push({ index: i, pixels });
       ok.push(i);
@@ -317,33 +435,99 @@ async function train() {
     if (i % 4 === 3) await tick();
   }
   await flush();
+  state.timings.frozen_images = frozenImages;
   state.timings.frozen_per_image_s = frozenSeconds / Math.max(1, frozenImages);
   state.timings.frozen_pass_s = (performance.now() - t0) / 1000;
   state.timings.cache_mib = cache.bytes() / 2 ** 20;
+  state.timings.kv_in_memory = cache.arrays !== null;
   const usable = new Map(classNames.map((c) => [c, []]));
   for (const i of ok) usable.get(listed[i].cls).push(listed[i]);
   const problem = dataProblem(usable);
   if (problem) throw new Error(problem);
+  if (cached.size) message("info", `${cached.size} of ${listed.length} photos' frozen outputs were read from this browser's storage (no frozen pass for them)`);
   // Held-out split over the usable photos, then rows: training photos first, in order, then held out.
   const labels = ok.map((i) => listed[i].label);
   const held = split(labels, k, s.val, s.seed);
   const trainIdx = ok.filter((_, j) => !held.has(j)), valIdx = ok.filter((_, j) => held.has(j));
-  const rows = [...trainIdx, ...valIdx], rowLabels = rows.map((i) => listed[i].label);
-  const n = trainIdx.length, valRows = rows.slice(n);
-  // The loop of Trainer.fit.
-  state.params = Object.fromEntries(Object.entries(state.init).map(([name, a]) => [name, new Float32Array(a)]));
+  const rows = [...trainIdx, ...valIdx];
+  const run = {
+    settings: s, classNames, n: trainIdx.length, rows, rowLabels: rows.map((i) => listed[i].label),
+    rowKeys: rows.map((i) => keys[i]), skipped: listed.length - ok.length,
+    epoch: 0, index: 0, t: 0, params: null, expAvg: null, expAvgSq: null,
+    losses: [], valAcc: [], lossSum: 0, correct: 0, seen: 0,
+  };
+  await fit(run, cache);
+}
+
+/** Resume: the stored run continues from its checkpoint; its frozen outputs come from IndexedDB, so
+ *  neither the frozen pass nor the photos are needed (the browser cannot re-read them after a reload). */
+async function resume() {
+  clearMessages();
+  setBusy(true);
+  resetRun();
+  const t0 = performance.now();
+  const run = state.store && await state.store.getRun(state.runKey);
+  if (!run) throw new Error("there is no stored run to resume");
+  const unique = [...new Set(run.rowKeys)];
+  const [cache, found] = await openCache(unique);
+  if (found.size < unique.length)
+    throw new Error(`${unique.length - found.size} photos' frozen outputs are no longer in this browser's storage: choose the photos and Train again`);
+  const slot = new Map(unique.map((key, i) => [key, i]));
+  run.rows = run.rowKeys.map((key) => slot.get(key));
+  Object.assign(state.timings, { resume_load_s: (performance.now() - t0) / 1000, cached_images: found.size, frozen_images: 0,
+    cache_mib: cache.bytes() / 2 ** 20, kv_in_memory: cache.arrays !== null });
+  for (const [id, v] of [["epochs", run.settings.epochs], ["batch", run.settings.batch], ["lr", run.settings.lr], ["val", run.settings.val], ["seed", run.settings.seed]]) $(id).value = v;
+  message("info", `resumed at epoch ${run.epoch + 1}, step ${run.index + 1}: ${unique.length} photos' frozen outputs read from this browser's storage in ${state.timings.resume_load_s.toFixed(2)} s`);
+  await fit(run, cache);
+}
+
+function resetRun() {
+  state.losses = []; state.valAcc = []; state.params = null; state.report = null; state.checkpoint = null;
+  $("result").textContent = "";
+  $("resume").hidden = true;
+}
+
+/** The stored run's checkpoint: where training stands, exactly (the generators are keyed by [seed,
+ *  epoch(, step)], so the position is their state too). One per bundle: a new Train replaces it. */
+async function saveCheckpoint(run, optimizer) {
+  if (!state.store) return;
+  const { rows, ...stored } = run;  // rows index this page's cache; rowKeys name them for any page
+  try {
+    await state.store.putRun(state.runKey, {
+      ...stored, t: optimizer.t, params: state.params, expAvg: optimizer.expAvg, expAvgSq: optimizer.expAvgSq,
+      losses: state.losses, valAcc: state.valAcc, savedAt: new Date().toISOString(),
+    });
+    state.checkpoint = { epoch: run.epoch, index: run.index, step: run.epoch * Math.ceil(run.n / run.settings.batch) + run.index };
+  } catch (e) {
+    storeFailed(e);
+  }
+}
+
+/** The loop of Trainer.fit, from the run's position (0 for a new run). */
+async function fit(run, cache) {
+  const cfg = state.config, k = cfg.num_classes, s = run.settings, n = run.n;
+  const { rows, rowLabels } = run, valRows = rows.slice(n), valLabels = rowLabels.slice(n);
+  state.params = run.params ?? Object.fromEntries(Object.entries(state.init).map(([name, a]) => [name, new Float32Array(a)]));
   const optimizer = new AdamW(state.params, cfg.trainable_shapes);
+  if (run.expAvg) Object.assign(optimizer, { expAvg: run.expAvg, expAvgSq: run.expAvgSq, t: run.t });
+  state.losses = run.losses; state.valAcc = run.valAcc;
   const stepsPerEpoch = Math.ceil(n / s.batch), total = stepsPerEpoch * s.epochs;
   const warmup = warmupSteps(s.epochs, stepsPerEpoch);
   const stepTimes = [];
-  for (let epoch = 0; epoch < s.epochs; epoch++) {
-    const order = new Generator([s.seed, epoch]).permutation(n);
-    let lossSum = 0, correct = 0, seen = 0;
-    for (let index = 0; index < stepsPerEpoch; index++) {
+  let lastSave = -Infinity;
+  drawPlot(total);
+  for (; run.epoch < s.epochs; run.epoch++, run.index = 0, run.lossSum = run.correct = run.seen = 0) {
+    const epoch = run.epoch, order = new Generator([s.seed, epoch]).permutation(n);
+    for (; run.index < stepsPerEpoch; run.index++) {
+      const index = run.index;
+      if (index === 0 || performance.now() - lastSave >= CHECKPOINT_S * 1000) {
+        await saveCheckpoint(run, optimizer);
+        lastSave = performance.now();
+      }
       const t = performance.now();
       const batchRows = order.slice(index * s.batch, (index + 1) * s.batch);
       const b = batchRows.length, labelsB = batchRows.map((r) => rowLabels[r]);
-      const feeds = cache.gather(batchRows.map((r) => rows[r]));
+      const feeds = await cache.gather(batchRows.map((r) => rows[r]));
       if (cfg.query_keep_shape) feeds.query_keep = tensor(keepMask(b, new Generator([s.seed, epoch, index])), [b, ...cfg.query_keep_shape]);
       feeds.targets = tensor(targets(labelsB, Math.fround(1 / b)), [b, k]);
       const out = await runStep(state.params, feeds);
@@ -352,27 +536,30 @@ async function train() {
       optimizer.step(grads, lrAt(g, total, warmup, s.lr), s.weightDecay);
       stepTimes.push((performance.now() - t) / 1000);
       const loss = out.loss[0];
-      lossSum += loss * b; seen += b;
-      correct += argmaxRows([out.logits], k).filter((p, i) => p === labelsB[i]).length;
+      run.lossSum += loss * b; run.seen += b;
+      run.correct += argmaxRows([out.logits], k).filter((p, i) => p === labelsB[i]).length;
       state.losses.push(loss);
-      progress((g + 1) / total, `epoch ${epoch + 1}/${s.epochs}, step ${index + 1}/${stepsPerEpoch}: loss ${(lossSum / seen).toFixed(4)}, acc ${(correct / seen).toFixed(3)}`);
+      progress((g + 1) / total, `epoch ${epoch + 1}/${s.epochs}, step ${index + 1}/${stepsPerEpoch}: loss ${(run.lossSum / run.seen).toFixed(4)}, acc ${(run.correct / run.seen).toFixed(3)}`);
       drawPlot(total);
       await tick();
     }
     if (valRows.length) {
       const pred = argmaxRows(await evaluate(cache, valRows, s.batch), k);
-      state.valAcc.push([(epoch + 1) * stepsPerEpoch, pred.filter((p, i) => p === listed[valRows[i]].label).length / valRows.length]);
+      state.valAcc.push([(epoch + 1) * stepsPerEpoch, pred.filter((p, i) => p === valLabels[i]).length / valRows.length]);
       drawPlot(total);
     }
   }
+  if (state.store) {
+    try { await state.store.deleteRun(state.runKey); } catch (e) { storeFailed(e); }
+  }
   state.timings.step_s = stepTimes;
-  state.classNames = classNames;
-  state.report = { train_images: n, val_images: valRows.length, skipped: listed.length - ok.length, final_loss: state.losses.at(-1),
+  state.classNames = run.classNames;
+  state.report = { train_images: n, val_images: valRows.length, skipped: run.skipped, final_loss: state.losses.at(-1),
                    val_acc: state.valAcc.length ? state.valAcc.at(-1)[1] : null, steps: total };
   const acc = state.report.val_acc;
   $("result").textContent = acc === null ? `trained on ${n} photos (none held out)`
     : `held-out accuracy ${(100 * acc).toFixed(1)}% (${valRows.length} photos), trained on ${n}`;
-  $("status").textContent = `done: ${total} steps, ${(stepTimes.reduce((a, b) => a + b, 0) / total).toFixed(4)} s per step`;
+  $("status").textContent = `done: ${total} steps, ${(stepTimes.reduce((a, b) => a + b, 0) / Math.max(1, stepTimes.length)).toFixed(4)} s per step`;
   $("download-adapter").disabled = $("download-config").disabled = false;
 }
 
@@ -383,7 +570,7 @@ function progress(fraction, text) {
 
 function setBusy(busy) {
   state.busy = busy;
-  for (const id of ["train", "folder", "class-files", "clear"]) $(id).disabled = busy;
+  for (const id of ["train", "resume", "forget", "folder", "class-files", "clear"]) $(id).disabled = busy;
   if (!busy) showClasses(false);
 }
 
@@ -455,6 +642,7 @@ function guard(fn) {
     } catch (e) {
       message("error", e.message || String(e));
       $("status").textContent = `stopped: ${e.message || e}`;
+      await offerResume().catch(() => {});  // a stored run (this one's or an earlier one's) can still go on
     } finally {
       if (state.busy) setBusy(false);
     }
@@ -472,6 +660,12 @@ function wire() {
   });
   $("clear").addEventListener("click", () => { state.classes.clear(); state.ignored = 0; clearMessages(); showClasses(); });
   $("train").addEventListener("click", guard(train));
+  $("resume").addEventListener("click", guard(resume));
+  $("forget").addEventListener("click", guard(async () => {
+    if (state.store) await state.store.clear();
+    $("resume").hidden = true;
+    message("info", "the frozen outputs and the training position stored by this page are deleted");
+  }));
   $("download-adapter").addEventListener("click", () => download("adapter.safetensors", adapterBytes(), "application/octet-stream"));
   $("download-config").addEventListener("click", () => download("adapter_config.json", adapterConfig(), "application/json"));
   $("predict-files").addEventListener("change", guard(async (e) => { await predictFiles([...e.target.files]); e.target.value = ""; }));
@@ -483,6 +677,6 @@ function wire() {
 }
 
 // Tests and benchmarks reach the page's pieces here (tests/test_web.py).
-window.vqt = { ort, state, preprocess, AdamW, lrAt, warmupSteps, Generator, runStep, runFrozen, tensor, adapterBytes, adapterConfig, MAX_PIXELS };
+window.vqt = { ort, state, estimate, preprocess, AdamW, lrAt, warmupSteps, Generator, runStep, runFrozen, tensor, adapterBytes, adapterConfig, MAX_PIXELS };
 wire();
 load().then(() => { window.vqtReady = true; showClasses(); }, (e) => { message("error", `cannot load the model: ${e.message || e}`); window.vqtReady = "failed"; });
