@@ -188,30 +188,32 @@ class _FrozenMatmul(torch.autograd.Function):
         return grad_x, grad_w
 
 
-def _widen(codes: torch.Tensor, dtype: torch.dtype, backward: bool) -> torch.Tensor:
-    """One layer's int8 codes [B, H, N, dh] as [B*H, N, dh] floats. The backward pass widens the
-    codes again rather than keeping the forward's fp32 copy (kept, every layer's copy would live
-    until the backward pass: all of the fp32 K/V), and reshapes before casting where the forward
-    casts first, so that no common-subexpression pass merges the two widenings into one."""
-    b, h, n, dh = codes.shape
+def _head_codes(codes: torch.Tensor, head: int, dtype: torch.dtype, backward: bool) -> torch.Tensor:
+    """One head's int8 codes of one layer [B, H, N, dh] as [B, N, dh] floats. Widened one head at a
+    time, the fp32 copy (1.6 MB at batch 32 on vit_b16) stays in the core's cache and no widened
+    layer is ever resident. The backward pass widens again rather than keeping the forward's copy
+    (kept, every copy would live until the backward pass: all of the fp32 K/V), and selects the head
+    with another op (Gather, where the forward slices) so that no common-subexpression pass merges
+    the two into one kept tensor."""
     if backward:
-        return codes.reshape(b * h, n, dh).to(dtype)
-    return codes.to(dtype).reshape(b * h, n, dh)
+        return codes.select(1, head).to(dtype)
+    b, _, n, dh = codes.shape
+    return codes.narrow(1, head, 1).to(dtype).reshape(b, n, dh)
 
 
 class _Int8Scores(torch.autograd.Function):
     """One layer's attention scores from its int8 K codes c [B, H, N, dh] and per-channel scales s
     [B, H, 1, dh] (the int8 cache's layout, device_runner/kv_int8.py): q K^T = (q * s) c^T, so the
-    scale lands on the small q and only c is widened. Computed as (c (q s)^T)^T, c as the A operand
-    (read in place, as `_FrozenMatmul`'s weights) and only small tensors transposed; the backward,
-    dq = (ds c) * s, widens c again (`_widen`). Same math as `_QueryKeyScores` on the dequantized K
-    up to float reassociation."""
+    scale lands on the small q and only c is widened, one head at a time (`_head_codes`). Computed
+    as (c (q s)^T)^T, c as the A operand (read in place, as `_FrozenMatmul`'s weights) and only small
+    tensors transposed; the backward, dq = (ds c) * s, widens c again. Same math as
+    `_QueryKeyScores` on the dequantized K up to float reassociation."""
 
     @staticmethod
     def forward(q: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        b, h, t, dh = q.shape
-        qs = (q * scale).reshape(b * h, t, dh)
-        return torch.bmm(_widen(codes, q.dtype, False), qs.transpose(1, 2)).transpose(1, 2).reshape(b, h, t, -1)
+        qs = (q * scale).transpose(2, 3)  # [B, H, dh, T]
+        heads = [torch.bmm(_head_codes(codes, h, q.dtype, False), qs[:, h]) for h in range(q.shape[1])]
+        return torch.stack(heads, 1).transpose(2, 3)  # [B, H, T, N]
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -220,21 +222,19 @@ class _Int8Scores(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         codes, scale = ctx.saved_tensors
-        b, h, t, n = grad.shape
-        grad_q = torch.bmm(grad.reshape(b * h, t, n), _widen(codes, grad.dtype, True)).reshape(b, h, t, -1)
-        return grad_q * scale, None, None
+        heads = [torch.bmm(grad[:, h], _head_codes(codes, h, grad.dtype, True)) for h in range(grad.shape[1])]
+        return torch.stack(heads, 1) * scale, None, None
 
 
 class _Int8AttnValues(torch.autograd.Function):
     """One layer's attention output A V from its int8 V codes c and per-channel scales s: A V =
-    (A c) * s; the backward dA = ((dO s) c^T) = (c (dO s)^T)^T widens c again (`_widen`), c as the
-    A operand as in `_Int8Scores`."""
+    (A c) * s; the backward dA = ((dO s) c^T) = (c (dO s)^T)^T widens c again, one head at a time
+    (`_head_codes`), c as the A operand as in `_Int8Scores`."""
 
     @staticmethod
     def forward(attn: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        b, h, t, n = attn.shape
-        out = torch.bmm(attn.reshape(b * h, t, n), _widen(codes, attn.dtype, False))
-        return out.reshape(b, h, t, -1) * scale
+        heads = [torch.bmm(attn[:, h], _head_codes(codes, h, attn.dtype, False)) for h in range(attn.shape[1])]
+        return torch.stack(heads, 1) * scale
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -243,10 +243,9 @@ class _Int8AttnValues(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         codes, scale = ctx.saved_tensors
-        b, h, t, dh = grad.shape
-        gs = (grad * scale).reshape(b * h, t, dh)
-        grad_attn = torch.bmm(_widen(codes, grad.dtype, True), gs.transpose(1, 2)).transpose(1, 2)
-        return grad_attn.reshape(b, h, t, -1), None, None
+        gs = (grad * scale).transpose(2, 3)  # [B, H, dh, T]
+        heads = [torch.bmm(_head_codes(codes, h, grad.dtype, True), gs[:, h]) for h in range(grad.shape[1])]
+        return torch.stack(heads, 1).transpose(2, 3), None, None
 
 
 def _int8_attention(

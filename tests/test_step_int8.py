@@ -4,9 +4,10 @@ K/V are dequantized inside the graph one layer at a time (exporters/vit.py `_int
 Its loss, logits and gradients must equal those of the fp32 step graph fed the dequantized K/V
 (float32(q) * s, what the runner feeds from an int8 cache without it) and those of torch autograd
 on the same dequantized K/V, within RTOL of the largest value: the scale is applied to the query
-(q * s) c^T instead of to K, which reorders float rounding only. And the backward pass must widen
-each layer's codes again (4 widenings per layer), not keep the forward's fp32 copies alive, which
-onnxruntime's common-subexpression elimination would do if the two widenings were the same nodes.
+(q * s) c^T instead of to K, which reorders float rounding only. And the graph must widen one head
+of one layer at a time, in the forward pass and again in the backward pass (2 x heads widenings of
+each layer's K and V codes), never a whole layer, and never keep the forward's fp32 copies alive,
+which onnxruntime's common-subexpression elimination would do if the two widenings were the same nodes.
 """
 
 from __future__ import annotations
@@ -86,20 +87,22 @@ def test_int8_step_equals_fp32_step_on_dequantized_kv(tiny_bundle, tmp_path):
     for name in want:
         assert np.abs(want[name]).max() > 0, name
         assert _relative_error(got[name], want[name]) <= RTOL, (name, _relative_error(got[name], want[name]))
-    # Each layer's K and V codes widened twice (forward, backward) in the graph onnxruntime runs:
-    # none merged, so no fp32 layer lives from the forward to the backward pass.
+    # Each head of each layer's K and V codes widened twice (forward, backward) in the graph
+    # onnxruntime runs, each from a one-head slice: none merged, no whole layer ever widened.
     optimized = onnx.load(str(tmp_path / "optimized.onnx"))
     codes = {layer_input(n, i) for n in ("keys", "values") for i in range(len(spec.query_layers))}
     producers = {o: node for node in optimized.graph.node for o in node.output}
     widened = {}
     for node in optimized.graph.node:
         if node.op_type == "Cast":
-            source = node.input[0]
-            while source not in codes and source in producers:  # through Reshape
+            source, path = node.input[0], []
+            while source not in codes and source in producers:  # through the head's Slice / Gather, Reshape
+                path.append(producers[source].op_type)
                 source = producers[source].input[0]
             if source in codes:
+                assert {"Slice", "Gather"} & set(path), (node.name, path)  # one head, not the layer
                 widened[source] = widened.get(source, 0) + 1
-    assert widened == dict.fromkeys(codes, 2), widened
+    assert widened == dict.fromkeys(codes, 2 * spec.arch.heads), widened
 
 
 def test_int8_step_gradients_equal_torch_autograd(tmp_path):

@@ -48,7 +48,7 @@ OPTIMIZER_COPIES = 3  # ort-training, per trainable byte: gradient buffer and tw
 STEP_LOAD = 1.40  # peak while the portable step graph loads, per byte of train/step.onnx
 STEP_RESIDENT = 1.005  # resident after that load, per byte of train/step.onnx
 STEP_WORK = 0.15  # portable step per sample beyond its fed rows, in units of the fp32 feed
-STEP_INT8_WIDEN = 4.0  # the int8-fed step graph's widened codes, in units of one query layer's fp32 K per sample
+STEP_INT8_WIDEN = 0.5  # the int8-fed step graph's widened codes (one head at a time), in units of one query layer's fp32 K per sample
 QUANTIZED_STEP_DEQUANT = 4.8  # a quantized step graph's extra per step, in units of its largest dequantized weight
 PORTABLE_OPTIMIZER_COPIES = 5  # portable, per trainable byte: parameters, gradients, two moments, one update
 MODEL_WORK = 5.0  # eval / train --test on model.onnx per image beyond its pixels, in layer-work units
@@ -236,7 +236,7 @@ def predict_peak(
       feed + adapted layers' activations) (+ QUANTIZED_STEP_DEQUANT * largest dequantized weight for a quantized step graph),
       save = 3 * trainable bytes. A cached run on an int8 cache whose bundle has the int8-fed step
       graph (`int8_feed`) loads that file instead, and its fed rows are the int8 cache rows plus
-      STEP_INT8_WIDEN query layers' fp32 K (the codes it widens one layer at a time).
+      STEP_INT8_WIDEN query layers' fp32 K (the codes it widens, one head of one layer at a time).
     - finish: 2 * SESSION_MB + 2 * trainable bytes (the adapter) + FINISH_MB + the largest weight
       (streamed model.onnx); the module and checkpoint state are freed before it.
     - test (only with `test_batch`, i.e. `train --test`): model.onnx (`model_bytes`) loaded as the
@@ -290,7 +290,7 @@ def predict_peak(
         module = STEP_RESIDENT * step_bytes * mb + PORTABLE_OPTIMIZER_COPIES * trainable
         save = 3 * trainable
         fed: float = fp.feed_per_sample if fp.step_fed_per_sample is None else fp.step_fed_per_sample
-        if int8_graph:  # the int8 cache's rows as they are, plus a few layers' widened codes at a time
+        if int8_graph:  # the int8 cache's rows as they are, plus the head slices it widens
             fed = fp.cache_per_sample + STEP_INT8_WIDEN * fp.feed_per_sample / (2 * max(fp.query_layers, 1))
         step = micro * (fed + STEP_WORK * fp.feed_per_sample + adapted) * mb
         step += QUANTIZED_STEP_DEQUANT * fp.step_dequantized_bytes * mb
