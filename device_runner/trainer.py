@@ -32,7 +32,7 @@ from vqt_edge import manifest as mf
 from vqt_edge.config import TrainConfig
 from vqt_edge.errors import UserError
 from vqt_edge.manifest import Manifest
-from vqt_edge.memory import BundleFootprint, Plan, available_mb, lean_malloc, peak_rss_mb, trim_malloc
+from vqt_edge.memory import BundleFootprint, Plan, available_mb, frozen_batch, lean_malloc, peak_rss_mb, trim_malloc
 from vqt_edge.memory.disk import default_disk_budget, plan_run
 from vqt_edge.optim import lr_at
 from vqt_edge.progress import Counter, OnProgress, Progress, log_progress
@@ -275,6 +275,8 @@ class Trainer:
         self.paths = [p for p, _ in samples]
         self.n_train = len(self.data.train.samples)
         bs = self.plan.frozen_batch  # a budget bounds this pass too
+        if self.cfg.memory_budget_mb is None and self.cfg.device != "cpu":
+            bs = frozen_batch(self.cfg.batch_size, self.plan.micro_batch, self.cfg.device)
         if self.shared_features is not None:  # a caller (tune) already ran the frozen pass
             self.store, self.backbone = self.shared_features(self.paths), None
             return

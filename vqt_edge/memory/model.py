@@ -48,7 +48,9 @@ OPTIMIZER_COPIES = 3  # ort-training, per trainable byte: gradient buffer and tw
 STEP_LOAD = 1.40  # peak while the portable step graph loads, per byte of train/step.onnx
 STEP_RESIDENT = 1.005  # resident after that load, per byte of train/step.onnx
 STEP_WORK = 0.15  # portable step per sample beyond its fed rows, in units of the fp32 feed
-STEP_INT8_WIDEN = 0.5  # the int8-fed step graph's widened codes (one head at a time), in units of one query layer's fp32 K per sample
+STEP_INT8_WIDEN = (
+    0.5  # the int8-fed step graph's widened codes (one head at a time), in units of one query layer's fp32 K per sample
+)
 QUANTIZED_STEP_DEQUANT = 4.8  # a quantized step graph's extra per step, in units of its largest dequantized weight
 PORTABLE_OPTIMIZER_COPIES = 5  # portable, per trainable byte: parameters, gradients, two moments, one update
 MODEL_WORK = 5.0  # eval / train --test on model.onnx per image beyond its pixels, in layer-work units
@@ -151,7 +153,12 @@ def _size(path: Path) -> int:
         raise UserError(f"{path}: missing; is this a complete vqt-edge bundle?") from None
 
 
-FROZEN_BATCH_MAX = 8  # most images per frozen-pass call: larger calls are no faster on a CPU and cost memory
+# Images per frozen-pass call without a budget. On a CPU one: on vit_b16 a call of 1 costs 0.38 CPU s
+# per image at one thread against 0.43 for calls of 8, the same wall time at two threads, and the
+# frozen phase peaks at 445 instead of 716 MiB (bench/results/frozen_pass.md). On a GPU (not timed
+# here) the micro-batch, at most FROZEN_BATCH_MAX.
+FROZEN_BATCH_CPU = 1
+FROZEN_BATCH_MAX = 8
 
 
 @dataclass
@@ -165,7 +172,7 @@ class Plan:
     peak_mb: float
     phases: dict[str, float]
     backend: str = DEFAULT_BACKEND
-    frozen_batch: int = FROZEN_BATCH_MAX  # images per frozen-pass call (and per test batch)
+    frozen_batch: int = FROZEN_BATCH_CPU  # images per frozen-pass call (and per test batch)
 
     @property
     def needs_mb(self) -> float:
@@ -196,8 +203,11 @@ class Plan:
         }
 
 
-def frozen_batch(batch_size: int, micro_batch: int | None) -> int:
-    """Images per frozen-pass call without a budget: the micro-batch, at most FROZEN_BATCH_MAX."""
+def frozen_batch(batch_size: int, micro_batch: int | None, device: str = "cpu") -> int:
+    """Images per frozen-pass call without a budget: FROZEN_BATCH_CPU on a CPU; elsewhere the
+    micro-batch, at most FROZEN_BATCH_MAX."""
+    if device == "cpu":
+        return FROZEN_BATCH_CPU
     return max(1, min(micro_batch or batch_size, FROZEN_BATCH_MAX))
 
 
