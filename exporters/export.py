@@ -149,6 +149,7 @@ def export_bundle(
     weights: dict | None = None,
     seed: int = 0,
     quantize: str = "none",
+    int8_step: bool = True,
     log: Callable[[str], None] = print,
 ) -> Manifest:
     """Write a complete bundle for the adapter `spec` (vqt_edge/spec.py) to `out` and return its
@@ -182,7 +183,7 @@ def export_bundle(
     trainable = head.trainable()
     # The int8-fed step (mf.STEP_INT8_MODEL): plain vqt on fp32 weights (a quantized bundle's step is
     # rewritten to read head.onnx's quantized weights, exporters/quantize_step.py, for one feed only).
-    int8_step = spec.method == "vqt" and quantize == "none"
+    int8_step = int8_step and spec.method == "vqt" and quantize == "none"
     b = 2
     pixels = torch.randn(b, arch.channels, arch.image_size, arch.image_size)
 
