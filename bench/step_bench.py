@@ -13,7 +13,9 @@ own each:
                 into fresh arrays), cross-entropy, backward, torch.optim.AdamW
 
 and, with `--kv-dtypes fp16,int8`, `portable` once more per extra cache dtype (`portable-int8`: int8
-rows and per-channel scales dequantized into the feed, device_runner/kv_int8.py), and with
+rows and per-channel scales fed to the bundle's int8-fed step graph, train/step_int8.onnx, which
+dequantizes them layer by layer; `portable-int8dq`: the same rows dequantized by the runner into the
+fp32 feed of train/step.onnx, device_runner/kv_int8.py, as bundles without that graph run), and with
 `--stock-python PY` (an interpreter whose onnxruntime is a stock release, no training
 build, e.g. make test's .venv-stock), `portable` once more there (`portable-stock`).
 
@@ -65,7 +67,7 @@ def _cache(manifest, batch: int):
     from vqt_edge.kv_cache import cache_specs
 
     rng = np.random.default_rng(0)
-    kv_dtype = os.environ.get("BENCH_KV_DTYPE", "fp16")
+    kv_dtype = os.environ.get("BENCH_KV_DTYPE", "fp16").replace("int8dq", "int8")
     specs = manifest.spec.frozen_output_specs
     fp32 = {name: rng.standard_normal((batch, *shape), dtype=np.float32) for name, (shape, _) in specs.items()}
     arrays = {
@@ -105,7 +107,7 @@ def backend_step(backend, store, rows, targets, keep):
     buffers: dict = {}
 
     def step() -> None:
-        feed = store.gather(rows, backend.input_dtypes, buffers)
+        feed = store.gather(rows, backend.input_dtypes, buffers, backend.layer_major)
         buffers.update(feed)
         feed["targets"], feed["query_keep"] = targets, keep
         backend.forward(feed)
@@ -130,7 +132,8 @@ def child(runner: str, bundle: Path, threads: int, warmup: int, steps: int) -> d
     from vqt_edge.run_folder import RunFolder
 
     ort.block_torch()
-    backend = backends.open_backend(runner, bundle, manifest, "cpu", threads, None)
+    int8_feed = os.environ.get("BENCH_KV_DTYPE") == "int8"  # int8dq: the fp32 feed, dequantized by the runner
+    backend = backends.open_backend(runner, bundle, manifest, "cpu", threads, None, int8_feed=int8_feed)
 
     result = _timed(backend_step(backend, store, rows, targets, keep), warmup, steps)
     with tempfile.TemporaryDirectory(dir=bundle.parent) as tmp:  # the run folder's file system
@@ -336,7 +339,9 @@ def main() -> None:
     ap.add_argument("--no-baselines", action="store_true", help="Skip the PyTorch VQT baselines (minutes per step).")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--runners", default=",".join(RUNNERS), help="comma-separated runners to time")
-    ap.add_argument("--kv-dtypes", default="fp16", help="cache dtypes for the portable runner (fp16,int8: both)")
+    ap.add_argument(
+        "--kv-dtypes", default="fp16", help="cache dtypes for the portable runner (fp16,int8,int8dq: all three)"
+    )
     ap.add_argument(
         "--steps-only", action="store_true", help="only the steps: no profile, frozen pass, baselines or projection"
     )

@@ -30,6 +30,7 @@ from device_runner import ort
 from vqt_edge import manifest as mf
 from vqt_edge.errors import UserError
 from vqt_edge.fileio import atomic_path, atomic_write_bytes
+from vqt_edge.kv_cache import STEP_INT8_FED, layer_input
 from vqt_edge.manifest import Manifest
 from vqt_edge.optim import AdamW, decay_factor
 from vqt_edge.spec import BACKENDS, DEFAULT_BACKEND
@@ -47,6 +48,7 @@ class Backend(Protocol):
 
     input_names: list[str]  # graph inputs the trainer feeds: frozen outputs, query_keep, targets
     input_dtypes: dict[str, np.dtype]  # dtype each fed input must have
+    layer_major: frozenset[str]  # fed outputs gathered [Lq, B, ...] (the int8-fed step graph; FeatureStore.gather)
     position: dict  # where the checkpoint it resumed from stopped (empty when starting)
 
     def forward(self, feed: dict[str, np.ndarray]) -> tuple[float, np.ndarray]: ...
@@ -99,12 +101,16 @@ def open_backend(
     threads: int | None,
     resume_from: Path | None,
     arena: bool = True,
+    int8_feed: bool = False,
 ) -> Backend:
     """`arena`: the portable step session's memory arena. Training keeps it on (a step twice as fast,
     for 3.5% of the step's peak at micro-batch 32 on ViT-B/16: vqt_edge/memory.py STEP_WORK); off
-    only to measure that (bench/calibrate_memory.py)."""
+    only to measure that (bench/calibrate_memory.py). `int8_feed`: the features come from an int8
+    cache; the portable backend then runs the bundle's int8-fed step graph (mf.STEP_INT8_MODEL: K/V
+    dequantized in the graph one layer at a time, a quarter of the fp32 feed's bytes; docs/kv-cache.md)
+    where the bundle has one, and the fp32 feed's train/step.onnx otherwise (bundles exported before it)."""
     if name == "portable":
-        return PortableBackend(bundle, manifest, device, threads, resume_from, arena)
+        return PortableBackend(bundle, manifest, device, threads, resume_from, arena, int8_feed)
     return OrtTrainingBackend(bundle, manifest, device, threads, resume_from)
 
 
@@ -129,7 +135,12 @@ def step_session_options(threads: int | None, arena: bool = True) -> object:
 
 
 class PortableBackend:
-    """Step graph on an InferenceSession + AdamW in numpy; checkpoint = safetensors of what is trained."""
+    """Step graph on an InferenceSession + AdamW in numpy; checkpoint = safetensors of what is trained.
+
+    With `int8_feed` (and a bundle that has it) the session runs mf.STEP_INT8_MODEL, the same step
+    whose K/V are int8 codes, one input per query layer (vqt_edge/kv_cache.py `layer_input`), and
+    their per-channel scales: the trainer gathers the codes layer-major (`layer_major`), so each
+    layer's input is a contiguous view, fed without a copy."""
 
     def __init__(
         self,
@@ -139,11 +150,13 @@ class PortableBackend:
         threads: int | None,
         resume_from: Path | None,
         arena: bool = True,
+        int8_feed: bool = False,
     ) -> None:
         rt = ort.onnxruntime()
         self.shapes = manifest.spec.trainable_shapes
+        int8_feed = int8_feed and mf.STEP_INT8_MODEL in manifest.files
         self.session = rt.InferenceSession(
-            str(bundle / mf.STEP_MODEL),
+            str(bundle / (mf.STEP_INT8_MODEL if int8_feed else mf.STEP_MODEL)),
             sess_options=step_session_options(threads, arena),
             providers=ort.providers(device),
             disabled_optimizers=STEP_DISABLED_OPTIMIZERS,
@@ -161,6 +174,20 @@ class PortableBackend:
             i.name: np.dtype(np.float16 if i.type == "tensor(float16)" else np.float32)
             for i in inputs[len(self.names) :]
         }
+        # The int8 graph's per-layer inputs, as the trainer feeds them: one int8 array per output, layer-major.
+        self.layers = {
+            name: [n for n in self.input_names if n.startswith(name + ".")] for name in STEP_INT8_FED if int8_feed
+        }
+        self.layer_major = frozenset(self.layers)
+        for name, layer_names in self.layers.items():
+            if layer_names != [layer_input(name, i) for i in range(len(layer_names))] or not layer_names:
+                raise UserError(
+                    f"{bundle / mf.STEP_INT8_MODEL}: unexpected inputs {graph_inputs}; re-export the bundle"
+                )
+            self.input_names = [n for n in self.input_names if n not in layer_names]
+            self.input_names.insert(0, name)
+            self.input_dtypes = {k: v for k, v in self.input_dtypes.items() if k not in layer_names}
+            self.input_dtypes[name] = np.dtype(np.int8)
         self.outputs = [o.name for o in self.session.get_outputs()]
         # Evaluation fetches loss and logits only; this runs just the nodes they need (no backward).
         self.eval_options = rt.RunOptions()
@@ -187,6 +214,11 @@ class PortableBackend:
         self.training = False
 
     def forward(self, feed: dict[str, np.ndarray]) -> tuple[float, np.ndarray]:
+        if self.layers:  # [Lq, B, ...] codes -> one contiguous view per layer
+            feed = dict(feed)
+            for name, layer_names in self.layers.items():
+                codes = feed.pop(name)
+                feed.update(zip(layer_names, codes))
         if not self.training:
             loss, logits = self.session.run(["loss", "logits"], {**self.params, **feed}, self.eval_options)
             return float(loss), logits
@@ -310,6 +342,7 @@ class OrtTrainingBackend:
         self.input_names = list(self.module.input_names())
         # The training graph takes fp32: fp16 cache rows are converted by the feed (FeatureStore.gather).
         self.input_dtypes = {name: np.dtype(np.float32) for name in self.input_names}
+        self.layer_major: frozenset[str] = frozenset()
         props = self.state.properties
         self.position = {
             k: props[k]

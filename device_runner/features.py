@@ -79,9 +79,17 @@ class FeatureStore:
         self.arrays = arrays
 
     def gather(
-        self, rows: np.ndarray, dtypes: dict[str, np.dtype] | None = None, out: Features | None = None
+        self,
+        rows: np.ndarray,
+        dtypes: dict[str, np.dtype] | None = None,
+        out: Features | None = None,
+        layer_major: frozenset[str] = frozenset(),
     ) -> Features:
         """Copies of the asked rows, in the asked order, as `dtypes[name]` (fp32 by default).
+
+        int8 asked of an int8 cache: the codes as they are, and their scales as `<name>_scale`
+        (the int8-fed step graph dequantizes them itself); laid out [L, B, ...] for the names in
+        `layer_major`, so that each layer's codes are one contiguous array (device_runner/backends.py).
 
         `out`: arrays of an earlier gather to write into (their first len(rows) rows) where dtype and
         row shape match and they are long enough; anything the caller still reads from them is
@@ -104,6 +112,11 @@ class FeatureStore:
                 continue
             scale = self.arrays.get(name + SCALE_SUFFIX)
             dtype = np.dtype((dtypes or {}).get(name, np.float32))
+            if dtype == np.int8:
+                if scale is None:
+                    raise ValueError(f"{name}: int8 asked of a {a.dtype} cache")
+                gathered.update(_gather_codes(name, a, scale, rows, order, out or {}, name in layer_major))
+                continue
             reuse = (out or {}).get(name)
             if (
                 reuse is not None
@@ -127,6 +140,35 @@ class FeatureStore:
             drop_mapped_pages({name: a} if scale is None else {name: a, "scale": scale})
             gathered[name] = dst
         return gathered
+
+
+def _reusable(reuse: np.ndarray | None, shape: tuple[int, ...], dtype: np.dtype, axis: int) -> np.ndarray:
+    """The first shape[axis] rows along the batch `axis` of `reuse` (an earlier gather's array) where
+    it has this dtype and is as large, else a new array."""
+    if reuse is not None and reuse.dtype == dtype and reuse.ndim == len(shape):
+        other = [d for i, d in enumerate(reuse.shape) if i != axis] == [d for i, d in enumerate(shape) if i != axis]
+        if other and reuse.shape[axis] >= shape[axis]:
+            return reuse[(slice(None),) * axis + (slice(0, shape[axis]),)]
+    return np.empty(shape, dtype)
+
+
+def _gather_codes(
+    name: str, a: np.ndarray, scale: np.ndarray, rows: np.ndarray, order: np.ndarray, out: Features, layers_first: bool
+) -> Features:
+    """The int8 rows and scales of `name` as they are cached, codes [B, L, ...] or [L, B, ...]."""
+    b = len(rows)
+    shape = (a.shape[1], b, *a.shape[2:]) if layers_first else (b, *a.shape[1:])
+    codes = _reusable(out.get(name), shape, np.dtype(np.int8), int(layers_first))
+    scales = _reusable(out.get(name + SCALE_SUFFIX), (b, *scale.shape[1:]), np.dtype(np.float32), 0)
+    for i in order:
+        if layers_first:
+            codes[:, i] = a[rows[i]]
+        else:
+            codes[i] = a[rows[i]]
+        scales[i] = scale[rows[i]]
+        _drop_row_pages(a, int(rows[i]))
+    drop_mapped_pages({name: a, "scale": scale})
+    return {name: codes, name + SCALE_SUFFIX: scales}
 
 
 def _dequantize(q: np.ndarray, scale: np.ndarray, dst: np.ndarray) -> None:
@@ -347,6 +389,10 @@ class _RowMapped(FeatureStore):
         self.rows = rows
 
     def gather(
-        self, rows: np.ndarray, dtypes: dict[str, np.dtype] | None = None, out: Features | None = None
+        self,
+        rows: np.ndarray,
+        dtypes: dict[str, np.dtype] | None = None,
+        out: Features | None = None,
+        layer_major: frozenset[str] = frozenset(),
     ) -> Features:
-        return super().gather(self.rows[rows], dtypes, out)
+        return super().gather(self.rows[rows], dtypes, out, layer_major)

@@ -32,7 +32,7 @@ from vqt_edge import manifest as mf
 from vqt_edge.config import TrainConfig
 from vqt_edge.errors import UserError
 from vqt_edge.manifest import Manifest
-from vqt_edge.memory import BundleFootprint, Plan, available_mb, lean_malloc, peak_rss_mb, trim_malloc
+from vqt_edge.memory import BundleFootprint, Plan, available_mb, frozen_batch, lean_malloc, peak_rss_mb, trim_malloc
 from vqt_edge.memory.disk import default_disk_budget, plan_run
 from vqt_edge.optim import lr_at
 from vqt_edge.progress import Counter, OnProgress, Progress, log_progress
@@ -275,6 +275,8 @@ class Trainer:
         self.paths = [p for p, _ in samples]
         self.n_train = len(self.data.train.samples)
         bs = self.plan.frozen_batch  # a budget bounds this pass too
+        if self.cfg.memory_budget_mb is None and self.cfg.device != "cpu":
+            bs = frozen_batch(self.cfg.batch_size, self.plan.micro_batch, self.cfg.device)
         if self.shared_features is not None:  # a caller (tune) already ran the frozen pass
             self.store, self.backbone = self.shared_features(self.paths), None
             return
@@ -304,8 +306,9 @@ class Trainer:
             return self.store.gather(rows) if self.store is not None else self._backbone_features(rows, {})
         if self.store is not None:
             # Written into the last feed's arrays: it has been consumed (FeatureStore.gather).
-            feed = self.store.gather(rows, self.backend.input_dtypes, self.feed_buffers)
-            if not self.feed_buffers or len(rows) > len(next(iter(self.feed_buffers.values()))):
+            feed = self.store.gather(rows, self.backend.input_dtypes, self.feed_buffers, self.backend.layer_major)
+            kept = [a for n, a in (self.feed_buffers or {}).items() if n not in self.backend.layer_major]
+            if not kept or len(rows) > len(kept[0]):
                 self.feed_buffers = dict(feed)
             return feed
         return self._backbone_features(rows, self.backend.input_dtypes)
@@ -344,7 +347,10 @@ class Trainer:
     def _open_backend(self) -> None:
         name = self.cfg.backend
         ckpt = self.folder.checkpoint(name) if self.resume else None
-        self.backend = backends.open_backend(name, self.bundle, self.manifest, self.cfg.device, self.cfg.threads, ckpt)
+        int8_feed = self.cfg.kv in ("ram", "disk") and self.cfg.kv_dtype == "int8"  # codes from the cache
+        self.backend = backends.open_backend(
+            name, self.bundle, self.manifest, self.cfg.device, self.cfg.threads, ckpt, int8_feed=int8_feed
+        )
 
     def _save_checkpoint(self, position: dict) -> None:
         # onnxruntime-training's save serializes the whole checkpoint (CKPT_SAVE, vqt_edge/memory/model.py): the

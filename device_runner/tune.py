@@ -33,8 +33,8 @@ from vqt_edge import manifest as mf
 from vqt_edge.config import TrainConfig
 from vqt_edge.errors import UserError
 from vqt_edge.fileio import atomic_write_text
+from vqt_edge.kv_cache import DEFAULT_KV_DTYPE
 from vqt_edge.memory import frozen_batch, trim_malloc
-from vqt_edge.memory.disk import DEFAULT_KV_DTYPE
 from vqt_edge.progress import Counter, OnProgress, log_progress
 from vqt_edge.run_folder import RunFolder
 from vqt_edge.spec import CACHED_KV_MODES
@@ -100,7 +100,7 @@ class SharedPass:
     def _build(self) -> FeatureStore:
         t0 = time.perf_counter()
         cfg, m = self.cfg, self.manifest
-        batch = frozen_batch(cfg.batch_size, cfg.micro_batch)
+        batch = frozen_batch(cfg.batch_size, cfg.micro_batch, cfg.device)
 
         def backbone() -> FrozenBackbone:
             return FrozenBackbone(self.bundle, m, cfg.device, cfg.threads)

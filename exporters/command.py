@@ -62,6 +62,7 @@ def run_export(
     aggregate: str = "concat",
     h2t_target: int | None = None,
     quantize: str = "none",
+    int8_step: bool = True,
     log: Callable[[str], None] = click.echo,
 ) -> None:
     t0 = time.perf_counter()
@@ -138,6 +139,7 @@ def run_export(
         weights=source,
         seed=seed,
         quantize=quantize,
+        int8_step=int8_step,
         log=log,
     )
     log(f"backbone parameters: {sum(p.numel() for p in backbone.parameters()):,}")

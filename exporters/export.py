@@ -149,6 +149,7 @@ def export_bundle(
     weights: dict | None = None,
     seed: int = 0,
     quantize: str = "none",
+    int8_step: bool = True,
     log: Callable[[str], None] = print,
 ) -> Manifest:
     """Write a complete bundle for the adapter `spec` (vqt_edge/spec.py) to `out` and return its
@@ -180,6 +181,9 @@ def export_bundle(
     head = build_head(backbone, spec)  # checks that it trains exactly the spec's tensors
     params = dict(head.named_parameters())
     trainable = head.trainable()
+    # The int8-fed step (mf.STEP_INT8_MODEL): plain vqt on fp32 weights (a quantized bundle's step is
+    # rewritten to read head.onnx's quantized weights, exporters/quantize_step.py, for one feed only).
+    int8_step = int8_step and spec.method == "vqt" and quantize == "none"
     b = 2
     pixels = torch.randn(b, arch.channels, arch.image_size, arch.image_size)
 
@@ -210,6 +214,9 @@ def export_bundle(
         # Inside holding(): both backends train on the same (dequantized) weights.
         log(f"exporting {mf.STEP_MODEL} (portable training step: forward + gradients, standard ops) ...")
         export_step(head, feats, out / mf.STEP_MODEL)
+        if int8_step:
+            log(f"exporting {mf.STEP_INT8_MODEL} (the same step, fed the int8 K/V cache) ...")
+            export_step(head, feats, out / mf.STEP_INT8_MODEL, int8_kv=True)
     if quantize != "none":  # the step reads head.onnx's quantized tensors (exporters/quantize_step.py)
         manifest.quantization[mf.STEP_MODEL] = quantize_step_graph(
             out / mf.STEP_MODEL, out / mf.HEAD_MODEL, dequantized, quantize
@@ -232,6 +239,7 @@ def export_bundle(
             mf.CHECKPOINT,
             mf.STEP_MODEL,
             mf.STEP_INIT,
+            *([mf.STEP_INT8_MODEL] if int8_step else []),
         ],
         "",
     )

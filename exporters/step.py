@@ -34,6 +34,7 @@ from torch._decomp import core_aten_decompositions
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from exporters.methods import MethodHead
+from vqt_edge.kv_cache import SCALE_SUFFIX, STEP_INT8_FED, layer_input
 
 STEP_OPSET = 18  # the dynamo exporter's lowest
 MAX_IR_VERSION = 10  # onnxruntime-training 1.19 (the other backend, same environments) reads IR <= 10
@@ -85,15 +86,47 @@ def _distinct_batch(tensors: list[torch.Tensor], sizes: set[int]) -> int:
     return next(b for b in (7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53) if b not in taken)
 
 
-def export_step(head: MethodHead, frozen_example: tuple[torch.Tensor, ...], path: Path) -> None:
+def _quantize_per_channel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, Lq, H, N, dh] -> int8 codes and float32 scales [B, Lq, H, 1, dh], as the int8 cache
+    (device_runner/kv_int8.py); only an example for the trace."""
+    scale = x.abs().amax(-2, keepdim=True) / 127
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return torch.clamp(torch.round(x / scale), -127, 127).to(torch.int8), scale
+
+
+def export_step(head: MethodHead, frozen_example: tuple[torch.Tensor, ...], path: Path, int8_kv: bool = False) -> None:
     """Write the step graph of `head` to `path`. `frozen_example`: the frozen outputs for a batch
-    of 2 (fp32, as the graph takes them)."""
+    of 2 (fp32, as the graph takes them).
+
+    `int8_kv` (vqt only): the graph of the int8 feed (mf.STEP_INT8_MODEL), whose `keys` and `values`
+    are the int8 cache's codes, each followed by its per-channel scales `keys_scale` / `values_scale`
+    [B, Lq, H, 1, dh], dequantized in the graph one layer at a time (exporters/vit.py
+    `_int8_attention`): it is fed 1 byte per K/V value instead of the fp32 feed's 4."""
     trainable = head.trainable()  # parameter names = adapter names
     params = dict(head.named_parameters())
     frozen = {n: p.detach() for n, p in params.items() if n not in trainable}
     frozen.update(dict(head.named_buffers()))
     names, frozen_names = list(trainable), list(frozen)
     n_train, n_frozen = len(names), len(frozen)
+    if int8_kv:
+        if head.spec.method != "vqt":
+            raise ValueError(f"the int8 K/V step graph is for vqt, not {head.spec.method}")
+        example, fed = [], []
+        for name, x in zip(head.input_names, frozen_example):
+            if name in STEP_INT8_FED:
+                codes, scale = _quantize_per_channel(x)
+                example += [*codes.unbind(1), scale]
+                fed += [*(layer_input(name, i) for i in range(codes.shape[1])), name + SCALE_SUFFIX]
+            else:
+                example.append(x)
+                fed.append(name)
+        saved_names = head.input_names
+        head.input_names = fed + saved_names[len(frozen_example) :]  # then query_keep, targets
+        try:
+            export_step(head, tuple(example), path)
+        finally:
+            head.input_names = saved_names
+        return
     input_names = list(head.input_names)
 
     def loss_fn(weights: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor], *inputs: torch.Tensor):

@@ -188,6 +188,84 @@ class _FrozenMatmul(torch.autograd.Function):
         return grad_x, grad_w
 
 
+def _head_codes(codes: torch.Tensor, head: int, dtype: torch.dtype, backward: bool) -> torch.Tensor:
+    """One head's int8 codes of one layer [B, H, N, dh] as [B, N, dh] floats. Widened one head at a
+    time, the fp32 copy (1.6 MB at batch 32 on vit_b16) stays in the core's cache and no widened
+    layer is ever resident. The backward pass widens again rather than keeping the forward's copy
+    (kept, every copy would live until the backward pass: all of the fp32 K/V), and selects the head
+    with another op (Gather, where the forward slices) so that no common-subexpression pass merges
+    the two into one kept tensor."""
+    if backward:
+        return codes.select(1, head).to(dtype)
+    b, _, n, dh = codes.shape
+    return codes.narrow(1, head, 1).to(dtype).reshape(b, n, dh)
+
+
+class _Int8Scores(torch.autograd.Function):
+    """One layer's attention scores from its int8 K codes c [B, H, N, dh] and per-channel scales s
+    [B, H, 1, dh] (the int8 cache's layout, device_runner/kv_int8.py): q K^T = (q * s) c^T, so the
+    scale lands on the small q and only c is widened, one head at a time (`_head_codes`). Computed
+    as (c (q s)^T)^T, c as the A operand (read in place, as `_FrozenMatmul`'s weights) and only small
+    tensors transposed; the backward, dq = (ds c) * s, widens c again. Same math as
+    `_QueryKeyScores` on the dequantized K up to float reassociation."""
+
+    @staticmethod
+    def forward(q: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        qs = (q * scale).transpose(2, 3)  # [B, H, dh, T]
+        heads = [torch.bmm(_head_codes(codes, h, q.dtype, False), qs[:, h]) for h in range(q.shape[1])]
+        return torch.stack(heads, 1).transpose(2, 3)  # [B, H, T, N]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[1], inputs[2])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        codes, scale = ctx.saved_tensors
+        heads = [torch.bmm(grad[:, h], _head_codes(codes, h, grad.dtype, True)) for h in range(grad.shape[1])]
+        return torch.stack(heads, 1) * scale, None, None
+
+
+class _Int8AttnValues(torch.autograd.Function):
+    """One layer's attention output A V from its int8 V codes c and per-channel scales s: A V =
+    (A c) * s; the backward dA = ((dO s) c^T) = (c (dO s)^T)^T widens c again, one head at a time
+    (`_head_codes`), c as the A operand as in `_Int8Scores`."""
+
+    @staticmethod
+    def forward(attn: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        heads = [torch.bmm(attn[:, h], _head_codes(codes, h, attn.dtype, False)) for h in range(attn.shape[1])]
+        return torch.stack(heads, 1) * scale
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[1], inputs[2])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        codes, scale = ctx.saved_tensors
+        gs = (grad * scale).transpose(2, 3)  # [B, H, dh, T]
+        heads = [torch.bmm(_head_codes(codes, h, grad.dtype, True), gs[:, h]) for h in range(grad.shape[1])]
+        return torch.stack(heads, 1).transpose(2, 3), None, None
+
+
+def _int8_attention(
+    q: torch.Tensor,
+    keys: Sequence[torch.Tensor],
+    keys_scale: torch.Tensor,
+    values: Sequence[torch.Tensor],
+    values_scale: torch.Tensor,
+) -> torch.Tensor:
+    """softmax(q K^T / sqrt(dh)) V [B, Lq, H, T, dh] from each layer's int8 K/V codes [B, H, N, dh]
+    and the per-channel scales [B, Lq, H, 1, dh], layer by layer: at most one layer's K or V is
+    ever fp32 (exporters/step.py feeds each layer's codes as an input of its own)."""
+    out = []
+    for layer, q_l in enumerate(q.unbind(1)):
+        scores = _Int8Scores.apply(q_l, keys[layer], keys_scale[:, layer])
+        attn = torch.softmax(scores * q.shape[-1] ** -0.5, dim=-1)
+        out.append(_Int8AttnValues.apply(attn, values[layer], values_scale[:, layer]))
+    return torch.stack(out, 1)
+
+
 class QueryPath(nn.Module):
     """VQT's query tokens for all query layers, run on stacked frozen weights of those layers.
 
@@ -227,7 +305,14 @@ class QueryPath(nn.Module):
             torch.empty(len(self.query_layers), spec.query_tokens, d).uniform_(-bound, bound)
         )
 
-    def forward(self, keys: torch.Tensor, values: torch.Tensor, query_keep: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        query_keep: torch.Tensor | None = None,
+        keys_scale: torch.Tensor | None = None,
+        values_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """keys, values [B, Lq, H, N, dh] -> query outputs z [B, Lq, T, D].
 
         `query_keep` [B, Lq, T, D] is a dropout mask already scaled by 1/(1-p) (ones at eval). It is
@@ -239,8 +324,16 @@ class QueryPath(nn.Module):
         matrix-matrix products. Laid out [B, Lq, T, D] the same MatMul is B*Lq matrix-vector products
         (T = 1), which onnxruntime runs 4x slower. Only the attention reads K/V in their own [B, Lq,
         ...] layout; the small per-token tensors are permuted around it, and z leaves in [B, Lq, T, D].
+
+        With `keys_scale` and `values_scale` [B, Lq, H, 1, dh], keys and values are sequences of each
+        layer's int8 codes [B, H, N, dh] (the int8 cache's per-channel layout), dequantized inside
+        the attention one layer at a time (`_int8_attention`; the int8-fed step graph, exporters/step.py).
         """
-        b, lq, h, n, dh = keys.shape
+        if keys_scale is not None and values_scale is not None:  # per-layer codes [B, H, N, dh]
+            b, h, n, dh = keys[0].shape
+            lq = len(keys)
+        else:
+            b, lq, h, n, dh = keys.shape
         t, d = self.query_tokens.shape[1:]
         p = self.query_tokens.unsqueeze(1)  # [Lq, 1, T, D]
         if query_keep is not None:
@@ -250,8 +343,12 @@ class QueryPath(nn.Module):
         mm = _FrozenMatmul.apply  # x @ w, backward with w as the A operand (docs/design.md section 10)
         q = mm(_layer_norm(p, self.ln1_w[:, None], self.ln1_b[:, None], eps), self.wq) + self.bq[:, None]
         q = q.reshape(lq, b, t, h, dh).permute(1, 0, 3, 2, 4)  # [B, Lq, H, T, dh], as keys
-        attn = torch.softmax(_QueryKeyScores.apply(q, keys) * dh**-0.5, dim=-1)  # [B, Lq, H, T, N]
-        out = (attn @ values).permute(1, 0, 3, 2, 4).reshape(lq, b * t, d)  # [Lq, B*T, D]
+        if keys_scale is not None and values_scale is not None:
+            out = _int8_attention(q, keys, keys_scale, values, values_scale)
+        else:
+            attn = torch.softmax(_QueryKeyScores.apply(q, keys) * dh**-0.5, dim=-1)  # [B, Lq, H, T, N]
+            out = attn @ values
+        out = out.permute(1, 0, 3, 2, 4).reshape(lq, b * t, d)  # [Lq, B*T, D]
         z = p + mm(out, self.wo) + self.bo[:, None]
         hid = F.gelu(mm(_layer_norm(z, self.ln2_w[:, None], self.ln2_b[:, None], eps), self.w1) + self.b1[:, None])
         z = z + mm(hid, self.w2) + self.b2[:, None]

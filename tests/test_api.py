@@ -144,6 +144,7 @@ def test_load_adapter_refuses_another_bundle_or_edited_config(tmp_path, tiny_run
         other,
         AdapterSpec.create(tiny_backbone.arch, "vqt", 3, query_tokens=1),
         model_name="tiny",
+        int8_step=False,  # the int8-fed step graph: 15 s of export, tiny_bundle has it
         log=lambda _: None,
     )
     with pytest.raises(UserError, match="query_tokens is 2, the bundle's is 1"):

@@ -23,6 +23,7 @@ def test_export_from_a_checkpoint_prints_what_it_wrote(tmp_path, tiny_backbone):
     result = invoke(
         "export",
         *TINY_SIZES,
+        "--no-int8-step",
         "--weights",
         ckpt,
         "--classes",

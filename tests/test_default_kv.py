@@ -14,7 +14,9 @@ from exporters.vit import VisionTransformer
 from tests.conftest import make_task, run_cli
 from tests.test_memory import _vitb_like
 from vqt_edge.arch import ViTArch
+from vqt_edge.kv_cache import DEFAULT_KV_DTYPE
 from vqt_edge.memory import AVAILABLE_ENV, AVAILABLE_SHARE, BundleFootprint, available_mb, default_kv, predict_peak
+from vqt_edge.memory.disk import footprint
 from vqt_edge.spec import AdapterSpec
 
 # The tests' tiny ViT at 64 px with 4 px patches: 257 tokens, so the K/V cache of a few dozen images
@@ -63,10 +65,11 @@ def long_run(tmp_path_factory):
         root / "bundle",
         AdapterSpec.create(backbone.arch, "vqt", 3),
         model_name="long",
+        int8_step=False,  # the int8-fed step graph: 15 s of export, tiny_bundle has it
         log=lambda _: None,
     )
     data = make_task(root / "data", 16, seed=1, size=64)
-    fp = BundleFootprint.from_bundle(root / "bundle")
+    fp = footprint(BundleFootprint.from_bundle(root / "bundle"), DEFAULT_KV_DTYPE)  # the cache train keeps
     plans = {kv: predict_peak(fp, images=48, batch_size=16, micro_batch=None, kv=kv) for kv in ("ram", "disk")}
     assert plans["ram"].needs_mb > plans["disk"].needs_mb  # else this model cannot tell them apart
     return root / "bundle", data, plans

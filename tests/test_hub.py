@@ -41,7 +41,19 @@ def offline_env(cache: Path) -> dict[str, str]:
 
 
 def export(out: Path, weights, cache: Path, *extra) -> subprocess.CompletedProcess:
-    args = ["export", "--weights", weights, "--num-classes", 3, "--query-tokens", 2, "--out", out, *extra]
+    args = [
+        "export",
+        "--weights",
+        weights,
+        "--num-classes",
+        3,
+        "--query-tokens",
+        2,
+        "--out",
+        out,
+        "--no-int8-step",
+        *extra,
+    ]
     return subprocess.run(
         cli_command(*args, torch_free=False),
         capture_output=True,

@@ -101,7 +101,7 @@ def test_planner_takes_the_portable_backend_where_ort_training_cannot_fit():
     assert (tight.backend, tight.kv) == ("portable", "disk") and tight.micro_batch <= 4 and tight.frozen_batch <= 2
     assert tight.frozen_batch <= tight.micro_batch
     roomy = choose(fp, 2000, images=64, batch_size=32, backends=both)  # the preferred backend whenever it fits
-    assert (roomy.backend, roomy.kv, roomy.micro_batch, roomy.frozen_batch) == ("ort-training", "ram", 32, 8)
+    assert (roomy.backend, roomy.kv, roomy.micro_batch, roomy.frozen_batch) == ("ort-training", "ram", 32, 1)
     # The step graph is counted by its real size (a quantized step.onnx is smaller): 100 MiB less
     # of it lowers the portable training phase by STEP_RESIDENT * 100 MiB where the step, not the
     # session's load, sets that phase's peak (micro-batch 32; at 4 the load does, STEP_LOAD * 100).
@@ -332,3 +332,22 @@ def test_gather_converts_rows_in_order_and_unmaps_what_it_read(tmp_path):
     np.testing.assert_array_equal(got, values[rows].astype(np.float32))
     resident = _mapped_rss_kb(path)
     assert resident == 0, resident
+
+
+def test_an_int8_cache_feeds_the_int8_step_graph_where_the_bundle_has_one():
+    """--kv-dtype int8 on the portable backend: a bundle with train/step_int8.onnx is fed the int8 rows
+    as they are (plus STEP_INT8_WIDEN layers' widened codes) instead of the fp32 feed; streaming, the
+    other backend and a bundle without that graph keep the fp32 feed."""
+    from vqt_edge.memory.disk import footprint
+
+    fp = dataclasses.replace(_vitb_like(), cache_int8_per_sample=3_709_440, step_int8_bytes=283_871_223)
+    kw = dict(images=64, batch_size=32, micro_batch=32, backend="portable")
+    old, new = (
+        predict_peak(footprint(f, "int8"), kv="disk", **kw).phases["train"]
+        for f in (dataclasses.replace(fp, step_int8_bytes=0), fp)
+    )
+    widened = memory.STEP_INT8_WIDEN * fp.feed_per_sample / (2 * fp.query_layers)
+    assert old - new == pytest.approx(32 * (fp.feed_per_sample - fp.cache_int8_per_sample - widened) / 2**20)
+    for other in (dict(kw, kv="stream"), dict(kw, kv="disk", backend="ort-training")):
+        assert predict_peak(footprint(fp, "int8"), **other).phases["train"] == predict_peak(fp, **other).phases["train"]
+    assert not footprint(fp, "fp16").int8_feed

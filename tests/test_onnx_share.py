@@ -35,7 +35,12 @@ def bundles(tmp_path_factory, tiny_backbone, tiny_method_bundle):
     wide.reset_parameters(seed=0)
     out = tmp_path_factory.mktemp("share") / "wide"
     export_bundle(
-        wide.eval(), out, AdapterSpec.create(WIDE, "vqt", 3, query_tokens=2), model_name="wide", log=lambda _: None
+        wide.eval(),
+        out,
+        AdapterSpec.create(WIDE, "vqt", 3, query_tokens=2),
+        model_name="wide",
+        int8_step=False,
+        log=lambda _: None,
     )
     return {
         "vqt": (tiny_method_bundle("vqt"), tiny_backbone),

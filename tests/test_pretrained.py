@@ -30,7 +30,7 @@ def test_export_without_weights_uses_the_shipped_backbone(tmp_path):
     from vqt_edge.cli import cli
 
     result = CliRunner().invoke(
-        cli, ["export", "--model", "vit_fmnist", "--num-classes", "5", "--out", str(tmp_path / "b")]
+        cli, ["export", "--model", "vit_fmnist", "--num-classes", "5", "--out", str(tmp_path / "b"), "--no-int8-step"]
     )
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())

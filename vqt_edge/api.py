@@ -78,6 +78,7 @@ def export(
     sizes: dict[str, int | None] | None = None,
     progress: Progress | None = None,
     quantize: str = "none",
+    int8_step: bool = True,
 ) -> Manifest:
     """Write a bundle to `out` (needs torch); the options are `vqt-edge export`'s. Returns its manifest.
 
@@ -127,6 +128,7 @@ def export(
             parse_layers=parse_query_layers,
             log=progress or log.info,
             quantize=quantize,
+            int8_step=int8_step,
         )
     finally:
         root.setLevel(level)

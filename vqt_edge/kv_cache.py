@@ -9,11 +9,27 @@ from __future__ import annotations
 import numpy as np
 
 KV_DTYPES = ("fp16", "int8")
+
+DEFAULT_KV_DTYPE = "int8"
+"""The cache's dtype without --kv-dtype. The rule: int8 if it costs at most 0.3 points on every
+transfer task; measured (3 seeds each, docs/kv-cache.md) VQT 0.00 / 0.00 / +0.02 and Head2Toe
+-0.01 / 0.00 / -0.02 points, for half the cache's bytes and (vqt) a faster step. fp16 stays an option."""
+
 SCALE_SUFFIX = "_scale"
 
 GROUPS = {"keys": (-2,), "values": (-2,), "hidden": (-2,), "features": (-1,)}
 """Per frozen output: the per-image axes one scale covers (the rest of the row has a scale each).
 keys/values [L, H, N, hd]: per channel (over the N tokens); hidden [N, D]: per channel; features [F]: per image."""
+
+STEP_INT8_FED = ("keys", "values")
+"""What the int8-fed step graph (manifest STEP_INT8_MODEL, exporters/step.py) takes as int8 codes: each
+query layer's codes as an input of its own (`layer_input`), all layers' scales as `<name>_scale`."""
+
+
+def layer_input(name: str, layer: int) -> str:
+    """The int8-fed step graph's input holding query layer `layer`'s (0-based) codes [B, H, N, dh] of `name`."""
+    return f"{name}.{layer}"
+
 
 # Variants compared by bench/kv_int8_error.py (axes of the per-image K/V row [L, H, N, hd]).
 VARIANTS = {"token": (-1,), "channel": (-2,), "head": (-2, -1)}

@@ -35,6 +35,10 @@ HEAD_MODEL = "train/head.onnx"  # inference graph (frozen outputs -> logits), me
 # initial values (docs/design.md section 9). Bundles without them train on onnxruntime-training only.
 STEP_MODEL = "train/step.onnx"
 STEP_INIT = "train/step_init.safetensors"
+# The vqt step graph of the int8 K/V feed: int8 codes + per-channel scales, dequantized in the graph
+# layer by layer (exporters/step.py). Optional: a bundle without it feeds an int8 cache to STEP_MODEL
+# as fp32, dequantized by the runner (device_runner/kv_int8.py), as before it existed.
+STEP_INT8_MODEL = "train/step_int8.onnx"
 
 # `export --quantize`: none, or the bundle's frozen graph and head quantized (exporters/quantize.py).
 QUANTIZE_MODES = ("none", "int8", "int4")

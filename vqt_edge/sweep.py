@@ -60,6 +60,7 @@ class SweepConfig:
     out: Path
     keep_bundles: bool = False
     sizes: dict = field(default_factory=dict)
+    kv_dtype: str | None = None  # None: each train run chooses (vqt_edge/memory/disk.py)
 
 
 def configurations(cfg: SweepConfig, depth: int) -> list[tuple[str, int | None]]:
@@ -214,6 +215,7 @@ def run_sweep(cfg: SweepConfig, echo: Callable[[str], None] = print) -> list[dic
             "--batch-size",
             cfg.batch_size,
             *(["--kv", cfg.kv] if cfg.kv else []),
+            *(["--kv-dtype", cfg.kv_dtype] if cfg.kv_dtype else []),
         )
         if cfg.micro_batch:
             train += ["--micro-batch", str(cfg.micro_batch)]

@@ -16,6 +16,7 @@ from torch import nn
 
 from exporters.methods import linear, vqt
 from exporters.vit import Block, VisionTransformer
+from vqt_edge.kv_cache import layer_input
 from vqt_edge.spec import AdapterSpec
 
 
@@ -87,7 +88,10 @@ class MethodHead(nn.Module):
         cls, keys, values = self.tail(named)
         groups = [cls]
         if self.spec.has_query_tokens:
-            groups += vqt.query_groups(self, keys, values, named.get("query_keep"))
+            scales = (named.get("keys_scale"), named.get("values_scale"))
+            if scales[0] is not None:  # the int8 feed: each layer's codes an input (exporters/step.py)
+                keys, values = (layer_inputs(named, n) for n in ("keys", "values"))
+            groups += vqt.query_groups(self, keys, values, named.get("query_keep"), scales)
         return self.head(linear.head_features(groups, self.spec.feature_norm))
 
     def forward(self, *inputs: torch.Tensor):
@@ -96,6 +100,14 @@ class MethodHead(nn.Module):
         if "targets" not in named:
             return logits
         return linear.weighted_cross_entropy(logits, named["targets"]), logits
+
+
+def layer_inputs(named: dict[str, torch.Tensor], name: str) -> list[torch.Tensor]:
+    """Each query layer's codes of `name`, fed one input per layer (the int8-fed step graph)."""
+    out = []
+    while layer_input(name, len(out)) in named:
+        out.append(named[layer_input(name, len(out))])
+    return out
 
 
 def _join(frozen: torch.Tensor | None, adapted: list[torch.Tensor]) -> torch.Tensor:

@@ -49,10 +49,15 @@ def aggregate_tokens(z: torch.Tensor, aggregate: str, wsum_weights: torch.Tensor
 
 
 def query_groups(
-    module: nn.Module, keys: torch.Tensor, values: torch.Tensor, query_keep: torch.Tensor | None
+    module: nn.Module,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    query_keep: torch.Tensor | None,
+    scales: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
 ) -> list[torch.Tensor]:
-    """The head's groups from the query layers, one [B, *] per layer, in query_layers order."""
-    z = module.query_path(keys, values, query_keep)
+    """The head's groups from the query layers, one [B, *] per layer, in query_layers order.
+    `scales`: (keys_scale, values_scale) when keys and values are int8 codes (exporters/step.py)."""
+    z = module.query_path(keys, values, query_keep, *scales)
     return list(aggregate_tokens(z, module.spec.aggregate, getattr(module, "wsum_weights", None)).unbind(1))
 
 

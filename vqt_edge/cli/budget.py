@@ -154,9 +154,10 @@ def plan(
 @click.option("--lr", type=float, help="Learning rate for every run [default: train's].")
 @config_options(
     TrainConfig,
-    ["kv", "micro_batch"],
+    ["kv", "micro_batch", "kv_dtype"],
     kv={"help": "Passed to every training run [default: each run chooses from the available memory, as train does]."},
     micro_batch={"help": "Passed to every training run."},
+    kv_dtype={"help": "Passed to every training run [default: each run chooses, as train does]."},
 )
 @click.option("--num-classes", type=int, help="[default: the classes of --data; 2 with --steps].")
 @click.option(
@@ -183,6 +184,7 @@ def sweep(
     lr,
     kv,
     micro_batch,
+    kv_dtype,
     num_classes,
     out,
     keep_bundles,
@@ -223,6 +225,7 @@ def sweep(
         lr=lr,
         kv=kv,
         micro_batch=micro_batch,
+        kv_dtype=None if kv_dtype in (None, "auto") else kv_dtype,
         num_classes=num_classes,
         out=out,
         keep_bundles=keep_bundles,

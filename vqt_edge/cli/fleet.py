@@ -33,7 +33,7 @@ from vqt_edge.cli.fleet_guard import (
 from vqt_edge.cli.options import build_config, config_options, parse_list
 from vqt_edge.config import FleetConfig, TrainConfig
 from vqt_edge.errors import UserError
-from vqt_edge.kv_cache import KV_DTYPES
+from vqt_edge.kv_cache import DEFAULT_KV_DTYPE, KV_DTYPES
 
 FLEET_DIR = "fleet"  # inside the run folder: settings, logs, Flower's state, the simulated clients
 POLL_SECONDS = 0.5
@@ -114,7 +114,9 @@ def _client_options(command):
             show_default=True,
             help="K/V of the frozen backbone: disk caches them once for all rounds (each round is a new process).",
         ),
-        config_options(TrainConfig, ["kv_dtype"], kv_dtype={"type": click.Choice(KV_DTYPES), "default": "fp16"}),
+        config_options(
+            TrainConfig, ["kv_dtype"], kv_dtype={"type": click.Choice(KV_DTYPES), "default": DEFAULT_KV_DTYPE}
+        ),
         config_options(
             TrainConfig,
             ["memory_budget_mb", "backend"],
@@ -131,7 +133,7 @@ def _client_options(command):
 
 
 def _node_values(
-    threads: int | None, kv: str, memory_budget_mb: str | None, backend: str, kv_dtype: str = "fp16"
+    threads: int | None, kv: str, memory_budget_mb: str | None, backend: str, kv_dtype: str = DEFAULT_KV_DTYPE
 ) -> dict[str, object]:
     from vqt_edge.memory import parse_size_mb
 

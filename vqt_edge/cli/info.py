@@ -104,14 +104,16 @@ def _plans(bundle: Path, data: Path | None, batch_size: int, available: float | 
     budget any configuration fits (what `plan` names when a budget is too small)."""
     from device_runner import backends
     from vqt_edge import manifest as mf
+    from vqt_edge.kv_cache import DEFAULT_KV_DTYPE
     from vqt_edge.memory import BundleFootprint, NoPlan, choose, default_kv
+    from vqt_edge.memory.disk import footprint
 
     images = DEFAULT_IMAGES
     if data is not None:
         from device_runner.data import load_dataset
 
         images = len(load_dataset(data))
-    fp = BundleFootprint.from_bundle(bundle)
+    fp = footprint(BundleFootprint.from_bundle(bundle), DEFAULT_KV_DTYPE)  # the cache train keeps by default
     choices = backends.candidates("auto", mf.read_manifest(bundle, verify=False))
     default = default_kv(
         fp, images=images, batch_size=batch_size, micro_batch=None, available=available, backend=choices[0]

@@ -9,7 +9,7 @@ import click
 
 from vqt_edge.cli.options import build_config, config_options, device_command, parse_list
 from vqt_edge.config import TrainConfig
-from vqt_edge.kv_cache import KV_DTYPES
+from vqt_edge.kv_cache import DEFAULT_KV_DTYPE, KV_DTYPES
 from vqt_edge.spec import CACHED_KV_MODES
 
 
@@ -50,9 +50,9 @@ from vqt_edge.spec import CACHED_KV_MODES
     ],
     kv_dtype={
         "type": click.Choice(KV_DTYPES),
-        "default": "fp16",
+        "default": DEFAULT_KV_DTYPE,
         "help": "Rows of the one frozen pass's K/V cache: "
-        "fp16, or int8 with a float32 scale per channel (about half the bytes; docs/kv-cache.md).",
+        "int8 with a float32 scale per channel, or fp16 (about twice the bytes; docs/kv-cache.md).",
     },
     kv={
         "type": click.Choice(CACHED_KV_MODES),

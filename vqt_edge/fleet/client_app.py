@@ -41,6 +41,7 @@ from vqt_edge import manifest as mf
 from vqt_edge.calibrate import class_stats
 from vqt_edge.config import TrainConfig
 from vqt_edge.errors import UserError
+from vqt_edge.kv_cache import DEFAULT_KV_DTYPE
 from vqt_edge.memory import lean_malloc, peak_rss_mb
 from vqt_edge.run_folder import RunFolder
 
@@ -233,7 +234,7 @@ def train(msg: Message, context: Context) -> Message:
         micro_batch=int(node["micro-batch"]) if "micro-batch" in node else None,
         memory_budget_mb=float(node["memory-budget-mb"]) if "memory-budget-mb" in node else None,
         backend=rule.backend(str(node.get("backend", "auto"))),
-        kv_dtype=str(node.get("kv-dtype", "fp16")),
+        kv_dtype=str(node.get("kv-dtype", DEFAULT_KV_DTYPE)),
         steps_per_epoch=local_steps,
     )
     state.mkdir(parents=True, exist_ok=True)

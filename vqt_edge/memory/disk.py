@@ -9,8 +9,8 @@ file system minus a margin (DISK_MARGIN_MB, at most DISK_MARGIN_SHARE of it), so
 fill the disk is refused before the frozen pass instead of failing after it.
 
 The candidates, in order: every cached mode of the preferred dtype (RAM before disk), then of the
-other dtype, then streaming. Without --kv-dtype the preferred dtype is DEFAULT_KV_DTYPE and int8 is
-taken only where no fp16 plan fits; an explicit --kv / --kv-dtype is kept (and must fit).
+other dtype, then streaming. Without --kv-dtype the preferred dtype is DEFAULT_KV_DTYPE (int8,
+vqt_edge/kv_cache.py); an explicit --kv / --kv-dtype is kept (and must fit).
 """
 
 from __future__ import annotations
@@ -22,15 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vqt_edge.errors import UserError
-from vqt_edge.kv_cache import KV_DTYPES
+from vqt_edge.kv_cache import DEFAULT_KV_DTYPE, KV_DTYPES
 from vqt_edge.memory.measure import MiB
 from vqt_edge.memory.model import BundleFootprint, Plan, frozen_batch, predict_peak
 from vqt_edge.memory.planner import AVAILABLE_SHARE, NoPlan, choose
 from vqt_edge.spec import CACHED_KV_MODES, KV_MODES
 
-DEFAULT_KV_DTYPE = "fp16"
-"""fp16 unless only int8 fits. int8 cost VQT at most 0.02 points on the three transfer tasks; the
-rule (int8 if <= 0.3 on every task) waits on Head2Toe's numbers (docs/kv-cache.md)."""
 DISK_MARGIN_MB, DISK_MARGIN_SHARE = 512.0, 0.05
 """Left free on the run folder's file system by the default --disk-budget (logs, other processes):
 512 MiB, or 5% of a smaller file system."""
@@ -39,8 +36,11 @@ RUN_FILES_MB = 1.0
 
 
 def footprint(fp: BundleFootprint, kv_dtype: str) -> BundleFootprint:
-    """The footprint with the cache rows of this dtype (the fp32 feed the step reads is the same)."""
-    return fp if kv_dtype == "fp16" else dataclasses.replace(fp, cache_per_sample=fp.cache_int8_per_sample)
+    """The footprint with the cache rows of this dtype; an int8 cache is fed as it is to a bundle's
+    int8-fed step graph where it has one (`int8_feed`), else as the same fp32 feed."""
+    if kv_dtype == "fp16":
+        return fp
+    return dataclasses.replace(fp, cache_per_sample=fp.cache_int8_per_sample, int8_feed=fp.step_int8_bytes > 0)
 
 
 def disk_mb(fp: BundleFootprint, *, images: int, kv: str, backend: str) -> dict[str, float]:

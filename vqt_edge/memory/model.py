@@ -48,6 +48,9 @@ OPTIMIZER_COPIES = 3  # ort-training, per trainable byte: gradient buffer and tw
 STEP_LOAD = 1.40  # peak while the portable step graph loads, per byte of train/step.onnx
 STEP_RESIDENT = 1.005  # resident after that load, per byte of train/step.onnx
 STEP_WORK = 0.15  # portable step per sample beyond its fed rows, in units of the fp32 feed
+STEP_INT8_WIDEN = (
+    0.5  # the int8-fed step graph's widened codes (one head at a time), in units of one query layer's fp32 K per sample
+)
 QUANTIZED_STEP_DEQUANT = 4.8  # a quantized step graph's extra per step, in units of its largest dequantized weight
 PORTABLE_OPTIMIZER_COPIES = 5  # portable, per trainable byte: parameters, gradients, two moments, one update
 MODEL_WORK = 5.0  # eval / train --test on model.onnx per image beyond its pixels, in layer-work units
@@ -86,6 +89,8 @@ class BundleFootprint:
     # fp16 K/V (manifest step_feed "float16", older bundles) those rows plus the fp32 copy its Cast makes.
     step_fed_per_sample: int | None = None
     cache_int8_per_sample: int = 0  # cache_per_sample for an int8 cache (vqt_edge/kv_cache.py; memory/disk.py)
+    step_int8_bytes: int = 0  # train/step_int8.onnx, the step of the int8 feed (0: the bundle has none)
+    int8_feed: bool = False  # a cached run feeds the int8 cache to that graph (memory/disk.py footprint)
 
     @classmethod
     def from_bundle(cls, bundle: Path) -> BundleFootprint:
@@ -111,7 +116,7 @@ class BundleFootprint:
         shared = (
             4 * lq * 2 * a.dim * (a.dim + a.mlp_dim) if m.quantize == "none" and spec.method.startswith("vqt") else 0
         )
-        step = bundle / mf.STEP_MODEL
+        step, step_int8 = bundle / mf.STEP_MODEL, bundle / mf.STEP_INT8_MODEL
         return cls(
             name=str(bundle),
             method=spec.method,
@@ -137,6 +142,7 @@ class BundleFootprint:
             ),
             step_fed_per_sample=feed if m.step_feed == "float32" else cache + feed,
             cache_int8_per_sample=cache_bytes(specs, "int8"),
+            step_int8_bytes=step_int8.stat().st_size if mf.STEP_INT8_MODEL in m.files and step_int8.exists() else 0,
         )
 
 
@@ -147,7 +153,12 @@ def _size(path: Path) -> int:
         raise UserError(f"{path}: missing; is this a complete vqt-edge bundle?") from None
 
 
-FROZEN_BATCH_MAX = 8  # most images per frozen-pass call: larger calls are no faster on a CPU and cost memory
+# Images per frozen-pass call without a budget. On a CPU one: on vit_b16 a call of 1 costs 0.38 CPU s
+# per image at one thread against 0.43 for calls of 8, the same wall time at two threads, and the
+# frozen phase peaks at 445 instead of 716 MiB (bench/results/frozen_pass.md). On a GPU (not timed
+# here) the micro-batch, at most FROZEN_BATCH_MAX.
+FROZEN_BATCH_CPU = 1
+FROZEN_BATCH_MAX = 8
 
 
 @dataclass
@@ -161,7 +172,7 @@ class Plan:
     peak_mb: float
     phases: dict[str, float]
     backend: str = DEFAULT_BACKEND
-    frozen_batch: int = FROZEN_BATCH_MAX  # images per frozen-pass call (and per test batch)
+    frozen_batch: int = FROZEN_BATCH_CPU  # images per frozen-pass call (and per test batch)
 
     @property
     def needs_mb(self) -> float:
@@ -192,8 +203,11 @@ class Plan:
         }
 
 
-def frozen_batch(batch_size: int, micro_batch: int | None) -> int:
-    """Images per frozen-pass call without a budget: the micro-batch, at most FROZEN_BATCH_MAX."""
+def frozen_batch(batch_size: int, micro_batch: int | None, device: str = "cpu") -> int:
+    """Images per frozen-pass call without a budget: FROZEN_BATCH_CPU on a CPU; elsewhere the
+    micro-batch, at most FROZEN_BATCH_MAX."""
+    if device == "cpu":
+        return FROZEN_BATCH_CPU
     return max(1, min(micro_batch or batch_size, FROZEN_BATCH_MAX))
 
 
@@ -230,7 +244,9 @@ def predict_peak(
       module: load = STEP_LOAD * step file, module = STEP_RESIDENT * step file +
       PORTABLE_OPTIMIZER_COPIES * trainable bytes, step = micro * (fed rows + STEP_WORK * fp32
       feed + adapted layers' activations) (+ QUANTIZED_STEP_DEQUANT * largest dequantized weight for a quantized step graph),
-      save = 3 * trainable bytes.
+      save = 3 * trainable bytes. A cached run on an int8 cache whose bundle has the int8-fed step
+      graph (`int8_feed`) loads that file instead, and its fed rows are the int8 cache rows plus
+      STEP_INT8_WIDEN query layers' fp32 K (the codes it widens, one head of one layer at a time).
     - finish: 2 * SESSION_MB + 2 * trainable bytes (the adapter) + FINISH_MB + the largest weight
       (streamed model.onnx); the module and checkpoint state are freed before it.
     - test (only with `test_batch`, i.e. `train --test`): model.onnx (`model_bytes`) loaded as the
@@ -278,10 +294,14 @@ def predict_peak(
         save = CKPT_SAVE * (ckpt + 2 * trainable)
         step = micro * (FEED * fp.feed_per_sample + fp.query_path_per_sample + adapted) * mb
     else:
-        load = STEP_LOAD * fp.step_bytes * mb
-        module = STEP_RESIDENT * fp.step_bytes * mb + PORTABLE_OPTIMIZER_COPIES * trainable
+        int8_graph = fp.int8_feed and fp.step_int8_bytes > 0 and kv in CACHED_KV_MODES
+        step_bytes = fp.step_int8_bytes if int8_graph else fp.step_bytes
+        load = STEP_LOAD * step_bytes * mb
+        module = STEP_RESIDENT * step_bytes * mb + PORTABLE_OPTIMIZER_COPIES * trainable
         save = 3 * trainable
-        fed = fp.feed_per_sample if fp.step_fed_per_sample is None else fp.step_fed_per_sample
+        fed: float = fp.feed_per_sample if fp.step_fed_per_sample is None else fp.step_fed_per_sample
+        if int8_graph:  # the int8 cache's rows as they are, plus the head slices it widens
+            fed = fp.cache_per_sample + STEP_INT8_WIDEN * fp.feed_per_sample / (2 * max(fp.query_layers, 1))
         step = micro * (fed + STEP_WORK * fp.feed_per_sample + adapted) * mb
         step += QUANTIZED_STEP_DEQUANT * fp.step_dequantized_bytes * mb
         step += save  # the trainer keeps the portable feed through its (small) checkpoint save
