@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqt_edge.arch import ViTArch
+from vqt_edge.kv_cache import head_groups
 from vqt_edge.spec import AdapterSpec
 
 
@@ -188,23 +189,22 @@ class _FrozenMatmul(torch.autograd.Function):
         return grad_x, grad_w
 
 
-def _head_codes(codes: torch.Tensor, head: int, dtype: torch.dtype, backward: bool) -> torch.Tensor:
-    """One head's int8 codes of one layer [B, H, N, dh] as [B, N, dh] floats. Widened one head at a
-    time, the fp32 copy (1.6 MB at batch 32 on vit_b16) stays in the core's cache and no widened
-    layer is ever resident. The backward pass widens again rather than keeping the forward's copy
-    (kept, every copy would live until the backward pass: all of the fp32 K/V), and selects the head
-    with another op (Gather, where the forward slices) so that no common-subexpression pass merges
-    the two into one kept tensor."""
-    if backward:
-        return codes.select(1, head).to(dtype)
+def _group_codes(codes: torch.Tensor, first: int, size: int, dtype: torch.dtype, backward: bool) -> torch.Tensor:
+    """Heads [first, first + size) of one layer's int8 codes [B, H, N, dh] as [B * size, N, dh] floats.
+    The backward pass widens again rather than keeping the forward's copy (kept, every copy would
+    live until the backward pass: all of the fp32 K/V), and takes the heads with another op (Gather,
+    where the forward slices) so that no common-subexpression pass merges the two into one kept tensor."""
     b, _, n, dh = codes.shape
-    return codes.narrow(1, head, 1).to(dtype).reshape(b, n, dh)
+    if backward:
+        index = torch.arange(first, first + size, device=codes.device)
+        return codes.index_select(1, index).to(dtype).reshape(b * size, n, dh)
+    return codes.narrow(1, first, size).to(dtype).reshape(b * size, n, dh)
 
 
 class _Int8Scores(torch.autograd.Function):
     """One layer's attention scores from its int8 K codes c [B, H, N, dh] and per-channel scales s
     [B, H, 1, dh] (the int8 cache's layout, device_runner/kv_int8.py): q K^T = (q * s) c^T, so the
-    scale lands on the small q and only c is widened, one head at a time (`_head_codes`). Computed
+    scale lands on the small q and only c is widened, a few heads at a time (`head_groups`). Computed
     as (c (q s)^T)^T, c as the A operand (read in place, as `_FrozenMatmul`'s weights) and only small
     tensors transposed; the backward, dq = (ds c) * s, widens c again. Same math as
     `_QueryKeyScores` on the dequantized K up to float reassociation."""
@@ -212,8 +212,12 @@ class _Int8Scores(torch.autograd.Function):
     @staticmethod
     def forward(q: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         qs = (q * scale).transpose(2, 3)  # [B, H, dh, T]
-        heads = [torch.bmm(_head_codes(codes, h, q.dtype, False), qs[:, h]) for h in range(q.shape[1])]
-        return torch.stack(heads, 1).transpose(2, 3)  # [B, H, T, N]
+        b, h, n, dh = codes.shape
+        out = []
+        for first, size in head_groups(h, n, dh):
+            g = qs.narrow(1, first, size).reshape(b * size, dh, qs.shape[-1])
+            out.append(torch.bmm(_group_codes(codes, first, size, q.dtype, False), g).reshape(b, size, n, -1))
+        return torch.cat(out, 1).transpose(2, 3)  # [B, H, T, N]
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -222,19 +226,27 @@ class _Int8Scores(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         codes, scale = ctx.saved_tensors
-        heads = [torch.bmm(grad[:, h], _head_codes(codes, h, grad.dtype, True)) for h in range(grad.shape[1])]
-        return torch.stack(heads, 1) * scale, None, None
+        b, h, n, dh = codes.shape
+        out = []
+        for first, size in head_groups(h, n, dh):
+            g = grad.narrow(1, first, size).reshape(b * size, grad.shape[2], n)
+            out.append(torch.bmm(g, _group_codes(codes, first, size, grad.dtype, True)).reshape(b, size, -1, dh))
+        return torch.cat(out, 1) * scale, None, None
 
 
 class _Int8AttnValues(torch.autograd.Function):
     """One layer's attention output A V from its int8 V codes c and per-channel scales s: A V =
-    (A c) * s; the backward dA = ((dO s) c^T) = (c (dO s)^T)^T widens c again, one head at a time
-    (`_head_codes`), c as the A operand as in `_Int8Scores`."""
+    (A c) * s; the backward dA = ((dO s) c^T) = (c (dO s)^T)^T widens c again, a few heads at a time
+    (`head_groups`), c as the A operand as in `_Int8Scores`."""
 
     @staticmethod
     def forward(attn: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        heads = [torch.bmm(attn[:, h], _head_codes(codes, h, attn.dtype, False)) for h in range(attn.shape[1])]
-        return torch.stack(heads, 1) * scale
+        b, h, n, dh = codes.shape
+        out = []
+        for first, size in head_groups(h, n, dh):
+            a = attn.narrow(1, first, size).reshape(b * size, attn.shape[2], n)
+            out.append(torch.bmm(a, _group_codes(codes, first, size, attn.dtype, False)).reshape(b, size, -1, dh))
+        return torch.cat(out, 1) * scale
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -243,9 +255,13 @@ class _Int8AttnValues(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         codes, scale = ctx.saved_tensors
+        b, h, n, dh = codes.shape
         gs = (grad * scale).transpose(2, 3)  # [B, H, dh, T]
-        heads = [torch.bmm(_head_codes(codes, h, grad.dtype, True), gs[:, h]) for h in range(grad.shape[1])]
-        return torch.stack(heads, 1).transpose(2, 3), None, None
+        out = []
+        for first, size in head_groups(h, n, dh):
+            g = gs.narrow(1, first, size).reshape(b * size, dh, gs.shape[-1])
+            out.append(torch.bmm(_group_codes(codes, first, size, grad.dtype, True), g).reshape(b, size, n, -1))
+        return torch.cat(out, 1).transpose(2, 3), None, None
 
 
 def _int8_attention(

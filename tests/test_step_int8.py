@@ -21,7 +21,7 @@ from device_runner import backends
 from device_runner.features import FeatureStore
 from device_runner.kv_int8 import encode, quantize
 from vqt_edge import manifest as mf
-from vqt_edge.kv_cache import layer_input
+from vqt_edge.kv_cache import WIDEN_BYTES, head_groups, layer_input
 
 RTOL = 1e-5  # relative to the largest magnitude of each compared tensor
 
@@ -92,17 +92,29 @@ def test_int8_step_equals_fp32_step_on_dequantized_kv(tiny_bundle, tmp_path):
     optimized = onnx.load(str(tmp_path / "optimized.onnx"))
     codes = {layer_input(n, i) for n in ("keys", "values") for i in range(len(spec.query_layers))}
     producers = {o: node for node in optimized.graph.node for o in node.output}
+    groups = head_groups(spec.arch.heads, spec.arch.num_tokens, spec.arch.head_dim)
     widened = {}
     for node in optimized.graph.node:
         if node.op_type == "Cast":
             source, path = node.input[0], []
-            while source not in codes and source in producers:  # through the head's Slice / Gather, Reshape
+            while source not in codes and source in producers:  # through the group's Slice / Gather, Reshape
                 path.append(producers[source].op_type)
                 source = producers[source].input[0]
             if source in codes:
-                assert {"Slice", "Gather"} & set(path), (node.name, path)  # one head, not the layer
+                assert len(groups) == 1 or {"Slice", "Gather"} & set(path), (node.name, path)  # not the layer
                 widened[source] = widened.get(source, 0) + 1
-    assert widened == dict.fromkeys(codes, 2 * spec.arch.heads), widened
+    assert widened == dict.fromkeys(codes, 2 * len(groups)), widened
+
+
+def test_vit_b16_widens_one_head_at_a_time_and_a_small_vit_its_whole_layer():
+    """A vit_b16 head at batch 32 is 1.6 MB of fp32 (one per piece); the tiny ViT's layer is smaller
+    than WIDEN_BYTES (one piece)."""
+    from tests.conftest import TINY
+
+    assert head_groups(12, 197, 64) == [(h, 1) for h in range(12)]
+    assert 32 * 197 * 64 * 4 <= WIDEN_BYTES < 2 * 32 * 197 * 64 * 4
+    assert head_groups(TINY.heads, TINY.num_tokens, TINY.head_dim) == [(0, TINY.heads)]
+    assert head_groups(5, 10, 10, batch=1) == [(0, 5)] and head_groups(3, 197, 64, batch=64) == [(0, 1), (1, 1), (2, 1)]
 
 
 def test_int8_step_gradients_equal_torch_autograd(tmp_path):

@@ -262,6 +262,8 @@ def test_whole_run_in_the_page_download_import_predict(browser, site_url, fmnist
         "portable",
         "--kv",
         "ram",
+        "--kv-dtype",
+        "fp16",  # the page keeps fp16 K/V
     )
     assert result.returncode == 0, result.stderr
     page_adapter, py_adapter = (

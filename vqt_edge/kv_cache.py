@@ -26,6 +26,19 @@ STEP_INT8_FED = ("keys", "values")
 query layer's codes as an input of its own (`layer_input`), all layers' scales as `<name>_scale`."""
 
 
+# The widened fp32 piece of K or V the int8-fed step graph holds at once, at the default batch of 32:
+# about one vit_b16 head (1.6 MB), so that it is read back from the core's cache.
+WIDEN_BYTES = 2 << 20
+
+
+def head_groups(heads: int, tokens: int, head_dim: int, batch: int = 32) -> list[tuple[int, int]]:
+    """(first head, heads) of each piece of a layer the int8-fed step widens at once: as many heads
+    as fit WIDEN_BYTES of fp32 at `batch` (one on vit_b16; a small ViT's whole layer, which keeps its
+    graph, and its export, as small as a per-layer one)."""
+    per_group = max(1, min(heads, WIDEN_BYTES // (batch * tokens * head_dim * 4)))
+    return [(h, min(per_group, heads - h)) for h in range(0, heads, per_group)]
+
+
 def layer_input(name: str, layer: int) -> str:
     """The int8-fed step graph's input holding query layer `layer`'s (0-based) codes [B, H, N, dh] of `name`."""
     return f"{name}.{layer}"
