@@ -201,6 +201,20 @@ def _group_codes(codes: torch.Tensor, first: int, size: int, dtype: torch.dtype,
     return codes.narrow(1, first, size).to(dtype).reshape(b * size, n, dh)
 
 
+def _by_head_group(codes: torch.Tensor, small: torch.Tensor, backward: bool, codes_first: bool) -> torch.Tensor:
+    """Batched products of one layer's int8 codes [B, H, N, dh] with a small per-head tensor [B, H, r, c],
+    a head group at a time (`head_groups`): codes @ small (`codes_first`) or small @ codes, each group's
+    codes widened to the small tensor's dtype (`_group_codes`) just before its product. -> [B, H, ., .]."""
+    b, h, n, dh = codes.shape
+    out = []
+    for first, size in head_groups(h, n, dh):
+        part = small.narrow(1, first, size).reshape(b * size, *small.shape[2:])
+        widened = _group_codes(codes, first, size, small.dtype, backward)
+        product = torch.bmm(widened, part) if codes_first else torch.bmm(part, widened)
+        out.append(product.reshape(b, size, *product.shape[1:]))
+    return torch.cat(out, 1)
+
+
 class _Int8Scores(torch.autograd.Function):
     """One layer's attention scores from its int8 K codes c [B, H, N, dh] and per-channel scales s
     [B, H, 1, dh] (the int8 cache's layout, device_runner/kv_int8.py): q K^T = (q * s) c^T, so the
@@ -212,12 +226,7 @@ class _Int8Scores(torch.autograd.Function):
     @staticmethod
     def forward(q: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         qs = (q * scale).transpose(2, 3)  # [B, H, dh, T]
-        b, h, n, dh = codes.shape
-        out = []
-        for first, size in head_groups(h, n, dh):
-            g = qs.narrow(1, first, size).reshape(b * size, dh, qs.shape[-1])
-            out.append(torch.bmm(_group_codes(codes, first, size, q.dtype, False), g).reshape(b, size, n, -1))
-        return torch.cat(out, 1).transpose(2, 3)  # [B, H, T, N]
+        return _by_head_group(codes, qs, backward=False, codes_first=True).transpose(2, 3)  # [B, H, T, N]
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -226,12 +235,7 @@ class _Int8Scores(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         codes, scale = ctx.saved_tensors
-        b, h, n, dh = codes.shape
-        out = []
-        for first, size in head_groups(h, n, dh):
-            g = grad.narrow(1, first, size).reshape(b * size, grad.shape[2], n)
-            out.append(torch.bmm(g, _group_codes(codes, first, size, grad.dtype, True)).reshape(b, size, -1, dh))
-        return torch.cat(out, 1) * scale, None, None
+        return _by_head_group(codes, grad, backward=True, codes_first=False) * scale, None, None
 
 
 class _Int8AttnValues(torch.autograd.Function):
@@ -241,12 +245,7 @@ class _Int8AttnValues(torch.autograd.Function):
 
     @staticmethod
     def forward(attn: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        b, h, n, dh = codes.shape
-        out = []
-        for first, size in head_groups(h, n, dh):
-            a = attn.narrow(1, first, size).reshape(b * size, attn.shape[2], n)
-            out.append(torch.bmm(a, _group_codes(codes, first, size, attn.dtype, False)).reshape(b, size, -1, dh))
-        return torch.cat(out, 1) * scale
+        return _by_head_group(codes, attn, backward=False, codes_first=False) * scale
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -255,13 +254,8 @@ class _Int8AttnValues(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         codes, scale = ctx.saved_tensors
-        b, h, n, dh = codes.shape
         gs = (grad * scale).transpose(2, 3)  # [B, H, dh, T]
-        out = []
-        for first, size in head_groups(h, n, dh):
-            g = gs.narrow(1, first, size).reshape(b * size, dh, gs.shape[-1])
-            out.append(torch.bmm(_group_codes(codes, first, size, grad.dtype, True), g).reshape(b, size, n, -1))
-        return torch.cat(out, 1).transpose(2, 3), None, None
+        return _by_head_group(codes, gs, backward=True, codes_first=True).transpose(2, 3), None, None
 
 
 def _int8_attention(

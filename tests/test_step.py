@@ -127,9 +127,15 @@ def _check(backbone: VisionTransformer, method: str, last_k: int, tokens: int, t
     feed.update({n: t.numpy() for n, t in zip(head.input_names, [*feats, *extra])})
     got = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
 
+    assert_step_matches_autograd(got, head, [*feats, *extra], trainable)
+
+
+def assert_step_matches_autograd(got: dict[str, np.ndarray], head, inputs: list, trainable) -> None:
+    """A step graph's outputs `got` (loss, logits, a gradient per trainable tensor) equal torch
+    autograd's on `head` (in train mode, fresh gradients) for the same `inputs`, within RTOL."""
+    params = dict(head.named_parameters())
     head.train()
     head.zero_grad()
-    inputs = [*feats, *extra]
     loss, logits = head(*inputs)
     loss.backward()
     assert _relative_error(got["loss"], loss.detach().numpy()) <= RTOL

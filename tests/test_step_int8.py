@@ -120,9 +120,10 @@ def test_vit_b16_widens_one_head_at_a_time_and_a_small_vit_its_whole_layer():
 def test_int8_step_gradients_equal_torch_autograd(tmp_path):
     torch = pytest.importorskip("torch")  # the export side; the other tests also run on stock onnxruntime
     from exporters.methods import build_frozen, build_head
-    from exporters.step import export_step, grad_name
+    from exporters.step import export_step
     from exporters.vit import VisionTransformer
     from tests.conftest import TINY
+    from tests.test_step import assert_step_matches_autograd
     from vqt_edge.spec import AdapterSpec
 
     tiny_backbone = VisionTransformer(TINY)
@@ -147,16 +148,8 @@ def test_int8_step_gradients_equal_torch_autograd(tmp_path):
     session = _session(tmp_path / "step_int8.onnx")
     feed = {n: params[n].detach().numpy() for n in trainable}
     got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {**feed, **int8, **extra})))
-    head.train()
     inputs = [deq[n] for n in spec.frozen_outputs] + [extra["query_keep"], extra["targets"]]
-    loss, logits = head(*map(torch.from_numpy, inputs))
-    loss.backward()
-    assert _relative_error(got["loss"], loss.detach().numpy()) <= RTOL
-    assert _relative_error(got["logits"], logits.detach().numpy()) <= RTOL
-    for n in trainable:
-        want = params[n].grad.numpy()
-        assert np.abs(want).max() > 0, n
-        assert _relative_error(got[grad_name(n)], want) <= RTOL, (n, _relative_error(got[grad_name(n)], want))
+    assert_step_matches_autograd(got, head, [torch.from_numpy(x) for x in inputs], trainable)
 
 
 def test_portable_backend_int8_feed_trains_as_the_fp32_feed(tiny_bundle):
